@@ -1,0 +1,186 @@
+"""Command line: parse, call the library, print, exit code.
+
+Exit codes: 0 success, 2 bad input or a failed stage (one line on stderr; the
+traceback only with ``--debug``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+
+from . import __version__
+from .errors import AtlassegError
+
+log = logging.getLogger("atlasseg")
+
+
+def _add_config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="YAML config file, or a preset name (default, demo)")
+    parser.add_argument("--manifest", default="data_manifest.yaml", help="data manifest (default: %(default)s)")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+        help="override one config value (repeatable), e.g. --set selection.k=5",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="atlasseg", description="Multi-atlas segmentation of medical images.")
+    parser.add_argument("--version", action="version", version=f"atlasseg {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="segment the manifest's targets")
+    _add_config_args(p)
+    p.add_argument("--out", help="output folder (default: output.dir of the config)")
+    p.add_argument("--target", dest="targets", action="append", metavar="ID", help="only this target (repeatable)")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("validate", help="check a config and a manifest; runs nothing")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("demo", help="make a synthetic dataset and segment it")
+    p.add_argument("--out", default="atlasseg-demo", help="folder for data/ and results/ (default: %(default)s)")
+    p.add_argument("--dim", type=int, choices=(2, 3), default=3, help="image dimension (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic data (default: %(default)s)")
+    p.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+        help="override one value of configs/demo.yaml (repeatable)",
+    )
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("evaluate", help="score a segmentation against ground truth")
+    p.add_argument("prediction", help="segmentation (label map)")
+    p.add_argument("truth", help="ground-truth label map on the same grid")
+    p.add_argument("--labels", nargs="+", metavar="VALUE[=NAME]", help="labels to score (default: all non-zero values)")
+    p.set_defaults(func=cmd_evaluate)
+    return parser
+
+
+def _label_args(items) -> dict[int, str] | None:
+    if not items:
+        return None
+    out = {}
+    for item in items:
+        value, _, name = item.partition("=")
+        try:
+            out[int(value)] = name
+        except ValueError:
+            raise AtlassegError(f"--labels {item!r}: expected an integer label value, e.g. 1 or 1=anterior") from None
+    return out
+
+
+def format_table(results, label_names: dict[int, str]) -> str:
+    """Dice per target (rows) and label (columns), with the mean over labels and over targets."""
+    scored = [r for r in results if r.dice is not None]
+    if not scored:
+        return "no target has ground truth: nothing to score"
+    labels = sorted({label for r in scored for label in r.dice})
+    heads = ["target"] + [label_names.get(v) or str(v) for v in labels] + ["mean"]
+    rows = [[r.target_id] + [r.dice.get(v, math.nan) for v in labels] + [r.mean_dice] for r in scored]
+    if len(rows) > 1:
+        rows.append(["mean"] + [_nanmean([row[i] for row in rows]) for i in range(1, len(heads))])
+    cells = [heads] + [[row[0]] + [f"{v:.3f}" if not math.isnan(v) else "-" for v in row[1:]] for row in rows]
+    widths = [max(len(str(c[i])) for c in cells) for i in range(len(heads))]
+    lines = ["  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(row, widths))) for row in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _nanmean(values) -> float:
+    kept = [v for v in values if not math.isnan(v)]
+    return sum(kept) / len(kept) if kept else math.nan
+
+
+def _load(args):
+    from .config import load_config
+    from .manifest import load_manifest
+
+    config = load_config(args.config, overrides=args.overrides)
+    manifest = load_manifest(args.manifest)
+    return config, manifest
+
+
+def cmd_run(args) -> int:
+    from .pipeline import run
+
+    config, manifest = _load(args)
+    out = Path(args.out or config.output.dir)
+    start = time.perf_counter()
+    results = run(config, manifest, out_dir=out, target_ids=args.targets)
+    print(format_table(results, manifest.label_names))
+    print(f"\n{len(results)} target(s) segmented in {time.perf_counter() - start:.1f} s; outputs in {out}/")
+    return 0
+
+
+def cmd_validate(args) -> int:
+    from .pipeline import check_inputs
+
+    config, manifest = _load(args)
+    check_inputs(manifest)
+    print(
+        f"ok: {args.config} and {manifest.path} ({len(manifest.atlases)} atlases, {len(manifest.targets)} targets, "
+        f"k={config.selection.k}, fusion={config.fusion.method})"
+    )
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .config import load_config
+    from .demo import make_demo_dataset
+    from .manifest import load_manifest
+    from .pipeline import run
+
+    config = load_config("demo", overrides=args.overrides)
+    out = Path(args.out)
+    start = time.perf_counter()
+    manifest_path = make_demo_dataset(out / "data", dim=args.dim, seed=args.seed)
+    made = time.perf_counter()
+    log.info("demo data (%dD) written to %s in %.1f s", args.dim, manifest_path.parent, made - start)
+    manifest = load_manifest(manifest_path)
+    results = run(config, manifest, out_dir=out / "results")
+    print(format_table(results, manifest.label_names))
+    print(
+        f"\ndemo ({args.dim}D, {len(manifest.atlases)} atlases, {len(results)} targets) finished in "
+        f"{time.perf_counter() - start:.1f} s; data in {manifest_path.parent}/, results in {out / 'results'}/"
+    )
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from .evaluation import dice_per_label, mean_score
+    from .imageio import read_labels
+
+    names = _label_args(args.labels)
+    scores = dice_per_label(read_labels(args.prediction), read_labels(args.truth), labels=sorted(names) if names else None)
+    names = names or {}
+    width = max([5] + [len(names.get(v) or str(v)) for v in scores])
+    print(f"{'label'.ljust(width)}  dice")
+    for value, score in scores.items():
+        print(f"{(names.get(value) or str(value)).ljust(width)}  {'-' if math.isnan(score) else f'{score:.4f}'}")
+    print(f"{'mean'.ljust(width)}  {mean_score(scores):.4f}")
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.WARNING if args.quiet else logging.INFO, format="atlasseg: %(message)s", stream=sys.stderr
+    )
+    try:
+        return args.func(args)
+    except AtlassegError as err:
+        if args.debug:
+            raise
+        print(f"atlasseg: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("atlasseg: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,442 @@
+"""Typed, immutable configuration: one frozen dataclass per pipeline stage.
+
+A YAML file holds one mapping per section (``selection``, ``registration``,
+``propagation``, ``fusion``, ``evaluation``, ``parallel``, ``output``). Keys left
+out take the defaults below, which equal ``configs/default.yaml``. Unknown keys,
+wrong types and out-of-range values are rejected before any work starts, naming
+the key path and the file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+from .errors import ConfigError
+
+AFFINE_STAGES = ("translation", "rigid", "similarity", "affine")
+METRICS = ("mattes", "ncc", "mse", "ants_ncc")
+
+
+class _FieldError(ConfigError):
+    """An invalid value of one field; the loader prefixes the key path and file."""
+
+    def __init__(self, name: str, message: str):
+        super().__init__(f"{name}: {message}")
+        self.name = name
+        self.message = message
+
+
+def _require(condition: bool, name: str, message: str) -> None:
+    if not condition:
+        raise _FieldError(name, message)
+
+
+def _positive_levels(obj, *names: str) -> None:
+    lengths = {len(getattr(obj, n)) for n in names}
+    _require(len(lengths) == 1, names[-1], f"{', '.join(names)} must have one entry per level")
+    _require(min(lengths) >= 1, names[0], "at least one level is needed")
+
+
+@dataclass(frozen=True)
+class SelectionConfig:
+    """Atlas ranking against the target.
+
+    Parameters
+    ----------
+    k : int or "all"
+        Number of best-ranked atlases kept for non-rigid registration.
+    metric : str
+        Similarity used for ranking; ``ncc`` (normalised cross-correlation).
+    grid_spacing : float, mm
+        Spacing of the coarse isotropic grid, in target space, on which atlases
+        are compared after the affine stage.
+    """
+
+    k: Union[int, Literal["all"]] = "all"
+    metric: Literal["ncc"] = "ncc"
+    grid_spacing: float = 3.0
+
+    def __post_init__(self):
+        _require(self.k == "all" or self.k >= 1, "k", f"must be >= 1 or 'all', got {self.k}")
+        _require(self.grid_spacing > 0, "grid_spacing", "must be > 0 (mm)")
+
+
+@dataclass(frozen=True)
+class AffineConfig:
+    """Linear stage: initialisation then a chain of increasingly general transforms.
+
+    Parameters
+    ----------
+    initialization : str
+        ``geometry`` (align the image centres), ``moments`` (centres of mass) or
+        ``none`` (identity; only sensible for pre-aligned data).
+    stages : list of str
+        Transform chain, in order of generality, e.g. ``[rigid, affine]``; each
+        stage starts from the previous one. Empty: the initialisation only.
+    metric : str
+        ``mattes`` (Mattes mutual information), ``ncc``, ``mse``, ``ants_ncc``.
+    shrink_factors : list of int
+        Downsampling factor per pyramid level, coarse to fine.
+    smoothing_sigmas : list of float, mm
+        Gaussian smoothing per level.
+    iterations : int
+        Maximum optimiser iterations per level.
+    learning_rate : float, mm
+        Initial step of regular-step gradient descent (largest physical shift).
+    sampling_percentage : float
+        Fraction of fixed-image voxels sampled for the metric (0, 1].
+    """
+
+    initialization: Literal["geometry", "moments", "none"] = "geometry"
+    stages: tuple[str, ...] = ("rigid", "affine")
+    metric: str = "mattes"
+    shrink_factors: tuple[int, ...] = (4, 2, 1)
+    smoothing_sigmas: tuple[float, ...] = (2.0, 1.0, 0.0)
+    iterations: int = 100
+    learning_rate: float = 2.0
+    sampling_percentage: float = 0.25
+
+    def __post_init__(self):
+        for stage in self.stages:
+            _require(stage in AFFINE_STAGES, "stages", f"unknown stage {stage!r} (known: {', '.join(AFFINE_STAGES)})")
+        order = [AFFINE_STAGES.index(s) for s in self.stages]
+        _require(order == sorted(set(order)), "stages", "stages must go from less to more general, each once")
+        _require(self.metric in METRICS, "metric", f"unknown metric {self.metric!r} (known: {', '.join(METRICS)})")
+        _positive_levels(self, "shrink_factors", "smoothing_sigmas")
+        _require(all(s >= 1 for s in self.shrink_factors), "shrink_factors", "must be >= 1")
+        _require(all(s >= 0 for s in self.smoothing_sigmas), "smoothing_sigmas", "must be >= 0 (mm)")
+        _require(self.iterations >= 1, "iterations", "must be >= 1")
+        _require(self.learning_rate > 0, "learning_rate", "must be > 0")
+        _require(0 < self.sampling_percentage <= 1, "sampling_percentage", "must be in (0, 1]")
+
+
+@dataclass(frozen=True)
+class NonrigidConfig:
+    """B-spline free-form deformation on a coarse-to-fine pyramid.
+
+    Parameters
+    ----------
+    enabled : bool
+        Run the non-rigid stage after the affine one.
+    grid_spacing : float, mm
+        Control-point spacing at the finest level; the grid is refined by 2
+        between levels, so the coarsest level's spacing is ``grid_spacing * 2**(levels-1)``.
+    metric : str
+        ``ncc`` (normalised cross-correlation) or ``mse`` (mean squared difference
+        of the normalised intensities).
+    shrink_factors, smoothing_sigmas : list
+        Pyramid, coarse to fine (sigmas in mm).
+    iterations : int
+        Maximum LBFGS-B iterations per level.
+    sampling_percentage : float
+        Fraction of fixed-image voxels sampled for the metric.
+    regularization : float
+        Weight of the membrane energy (mean squared strain between neighbouring
+        control points, dimensionless) added to the metric; larger is smoother.
+    """
+
+    enabled: bool = True
+    grid_spacing: float = 12.0
+    metric: Literal["ncc", "mse"] = "ncc"
+    shrink_factors: tuple[int, ...] = (2, 1)
+    smoothing_sigmas: tuple[float, ...] = (1.0, 0.0)
+    iterations: int = 50
+    sampling_percentage: float = 0.25
+    regularization: float = 0.01
+
+    def __post_init__(self):
+        _require(self.regularization >= 0, "regularization", "must be >= 0")
+        _require(self.grid_spacing > 0, "grid_spacing", "must be > 0 (mm)")
+        _positive_levels(self, "shrink_factors", "smoothing_sigmas")
+        _require(all(s >= 1 for s in self.shrink_factors), "shrink_factors", "must be >= 1")
+        _require(all(s >= 0 for s in self.smoothing_sigmas), "smoothing_sigmas", "must be >= 0 (mm)")
+        _require(self.iterations >= 1, "iterations", "must be >= 1")
+        _require(0 < self.sampling_percentage <= 1, "sampling_percentage", "must be in (0, 1]")
+
+
+@dataclass(frozen=True)
+class RegistrationConfig:
+    """Affine then non-rigid registration of each atlas onto the target.
+
+    Parameters
+    ----------
+    normalization : str
+        Per-image intensity normalisation before any comparison: ``percentile``
+        (0.5th–99.5th percentile mapped to [0, 1] and clipped) or ``none``.
+    seed : int
+        Seed of the metric's random sampling (runs are repeatable).
+    """
+
+    normalization: Literal["percentile", "none"] = "percentile"
+    seed: int = 42
+    affine: AffineConfig = field(default_factory=AffineConfig)
+    nonrigid: NonrigidConfig = field(default_factory=NonrigidConfig)
+
+
+@dataclass(frozen=True)
+class PropagationConfig:
+    """How atlas labels are carried into target space.
+
+    Parameters
+    ----------
+    interpolator : str
+        ``nearest`` (nearest neighbour; label values are never mixed).
+    """
+
+    interpolator: Literal["nearest"] = "nearest"
+
+
+@dataclass(frozen=True)
+class FusionConfig:
+    """How candidates become one segmentation.
+
+    Parameters
+    ----------
+    method : str
+        ``majority`` (majority vote; a tie goes to the smallest label value).
+    """
+
+    method: Literal["majority"] = "majority"
+
+
+@dataclass(frozen=True)
+class EvaluationConfig:
+    """Scoring against ground truth, when a target has it.
+
+    Parameters
+    ----------
+    metrics : list of str
+        ``dice`` per label and their mean.
+    """
+
+    metrics: tuple[Literal["dice"], ...] = ("dice",)
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """Parallel registration of the atlases.
+
+    Parameters
+    ----------
+    n_jobs : int
+        Parallel registrations; -1 means one per available core.
+    backend : str
+        joblib backend: ``loky`` (processes) or ``threading``.
+    itk_threads : int
+        ITK threads per job; 0 shares the cores evenly (jobs × threads ≤ cores).
+    """
+
+    n_jobs: int = -1
+    backend: Literal["loky", "threading"] = "loky"
+    itk_threads: int = 0
+
+    def __post_init__(self):
+        _require(self.n_jobs == -1 or self.n_jobs >= 1, "n_jobs", f"must be >= 1 or -1, got {self.n_jobs}")
+        _require(self.itk_threads >= 0, "itk_threads", "must be >= 0")
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    """What a run writes.
+
+    Parameters
+    ----------
+    dir : str
+        Output folder (relative to the working directory) unless ``--out`` is given.
+    save_transforms : bool
+        Also write each atlas's composed transform as ``<target>/transforms/<atlas>.h5``.
+    """
+
+    dir: str = "atlasseg-out"
+    save_transforms: bool = False
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole run configuration."""
+
+    selection: SelectionConfig = field(default_factory=SelectionConfig)
+    registration: RegistrationConfig = field(default_factory=RegistrationConfig)
+    propagation: PropagationConfig = field(default_factory=PropagationConfig)
+    fusion: FusionConfig = field(default_factory=FusionConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain, YAML/JSON-ready form (tuples as lists)."""
+        return _plain(dataclasses.asdict(self))
+
+
+def _plain(value):
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+# --------------------------------------------------------------------------- loading
+
+def _type_name(tp) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " or ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is tuple:
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    if dataclasses.is_dataclass(tp):
+        return "mapping"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(tp, value, key: str):
+    """Check ``value`` against annotation ``tp``; return it in canonical form or raise ``_FieldError``."""
+    origin = typing.get_origin(tp)
+    bad = _FieldError(key, f"expected {_type_name(tp)}, got {value!r}")
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key)
+    if origin is Literal:
+        if value in typing.get_args(tp) and type(value) is not bool:
+            return value
+        raise bad
+    if origin in (Union, types.UnionType):
+        for option in typing.get_args(tp):
+            try:
+                return _coerce(option, value, key)
+            except _FieldError:
+                continue
+        raise bad
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise bad
+        (item,) = typing.get_args(tp)[:1]
+        return tuple(_coerce(item, v, f"{key}[{i}]") for i, v in enumerate(value))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise bad
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise bad
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise bad
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise bad
+    raise TypeError(f"unsupported config annotation {tp!r}")  # a programming error, not user input
+
+
+def _build(cls, data, prefix: str = ""):
+    if data is None:
+        data = {}
+    where = prefix or "the top level"
+    if not isinstance(data, dict):
+        raise _FieldError(prefix or "config", f"expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in data:
+        if key not in names:
+            full = f"{prefix}.{key}" if prefix else str(key)
+            raise _FieldError(full, f"unknown key in {where} (known: {', '.join(names)})")
+    kwargs = {k: _coerce(hints[k], v, f"{prefix}.{k}" if prefix else k) for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except _FieldError as err:
+        if "." in err.name or not prefix:
+            raise
+        raise _FieldError(f"{prefix}.{err.name}", err.message) from None
+
+
+def config_from_dict(data: dict, *, source: str = "<config>") -> Config:
+    """Build a validated :class:`Config` from a nested mapping; errors name ``source``."""
+    try:
+        return _build(Config, data)
+    except _FieldError as err:
+        raise ConfigError(f"{source}: {err.name}: {err.message}") from None
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Split ``section.key=value`` into the key path and the YAML-parsed value."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {text!r}: expected section.key=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        raise ConfigError(f"--set {text!r}: value is not valid YAML") from None
+    return key.strip().split("."), value
+
+
+def _apply_override(data: dict, path: list[str], value, text: str) -> None:
+    node = data
+    for part in path[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {text!r}: {part} is not a section")
+        node = child
+    node[path[-1]] = value
+
+
+PRESETS = ("default", "demo")
+
+
+# Installed wheels carry configs/ as atlasseg/configs/; a source checkout has it beside the package.
+_PRESET_DIRS = (Path(__file__).parent / "configs", Path(__file__).resolve().parent.parent / "configs")
+
+
+def preset_path(name: str) -> Path:
+    """Path of a shipped preset config (``configs/<name>.yaml``)."""
+    for folder in _PRESET_DIRS:
+        if (folder / f"{name}.yaml").is_file():
+            return folder / f"{name}.yaml"
+    raise ConfigError(f"preset {name!r} is missing from this installation (looked in {', '.join(map(str, _PRESET_DIRS))})")
+
+
+def resolve_config_path(name_or_path: str | Path) -> Path:
+    """A config file path as given, or a shipped preset by name (``default``, ``demo``, …)."""
+    path = Path(name_or_path)
+    if path.exists():
+        return path
+    if str(name_or_path) in PRESETS:
+        return preset_path(str(name_or_path))
+    raise ConfigError(f"{name_or_path}: config file not found (or a preset: {', '.join(PRESETS)})")
+
+
+def load_config(path: str | Path | None = None, *, overrides: typing.Sequence[str] = ()) -> Config:
+    """Load a YAML config (a path or a preset name; ``None`` for the defaults) and apply ``--set`` overrides."""
+    data: dict = {}
+    source = "<defaults>"
+    if path is not None:
+        file = resolve_config_path(path)
+        source = str(file)
+        if file.is_dir():
+            raise ConfigError(f"{file}: is a directory, expected a YAML config file")
+        try:
+            data = yaml.safe_load(file.read_text()) or {}
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            raise ConfigError(f"{file}: invalid YAML{where}: {getattr(err, 'problem', err)}") from None
+        except (OSError, UnicodeDecodeError) as err:
+            raise ConfigError(f"{file}: cannot read config: {err}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{file}: expected a mapping of sections at the top level")
+    for text in overrides:
+        keys, value = parse_override(text)
+        _apply_override(data, keys, value, text)
+    if overrides:
+        source = f"{source} with --set"
+    return config_from_dict(data, source=source)

@@ -1,0 +1,154 @@
+"""The data manifest: which atlases and targets a run uses.
+
+Shape (paths relative to the manifest's folder, or absolute)::
+
+    labels: {1: anterior, 2: posterior}
+    atlases:
+      - {id: case_001, image: images/case_001.nii.gz, labels: labels/case_001.nii.gz}
+    targets:
+      - {id: case_004, image: images/case_004.nii.gz, labels: labels/case_004.nii.gz}  # labels optional
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from .errors import ManifestError
+
+_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+_TOP_KEYS = ("labels", "atlases", "targets")
+_ATLAS_KEYS = ("id", "image", "labels")
+_TARGET_KEYS = ("id", "image", "labels")
+
+
+@dataclass(frozen=True)
+class Atlas:
+    """A labelled image used to segment targets."""
+
+    id: str
+    image: Path
+    labels: Path
+
+
+@dataclass(frozen=True)
+class Target:
+    """An image to segment, with optional ground-truth labels for evaluation."""
+
+    id: str
+    image: Path
+    labels: Path | None = None
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """Validated manifest: label names, atlases and targets, with absolute paths."""
+
+    path: Path
+    label_names: dict[int, str]
+    atlases: tuple[Atlas, ...]
+    targets: tuple[Target, ...]
+
+    def target(self, target_id: str) -> Target:
+        for t in self.targets:
+            if t.id == target_id:
+                return t
+        raise ManifestError(f"{self.path}: no target with id {target_id!r} (targets: {', '.join(t.id for t in self.targets)})")
+
+
+def _load_yaml(path: Path):
+    if not path.exists():
+        raise ManifestError(f"{path}: manifest not found")
+    if path.is_dir():
+        raise ManifestError(f"{path}: is a directory, expected a data_manifest.yaml file")
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ManifestError(f"{path}: invalid YAML{where}: {getattr(err, 'problem', err)}") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ManifestError(f"{path}: cannot read manifest: {err}") from None
+
+
+def _file(path: Path, entry: str, key: str, value, *, required: bool) -> Path | None:
+    if value is None:
+        if required:
+            raise ManifestError(f"{path}: {entry} has no '{key}'")
+        return None
+    if not isinstance(value, str) or not value.strip():
+        raise ManifestError(f"{path}: {entry}: '{key}' must be a file path, got {value!r}")
+    file = Path(value).expanduser()
+    if not file.is_absolute():
+        file = path.parent / file
+    if not file.exists():
+        raise ManifestError(f"{path}: {entry}: {key} file not found: {file}")
+    if file.is_dir() and not _is_dicom_folder(file):
+        raise ManifestError(f"{path}: {entry}: {key} is a directory, expected an image file: {file}")
+    return file.resolve()
+
+
+def _is_dicom_folder(folder: Path) -> bool:
+    return any(p.suffix.lower() == ".dcm" for p in folder.iterdir())
+
+
+def _entries(path: Path, doc: dict, section: str, keys: tuple[str, ...], *, labels_required: bool):
+    items = doc.get(section)
+    if items is None:
+        return []
+    if not isinstance(items, list):
+        raise ManifestError(f"{path}: '{section}' must be a list of entries")
+    singular = {"atlases": "atlas", "targets": "target"}[section]
+    seen: set[str] = set()
+    out = []
+    for i, item in enumerate(items):
+        entry = f"{section}[{i}]"
+        if not isinstance(item, dict):
+            raise ManifestError(f"{path}: {entry} must be a mapping with keys {', '.join(keys)}")
+        ident = item.get("id")
+        if ident is None:
+            raise ManifestError(f"{path}: {entry} has no 'id'")
+        ident = str(ident)
+        if not _ID.match(ident):
+            raise ManifestError(
+                f"{path}: {entry}: id {ident!r} may only hold letters, digits, '.', '_' and '-' (it names output files)"
+            )
+        entry = f"{singular} {ident!r}"
+        for key in item:
+            if key not in keys:
+                raise ManifestError(f"{path}: {entry}: unknown key '{key}' (known: {', '.join(keys)})")
+        if ident in seen:
+            raise ManifestError(f"{path}: duplicate {singular} id {ident!r}")
+        seen.add(ident)
+        image = _file(path, entry, "image", item.get("image"), required=True)
+        labels = _file(path, entry, "labels", item.get("labels"), required=labels_required)
+        out.append((ident, image, labels))
+    return out
+
+
+def load_manifest(path: str | Path) -> Manifest:
+    """Read and validate ``data_manifest.yaml``; every listed file must exist."""
+    path = Path(path).expanduser().absolute()
+    doc = _load_yaml(path)
+    if not isinstance(doc, dict):
+        raise ManifestError(f"{path}: expected a mapping with keys {', '.join(_TOP_KEYS)}")
+    for key in doc:
+        if key not in _TOP_KEYS:
+            raise ManifestError(f"{path}: unknown key '{key}' (known: {', '.join(_TOP_KEYS)})")
+    raw_names = doc.get("labels") or {}
+    if not isinstance(raw_names, dict):
+        raise ManifestError(f"{path}: 'labels' must map label values to names, e.g. {{1: anterior}}")
+    names: dict[int, str] = {}
+    for value, name in raw_names.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ManifestError(f"{path}: labels: {value!r} is not a positive integer label value (0 is background)")
+        names[value] = str(name)
+    atlases = tuple(Atlas(i, im, lab) for i, im, lab in _entries(path, doc, "atlases", _ATLAS_KEYS, labels_required=True))
+    targets = tuple(Target(i, im, lab) for i, im, lab in _entries(path, doc, "targets", _TARGET_KEYS, labels_required=False))
+    if not atlases:
+        raise ManifestError(f"{path}: no atlases listed")
+    return Manifest(path=path, label_names=dict(sorted(names.items())), atlases=atlases, targets=targets)
+

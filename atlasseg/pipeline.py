@@ -1,0 +1,301 @@
+"""Per-target orchestration: affine → select → non-rigid → propagate → fuse → evaluate → write.
+
+Only this module does file I/O and parallelism. Work units carry file paths, so
+parallel workers read their own images and build their own filters.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import math
+import os
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import SimpleITK as sitk
+from joblib import Parallel, delayed
+
+from . import __version__
+from .config import Config, ParallelConfig, RegistrationConfig
+from .errors import AtlassegError, ImageError, RegistrationError
+from .evaluation import dice_per_label, mean_score
+from .fusion import make_fuser
+from .imageio import (
+    atomic_write_text,
+    check_same_grid,
+    normalize_intensity,
+    read_geometry,
+    read_image,
+    read_labels,
+    write_image,
+)
+from .manifest import Atlas, Manifest, Target
+from .propagation import propagate_labels
+from .registration import register_affine, register_bspline
+from .selection import score_atlas, select_top
+
+log = logging.getLogger("atlasseg")
+
+
+def available_cores() -> int:
+    """Cores this process may use (respects CPU affinity / container limits)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def thread_budget(parallel: ParallelConfig, n_tasks: int) -> tuple[int, int]:
+    """(jobs, ITK threads per job) with jobs × threads ≤ cores."""
+    cores = available_cores()
+    jobs = cores if parallel.n_jobs == -1 else parallel.n_jobs
+    jobs = max(1, min(jobs, n_tasks, cores))
+    threads = parallel.itk_threads or max(1, cores // jobs)
+    return jobs, min(threads, max(1, cores // jobs))
+
+
+def check_inputs(manifest: Manifest) -> None:
+    """Header-only checks of every listed file before any work: readable, scalar, 2D/3D, one
+    dimensionality across the manifest, each label map on its image's grid."""
+    dims: dict[int, str] = {}
+    entries = [(a.id, a.image, a.labels) for a in manifest.atlases] + [(t.id, t.image, t.labels) for t in manifest.targets]
+    for ident, image_path, labels_path in entries:
+        image = read_geometry(image_path)
+        if image.components != 1:
+            raise ImageError(f"{image_path}: has {image.components} components per voxel; a scalar image is needed")
+        if image.dimension not in (2, 3):
+            raise ImageError(f"{image_path}: is {image.dimension}D; 2D and 3D images are supported")
+        dims.setdefault(image.dimension, str(image_path))
+        if labels_path is not None:
+            check_same_grid(image, read_geometry(labels_path), image_path=image_path, labels_path=labels_path)
+    if len(dims) > 1:
+        two, three = dims[2], dims[3]
+        raise ImageError(f"{manifest.path}: mixes 2D images ({two}) with 3D images ({three}); use one dimensionality")
+
+
+# --------------------------------------------------------------------------- worker jobs
+
+def _load_normalized(path: Path, method: str) -> sitk.Image:
+    return normalize_intensity(read_image(path), method=method)
+
+
+def _affine_job(target_path: Path, atlas: Atlas, reg: RegistrationConfig, selection_spacing: float, threads: int):
+    """Affine-register one atlas to the target and score it for selection (runs in a worker)."""
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
+    target = _load_normalized(target_path, reg.normalization)
+    moving = _load_normalized(atlas.image, reg.normalization)
+    try:
+        transform, record = register_affine(target, moving, config=reg.affine, seed=reg.seed)
+    except RegistrationError as err:
+        return atlas.id, None, None, str(err)
+    start = time.perf_counter()
+    score = score_atlas(target, moving, transform, spacing=selection_spacing)
+    record["selection_seconds"] = round(time.perf_counter() - start, 3)
+    return atlas.id, transform, {"affine": record}, score
+
+
+def _nonrigid_job(target_path: Path, atlas: Atlas, initial: sitk.Transform, reg: RegistrationConfig, threads: int):
+    """Non-rigid registration of one selected atlas, starting from its affine (runs in a worker)."""
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
+    target = _load_normalized(target_path, reg.normalization)
+    moving = _load_normalized(atlas.image, reg.normalization)
+    try:
+        transform, record = register_bspline(target, moving, initial=initial, config=reg.nonrigid, seed=reg.seed)
+    except RegistrationError as err:
+        return atlas.id, None, str(err)
+    return atlas.id, transform, record
+
+
+def _parallel_map(function, tasks: list[tuple], parallel: ParallelConfig) -> list:
+    jobs, threads = thread_budget(parallel, len(tasks))
+    if jobs == 1:
+        results = [function(*task, threads) for task in tasks]
+    else:
+        results = Parallel(n_jobs=jobs, backend=parallel.backend)(delayed(function)(*task, threads) for task in tasks)
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(available_cores())
+    return results
+
+
+# --------------------------------------------------------------------------- one target
+
+@dataclass
+class TargetResult:
+    """What segmenting one target produced."""
+
+    target_id: str
+    segmentation: Path
+    dice: dict[int, float] | None
+    record: dict = field(repr=False)
+
+    @property
+    def mean_dice(self) -> float | None:
+        return None if self.dice is None else mean_score(self.dice)
+
+
+def segment_target(target: Target, atlases: list[Atlas], config: Config, *, out_dir: Path, label_names: dict[int, str]):
+    """Segment one target with the given atlases; write ``<out>/<target>/segmentation.nii.gz``."""
+    seconds: dict[str, float] = {}
+    clock = time.perf_counter()
+    reference = read_image(target.image)
+    truth = read_labels(target.labels) if target.labels is not None else None
+
+    # Affine stage for every atlas, scored on a coarse grid for selection.
+    tasks = [(target.image, a, config.registration, config.selection.grid_spacing) for a in atlases]
+    affine_results = _parallel_map(_affine_job, tasks, config.parallel)
+    seconds["affine_and_scoring"] = time.perf_counter() - clock
+
+    clock = time.perf_counter()
+    dropped = [{"atlas": aid, "stage": "affine", "reason": score} for aid, tx, _, score in affine_results if tx is None]
+    ok = {aid: (tx, rec, score) for aid, tx, rec, score in affine_results if tx is not None}
+    scores = {aid: score for aid, (_, _, score) in ok.items()}
+    selected = select_top(scores, k=config.selection.k)
+    seconds["selection"] = time.perf_counter() - clock
+
+    transforms = {aid: ok[aid][0] for aid in selected}
+    records = {aid: ok[aid][1] for aid in selected}
+    if config.registration.nonrigid.enabled and selected:
+        clock = time.perf_counter()
+        by_id = {a.id: a for a in atlases}
+        tasks = [(target.image, by_id[aid], transforms[aid], config.registration) for aid in selected]
+        for aid, tx, result in _parallel_map(_nonrigid_job, tasks, config.parallel):
+            if tx is None:
+                dropped.append({"atlas": aid, "stage": "nonrigid", "reason": result})
+                del transforms[aid]
+            else:
+                transforms[aid] = tx
+                records[aid]["nonrigid"] = result
+        seconds["nonrigid"] = time.perf_counter() - clock
+    for item in dropped:
+        log.warning("target %s: atlas %s dropped (%s: %s)", target.id, item["atlas"], item["stage"], item["reason"])
+    used = [aid for aid in selected if aid in transforms]
+    if not used:
+        raise RegistrationError(f"target {target.id}: every atlas registration failed; see run.json for the reasons")
+
+    # Propagate and fuse, one candidate at a time.
+    fuser = make_fuser(config.fusion.method, reference)
+    seconds["propagation"] = seconds["fusion"] = 0.0
+    by_id = {a.id: a for a in atlases}
+    for aid in used:
+        clock = time.perf_counter()
+        candidate = propagate_labels(
+            read_labels(by_id[aid].labels), transforms[aid], reference, interpolator=config.propagation.interpolator
+        )
+        seconds["propagation"] += time.perf_counter() - clock
+        clock = time.perf_counter()
+        fuser.add(candidate)
+        seconds["fusion"] += time.perf_counter() - clock
+    clock = time.perf_counter()
+    segmentation = fuser.result()
+    seconds["fusion"] += time.perf_counter() - clock
+
+    scores_out = None
+    if truth is not None:
+        clock = time.perf_counter()
+        check_same_grid(reference, truth, image_path=target.image, labels_path=target.labels)
+        labels = sorted(label_names) or None
+        scores_out = dice_per_label(segmentation, truth, labels=labels)
+        seconds["evaluation"] = time.perf_counter() - clock
+
+    clock = time.perf_counter()
+    target_dir = out_dir / target.id
+    seg_path = target_dir / "segmentation.nii.gz"
+    write_image(segmentation, seg_path)
+    if config.output.save_transforms:
+        for aid in used:
+            _write_transform(transforms[aid], target_dir / "transforms" / f"{aid}.h5")
+    seconds["output"] = time.perf_counter() - clock
+
+    record = {
+        "image": str(target.image),
+        "ranking": [{"atlas": aid, config.selection.metric: round(scores[aid], 6)} for aid in select_top(scores, k="all")],
+        "selected": used,
+        "dropped": dropped,
+        "registrations": records,
+        "fusion": {"method": config.fusion.method, "candidates": fuser.n_candidates},
+        "seconds": {k: round(v, 3) for k, v in seconds.items()},
+    }
+    if scores_out is not None:
+        record["dice"] = {str(k): _json_float(v) for k, v in scores_out.items()}
+        record["mean_dice"] = _json_float(mean_score(scores_out))
+    return TargetResult(target.id, seg_path, scores_out, record)
+
+
+def _write_transform(transform: sitk.Transform, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{path.name}")
+    sitk.WriteTransform(transform, str(tmp))
+    os.replace(tmp, path)
+
+
+def _json_float(value: float):
+    return None if value is None or math.isnan(value) else round(float(value), 6)
+
+
+# --------------------------------------------------------------------------- a whole run
+
+def versions() -> dict[str, str]:
+    import joblib
+    import numpy
+    import scipy
+    import yaml
+
+    return {
+        "atlasseg": __version__,
+        "python": platform.python_version(),
+        "SimpleITK": sitk.Version_VersionString(),
+        "numpy": numpy.__version__,
+        "scipy": scipy.__version__,
+        "joblib": joblib.__version__,
+        "pyyaml": yaml.__version__,
+    }
+
+
+def run(config: Config, manifest: Manifest, *, out_dir: str | Path | None = None, target_ids=None) -> list[TargetResult]:
+    """Segment the manifest's targets (or those named) and write segmentations, metrics.csv and run.json."""
+    out = Path(out_dir if out_dir is not None else config.output.dir)
+    targets = [manifest.target(t) for t in target_ids] if target_ids else list(manifest.targets)
+    if not targets:
+        raise AtlassegError(f"{manifest.path}: no targets to segment")
+    check_inputs(manifest)
+    start = time.perf_counter()
+    results = []
+    for target in targets:
+        atlases = [a for a in manifest.atlases if a.id != target.id]  # never an image as its own atlas
+        log.info("target %s: %d atlases", target.id, len(atlases))
+        result = segment_target(target, atlases, config, out_dir=out, label_names=manifest.label_names)
+        results.append(result)
+        if result.dice is not None:
+            log.info("target %s: mean Dice %.3f", target.id, result.mean_dice)
+    write_metrics(out / "metrics.csv", results, manifest.label_names)
+    run_record = {
+        "versions": versions(),
+        "config": config.to_dict(),
+        "manifest": str(manifest.path),
+        "seconds_total": round(time.perf_counter() - start, 3),
+        "targets": {r.target_id: r.record for r in results},
+    }
+    atomic_write_text(out / "run.json", json.dumps(run_record, indent=2) + "\n")
+    return results
+
+
+def write_metrics(path: Path, results: list[TargetResult], label_names: dict[int, str]) -> None:
+    """``metrics.csv``: one row per target and label, plus the target's mean."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["target", "label", "name", "dice"])
+    for result in results:
+        if result.dice is None:
+            continue
+        for label, value in result.dice.items():
+            writer.writerow([result.target_id, label, label_names.get(label, ""), _csv_float(value)])
+        writer.writerow([result.target_id, "mean", "", _csv_float(result.mean_dice)])
+    atomic_write_text(path, buffer.getvalue())
+
+
+def _csv_float(value: float) -> str:
+    return "" if math.isnan(value) else f"{value:.6f}"
