@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pathlib
+
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -132,3 +134,14 @@ def test_rewriting_replaces_files(tmp_path):
 def test_bad_arguments_raise(tmp_path, kwargs):
     with pytest.raises(ValueError):
         make_demo_dataset(tmp_path, **{"dim": 2, **kwargs})
+
+
+def test_top_level_manifest_describes_the_demo_dataset(tmp_path):
+    """The repo's data_manifest.yaml is what `atlasseg demo` writes, seen from the repo root."""
+    repo = pathlib.Path(__file__).resolve().parent.parent
+    shipped = yaml.safe_load((repo / "data_manifest.yaml").read_text())
+    written = yaml.safe_load(make_demo_dataset(tmp_path, dim=3, size=16).read_text())
+    for section in ("atlases", "targets"):
+        for entry in written[section]:
+            entry.update({k: f"atlasseg-demo/data/{entry[k]}" for k in ("image", "labels")})
+    assert shipped == written

@@ -1,0 +1,84 @@
+"""The command line: exit codes, one-line errors, and the commands a user runs."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from atlasseg.cli import main
+from atlasseg.demo import make_demo_dataset
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory):
+    return make_demo_dataset(tmp_path_factory.mktemp("cli") / "data", dim=2, n_atlases=3, n_targets=1, seed=2)
+
+
+def test_validate_ok(manifest, capsys):
+    assert main(["validate", "demo", "--manifest", str(manifest)]) == 0
+    assert "3 atlases, 1 targets" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["validate", "demo", "--set", "selection.k=0"], "selection.k"),
+        (["validate", "nonexistent.yaml"], "nonexistent.yaml: config file not found"),
+        (["validate", "demo", "--set", "registration.affine.sampling=0.1"], "registration.affine.sampling"),
+        (["validate", "demo", "--manifest", "missing_manifest.yaml"], "missing_manifest.yaml: manifest not found"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(manifest, capsys, argv, needle):
+    if "--manifest" not in argv:
+        argv = argv + ["--manifest", str(manifest)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert needle in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_debug_shows_the_traceback(manifest):
+    with pytest.raises(Exception, match="selection.k"):
+        main(["--debug", "validate", "demo", "--manifest", str(manifest), "--set", "selection.k=0"])
+
+
+def test_run_writes_outputs_and_prints_table(manifest, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["-q", "run", "demo", "--manifest", str(manifest), "--out", str(out), "--set", "selection.k=2"]) == 0
+    printed = capsys.readouterr().out
+    assert "mean" in printed and "nodule" in printed
+    assert (out / "case_004" / "segmentation.nii.gz").exists()
+    assert json.loads((out / "run.json").read_text())["config"]["selection"]["k"] == 2
+
+
+def test_evaluate_prints_exact_dice(tmp_path, capsys):
+    a = np.zeros((10, 10), np.uint8)
+    b = np.zeros((10, 10), np.uint8)
+    a[:, :4] = 1
+    b[:, 2:8] = 1
+    sitk.WriteImage(sitk.GetImageFromArray(a), str(tmp_path / "a.nii.gz"))
+    sitk.WriteImage(sitk.GetImageFromArray(b), str(tmp_path / "b.nii.gz"))
+    assert main(["evaluate", str(tmp_path / "a.nii.gz"), str(tmp_path / "b.nii.gz"), "--labels", "1=organ"]) == 0
+    assert "organ  0.4000" in capsys.readouterr().out
+
+
+def test_demo_command_and_module_entry_point(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-m", "atlasseg", "-q", "demo", "--dim", "2", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "demo (2D, 6 atlases, 2 targets) finished" in done.stdout
+    assert (tmp_path / "data" / "data_manifest.yaml").exists()
+    assert (tmp_path / "results" / "metrics.csv").exists()
+
+
+def test_ci_runs_the_readme_test_command():
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    readme_commands = [line for line in (repo / "README.md").read_text().splitlines() if line.startswith("python3 -m venv")]
+    assert len(readme_commands) == 2 and readme_commands[0].endswith("atlasseg demo")
+    assert readme_commands[1] in (repo / ".ci" / "run").read_text().splitlines()

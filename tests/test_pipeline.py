@@ -1,0 +1,106 @@
+"""End to end on the synthetic demo data: accuracy, the no-registration baseline, outputs."""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from atlasseg.config import load_config
+from atlasseg.demo import make_demo_dataset
+from atlasseg.errors import ImageError
+from atlasseg.manifest import load_manifest
+from atlasseg.pipeline import check_inputs, run, thread_budget
+from atlasseg.config import ParallelConfig
+
+NO_REGISTRATION = [
+    "selection.k=all",
+    "registration.affine.initialization=none",
+    "registration.affine.stages=[]",
+    "registration.nonrigid.enabled=false",
+]
+
+
+@pytest.fixture(scope="module")
+def demo2d(tmp_path_factory):
+    return load_manifest(make_demo_dataset(tmp_path_factory.mktemp("demo2d") / "data", dim=2, seed=1))
+
+
+def mean_dice(results) -> float:
+    return float(np.mean([r.mean_dice for r in results]))
+
+
+def test_pipeline_beats_no_registration_baseline(demo2d, tmp_path):
+    results = run(load_config("demo"), demo2d, out_dir=tmp_path / "run")
+    baseline = run(load_config("demo", overrides=NO_REGISTRATION), demo2d, out_dir=tmp_path / "baseline")
+    assert mean_dice(results) >= 0.80
+    assert mean_dice(results) >= mean_dice(baseline) + 0.15
+
+
+def test_outputs_keep_target_geometry_and_are_complete(demo2d, tmp_path):
+    config = load_config("demo", overrides=["selection.k=3", "output.save_transforms=true"])
+    results = run(config, demo2d, out_dir=tmp_path)
+    for result, target in zip(results, demo2d.targets):
+        seg = sitk.ReadImage(str(tmp_path / target.id / "segmentation.nii.gz"))
+        ref = sitk.ReadImage(str(target.image))
+        assert seg.GetSize() == ref.GetSize()
+        np.testing.assert_allclose(seg.GetOrigin(), ref.GetOrigin(), atol=1e-5)
+        np.testing.assert_allclose(seg.GetSpacing(), ref.GetSpacing(), atol=1e-6)
+        np.testing.assert_allclose(seg.GetDirection(), ref.GetDirection(), atol=1e-6)
+        assert seg.GetPixelID() == sitk.sitkUInt8
+        assert len(list((tmp_path / target.id / "transforms").glob("*.h5"))) == 3
+        transform = sitk.ReadTransform(str(next((tmp_path / target.id / "transforms").glob("*.h5"))))
+        assert transform.GetDimension() == 2
+    rows = list(csv.DictReader(open(tmp_path / "metrics.csv")))
+    assert {r["target"] for r in rows} == {t.id for t in demo2d.targets}
+    assert {r["name"] for r in rows if r["label"] != "mean"} == set(demo2d.label_names.values())
+    record = json.loads((tmp_path / "run.json").read_text())
+    assert record["config"]["selection"]["k"] == 3
+    assert "SimpleITK" in record["versions"]
+    target = record["targets"][demo2d.targets[0].id]
+    assert len(target["ranking"]) == len(demo2d.atlases) and len(target["selected"]) == 3
+    assert target["selected"] == [r["atlas"] for r in target["ranking"][:3]]  # the best-ranked by NCC
+    registration = target["registrations"][target["selected"][0]]
+    assert registration["nonrigid"]["metric_after"] < registration["nonrigid"]["metric_before"]
+    assert set(target["seconds"]) >= {"affine_and_scoring", "selection", "nonrigid", "propagation", "fusion"}
+    assert not list(tmp_path.rglob(".tmp-*"))
+
+
+def test_3d_end_to_end_with_anisotropic_subjects(tmp_path):
+    manifest = load_manifest(make_demo_dataset(tmp_path / "data", dim=3, n_atlases=4, n_targets=1, size=40))
+    assert any(len(set(sitk.ReadImage(str(a.image)).GetSpacing())) > 1 for a in manifest.atlases)
+    (result,) = run(load_config("demo", overrides=["selection.k=3"]), manifest, out_dir=tmp_path / "out")
+    assert result.mean_dice >= 0.80
+
+
+def test_an_image_is_never_its_own_atlas(demo2d, tmp_path):
+    """A target listed among the atlases (same id) is left out of its own atlas set."""
+    text = demo2d.path.read_text().replace("targets:", "targets:\n- {id: case_001, image: images/case_001.nii.gz, labels: labels/case_001.nii.gz}")
+    path = demo2d.path.with_name("loo.yaml")
+    path.write_text(text)
+    manifest = load_manifest(path)
+    (result,) = run(load_config("demo", overrides=NO_REGISTRATION), manifest, out_dir=tmp_path, target_ids=["case_001"])
+    assert "case_001" not in result.record["selected"]
+    assert result.mean_dice < 0.99
+
+
+def test_label_map_on_another_grid_is_refused_before_any_work(demo2d, tmp_path):
+    atlas = demo2d.atlases[0]
+    labels = sitk.ReadImage(str(atlas.labels))
+    labels.SetOrigin((100.0, 0.0))
+    bad = tmp_path / "bad.nii.gz"
+    sitk.WriteImage(labels, str(bad))
+    text = demo2d.path.read_text().replace("labels/case_001.nii.gz", str(bad))
+    path = demo2d.path.with_name("bad.yaml")
+    path.write_text(text)
+    with pytest.raises(ImageError, match="differs from its image"):
+        check_inputs(load_manifest(path))
+
+
+@pytest.mark.parametrize("n_jobs, tasks", [(-1, 10), (1, 10), (8, 3), (2, 1)])
+def test_thread_budget_never_oversubscribes(n_jobs, tasks, monkeypatch):
+    monkeypatch.setattr("atlasseg.pipeline.available_cores", lambda: 4)
+    jobs, threads = thread_budget(ParallelConfig(n_jobs=n_jobs), tasks)
+    assert 1 <= jobs <= min(tasks, 4) and jobs * threads <= 4
+    assert jobs == (1 if n_jobs == 1 else min(4, tasks, 4 if n_jobs == -1 else n_jobs))
