@@ -143,7 +143,7 @@ class NonrigidConfig:
     """
 
     enabled: bool = True
-    grid_spacing: float = 12.0
+    grid_spacing: float = 6.0
     metric: Literal["ncc", "mse"] = "ncc"
     shrink_factors: tuple[int, ...] = (2, 1)
     smoothing_sigmas: tuple[float, ...] = (1.0, 0.0)
@@ -195,15 +195,29 @@ class PropagationConfig:
 
 @dataclass(frozen=True)
 class FusionConfig:
-    """How candidates become one segmentation.
+    """How candidates become one segmentation: a weighted vote per voxel.
 
     Parameters
     ----------
     method : str
-        ``majority`` (majority vote; a tie goes to the smallest label value).
+        ``majority`` (every candidate weighs 1), ``global_weighted`` (one weight per
+        candidate: inverse mean squared intensity difference to the target) or
+        ``local_weighted`` (a weight per voxel: that difference averaged in a
+        Gaussian window). A tie goes to the smallest label value.
+    gain : float
+        Power applied to the inverse squared difference; larger trusts the
+        best-matching atlas more. Weighted methods only.
+    sigma : float, mm
+        Gaussian window of ``local_weighted``.
     """
 
-    method: Literal["majority"] = "majority"
+    method: Literal["majority", "global_weighted", "local_weighted"] = "majority"
+    gain: float = 1.0
+    sigma: float = 2.0
+
+    def __post_init__(self):
+        _require(self.gain >= 0, "gain", "must be >= 0")
+        _require(self.sigma > 0, "sigma", "must be > 0 (mm)")
 
 
 @dataclass(frozen=True)
@@ -252,10 +266,13 @@ class OutputConfig:
         Output folder (relative to the working directory) unless ``--out`` is given.
     save_transforms : bool
         Also write each atlas's composed transform as ``<target>/transforms/<atlas>.h5``.
+    probability_maps : bool
+        Also write ``<target>/probability_<label>.nii.gz``: each label's share of the vote.
     """
 
     dir: str = "atlasseg-out"
     save_transforms: bool = False
+    probability_maps: bool = False
 
 
 @dataclass(frozen=True)

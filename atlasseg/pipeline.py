@@ -7,6 +7,7 @@ parallel workers read their own images and build their own filters.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import logging
@@ -24,7 +25,7 @@ from . import __version__
 from .config import Config, ParallelConfig, RegistrationConfig
 from .errors import AtlassegError, ImageError, RegistrationError
 from .evaluation import dice_per_label, mean_score
-from .fusion import make_fuser
+from .fusion import WeightedVote
 from .imageio import (
     atomic_write_text,
     check_same_grid,
@@ -35,7 +36,7 @@ from .imageio import (
     write_image,
 )
 from .manifest import Atlas, Manifest, Target
-from .propagation import propagate_labels
+from .propagation import propagate_intensities, propagate_labels
 from .registration import register_affine, register_bspline
 from .selection import score_atlas, select_top
 
@@ -177,7 +178,7 @@ def segment_target(target: Target, atlases: list[Atlas], config: Config, *, out_
         raise RegistrationError(f"target {target.id}: every atlas registration failed; see run.json for the reasons")
 
     # Propagate and fuse, one candidate at a time.
-    fuser = make_fuser(config.fusion.method, reference)
+    fuser = WeightedVote(normalize_intensity(reference, method=config.registration.normalization), config=config.fusion)
     seconds["propagation"] = seconds["fusion"] = 0.0
     by_id = {a.id: a for a in atlases}
     for aid in used:
@@ -185,12 +186,17 @@ def segment_target(target: Target, atlases: list[Atlas], config: Config, *, out_
         candidate = propagate_labels(
             read_labels(by_id[aid].labels), transforms[aid], reference, interpolator=config.propagation.interpolator
         )
+        intensities = None
+        if fuser.needs_intensities:
+            atlas_image = _load_normalized(by_id[aid].image, config.registration.normalization)
+            intensities = propagate_intensities(atlas_image, transforms[aid], reference)
         seconds["propagation"] += time.perf_counter() - clock
         clock = time.perf_counter()
-        fuser.add(candidate)
+        fuser.add(candidate, intensities)
         seconds["fusion"] += time.perf_counter() - clock
     clock = time.perf_counter()
     segmentation = fuser.result()
+    probabilities = fuser.probabilities() if config.output.probability_maps else {}
     seconds["fusion"] += time.perf_counter() - clock
 
     scores_out = None
@@ -205,6 +211,9 @@ def segment_target(target: Target, atlases: list[Atlas], config: Config, *, out_
     target_dir = out_dir / target.id
     seg_path = target_dir / "segmentation.nii.gz"
     write_image(segmentation, seg_path)
+    for value, probability in probabilities.items():
+        if value:
+            write_image(probability, target_dir / f"probability_{value}.nii.gz")
     if config.output.save_transforms:
         for aid in used:
             _write_transform(transforms[aid], target_dir / "transforms" / f"{aid}.h5")
@@ -216,7 +225,7 @@ def segment_target(target: Target, atlases: list[Atlas], config: Config, *, out_
         "selected": used,
         "dropped": dropped,
         "registrations": records,
-        "fusion": {"method": config.fusion.method, "candidates": fuser.n_candidates},
+        "fusion": {**dataclasses.asdict(config.fusion), "candidates": fuser.n_candidates},
         "seconds": {k: round(v, 3) for k, v in seconds.items()},
     }
     if scores_out is not None:

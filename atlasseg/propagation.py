@@ -1,4 +1,4 @@
-"""Carrying atlas labels into target space."""
+"""Carrying atlas labels (and intensities) into target space."""
 
 from __future__ import annotations
 
@@ -17,3 +17,8 @@ def propagate_labels(
     """
     return sitk.Resample(labels, reference, transform, _LABEL_INTERPOLATORS[interpolator], 0, labels.GetPixelID())
 
+
+
+def propagate_intensities(image: sitk.Image, transform: sitk.Transform, reference: sitk.Image) -> sitk.Image:
+    """Resample an intensity image onto ``reference``'s grid with linear interpolation (float32)."""
+    return sitk.Resample(image, reference, transform, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
