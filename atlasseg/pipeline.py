@@ -141,6 +141,7 @@ class TargetResult:
 def segment_target(target: Target, atlases: list[Atlas], config: Config, *, out_dir: Path, label_names: dict[int, str]):
     """Segment one target with the given atlases; write ``<out>/<target>/segmentation.nii.gz``."""
     seconds: dict[str, float] = {}
+    by_id = {a.id: a for a in atlases}
     clock = time.perf_counter()
     reference = read_image(target.image)
     truth = read_labels(target.labels) if target.labels is not None else None
@@ -161,7 +162,6 @@ def segment_target(target: Target, atlases: list[Atlas], config: Config, *, out_
     records = {aid: ok[aid][1] for aid in selected}
     if config.registration.nonrigid.enabled and selected:
         clock = time.perf_counter()
-        by_id = {a.id: a for a in atlases}
         tasks = [(target.image, by_id[aid], transforms[aid], config.registration) for aid in selected]
         for aid, tx, result in _parallel_map(_nonrigid_job, tasks, config.parallel):
             if tx is None:
@@ -180,7 +180,6 @@ def segment_target(target: Target, atlases: list[Atlas], config: Config, *, out_
     # Propagate and fuse, one candidate at a time.
     fuser = WeightedVote(normalize_intensity(reference, method=config.registration.normalization), config=config.fusion)
     seconds["propagation"] = seconds["fusion"] = 0.0
-    by_id = {a.id: a for a in atlases}
     for aid in used:
         clock = time.perf_counter()
         candidate = propagate_labels(
