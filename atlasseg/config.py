@@ -203,7 +203,8 @@ class FusionConfig:
         ``majority`` (every candidate weighs 1), ``global_weighted`` (one weight per
         candidate: inverse mean squared intensity difference to the target) or
         ``local_weighted`` (a weight per voxel: that difference averaged in a
-        Gaussian window). A tie goes to the smallest label value.
+        Gaussian window; the default, best on MSD hippocampus and the demo).
+        A tie goes to the smallest label value.
     gain : float
         Power applied to the inverse squared difference; larger trusts the
         best-matching atlas more. Weighted methods only.
@@ -211,7 +212,7 @@ class FusionConfig:
         Gaussian window of ``local_weighted``.
     """
 
-    method: Literal["majority", "global_weighted", "local_weighted"] = "majority"
+    method: Literal["majority", "global_weighted", "local_weighted"] = "local_weighted"
     gain: float = 1.0
     sigma: float = 2.0
 

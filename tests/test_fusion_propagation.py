@@ -8,6 +8,8 @@ from atlasseg.fusion import WeightedVote
 from atlasseg.propagation import propagate_labels
 from conftest import phantom, rigid
 
+MAJORITY = FusionConfig(method="majority")
+
 
 def labels(array, dtype=np.uint8) -> sitk.Image:
     image = sitk.GetImageFromArray(np.asarray(array, dtype=dtype))
@@ -18,7 +20,7 @@ def labels(array, dtype=np.uint8) -> sitk.Image:
 
 def test_majority_of_three_against_two():
     a, b = np.ones((4, 4)), np.full((4, 4), 2)
-    fuser = WeightedVote(labels(a), config=FusionConfig())
+    fuser = WeightedVote(labels(a), config=MAJORITY)
     for candidate in (a, a, a, b, b):
         fuser.add(labels(candidate))
     result = fuser.result()
@@ -30,7 +32,7 @@ def test_majority_of_three_against_two():
 def test_ties_go_to_the_smallest_label_whatever_the_order():
     a, b = np.full((3, 3), 7), np.full((3, 3), 3)
     for order in ((a, b), (b, a)):
-        fuser = WeightedVote(labels(a), config=FusionConfig())
+        fuser = WeightedVote(labels(a), config=MAJORITY)
         for candidate in order:
             fuser.add(labels(candidate))
         assert (sitk.GetArrayFromImage(fuser.result()) == 3).all()
@@ -38,7 +40,7 @@ def test_ties_go_to_the_smallest_label_whatever_the_order():
 
 def test_large_label_values_and_types_survive():
     a = np.array([[0, 300], [1000, 65000]])
-    fuser = WeightedVote(labels(a, np.uint16), config=FusionConfig())
+    fuser = WeightedVote(labels(a, np.uint16), config=MAJORITY)
     fuser.add(labels(a, np.uint16))
     fuser.add(labels(a, np.uint16))
     fuser.add(labels(np.zeros((2, 2)), np.uint8))
@@ -48,7 +50,7 @@ def test_large_label_values_and_types_survive():
 
 
 def test_fusion_refuses_candidates_off_the_target_grid():
-    fuser = WeightedVote(labels(np.zeros((3, 3))), config=FusionConfig())
+    fuser = WeightedVote(labels(np.zeros((3, 3))), config=MAJORITY)
     with pytest.raises(AtlassegError, match="target grid"):
         fuser.add(sitk.GetImageFromArray(np.zeros((3, 3), np.uint8)))
     with pytest.raises(AtlassegError, match="no candidates"):
@@ -70,7 +72,7 @@ def test_global_weights_let_one_good_atlas_outvote_two_poor_ones():
     for _ in range(2):
         fuser.add(labels(np.ones((8, 8))), intensities(rng.uniform(size=(8, 8))))
     assert (sitk.GetArrayFromImage(fuser.result()) == 2).all()
-    majority = WeightedVote(intensities(target), config=FusionConfig())
+    majority = WeightedVote(intensities(target), config=MAJORITY)
     for value in (2, 1, 1):
         majority.add(labels(np.full((8, 8), value)))
     assert (sitk.GetArrayFromImage(majority.result()) == 1).all()
