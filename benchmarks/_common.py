@@ -9,14 +9,15 @@ from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
-# Identity transforms and every atlas: the labels as they are, resampled onto the target grid.
+# Identity transforms, every atlas, majority vote: the labels as they are, resampled onto the target grid.
 NO_REGISTRATION = [
     "selection.k=all",
     "registration.affine.initialization=none",
     "registration.affine.stages=[]",
     "registration.nonrigid.enabled=false",
+    "fusion.method=majority",
 ]
-AFFINE_ONLY = ["registration.nonrigid.enabled=false"]
+AFFINE_ONLY = ["registration.nonrigid.enabled=false", "fusion.method=majority"]
 
 
 def summarise(results) -> dict:

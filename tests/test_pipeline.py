@@ -19,6 +19,7 @@ NO_REGISTRATION = [
     "registration.affine.initialization=none",
     "registration.affine.stages=[]",
     "registration.nonrigid.enabled=false",
+    "fusion.method=majority",
 ]
 
 
