@@ -59,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("prediction", help="segmentation (label map)")
     p.add_argument("truth", help="ground-truth label map on the same grid")
     p.add_argument("--labels", nargs="+", metavar="VALUE[=NAME]", help="labels to score (default: all non-zero values)")
+    p.add_argument("--out", help="also write metrics.csv and metrics.json into this folder")
     p.set_defaults(func=cmd_evaluate)
     return parser
 
@@ -154,17 +155,29 @@ def cmd_demo(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from .evaluation import dice_per_label, mean_score
-    from .imageio import read_labels
+    import json
 
-    names = _label_args(args.labels)
-    scores = dice_per_label(read_labels(args.prediction), read_labels(args.truth), labels=sorted(names) if names else None)
-    names = names or {}
-    width = max([5] + [len(names.get(v) or str(v)) for v in scores])
-    print(f"{'label'.ljust(width)}  dice")
-    for value, score in scores.items():
-        print(f"{(names.get(value) or str(value)).ljust(width)}  {'-' if math.isnan(score) else f'{score:.4f}'}")
-    print(f"{'mean'.ljust(width)}  {mean_score(scores):.4f}")
+    from .config import EvaluationConfig
+    from .evaluation import evaluate, header, rows
+    from .imageio import atomic_write_text, read_labels
+    from .pipeline import write_table
+
+    names = _label_args(args.labels) or {}
+    metrics = EvaluationConfig().metrics
+    scores = evaluate(read_labels(args.prediction), read_labels(args.truth), labels=sorted(names) or None, metrics=metrics)
+    head = header(metrics)[1:]
+    table = [row[1:] for row in rows("", scores, names, metrics)]
+    cells = [head] + [[str(c) if not isinstance(c, float) else ("-" if math.isnan(c) else f"{c:.4f}") for c in row] for row in table]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(head))]
+    for row in cells:
+        print("  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
+    if args.out:
+        out = Path(args.out)
+        write_table(out / "metrics.csv", header(metrics), rows(Path(args.prediction).name, scores, names, metrics))
+        plain = {str(v): {m: (None if math.isnan(x) else x) for m, x in s.items()} for v, s in scores.items()}
+        document = {"prediction": str(args.prediction), "truth": str(args.truth), "scores": plain}
+        atomic_write_text(out / "metrics.json", json.dumps(document, indent=2) + "\n")
+        print(f"\nwritten {out / 'metrics.csv'} and {out / 'metrics.json'}")
     return 0
 
 

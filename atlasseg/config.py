@@ -226,10 +226,13 @@ class EvaluationConfig:
     Parameters
     ----------
     metrics : list of str
-        ``dice`` per label and their mean.
+        Per label: ``dice``, ``jaccard``, ``hd95`` (mm), ``assd`` (mm),
+        ``volume_difference`` (ml); Dice is always computed.
     """
 
-    metrics: tuple[Literal["dice"], ...] = ("dice",)
+    metrics: tuple[Literal["dice", "jaccard", "hd95", "assd", "volume_difference"], ...] = (
+        "dice", "jaccard", "hd95", "assd", "volume_difference",
+    )
 
 
 @dataclass(frozen=True)

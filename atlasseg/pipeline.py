@@ -24,7 +24,7 @@ from joblib import Parallel, delayed
 from . import __version__
 from .config import Config, ParallelConfig, RegistrationConfig
 from .errors import AtlassegError, ImageError, RegistrationError
-from .evaluation import dice_per_label, mean_score
+from .evaluation import evaluate, header, mean_score, rows
 from .fusion import WeightedVote
 from .imageio import (
     atomic_write_text,
@@ -130,12 +130,16 @@ class TargetResult:
 
     target_id: str
     segmentation: Path
-    dice: dict[int, float] | None
+    scores: dict[int, dict[str, float]] | None  # label value → metric → value (with ground truth)
     record: dict = field(repr=False)
 
     @property
+    def dice(self) -> dict[int, float] | None:
+        return None if self.scores is None else {label: s["dice"] for label, s in self.scores.items()}
+
+    @property
     def mean_dice(self) -> float | None:
-        return None if self.dice is None else mean_score(self.dice)
+        return None if self.scores is None else mean_score(self.dice)
 
 
 def segment_target(target: Target, atlases: list[Atlas], config: Config, *, out_dir: Path, label_names: dict[int, str]):
@@ -203,7 +207,7 @@ def segment_target(target: Target, atlases: list[Atlas], config: Config, *, out_
         clock = time.perf_counter()
         check_same_grid(reference, truth, image_path=target.image, labels_path=target.labels)
         labels = sorted(label_names) or None
-        scores_out = dice_per_label(segmentation, truth, labels=labels)
+        scores_out = evaluate(segmentation, truth, labels=labels, metrics=evaluation_metrics(config))
         seconds["evaluation"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
@@ -228,8 +232,8 @@ def segment_target(target: Target, atlases: list[Atlas], config: Config, *, out_
         "seconds": {k: round(v, 3) for k, v in seconds.items()},
     }
     if scores_out is not None:
-        record["dice"] = {str(k): _json_float(v) for k, v in scores_out.items()}
-        record["mean_dice"] = _json_float(mean_score(scores_out))
+        record["scores"] = {str(k): {m: _json_float(v) for m, v in s.items()} for k, s in scores_out.items()}
+        record["mean_dice"] = _json_float(mean_score({k: s["dice"] for k, s in scores_out.items()}))
     return TargetResult(target.id, seg_path, scores_out, record)
 
 
@@ -279,7 +283,7 @@ def run(config: Config, manifest: Manifest, *, out_dir: str | Path | None = None
         results.append(result)
         if result.dice is not None:
             log.info("target %s: mean Dice %.3f", target.id, result.mean_dice)
-    write_metrics(out / "metrics.csv", results, manifest.label_names)
+    write_metrics(out / "metrics.csv", results, manifest.label_names, evaluation_metrics(config))
     run_record = {
         "versions": versions(),
         "config": config.to_dict(),
@@ -291,17 +295,23 @@ def run(config: Config, manifest: Manifest, *, out_dir: str | Path | None = None
     return results
 
 
-def write_metrics(path: Path, results: list[TargetResult], label_names: dict[int, str]) -> None:
+def evaluation_metrics(config: Config) -> tuple[str, ...]:
+    """The configured metrics, Dice always first (the run's summary is the Dice table)."""
+    return tuple(dict.fromkeys(("dice", *config.evaluation.metrics)))
+
+
+def write_metrics(path: Path, results: list[TargetResult], label_names: dict[int, str], metrics) -> None:
     """``metrics.csv``: one row per target and label, plus the target's mean."""
+    table = [row for r in results if r.scores is not None for row in rows(r.target_id, r.scores, label_names, metrics)]
+    write_table(path, header(metrics), table)
+
+
+def write_table(path: Path, head: list[str], table: list[list]) -> None:
+    """Write a CSV atomically; floats with 6 decimals, NaN as an empty cell."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["target", "label", "name", "dice"])
-    for result in results:
-        if result.dice is None:
-            continue
-        for label, value in result.dice.items():
-            writer.writerow([result.target_id, label, label_names.get(label, ""), _csv_float(value)])
-        writer.writerow([result.target_id, "mean", "", _csv_float(result.mean_dice)])
+    writer.writerow(head)
+    writer.writerows([[_csv_float(v) if isinstance(v, float) else v for v in row] for row in table])
     atomic_write_text(path, buffer.getvalue())
 
 

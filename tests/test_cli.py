@@ -60,8 +60,12 @@ def test_evaluate_prints_exact_dice(tmp_path, capsys):
     b[:, 2:8] = 1
     sitk.WriteImage(sitk.GetImageFromArray(a), str(tmp_path / "a.nii.gz"))
     sitk.WriteImage(sitk.GetImageFromArray(b), str(tmp_path / "b.nii.gz"))
-    assert main(["evaluate", str(tmp_path / "a.nii.gz"), str(tmp_path / "b.nii.gz"), "--labels", "1=organ"]) == 0
-    assert "organ  0.4000" in capsys.readouterr().out
+    argv = ["evaluate", str(tmp_path / "a.nii.gz"), str(tmp_path / "b.nii.gz"), "--labels", "1=organ", "--out", str(tmp_path / "ev")]
+    assert main(argv) == 0
+    assert "organ  0.4000   0.2500" in capsys.readouterr().out  # Dice 40/100·2, Jaccard 20/80
+    row = (tmp_path / "ev" / "metrics.csv").read_text().splitlines()[1].split(",")
+    assert row[1:5] == ["1", "organ", "0.400000", "0.250000"]
+    assert json.loads((tmp_path / "ev" / "metrics.json").read_text())["scores"]["1"]["dice"] == 0.4
 
 
 def test_demo_command_and_module_entry_point(tmp_path):

@@ -5,7 +5,7 @@ import pytest
 import SimpleITK as sitk
 
 from atlasseg.errors import ImageError
-from atlasseg.evaluation import dice, dice_per_label, mean_score
+from atlasseg.evaluation import dice, dice_per_label, evaluate, mean_score
 
 
 def image(array) -> sitk.Image:
@@ -42,3 +42,37 @@ def test_different_grids_are_refused():
     b.SetSpacing((2.0, 1.0))
     with pytest.raises(ImageError, match="different grids"):
         dice_per_label(a, b)
+
+
+def ball(dim: int, size: int, centre, radius: float) -> np.ndarray:
+    grid = np.indices((size,) * dim).astype(float)
+    return sum((g - c) ** 2 for g, c in zip(grid, centre)) <= radius**2
+
+
+@pytest.mark.parametrize("dim", [2, 3])
+def test_surface_distances_of_offset_balls_equal_the_offset(dim):
+    """Two balls of equal radius shifted by 4 voxels along one axis (2.5 mm voxels there): HD95 ≈ 10 mm."""
+    size, offset = 40, 4
+    a = ball(dim, size, [20] * dim, 10)
+    b = ball(dim, size, [20 + offset] + [20] * (dim - 1), 10)
+    spacing = [2.5] + [1.0] * (dim - 1)  # numpy axis order: the shift is along the 2.5 mm axis
+    pred = sitk.GetImageFromArray(a.astype(np.uint8))
+    true = sitk.GetImageFromArray(b.astype(np.uint8))
+    for image in (pred, true):
+        image.SetSpacing(spacing[::-1])
+    scores = evaluate(pred, true, metrics=("hd95", "assd", "jaccard", "volume_difference"))[1]
+    assert abs(scores["hd95"] - offset * 2.5) <= 2.5  # within a voxel of the offset
+    assert 0 < scores["assd"] < scores["hd95"]
+    assert scores["jaccard"] == pytest.approx((a & b).sum() / (a | b).sum())
+    assert scores["volume_difference"] == pytest.approx((a.sum() - b.sum()) * 2.5 / 1000)
+
+
+def test_identical_masks_have_zero_distance_and_missing_labels_are_documented():
+    a = np.zeros((12, 12), np.uint8)
+    a[3:8, 3:8] = 1
+    b = a.copy()
+    b[10, 10] = 2  # label 2 only in the truth
+    scores = evaluate(image(a), image(b), labels=[1, 2, 3], metrics=("dice", "hd95", "assd", "volume_difference"))
+    assert scores[1] == {"dice": 1.0, "hd95": 0.0, "assd": 0.0, "volume_difference": 0.0}
+    assert scores[2]["dice"] == 0.0 and math.isnan(scores[2]["hd95"]) and math.isnan(scores[2]["assd"])
+    assert all(math.isnan(v) for v in scores[3].values())
