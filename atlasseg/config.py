@@ -201,20 +201,33 @@ class FusionConfig:
         ``majority`` (every candidate weighs 1), ``global_weighted`` (one weight per
         candidate: inverse mean squared intensity difference to the target) or
         ``local_weighted`` (a weight per voxel: that difference averaged in a
-        Gaussian window; the default, best on MSD hippocampus and the demo).
+        Gaussian window; the default, best on MSD hippocampus and the demo) or
+        ``jlf`` (joint label fusion, Wang et al. 2013).
         A tie goes to the smallest label value.
     gain : float
         Power applied to the inverse squared difference; larger trusts the
         best-matching atlas more. Weighted methods only.
     sigma : float, mm
         Gaussian window of ``local_weighted``.
+    patch_radius : int, voxels
+        ``jlf``: radius of the patch whose intensity differences give the weights.
+    alpha : float
+        ``jlf``: ridge added to the error matrix (larger is closer to an equal vote).
+    beta : float
+        ``jlf``: power applied to the patch differences.
     """
 
-    method: Literal["majority", "global_weighted", "local_weighted"] = "local_weighted"
+    method: Literal["majority", "global_weighted", "local_weighted", "jlf"] = "local_weighted"
     gain: float = 1.0
     sigma: float = 2.0
+    patch_radius: int = 2
+    alpha: float = 0.1
+    beta: float = 2.0
 
     def __post_init__(self):
+        _require(self.patch_radius >= 0, "patch_radius", "must be >= 0 (voxels)")
+        _require(self.alpha > 0, "alpha", "must be > 0")
+        _require(self.beta > 0, "beta", "must be > 0")
         _require(self.gain >= 0, "gain", "must be >= 0")
         _require(self.sigma > 0, "sigma", "must be > 0 (mm)")
 

@@ -25,7 +25,7 @@ from . import __version__
 from .config import Config, ParallelConfig, RegistrationConfig
 from .errors import AtlassegError, ImageError, RegistrationError
 from .evaluation import evaluate, header, mean_score, rows
-from .fusion import WeightedVote
+from .fusion import make_fuser
 from .imageio import (
     atomic_write_text,
     check_same_grid,
@@ -182,7 +182,7 @@ def segment_target(target: Target, atlases: list[Atlas], config: Config, *, out_
         raise RegistrationError(f"target {target.id}: every atlas registration failed; see run.json for the reasons")
 
     # Propagate and fuse, one candidate at a time.
-    fuser = WeightedVote(normalize_intensity(reference, method=config.registration.normalization), config=config.fusion)
+    fuser = make_fuser(normalize_intensity(reference, method=config.registration.normalization), config=config.fusion)
     seconds["propagation"] = seconds["fusion"] = 0.0
     for aid in used:
         clock = time.perf_counter()

@@ -4,7 +4,7 @@ import SimpleITK as sitk
 
 from atlasseg.errors import AtlassegError
 from atlasseg.config import FusionConfig
-from atlasseg.fusion import WeightedVote
+from atlasseg.fusion import WeightedVote, make_fuser
 from atlasseg.propagation import propagate_labels
 from conftest import phantom, rigid
 
@@ -93,17 +93,40 @@ def test_local_weights_choose_the_locally_matching_atlas():
     assert (result[:, :15] == 3).all() and (result[:, 25:] == 4).all()
 
 
+@pytest.mark.parametrize("shape", [(24, 24), (10, 12, 14)])
+def test_jlf_follows_the_atlas_identical_to_the_target(shape):
+    """One atlas equals the target; three others have wrong labels and noisy intensities
+    that outvote it in a majority vote: joint label fusion must reproduce the good atlas."""
+    rng = np.random.default_rng(3)
+    target = rng.uniform(size=shape).astype(np.float32)
+    truth = rng.integers(0, 3, size=shape)
+
+    def image(array, dtype):
+        out = sitk.GetImageFromArray(np.asarray(array, dtype=dtype))
+        return out
+
+    fuser = make_fuser(image(target, np.float32), config=FusionConfig(method="jlf"))
+    majority = make_fuser(image(target, np.float32), config=MAJORITY)
+    wrong = (truth + 1) % 3
+    candidates = [(truth, target)] + [(wrong, target + rng.normal(0, 0.3, size=shape)) for _ in range(3)]
+    for labels_array, intensity in candidates:
+        fuser.add(image(labels_array, np.uint8), image(intensity, np.float32))
+        majority.add(image(labels_array, np.uint8))
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(fuser.result()), truth)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(majority.result()), wrong)
+
+
 def test_weighted_fusion_needs_intensities():
     fuser = WeightedVote(intensities(np.zeros((3, 3))), config=FusionConfig(method="local_weighted"))
     with pytest.raises(AtlassegError, match="needs the warped atlas intensities"):
         fuser.add(labels(np.zeros((3, 3))))
 
 
-@pytest.mark.parametrize("method", ["majority", "global_weighted", "local_weighted"])
+@pytest.mark.parametrize("method", ["majority", "global_weighted", "local_weighted", "jlf"])
 def test_probabilities_sum_to_one(method):
     rng = np.random.default_rng(1)
     target = rng.uniform(size=(6, 6))
-    fuser = WeightedVote(intensities(target), config=FusionConfig(method=method))
+    fuser = make_fuser(intensities(target), config=FusionConfig(method=method))
     for _ in range(5):
         fuser.add(labels(rng.integers(0, 4, size=(6, 6))), intensities(rng.uniform(size=(6, 6))))
     maps = fuser.probabilities()
