@@ -1,4 +1,4 @@
-"""Pieces shared by the registration stages: metric registry, pyramid driver, records."""
+"""Registration helpers: the ITK metric registry and pyramid driver of the affine stage, result checks."""
 
 from __future__ import annotations
 

@@ -278,8 +278,6 @@ def register_bspline(
     mesh = _coarse_mesh(fixed, grid_spacing=config.grid_spacing, levels=n_levels)
     grid = _ControlGrid.over(fixed, mesh)
     coefficients = np.zeros((dim,) + grid.size[::-1])
-    full = _Level(fixed, moving, initial, grid, shrink=1, sigma=0.0, metric=config.metric, sampling=1.0, seed=seed)
-    before = full(coefficients.ravel(), coefficients.shape)[0]
     levels = []
     for level, (shrink, sigma) in enumerate(zip(config.shrink_factors, config.smoothing_sigmas)):
         if level:
@@ -301,8 +299,9 @@ def register_bspline(
             "iterations": int(result.nit), "evaluations": int(result.nfev), "metric": float(result.fun),
             "stop_condition": str(result.message), "seconds": round(time.perf_counter() - level_start, 3),
         })
-    full_grid = _Level(fixed, moving, initial, grid, shrink=1, sigma=0.0, metric=config.metric, sampling=1.0, seed=seed)
-    after = full_grid(coefficients.ravel(), coefficients.shape)[0]
+    full = _Level(fixed, moving, initial, grid, shrink=1, sigma=0.0, metric=config.metric, sampling=1.0, seed=seed)
+    before = full(np.zeros(coefficients.size), coefficients.shape)[0]  # the initial transform alone
+    after = full(coefficients.ravel(), coefficients.shape)[0]
     composite = sitk.CompositeTransform([initial, grid.transform(coefficients)])  # B-spline first, then initial
     if not transform_is_finite(composite):
         raise RegistrationError("non-rigid registration diverged: non-finite transform parameters")
