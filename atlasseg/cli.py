@@ -20,7 +20,7 @@ log = logging.getLogger("atlasseg")
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", help="YAML config file, or a preset name (default, demo)")
+    parser.add_argument("config", help="YAML config file, or a preset name (default, demo, baseline)")
     parser.add_argument("--manifest", default="data_manifest.yaml", help="data manifest (default: %(default)s)")
     parser.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",

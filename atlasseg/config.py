@@ -422,7 +422,7 @@ def _apply_override(data: dict, path: list[str], value, text: str) -> None:
     node[path[-1]] = value
 
 
-PRESETS = ("default", "demo")
+PRESETS = ("default", "demo", "baseline")
 
 
 # Installed wheels carry configs/ as atlasseg/configs/; a source checkout has it beside the package.

@@ -9,14 +9,6 @@ from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
-# Identity transforms, every atlas, majority vote: the labels as they are, resampled onto the target grid.
-NO_REGISTRATION = [
-    "selection.k=all",
-    "registration.affine.initialization=none",
-    "registration.affine.stages=[]",
-    "registration.nonrigid.enabled=false",
-    "fusion.method=majority",
-]
 AFFINE_ONLY = ["registration.nonrigid.enabled=false", "fusion.method=majority"]
 
 

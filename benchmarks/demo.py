@@ -15,7 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import AFFINE_ONLY, NO_REGISTRATION, summarise, write_json
+from _common import AFFINE_ONLY, summarise, write_json
 
 from atlasseg.config import load_config
 from atlasseg.demo import make_demo_dataset
@@ -33,8 +33,8 @@ def main() -> int:
             start = time.perf_counter()
             manifest = load_manifest(make_demo_dataset(Path(tmp) / f"data{dim}", dim=dim))
             generate = time.perf_counter() - start
-            for name, overrides in (("atlasseg", []), ("affine only", AFFINE_ONLY), ("no registration", NO_REGISTRATION)):
-                config = load_config("demo", overrides=overrides)
+            for name, preset, overrides in (("atlasseg", "demo", []), ("affine only", "demo", AFFINE_ONLY), ("no registration", "baseline", [])):
+                config = load_config(preset, overrides=overrides)
                 times = []
                 for repeat in range(args.repeats):
                     start = time.perf_counter()

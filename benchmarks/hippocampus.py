@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import yaml
-from _common import AFFINE_ONLY, NO_REGISTRATION, summarise, write_json
+from _common import AFFINE_ONLY, summarise, write_json
 
 from atlasseg.config import load_config
 from atlasseg.fusion import METHODS
@@ -57,9 +57,9 @@ def main() -> int:
         manifest = load_manifest(write_manifest(Path(tmp), cases=args.cases, targets=args.targets, offset=args.offset))
         print(f"{len(manifest.atlases)} atlases, {len(manifest.targets)} targets")
         print(f"{'method':26} {'mean Dice':>9} {'anterior':>9} {'posterior':>9} {'s/target':>9}")
-        methods = [(f"atlasseg {m}", [f"fusion.method={m}"]) for m in METHODS]
-        for name, overrides in methods + [("affine only", AFFINE_ONLY), ("no registration", NO_REGISTRATION)]:
-            config = load_config("default", overrides=overrides + args.overrides)
+        methods = [(f"atlasseg {m}", "default", [f"fusion.method={m}"]) for m in METHODS]
+        for name, preset, overrides in methods + [("affine only", "default", AFFINE_ONLY), ("no registration", "baseline", [])]:
+            config = load_config(preset, overrides=overrides + args.overrides)
             start = time.perf_counter()
             results = run(config, manifest, out_dir=Path(tmp) / name.replace(" ", "_"))
             per_target = (time.perf_counter() - start) / len(results)

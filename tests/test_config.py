@@ -24,6 +24,9 @@ def test_presets_load_and_resolve_by_name():
     demo = load_config("demo")
     assert demo.selection.k == 5
     assert demo.registration.affine.stages == ("rigid", "affine")  # untouched keys keep the defaults
+    baseline = load_config("baseline")
+    assert baseline.registration.affine.stages == () and not baseline.registration.nonrigid.enabled
+    assert baseline.registration.affine.initialization == "none" and baseline.fusion.method == "majority"
 
 
 @pytest.mark.parametrize(

@@ -14,15 +14,6 @@ from atlasseg.manifest import load_manifest
 from atlasseg.pipeline import check_inputs, run, thread_budget
 from atlasseg.config import ParallelConfig
 
-NO_REGISTRATION = [
-    "selection.k=all",
-    "registration.affine.initialization=none",
-    "registration.affine.stages=[]",
-    "registration.nonrigid.enabled=false",
-    "fusion.method=majority",
-]
-
-
 @pytest.fixture(scope="module")
 def demo2d(tmp_path_factory):
     return load_manifest(make_demo_dataset(tmp_path_factory.mktemp("demo2d") / "data", dim=2, seed=1))
@@ -34,7 +25,7 @@ def mean_dice(results) -> float:
 
 def test_pipeline_beats_no_registration_baseline(demo2d, tmp_path):
     results = run(load_config("demo"), demo2d, out_dir=tmp_path / "run")
-    baseline = run(load_config("demo", overrides=NO_REGISTRATION), demo2d, out_dir=tmp_path / "baseline")
+    baseline = run(load_config("baseline"), demo2d, out_dir=tmp_path / "baseline")
     assert mean_dice(results) >= 0.80
     assert mean_dice(results) >= mean_dice(baseline) + 0.15
 
@@ -81,7 +72,7 @@ def test_an_image_is_never_its_own_atlas(demo2d, tmp_path):
     path = demo2d.path.with_name("loo.yaml")
     path.write_text(text)
     manifest = load_manifest(path)
-    (result,) = run(load_config("demo", overrides=NO_REGISTRATION), manifest, out_dir=tmp_path, target_ids=["case_001"])
+    (result,) = run(load_config("baseline"), manifest, out_dir=tmp_path, target_ids=["case_001"])
     assert "case_001" not in result.record["selected"]
     assert result.mean_dice < 0.99
 
