@@ -232,8 +232,8 @@ def segment_target(target: Target, atlases: list[Atlas], config: Config, *, out_
         "seconds": {k: round(v, 3) for k, v in seconds.items()},
     }
     if scores_out is not None:
-        record["scores"] = {str(k): {m: _json_float(v) for m, v in s.items()} for k, s in scores_out.items()}
-        record["mean_dice"] = _json_float(mean_score({k: s["dice"] for k, s in scores_out.items()}))
+        record["scores"] = {str(k): s for k, s in scores_out.items()}
+        record["mean_dice"] = mean_score({k: s["dice"] for k, s in scores_out.items()})
     return TargetResult(target.id, seg_path, scores_out, record)
 
 
@@ -244,8 +244,15 @@ def _write_transform(transform: sitk.Transform, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _json_float(value: float):
-    return None if value is None or math.isnan(value) else round(float(value), 6)
+def _json_safe(value):
+    """``value`` with NaN and infinities as ``None``: run.json stays strict JSON."""
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
 
 
 # --------------------------------------------------------------------------- a whole run
@@ -291,7 +298,7 @@ def run(config: Config, manifest: Manifest, *, out_dir: str | Path | None = None
         "seconds_total": round(time.perf_counter() - start, 3),
         "targets": {r.target_id: r.record for r in results},
     }
-    atomic_write_text(out / "run.json", json.dumps(run_record, indent=2) + "\n")
+    atomic_write_text(out / "run.json", json.dumps(_json_safe(run_record), indent=2, allow_nan=False) + "\n")
     return results
 
 

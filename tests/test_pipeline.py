@@ -47,7 +47,7 @@ def test_outputs_keep_target_geometry_and_are_complete(demo2d, tmp_path):
     rows = list(csv.DictReader(open(tmp_path / "metrics.csv")))
     assert {r["target"] for r in rows} == {t.id for t in demo2d.targets}
     assert {r["name"] for r in rows if r["label"] != "mean"} == set(demo2d.label_names.values())
-    record = json.loads((tmp_path / "run.json").read_text())
+    record = json.loads((tmp_path / "run.json").read_text(), parse_constant=pytest.fail)  # strict JSON: no NaN
     assert record["config"]["selection"]["k"] == 3
     assert "SimpleITK" in record["versions"]
     target = record["targets"][demo2d.targets[0].id]
@@ -69,12 +69,15 @@ def test_3d_end_to_end_with_anisotropic_subjects(tmp_path):
 def test_an_image_is_never_its_own_atlas(demo2d, tmp_path):
     """A target listed among the atlases (same id) is left out of its own atlas set."""
     text = demo2d.path.read_text().replace("targets:", "targets:\n- {id: case_001, image: images/case_001.nii.gz, labels: labels/case_001.nii.gz}")
+    text = text.replace("5: band", "5: band, 9: ghost")  # declared but in no image: scores NaN
     path = demo2d.path.with_name("loo.yaml")
     path.write_text(text)
     manifest = load_manifest(path)
     (result,) = run(load_config("baseline"), manifest, out_dir=tmp_path, target_ids=["case_001"])
     assert "case_001" not in result.record["selected"]
     assert result.mean_dice < 0.99
+    record = json.loads((tmp_path / "run.json").read_text(), parse_constant=pytest.fail)  # NaN written as null
+    assert record["targets"]["case_001"]["scores"]["9"]["dice"] is None
 
 
 def test_label_map_on_another_grid_is_refused_before_any_work(demo2d, tmp_path):
