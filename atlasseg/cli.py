@@ -160,7 +160,7 @@ def cmd_evaluate(args) -> int:
     from .config import EvaluationConfig
     from .evaluation import evaluate, header, rows
     from .imageio import atomic_write_text, read_labels
-    from .pipeline import write_table
+    from .pipeline import json_safe, write_table
 
     names = _label_args(args.labels) or {}
     metrics = EvaluationConfig().metrics
@@ -174,9 +174,8 @@ def cmd_evaluate(args) -> int:
     if args.out:
         out = Path(args.out)
         write_table(out / "metrics.csv", header(metrics), rows(Path(args.prediction).name, scores, names, metrics))
-        plain = {str(v): {m: (None if math.isnan(x) else x) for m, x in s.items()} for v, s in scores.items()}
-        document = {"prediction": str(args.prediction), "truth": str(args.truth), "scores": plain}
-        atomic_write_text(out / "metrics.json", json.dumps(document, indent=2) + "\n")
+        document = {"prediction": str(args.prediction), "truth": str(args.truth), "scores": {str(v): s for v, s in scores.items()}}
+        atomic_write_text(out / "metrics.json", json.dumps(json_safe(document), indent=2, allow_nan=False) + "\n")
         print(f"\nwritten {out / 'metrics.csv'} and {out / 'metrics.json'}")
     return 0
 

@@ -37,10 +37,15 @@ def _require(condition: bool, name: str, message: str) -> None:
         raise _FieldError(name, message)
 
 
-def _positive_levels(obj, *names: str) -> None:
-    lengths = {len(getattr(obj, n)) for n in names}
-    _require(len(lengths) == 1, names[-1], f"{', '.join(names)} must have one entry per level")
-    _require(min(lengths) >= 1, names[0], "at least one level is needed")
+def _check_pyramid(stage) -> None:
+    """Checks shared by the registration stages: levels, iterations, metric sampling."""
+    _require(len(stage.shrink_factors) == len(stage.smoothing_sigmas), "smoothing_sigmas",
+             "shrink_factors, smoothing_sigmas must have one entry per level")
+    _require(len(stage.shrink_factors) >= 1, "shrink_factors", "at least one level is needed")
+    _require(all(s >= 1 for s in stage.shrink_factors), "shrink_factors", "must be >= 1")
+    _require(all(s >= 0 for s in stage.smoothing_sigmas), "smoothing_sigmas", "must be >= 0 (mm)")
+    _require(stage.iterations >= 1, "iterations", "must be >= 1")
+    _require(0 < stage.sampling_percentage <= 1, "sampling_percentage", "must be in (0, 1]")
 
 
 @dataclass(frozen=True)
@@ -107,12 +112,8 @@ class AffineConfig:
             _require(stage in AFFINE_STAGES, "stages", f"unknown stage {stage!r} (known: {', '.join(AFFINE_STAGES)})")
         order = [AFFINE_STAGES.index(s) for s in self.stages]
         _require(order == sorted(set(order)), "stages", "stages must go from less to more general, each once")
-        _positive_levels(self, "shrink_factors", "smoothing_sigmas")
-        _require(all(s >= 1 for s in self.shrink_factors), "shrink_factors", "must be >= 1")
-        _require(all(s >= 0 for s in self.smoothing_sigmas), "smoothing_sigmas", "must be >= 0 (mm)")
-        _require(self.iterations >= 1, "iterations", "must be >= 1")
+        _check_pyramid(self)
         _require(self.learning_rate > 0, "learning_rate", "must be > 0")
-        _require(0 < self.sampling_percentage <= 1, "sampling_percentage", "must be in (0, 1]")
 
 
 @dataclass(frozen=True)
@@ -152,11 +153,7 @@ class NonrigidConfig:
     def __post_init__(self):
         _require(self.regularization >= 0, "regularization", "must be >= 0")
         _require(self.grid_spacing > 0, "grid_spacing", "must be > 0 (mm)")
-        _positive_levels(self, "shrink_factors", "smoothing_sigmas")
-        _require(all(s >= 1 for s in self.shrink_factors), "shrink_factors", "must be >= 1")
-        _require(all(s >= 0 for s in self.smoothing_sigmas), "smoothing_sigmas", "must be >= 0 (mm)")
-        _require(self.iterations >= 1, "iterations", "must be >= 1")
-        _require(0 < self.sampling_percentage <= 1, "sampling_percentage", "must be in (0, 1]")
+        _check_pyramid(self)
 
 
 @dataclass(frozen=True)

@@ -244,12 +244,12 @@ def _write_transform(transform: sitk.Transform, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _json_safe(value):
+def json_safe(value):
     """``value`` with NaN and infinities as ``None``: run.json stays strict JSON."""
     if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
+        return {k: json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
+        return [json_safe(v) for v in value]
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
@@ -298,7 +298,7 @@ def run(config: Config, manifest: Manifest, *, out_dir: str | Path | None = None
         "seconds_total": round(time.perf_counter() - start, 3),
         "targets": {r.target_id: r.record for r in results},
     }
-    atomic_write_text(out / "run.json", json.dumps(_json_safe(run_record), indent=2, allow_nan=False) + "\n")
+    atomic_write_text(out / "run.json", json.dumps(json_safe(run_record), indent=2, allow_nan=False) + "\n")
     return results
 
 
