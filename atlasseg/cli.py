@@ -124,7 +124,7 @@ def cmd_validate(args) -> int:
     from .pipeline import check_inputs
 
     config, manifest = _load(args)
-    check_inputs(manifest)
+    check_inputs(manifest, config)
     print(
         f"ok: {args.config} and {manifest.path} ({len(manifest.atlases)} atlases, {len(manifest.targets)} targets, "
         f"k={config.selection.k}, fusion={config.fusion.method})"

@@ -61,14 +61,20 @@ class SelectionConfig:
     grid_spacing : float, mm
         Spacing of the coarse isotropic grid, in target space, on which atlases
         are compared after the affine stage.
+    min_atlases : int
+        Fewest atlases a target may be segmented with: when registrations fail or
+        diverge and fewer remain, the target fails with an error instead.
     """
 
     k: Union[int, Literal["all"]] = "all"
     metric: Literal["ncc"] = "ncc"
     grid_spacing: float = 3.0
+    min_atlases: int = 1
 
     def __post_init__(self):
         _require(self.k == "all" or self.k >= 1, "k", f"must be >= 1 or 'all', got {self.k}")
+        _require(self.min_atlases >= 1, "min_atlases", f"must be >= 1, got {self.min_atlases}")
+        _require(self.k == "all" or self.min_atlases <= self.k, "min_atlases", f"must be <= k ({self.k})")
         _require(self.grid_spacing > 0, "grid_spacing", "must be > 0 (mm)")
 
 
@@ -79,32 +85,45 @@ class AffineConfig:
     Parameters
     ----------
     initialization : str
-        ``geometry`` (align the image centres), ``moments`` (centres of mass) or
-        ``none`` (identity; only sensible for pre-aligned data).
+        ``geometry`` (image centres), ``moments`` (centres of mass and principal
+        axes), ``landmarks`` (a rigid fit of corresponding points given with the
+        images; see ``registration.landmarks``) or ``none`` (identity).
     stages : list of str
-        Transform chain, in order of generality, e.g. ``[rigid, affine]``; each
+        Chain run in order, from ``translation``, ``rigid``, ``similarity``, ``affine``; each
         stage starts from the previous one. Empty: the initialisation only.
     metric : str
-        ``mattes`` (Mattes mutual information), ``ncc``, ``mse``, ``ants_ncc``.
+        ``mattes`` (Mattes mutual information: for different contrasts), ``ncc``
+        (normalised correlation), ``mse`` (mean squares) or ``ants_ncc`` (ANTs
+        neighbourhood correlation). ITK's joint-histogram MI is not offered: its
+        gradient is wrong in the SimpleITK releases available (ITK issue 6570).
+    optimizer : str
+        ``regular_step`` (regular-step gradient descent), ``gradient_descent``
+        (gradient descent with a golden-section line search) or ``lbfgsb``.
     shrink_factors : list of int
-        Downsampling factor per pyramid level, coarse to fine.
+        Pyramid, coarse to fine.
     smoothing_sigmas : list of float, mm
         Gaussian smoothing per level.
     iterations : int
-        Maximum optimiser iterations per level.
-    learning_rate : float, mm
-        Initial step of regular-step gradient descent (largest physical shift).
+        Maximum optimiser iterations at every level.
+    learning_rate : float
+        ``regular_step``: the first step, in mm of the largest voxel shift (parameter
+        scales come from physical shift); ``gradient_descent``: the step the line search
+        explores up to 5 times. Never estimated behind the user's back. Unused by ``lbfgsb``.
+    sampling_strategy : str
+        Metric samples: ``random``, ``regular`` (a regular grid, randomly offset) or ``none`` (every voxel).
     sampling_percentage : float
-        Fraction of fixed-image voxels sampled for the metric (0, 1].
+        Fraction of voxels sampled by ``random``/``regular``.
     """
 
-    initialization: Literal["geometry", "moments", "none"] = "geometry"
+    initialization: Literal["geometry", "moments", "landmarks", "none"] = "geometry"
     stages: tuple[str, ...] = ("rigid", "affine")
     metric: Literal["mattes", "ncc", "mse", "ants_ncc"] = "mattes"
+    optimizer: Literal["regular_step", "gradient_descent", "lbfgsb"] = "regular_step"
     shrink_factors: tuple[int, ...] = (4, 2, 1)
     smoothing_sigmas: tuple[float, ...] = (2.0, 1.0, 0.0)
     iterations: int = 100
     learning_rate: float = 2.0
+    sampling_strategy: Literal["random", "regular", "none"] = "random"
     sampling_percentage: float = 0.25
 
     def __post_init__(self):
@@ -118,41 +137,62 @@ class AffineConfig:
 
 @dataclass(frozen=True)
 class NonrigidConfig:
-    """B-spline free-form deformation on a coarse-to-fine pyramid.
+    """Non-rigid stage on a coarse-to-fine pyramid, starting from the affine result.
 
     Parameters
     ----------
     enabled : bool
         Run the non-rigid stage after the affine one.
-    grid_spacing : float, mm
-        Control-point spacing at the finest level; the grid is refined by 2
-        between levels, so the coarsest level's spacing is ``grid_spacing * 2**(levels-1)``.
-    metric : str
-        ``ncc`` (normalised cross-correlation) or ``mse`` (mean squared difference
-        of the normalised intensities).
+    method : str
+        ``bspline`` (free-form deformation; any metric) or ``demons`` (a dense
+        displacement field; same-contrast images only, often faster).
     shrink_factors, smoothing_sigmas : list
         Pyramid, coarse to fine (sigmas in mm).
     iterations : int
-        Maximum LBFGS-B iterations per level.
+        Maximum iterations per level (L-BFGS-B for ``bspline``, demons updates for ``demons``).
+    grid_spacing : float, mm
+        ``bspline``: control-point spacing at the finest level; the grid is refined by 2
+        between levels, so the coarsest level's spacing is ``grid_spacing * 2**(levels-1)``.
+    metric : str
+        ``bspline``: ``ncc`` (normalised cross-correlation), ``mse`` (mean squared
+        difference of the normalised intensities), ``mattes`` (mutual information,
+        for different contrasts) or ``ants_ncc`` (ANTs neighbourhood correlation in
+        a window of ``ncc_radius`` voxels; uses every voxel).
     sampling_percentage : float
-        Fraction of fixed-image voxels sampled for the metric.
+        ``bspline``: fraction of fixed-image voxels sampled for the metric (not ``ants_ncc``).
     regularization : float
-        Weight of the membrane energy (mean squared strain between neighbouring
-        control points, dimensionless) added to the metric; larger is smoother.
+        ``bspline``: weight of the membrane energy (mean squared strain between
+        neighbouring control points, dimensionless) added to the metric; larger is smoother.
+    ncc_radius : int, voxels
+        ``ants_ncc``: window radius.
+    demons_variant : str
+        ``diffeomorphic`` (diffeomorphic demons) or ``symmetric`` (fast symmetric forces).
+    field_sigma : float, mm
+        ``demons``: Gaussian smoothing of the displacement field after each update (elastic regularisation).
+    update_sigma : float, mm
+        ``demons``: Gaussian smoothing of each update (fluid regularisation); 0 turns it off.
     """
 
     enabled: bool = True
-    grid_spacing: float = 6.0
-    metric: Literal["ncc", "mse"] = "ncc"
+    method: Literal["bspline", "demons"] = "bspline"
     shrink_factors: tuple[int, ...] = (2, 1)
     smoothing_sigmas: tuple[float, ...] = (1.0, 0.0)
     iterations: int = 50
+    grid_spacing: float = 6.0
+    metric: Literal["ncc", "mse", "mattes", "ants_ncc"] = "ncc"
     sampling_percentage: float = 0.25
     regularization: float = 0.01
+    ncc_radius: int = 2
+    demons_variant: Literal["diffeomorphic", "symmetric"] = "diffeomorphic"
+    field_sigma: float = 1.5
+    update_sigma: float = 0.0
 
     def __post_init__(self):
         _require(self.regularization >= 0, "regularization", "must be >= 0")
         _require(self.grid_spacing > 0, "grid_spacing", "must be > 0 (mm)")
+        _require(self.ncc_radius >= 1, "ncc_radius", "must be >= 1 (voxels)")
+        _require(self.field_sigma >= 0, "field_sigma", "must be >= 0 (mm)")
+        _require(self.update_sigma >= 0, "update_sigma", "must be >= 0 (mm)")
         _check_pyramid(self)
 
 
@@ -167,12 +207,24 @@ class RegistrationConfig:
         (0.5th–99.5th percentile mapped to [0, 1] and clipped) or ``none``.
     seed : int
         Seed of the metric's random sampling (runs are repeatable).
+    min_overlap : float
+        A registration is flagged as failed when less than this fraction of the
+        target's foreground maps inside the atlas image.
+    max_folded_fraction : float
+        A registration is flagged as failed when more than this fraction of the
+        target's foreground has a non-positive Jacobian determinant (folding).
     """
 
     normalization: Literal["percentile", "none"] = "percentile"
     seed: int = 42
+    min_overlap: float = 0.5
+    max_folded_fraction: float = 0.01
     affine: AffineConfig = field(default_factory=AffineConfig)
     nonrigid: NonrigidConfig = field(default_factory=NonrigidConfig)
+
+    def __post_init__(self):
+        _require(0 <= self.min_overlap <= 1, "min_overlap", "must be in [0, 1]")
+        _require(0 <= self.max_folded_fraction <= 1, "max_folded_fraction", "must be in [0, 1]")
 
 
 @dataclass(frozen=True)
@@ -419,7 +471,7 @@ def _apply_override(data: dict, path: list[str], value, text: str) -> None:
     node[path[-1]] = value
 
 
-PRESETS = ("default", "demo", "baseline")
+PRESETS = ("default", "fast", "accurate", "demo", "baseline")
 
 
 # Installed wheels carry configs/ as atlasseg/configs/; a source checkout has it beside the package.

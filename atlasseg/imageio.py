@@ -6,6 +6,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import SimpleITK as sitk
@@ -161,19 +162,27 @@ def _suffix(path: Path) -> str:
     return "".join(path.suffixes[-2:]) if path.name.endswith(".gz") else path.suffix
 
 
-def write_image(image: sitk.Image, path: str | Path, *, compress: bool = True) -> None:
-    """Write atomically: a temporary file in the same folder, then rename."""
+def atomic_write(path: str | Path, write: Callable[[str], None], *, what: str) -> None:
+    """Call ``write(tmp)`` on a temporary file beside ``path`` (same extension), then rename it into place.
+
+    A failed or interrupted write leaves the previous ``path`` (if any) untouched and no temporary behind.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _tmp_in(path.parent, _suffix(path))
     try:
-        sitk.WriteImage(image, tmp, useCompression=compress)
+        write(tmp)
         os.replace(tmp, path)
     except RuntimeError as err:
-        raise ImageError(f"{path}: cannot write image ({str(err).strip().splitlines()[-1][:200]})") from None
+        raise ImageError(f"{path}: cannot write {what} ({str(err).strip().splitlines()[-1][:200]})") from None
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def write_image(image: sitk.Image, path: str | Path, *, compress: bool = True) -> None:
+    """Write atomically: a temporary file in the same folder, then rename."""
+    atomic_write(path, lambda tmp: sitk.WriteImage(image, tmp, useCompression=compress), what="image")
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

@@ -7,6 +7,10 @@ Shape (paths relative to the manifest's folder, or absolute)::
       - {id: case_001, image: images/case_001.nii.gz, labels: labels/case_001.nii.gz}
     targets:
       - {id: case_004, image: images/case_004.nii.gz, labels: labels/case_004.nii.gz}  # labels optional
+
+Every entry may also name a ``mask`` (binary image on the image's grid: the
+registration metric is restricted to it) and ``landmarks`` (a point file, see
+``atlasseg.registration.landmarks``, used by ``initialization: landmarks``).
 """
 
 from __future__ import annotations
@@ -21,8 +25,7 @@ from .errors import ManifestError
 
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _TOP_KEYS = ("labels", "atlases", "targets")
-_ATLAS_KEYS = ("id", "image", "labels")
-_TARGET_KEYS = ("id", "image", "labels")
+_KEYS = ("id", "image", "labels", "mask", "landmarks")
 
 
 @dataclass(frozen=True)
@@ -32,6 +35,8 @@ class Atlas:
     id: str
     image: Path
     labels: Path
+    mask: Path | None = None
+    landmarks: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -41,6 +46,8 @@ class Target:
     id: str
     image: Path
     labels: Path | None = None
+    mask: Path | None = None
+    landmarks: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -95,7 +102,7 @@ def _is_dicom_folder(folder: Path) -> bool:
     return any(p.suffix.lower() == ".dcm" for p in folder.iterdir())
 
 
-def _entries(path: Path, doc: dict, section: str, keys: tuple[str, ...], *, labels_required: bool):
+def _entries(path: Path, doc: dict, section: str, *, labels_required: bool) -> list[dict]:
     items = doc.get(section)
     if items is None:
         return []
@@ -107,7 +114,7 @@ def _entries(path: Path, doc: dict, section: str, keys: tuple[str, ...], *, labe
     for i, item in enumerate(items):
         entry = f"{section}[{i}]"
         if not isinstance(item, dict):
-            raise ManifestError(f"{path}: {entry} must be a mapping with keys {', '.join(keys)}")
+            raise ManifestError(f"{path}: {entry} must be a mapping with keys {', '.join(_KEYS)}")
         ident = item.get("id")
         if ident is None:
             raise ManifestError(f"{path}: {entry} has no 'id'")
@@ -118,14 +125,14 @@ def _entries(path: Path, doc: dict, section: str, keys: tuple[str, ...], *, labe
             )
         entry = f"{singular} {ident!r}"
         for key in item:
-            if key not in keys:
-                raise ManifestError(f"{path}: {entry}: unknown key '{key}' (known: {', '.join(keys)})")
+            if key not in _KEYS:
+                raise ManifestError(f"{path}: {entry}: unknown key '{key}' (known: {', '.join(_KEYS)})")
         if ident in seen:
             raise ManifestError(f"{path}: duplicate {singular} id {ident!r}")
         seen.add(ident)
-        image = _file(path, entry, "image", item.get("image"), required=True)
-        labels = _file(path, entry, "labels", item.get("labels"), required=labels_required)
-        out.append((ident, image, labels))
+        files = {key: _file(path, entry, key, item.get(key), required=key == "image" or (key == "labels" and labels_required))
+                 for key in _KEYS[1:]}
+        out.append({"id": ident, **files})
     return out
 
 
@@ -146,8 +153,8 @@ def load_manifest(path: str | Path) -> Manifest:
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise ManifestError(f"{path}: labels: {value!r} is not a positive integer label value (0 is background)")
         names[value] = str(name)
-    atlases = tuple(Atlas(i, im, lab) for i, im, lab in _entries(path, doc, "atlases", _ATLAS_KEYS, labels_required=True))
-    targets = tuple(Target(i, im, lab) for i, im, lab in _entries(path, doc, "targets", _TARGET_KEYS, labels_required=False))
+    atlases = tuple(Atlas(**e) for e in _entries(path, doc, "atlases", labels_required=True))
+    targets = tuple(Target(**e) for e in _entries(path, doc, "targets", labels_required=False))
     if not atlases:
         raise ManifestError(f"{path}: no atlases listed")
     return Manifest(path=path, label_names=dict(sorted(names.items())), atlases=atlases, targets=targets)

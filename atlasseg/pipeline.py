@@ -37,7 +37,7 @@ from .imageio import (
 )
 from .manifest import Atlas, Manifest, Target
 from .propagation import propagate_intensities, propagate_labels
-from .registration import register_affine, register_bspline
+from .registration import Masks, RegistrationDiverged, affine_stage, nonrigid_stage, read_landmarks, save_transform
 from .selection import score_atlas, select_top
 
 log = logging.getLogger("atlasseg")
@@ -60,20 +60,26 @@ def thread_budget(parallel: ParallelConfig, n_tasks: int) -> tuple[int, int]:
     return jobs, min(threads, max(1, cores // jobs))
 
 
-def check_inputs(manifest: Manifest) -> None:
+def check_inputs(manifest: Manifest, config: Config | None = None) -> None:
     """Header-only checks of every listed file before any work: readable, scalar, 2D/3D, one
-    dimensionality across the manifest, each label map on its image's grid."""
+    dimensionality across the manifest, each label map and mask on its image's grid; with
+    ``config``, also that every entry has the landmarks its initialisation needs."""
     dims: dict[int, str] = {}
-    entries = [(a.id, a.image, a.labels) for a in manifest.atlases] + [(t.id, t.image, t.labels) for t in manifest.targets]
-    for ident, image_path, labels_path in entries:
+    needs_landmarks = config is not None and config.registration.affine.initialization == "landmarks"
+    for entry in (*manifest.atlases, *manifest.targets):
+        image_path, labels_path = entry.image, entry.labels
+        if needs_landmarks and entry.landmarks is None:
+            raise ImageError(f"{manifest.path}: {entry.id} has no 'landmarks' file, needed by "
+                             "registration.affine.initialization: landmarks")
         image = read_geometry(image_path)
         if image.components != 1:
             raise ImageError(f"{image_path}: has {image.components} components per voxel; a scalar image is needed")
         if image.dimension not in (2, 3):
             raise ImageError(f"{image_path}: is {image.dimension}D; 2D and 3D images are supported")
         dims.setdefault(image.dimension, str(image_path))
-        if labels_path is not None:
-            check_same_grid(image, read_geometry(labels_path), image_path=image_path, labels_path=labels_path)
+        for other in (labels_path, entry.mask):
+            if other is not None:
+                check_same_grid(image, read_geometry(other), image_path=image_path, labels_path=other)
     if len(dims) > 1:
         two, three = dims[2], dims[3]
         raise ImageError(f"{manifest.path}: mixes 2D images ({two}) with 3D images ({three}); use one dimensionality")
@@ -85,30 +91,44 @@ def _load_normalized(path: Path, method: str) -> sitk.Image:
     return normalize_intensity(read_image(path), method=method)
 
 
-def _affine_job(target_path: Path, atlas: Atlas, reg: RegistrationConfig, selection_spacing: float, threads: int):
+def _masks(target: Target, atlas: Atlas) -> Masks | None:
+    if target.mask is None and atlas.mask is None:
+        return None
+    return Masks(*(read_labels(p) if p is not None else None for p in (target.mask, atlas.mask)))
+
+
+def _failure(err: RegistrationError) -> dict:
+    """What run.json keeps of a failed registration: the reason, and the record when it ran to the end."""
+    return {"reason": str(err), **({"record": err.record} if isinstance(err, RegistrationDiverged) else {})}
+
+
+def _affine_job(target: Target, atlas: Atlas, reg: RegistrationConfig, selection_spacing: float, threads: int):
     """Affine-register one atlas to the target and score it for selection (runs in a worker)."""
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
-    target = _load_normalized(target_path, reg.normalization)
+    fixed = _load_normalized(target.image, reg.normalization)
     moving = _load_normalized(atlas.image, reg.normalization)
+    landmarks = None
+    if reg.affine.initialization == "landmarks":
+        landmarks = (read_landmarks(target.landmarks, image=fixed), read_landmarks(atlas.landmarks, image=moving))
     try:
-        transform, record = register_affine(target, moving, config=reg.affine, seed=reg.seed)
+        transform, record = affine_stage(fixed, moving, config=reg, masks=_masks(target, atlas), landmarks=landmarks)
     except RegistrationError as err:
-        return atlas.id, None, None, str(err)
+        return atlas.id, None, None, _failure(err)
     start = time.perf_counter()
-    score = score_atlas(target, moving, transform, spacing=selection_spacing)
+    score = score_atlas(fixed, moving, transform, spacing=selection_spacing)
     record["selection_seconds"] = round(time.perf_counter() - start, 3)
     return atlas.id, transform, {"affine": record}, score
 
 
-def _nonrigid_job(target_path: Path, atlas: Atlas, initial: sitk.Transform, reg: RegistrationConfig, threads: int):
+def _nonrigid_job(target: Target, atlas: Atlas, initial: sitk.Transform, reg: RegistrationConfig, threads: int):
     """Non-rigid registration of one selected atlas, starting from its affine (runs in a worker)."""
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
-    target = _load_normalized(target_path, reg.normalization)
+    fixed = _load_normalized(target.image, reg.normalization)
     moving = _load_normalized(atlas.image, reg.normalization)
     try:
-        transform, record = register_bspline(target, moving, initial=initial, config=reg.nonrigid, seed=reg.seed)
+        transform, record = nonrigid_stage(fixed, moving, initial=initial, config=reg, masks=_masks(target, atlas))
     except RegistrationError as err:
-        return atlas.id, None, str(err)
+        return atlas.id, None, _failure(err)
     return atlas.id, transform, record
 
 
@@ -151,12 +171,12 @@ def segment_target(target: Target, atlases: list[Atlas], config: Config, *, out_
     truth = read_labels(target.labels) if target.labels is not None else None
 
     # Affine stage for every atlas, scored on a coarse grid for selection.
-    tasks = [(target.image, a, config.registration, config.selection.grid_spacing) for a in atlases]
+    tasks = [(target, a, config.registration, config.selection.grid_spacing) for a in atlases]
     affine_results = _parallel_map(_affine_job, tasks, config.parallel)
     seconds["affine_and_scoring"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
-    dropped = [{"atlas": aid, "stage": "affine", "reason": score} for aid, tx, _, score in affine_results if tx is None]
+    dropped = [{"atlas": aid, "stage": "affine", **score} for aid, tx, _, score in affine_results if tx is None]
     ok = {aid: (tx, rec, score) for aid, tx, rec, score in affine_results if tx is not None}
     scores = {aid: score for aid, (_, _, score) in ok.items()}
     selected = select_top(scores, k=config.selection.k)
@@ -166,10 +186,10 @@ def segment_target(target: Target, atlases: list[Atlas], config: Config, *, out_
     records = {aid: ok[aid][1] for aid in selected}
     if config.registration.nonrigid.enabled and selected:
         clock = time.perf_counter()
-        tasks = [(target.image, by_id[aid], transforms[aid], config.registration) for aid in selected]
+        tasks = [(target, by_id[aid], transforms[aid], config.registration) for aid in selected]
         for aid, tx, result in _parallel_map(_nonrigid_job, tasks, config.parallel):
             if tx is None:
-                dropped.append({"atlas": aid, "stage": "nonrigid", "reason": result})
+                dropped.append({"atlas": aid, "stage": "nonrigid", **result})
                 del transforms[aid]
             else:
                 transforms[aid] = tx
@@ -178,8 +198,12 @@ def segment_target(target: Target, atlases: list[Atlas], config: Config, *, out_
     for item in dropped:
         log.warning("target %s: atlas %s dropped (%s: %s)", target.id, item["atlas"], item["stage"], item["reason"])
     used = [aid for aid in selected if aid in transforms]
-    if not used:
-        raise RegistrationError(f"target {target.id}: every atlas registration failed; see run.json for the reasons")
+    if len(used) < config.selection.min_atlases:
+        reasons = "; ".join(f"{d['atlas']}: {d['reason']}" for d in dropped) or "none failed"
+        raise RegistrationError(
+            f"target {target.id}: only {len(used)} atlas registration(s) succeeded, "
+            f"selection.min_atlases is {config.selection.min_atlases} ({reasons})"
+        )
 
     # Propagate and fuse, one candidate at a time.
     fuser = make_fuser(normalize_intensity(reference, method=config.registration.normalization), config=config.fusion)
@@ -219,7 +243,7 @@ def segment_target(target: Target, atlases: list[Atlas], config: Config, *, out_
             write_image(probability, target_dir / f"probability_{value}.nii.gz")
     if config.output.save_transforms:
         for aid in used:
-            _write_transform(transforms[aid], target_dir / "transforms" / f"{aid}.h5")
+            save_transform(transforms[aid], target_dir / "transforms" / f"{aid}.h5")
     seconds["output"] = time.perf_counter() - clock
 
     record = {
@@ -235,13 +259,6 @@ def segment_target(target: Target, atlases: list[Atlas], config: Config, *, out_
         record["scores"] = {str(k): s for k, s in scores_out.items()}
         record["mean_dice"] = mean_score({k: s["dice"] for k, s in scores_out.items()})
     return TargetResult(target.id, seg_path, scores_out, record)
-
-
-def _write_transform(transform: sitk.Transform, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{path.name}")
-    sitk.WriteTransform(transform, str(tmp))
-    os.replace(tmp, path)
 
 
 def json_safe(value):
@@ -280,7 +297,7 @@ def run(config: Config, manifest: Manifest, *, out_dir: str | Path | None = None
     targets = [manifest.target(t) for t in target_ids] if target_ids else list(manifest.targets)
     if not targets:
         raise AtlassegError(f"{manifest.path}: no targets to segment")
-    check_inputs(manifest)
+    check_inputs(manifest, config)
     start = time.perf_counter()
     results = []
     for target in targets:

@@ -27,6 +27,17 @@ def phantom(*, dim: int = 3, size: int = 40, spacing: float = 2.0, origin=None) 
     return image, _with_geometry(labels, spacing, origin)
 
 
+def texture(*, dim: int = 3, size: int = 32, spacing: float = 2.0, seed: int = 0) -> tuple[sitk.Image, sitk.Image]:
+    """Smoothed noise in [0, 1] (every point has a distinct neighbourhood, so every
+    displacement is observable) and a label map of its brightest 30 %."""
+    from scipy.ndimage import gaussian_filter
+
+    array = gaussian_filter(np.random.default_rng(seed).standard_normal((size,) * dim), 2.0)
+    array = ((array - array.min()) / np.ptp(array)).astype(np.float32)
+    labels = (array > np.percentile(array, 70)).astype(np.uint8)
+    return _with_geometry(array, spacing, None), _with_geometry(labels, spacing, None)
+
+
 def _with_geometry(array: np.ndarray, spacing: float, origin) -> sitk.Image:
     image = sitk.GetImageFromArray(array)
     dim = image.GetDimension()

@@ -3,13 +3,24 @@ import pytest
 import SimpleITK as sitk
 
 from atlasseg.config import AffineConfig, NonrigidConfig, RegistrationConfig
-from atlasseg.errors import RegistrationError
+from atlasseg.errors import ImageError, RegistrationError
 from atlasseg.evaluation import dice_per_label, mean_score
 from atlasseg.imageio import normalize_intensity
 from atlasseg.pipeline import available_cores
 from atlasseg.propagation import propagate_labels
-from atlasseg.registration import register, register_affine
-from conftest import phantom, rigid, warp
+from atlasseg.registration import (
+    Masks,
+    RegistrationDiverged,
+    compose,
+    jacobian_determinant,
+    load_transform,
+    read_landmarks,
+    register,
+    register_affine,
+    save_displacement_field,
+    save_transform,
+)
+from conftest import phantom, rigid, texture, warp
 
 AFFINE_ONLY = RegistrationConfig(nonrigid=NonrigidConfig(enabled=False))
 
@@ -143,3 +154,198 @@ def test_bspline_kernel_matches_itk_on_an_oblique_anisotropic_grid():
     finer = _ControlGrid.over(image, [4, 6, 4])
     refined = _tensor(_refine(coefficients, grid, finer, image), finer.weights(image))
     np.testing.assert_allclose(refined, field, atol=1e-9)
+
+
+@pytest.mark.parametrize("optimizer", ["regular_step", "gradient_descent", "lbfgsb"])
+def test_every_optimizer_recovers_a_known_affine(optimizer):
+    fixed, _ = phantom(dim=2, size=48, spacing=1.5)
+    truth = known_affine(2)
+    moving = warp(fixed, truth.GetInverse())
+    config = AffineConfig(optimizer=optimizer, iterations=200)
+    found, record = register_affine(fixed, moving, config=config, seed=1)
+    assert max_point_error(found, truth, 2) < 0.75
+    assert record["optimizer"] == optimizer
+
+
+def test_iterations_and_learning_rate_take_effect():
+    fixed, _ = phantom(dim=2, size=48, spacing=1.5)
+    moving = warp(fixed, known_affine(2).GetInverse())
+    _, record = register_affine(fixed, moving, config=AffineConfig(iterations=3), seed=1)
+    assert max(level["iterations"] for stage in record["stages"] for level in stage["levels"]) == 3
+    tiny = AffineConfig(optimizer="gradient_descent", learning_rate=1e-9, stages=("rigid",), iterations=5)
+    found, _ = register_affine(fixed, moving, config=tiny, seed=1)
+    np.testing.assert_allclose(found.GetParameters(), sitk.Euler2DTransform().GetParameters(), atol=1e-6)
+
+
+def test_mutual_information_aligns_an_intensity_inverted_twin():
+    fixed, _ = phantom(dim=2, size=64, spacing=1.5)
+    truth = rigid(2, angle_deg=6.0, shift=(3.0, -2.0))
+    moving = sitk.InvertIntensity(warp(fixed, truth.GetInverse()), 1.0)
+    config = AffineConfig(metric="mattes", stages=("rigid",), sampling_strategy="regular", sampling_percentage=0.5)
+    found, _ = register_affine(fixed, moving, config=config, seed=1)
+    assert max_point_error(found, truth, 2) < 0.75
+
+
+def textured_pair(dim: int):
+    """A texture, its smoothly deformed twin (moving(x) = fixed(D(x))), labels, and points inside."""
+    size = 64 if dim == 2 else 32
+    fixed, labels = texture(dim=dim, size=size, spacing=1.5 if dim == 2 else 2.0)
+    deformation = smooth_deformation(fixed, amplitude=4.0)
+    inner = np.argwhere(np.ones((size - 2 * (size // 5),) * dim)) + size // 5
+    points = [fixed.TransformIndexToPhysicalPoint([int(i) for i in idx[::-1]]) for idx in inner[::13]]
+    return fixed, labels, deformation, points
+
+
+def landmark_error(transform: sitk.Transform, deformation: sitk.Transform, points) -> float:
+    """Mean distance between each point and where the registration sends it back: |D(T(p)) − p|."""
+    return float(np.mean([np.linalg.norm(np.subtract(deformation.TransformPoint(transform.TransformPoint(p)), p))
+                          for p in points]))
+
+
+NO_AFFINE = AffineConfig(stages=())  # the pair shares its geometry: the non-rigid stage alone is tested
+
+
+@pytest.mark.parametrize(
+    "nonrigid, dims, reduction",
+    [
+        (NonrigidConfig(), (2, 3), 0.8),
+        (NonrigidConfig(metric="ants_ncc"), (3,), 0.8),
+        (NonrigidConfig(metric="mse"), (2,), 0.5),
+        (NonrigidConfig(metric="mattes"), (2,), 0.5),
+        (NonrigidConfig(method="demons"), (2, 3), 0.5),
+        (NonrigidConfig(method="demons", demons_variant="symmetric"), (2,), 0.5),
+    ],
+    ids=["bspline-ncc", "bspline-ants_ncc", "bspline-mse", "bspline-mattes", "demons", "demons-symmetric"],
+)
+def test_nonrigid_undoes_a_known_deformation(nonrigid, dims, reduction):
+    for dim in dims:
+        fixed, labels, deformation, points = textured_pair(dim)
+        moving, moving_labels = warp(fixed, deformation), warp(labels, deformation, labels=True)
+        found, record = register(fixed, moving, config=RegistrationConfig(affine=NO_AFFINE, nonrigid=nonrigid))
+        before = landmark_error(sitk.Transform(dim, sitk.sitkIdentity), deformation, points)
+        assert landmark_error(found, deformation, points) < (1 - reduction) * before, dim
+        dice = dice_per_label(propagate_labels(moving_labels, found, fixed), labels)[1]
+        assert dice > (0.95 if reduction >= 0.8 else 0.9), dim
+        assert record["nonrigid"]["metric_after"] < record["nonrigid"]["metric_before"]
+        assert record["nonrigid"]["status"] == "ok"  # folding within max_folded_fraction
+
+
+def test_landmarks_recover_a_rotation_intensities_alone_miss(tmp_path):
+    fixed, _ = phantom(dim=3, size=32)
+    truth = sitk.Euler3DTransform((0.0, 0.0, 0.0), 0.3, -0.2, np.deg2rad(120.0), (4.0, -2.0, 3.0))
+    moving = warp(fixed, truth.GetInverse())
+    fixed_points = np.array([[10.0, 0, 0], [0, 14.0, 0], [0, 0, 9.0], [-6.0, -8.0, 5.0]])
+    moving_points = np.array([truth.TransformPoint(p.tolist()) for p in fixed_points])
+    np.savetxt(tmp_path / "fixed.csv", fixed_points, delimiter=",", header="x,y,z", comments="")
+    np.savetxt(tmp_path / "moving.csv", moving_points, delimiter=",")
+    landmarks = (read_landmarks(tmp_path / "fixed.csv"), read_landmarks(tmp_path / "moving.csv"))
+    alone, _ = register_affine(fixed, moving, config=AffineConfig(initialization="landmarks", stages=()), seed=1,
+                               landmarks=landmarks)
+    assert max_point_error(alone, truth, 3, radius=15.0) < 1e-3
+    refined, _ = register_affine(fixed, moving, config=AffineConfig(initialization="landmarks"), seed=1,
+                                 landmarks=landmarks)
+    assert max_point_error(refined, truth, 3, radius=15.0) < 1.0
+    intensity_only, _ = register_affine(fixed, moving, config=AffineConfig(), seed=1)
+    assert max_point_error(intensity_only, truth, 3, radius=15.0) > 5.0
+
+
+def test_landmark_files_in_every_format_give_the_same_points(tmp_path):
+    image, _ = phantom(dim=3, size=8)
+    points = np.array([[1.5, -2.0, 3.25], [-4.0, 5.0, 0.5], [0.0, 0.0, -1.0]])
+    (tmp_path / "a.csv").write_text("name,x,y,z\n" + "".join(f"p{i},{x},{y},{z}\n" for i, (x, y, z) in enumerate(points)))
+    ras = points * [-1, -1, 1]
+    (tmp_path / "a.fcsv").write_text(
+        "# Markups fiducial file version = 4.11\n# CoordinateSystem = RAS\n# columns = id,x,y,z,ow,ox,oy,oz,vis,sel,lock,label,desc,associatedNodeID\n"
+        + "".join(f"vtk{i},{x},{y},{z},0,0,0,1,1,1,0,F-{i},,\n" for i, (x, y, z) in enumerate(ras))
+    )
+    (tmp_path / "a.txt").write_text("point\n3\n" + "".join(f"{x} {y} {z}\n" for x, y, z in points))
+    index = [image.TransformPhysicalPointToContinuousIndex(p.tolist()) for p in points]
+    (tmp_path / "i.txt").write_text("index\n3\n" + "".join(" ".join(map(str, i)) + "\n" for i in index))
+    for name in ("a.csv", "a.fcsv", "a.txt", "i.txt"):
+        np.testing.assert_allclose(read_landmarks(tmp_path / name, image=image), points, atol=1e-9, err_msg=name)
+    (tmp_path / "bad.txt").write_text("hello\n")
+    with pytest.raises(ImageError, match="bad.txt"):
+        read_landmarks(tmp_path / "bad.txt")
+
+
+def test_a_fixed_mask_keeps_an_artefact_out_of_the_metric():
+    fixed, _ = phantom(dim=2, size=64, spacing=1.5)
+    truth = rigid(2, angle_deg=5.0, shift=(3.0, -2.0))
+    moving = warp(fixed, truth.GetInverse())
+    array = sitk.GetArrayFromImage(fixed)
+    array[:, :20] = 1.0  # a bright band in the target only
+    spoiled = sitk.GetImageFromArray(array)
+    spoiled.CopyInformation(fixed)
+    mask = sitk.Cast(spoiled < 0.99, sitk.sitkUInt8)
+    config = AffineConfig(stages=("rigid",), metric="mse")
+    with_mask, _ = register_affine(spoiled, moving, config=config, seed=1, masks=Masks(fixed=mask))
+    without, _ = register_affine(spoiled, moving, config=config, seed=1)
+    assert max_point_error(with_mask, truth, 2, radius=20.0) < 0.75 < max_point_error(without, truth, 2, radius=20.0)
+
+
+def test_jacobian_of_the_identity_is_exactly_one(dim):
+    image, _ = phantom(dim=dim, size=16)
+    for identity in (sitk.Transform(dim, sitk.sitkIdentity), compose(sitk.AffineTransform(dim), sitk.BSplineTransform(dim))):
+        assert np.all(sitk.GetArrayFromImage(jacobian_determinant(identity, image)) == 1.0)
+
+
+def test_transforms_save_load_and_compose(tmp_path):
+    fixed, _ = phantom(dim=3, size=24)
+    moving = warp(fixed, known_affine(3).GetInverse())
+    found, _ = register(fixed, moving, config=RegistrationConfig(nonrigid=NonrigidConfig(grid_spacing=12.0)))
+    points = [fixed.TransformIndexToPhysicalPoint(i) for i in [(3, 4, 5), (12, 12, 12), (20, 7, 15)]]
+    expected = np.array([found.TransformPoint(p) for p in points])
+    save_transform(found, tmp_path / "t.h5")
+    save_displacement_field(found, fixed, tmp_path / "field.nii.gz")
+    loaded = sitk.ReadTransform(str(tmp_path / "t.h5"))  # what other ITK tools read
+    np.testing.assert_allclose([loaded.TransformPoint(p) for p in points], expected, atol=1e-9)
+    field = load_transform(tmp_path / "field.nii.gz")
+    np.testing.assert_allclose([field.TransformPoint(p) for p in points], expected, atol=1e-4)  # float32 vectors
+    affine = found.GetNthTransform(0)
+    save_transform(affine, tmp_path / "a.tfm")
+    again = compose(load_transform(tmp_path / "a.tfm"), found.GetNthTransform(1))
+    np.testing.assert_allclose([again.TransformPoint(p) for p in points], expected, atol=1e-6)
+    with pytest.raises(RegistrationError, match="unknown transform file type"):
+        save_transform(found, tmp_path / "t.png")
+    with pytest.raises(RegistrationError, match="not found"):
+        load_transform(tmp_path / "missing.h5")
+
+
+def test_a_divergent_registration_is_flagged_not_returned():
+    fixed, _ = phantom(dim=2, size=48, spacing=1.5)
+    moving = warp(fixed, rigid(2, angle_deg=5.0).GetInverse())
+    wild = RegistrationConfig(affine=AffineConfig(learning_rate=50.0, metric="mse"), nonrigid=NonrigidConfig(enabled=False))
+    with pytest.raises(RegistrationDiverged, match="affine registration diverged: the metric cannot be evaluated") as caught:
+        register(fixed, moving, config=wild)
+    assert caught.value.record["status"] == "diverged"
+
+
+def test_images_that_barely_overlap_are_flagged():
+    fixed, _ = phantom(dim=2, size=48, spacing=1.5)
+    moving = sitk.Image(fixed)
+    moving.SetOrigin(np.add(fixed.GetOrigin(), (60.0, 0.0)).tolist())  # overlaps a sliver of the target
+    config = RegistrationConfig(affine=AffineConfig(initialization="none", stages=()), nonrigid=NonrigidConfig(enabled=False))
+    with pytest.raises(RegistrationDiverged, match="foreground maps inside the atlas"):
+        register(fixed, moving, config=config)
+
+
+@pytest.mark.parametrize(
+    "change, reason",
+    [
+        ({}, None),
+        ({"metric_after": 0.5}, "metric worse than at the start"),
+        ({"metric_after": float("nan")}, "cannot be evaluated"),
+        ({"overlap": 0.3}, "30% of the target's foreground maps inside"),
+        ({"folded_fraction": 0.05}, "5.0% of the target's foreground is folded"),
+    ],
+)
+def test_result_checks_name_the_reason(change, reason):
+    from atlasseg.registration.common import check_result
+
+    record = {"metric_before": 0.2, "metric_after": 0.1, "overlap": 1.0, "folded_fraction": 0.0, **change}
+    if reason is None:
+        check_result("non-rigid", record, min_overlap=0.5, max_folded_fraction=0.01)
+        assert record["status"] == "ok"
+    else:
+        with pytest.raises(RegistrationDiverged, match=reason):
+            check_result("non-rigid", record, min_overlap=0.5, max_folded_fraction=0.01)

@@ -1,26 +1,99 @@
-"""Registration engine: affine stage, then non-rigid stage, each on a multi-resolution pyramid."""
+"""Registration engine: affine stage, then non-rigid stage, each on a multi-resolution pyramid.
+
+Every stage returns the transform mapping fixed-space points to moving-space points
+and a record; :func:`affine_stage` and :func:`nonrigid_stage` also check the result
+(metric, overlap, folding) and raise :class:`RegistrationDiverged` with the reason
+when it cannot be trusted.
+"""
 
 from __future__ import annotations
 
+import numpy as np
 import SimpleITK as sitk
 
 from ..config import RegistrationConfig
-from .affine import register_affine
-from .nonrigid import jacobian_determinant, register_bspline
+from .affine import linear_parts, register_affine
+from .common import Masks, RegistrationDiverged, check_result, foreground, overlap_fraction
+from .landmarks import read_landmarks
+from .nonrigid import jacobian_determinant, register_bspline, register_demons, register_nonrigid
+from .transforms import compose, load_transform, save_displacement_field, save_transform
 
-__all__ = ["register", "register_affine", "register_bspline", "jacobian_determinant"]
+__all__ = [
+    "Masks",
+    "RegistrationDiverged",
+    "affine_stage",
+    "compose",
+    "jacobian_determinant",
+    "load_transform",
+    "nonrigid_stage",
+    "read_landmarks",
+    "register",
+    "register_affine",
+    "register_bspline",
+    "register_demons",
+    "register_nonrigid",
+    "save_displacement_field",
+    "save_transform",
+]
 
 
-def register(fixed: sitk.Image, moving: sitk.Image, *, config: RegistrationConfig) -> tuple[sitk.Transform, dict]:
+def affine_stage(
+    fixed: sitk.Image,
+    moving: sitk.Image,
+    *,
+    config: RegistrationConfig,
+    masks: Masks | None = None,
+    landmarks: tuple[np.ndarray, np.ndarray] | None = None,
+) -> tuple[sitk.Transform, dict]:
+    """The affine stage, checked: overlap with the atlas, and no reflection (a determinant ≤ 0 folds everything)."""
+    transform, record = register_affine(fixed, moving, config=config.affine, seed=config.seed, masks=masks,
+                                        landmarks=landmarks)
+    region = foreground(fixed, masks)
+    record["overlap"] = overlap_fraction(fixed, moving, transform, region)
+    record["jacobian"] = float(np.linalg.det(linear_parts(transform)[0]))
+    record["folded_fraction"] = 1.0 if record["jacobian"] <= 0 else 0.0
+    check_result("affine", record, min_overlap=config.min_overlap, max_folded_fraction=config.max_folded_fraction)
+    return transform, record
+
+
+def nonrigid_stage(
+    fixed: sitk.Image,
+    moving: sitk.Image,
+    *,
+    initial: sitk.Transform,
+    config: RegistrationConfig,
+    masks: Masks | None = None,
+) -> tuple[sitk.Transform, dict]:
+    """The non-rigid stage from ``initial``, checked: metric, overlap and folding inside the target's foreground."""
+    transform, record = register_nonrigid(fixed, moving, initial=initial, config=config.nonrigid, seed=config.seed,
+                                          masks=masks)
+    region = foreground(fixed, masks)
+    jacobian = sitk.GetArrayViewFromImage(jacobian_determinant(transform, fixed))[region]
+    record["jacobian_min"] = float(jacobian.min())
+    record["jacobian_max"] = float(jacobian.max())
+    record["folded_voxels"] = int((jacobian <= 0).sum())
+    record["folded_fraction"] = record["folded_voxels"] / jacobian.size
+    record["overlap"] = overlap_fraction(fixed, moving, transform, region)
+    check_result("non-rigid", record, min_overlap=config.min_overlap, max_folded_fraction=config.max_folded_fraction)
+    return transform, record
+
+
+def register(
+    fixed: sitk.Image,
+    moving: sitk.Image,
+    *,
+    config: RegistrationConfig,
+    masks: Masks | None = None,
+    landmarks: tuple[np.ndarray, np.ndarray] | None = None,
+) -> tuple[sitk.Transform, dict]:
     """Affine then (if enabled) non-rigid registration of ``moving`` onto ``fixed``.
 
     Images should already share an intensity scale (see ``imageio.normalize_intensity``).
-    Returns the transform mapping fixed-space points to moving-space points and the record.
+    Returns the transform mapping fixed-space points to moving-space points and the record;
+    raises :class:`RegistrationDiverged` when a stage's result fails its checks.
     """
-    transform, affine_record = register_affine(fixed, moving, config=config.affine, seed=config.seed)
+    transform, affine_record = affine_stage(fixed, moving, config=config, masks=masks, landmarks=landmarks)
     record = {"affine": affine_record}
     if config.nonrigid.enabled:
-        transform, record["nonrigid"] = register_bspline(
-            fixed, moving, initial=transform, config=config.nonrigid, seed=config.seed
-        )
+        transform, record["nonrigid"] = nonrigid_stage(fixed, moving, initial=transform, config=config, masks=masks)
     return transform, record

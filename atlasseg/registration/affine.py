@@ -9,7 +9,8 @@ import SimpleITK as sitk
 
 from ..config import AffineConfig
 from ..errors import RegistrationError
-from .common import metric_value, new_method, run_pyramid, transform_is_finite
+from .common import Masks, metric_value, new_method, run_pyramid, transform_is_finite
+from .landmarks import landmark_transform
 
 _INITIALIZERS = {
     "geometry": sitk.CenteredTransformInitializerFilter.GEOMETRY,
@@ -48,21 +49,36 @@ def linear_parts(transform: sitk.Transform) -> tuple[np.ndarray, np.ndarray]:
 def _as_kind(transform: sitk.Transform, kind: str, dim: int) -> sitk.Transform:
     """The same mapping as ``transform`` held by a transform of ``kind`` (which is at least as general)."""
     matrix, translation, centre = _matrix_offset(transform, dim)
-    if kind == "translation":
-        # Translation can only be the first stage; initialisers leave the matrix at identity.
-        return sitk.TranslationTransform(dim, translation.tolist())
-    out = sitk.AffineTransform(dim) if kind == "affine" else _KINDS[(kind, dim)]()
+    # A translation stage is a rigid transform whose rotation the optimiser may not move
+    # (see _frozen_rotation): it keeps whatever rotation the initialisation found.
+    out = sitk.AffineTransform(dim) if kind == "affine" else _KINDS[("rigid" if kind == "translation" else kind, dim)]()
     out.SetCenter(centre.tolist())
     out.SetMatrix(matrix.ravel().tolist())
     out.SetTranslation(translation.tolist())
     return out
 
 
-def initial_transform(fixed: sitk.Image, moving: sitk.Image, *, initialization: str) -> sitk.Transform:
-    """Start point mapping fixed-space points into the moving image (physical space, never array order)."""
+def _frozen_rotation(method: sitk.ImageRegistrationMethod, transform: sitk.Transform, dim: int) -> None:
+    """Optimiser weights that hold a rigid transform's angles fixed and leave its translation free."""
+    n = transform.GetNumberOfParameters()
+    method.SetOptimizerWeights([0.0] * (n - dim) + [1.0] * dim)
+
+
+def initial_transform(fixed: sitk.Image, moving: sitk.Image, *, initialization: str, landmarks=None) -> sitk.Transform:
+    """Start point mapping fixed-space points into the moving image (physical space, never array order).
+
+    ``landmarks`` is a (fixed points, moving points) pair, needed by ``landmarks``.
+    """
     dim = fixed.GetDimension()
     if initialization == "none":
         return sitk.AffineTransform(dim)
+    if initialization == "landmarks":
+        if landmarks is None:
+            raise RegistrationError("initialization 'landmarks' needs landmark files for both images")
+        fixed_points, moving_points = landmarks
+        if fixed_points.shape[1] != dim:
+            raise RegistrationError(f"landmarks are {fixed_points.shape[1]}D but the images are {dim}D")
+        return landmark_transform(fixed_points, moving_points)
     base = _KINDS[("rigid", dim)]()
     try:
         return sitk.CenteredTransformInitializer(fixed, moving, base, _INITIALIZERS[initialization])
@@ -70,10 +86,43 @@ def initial_transform(fixed: sitk.Image, moving: sitk.Image, *, initialization: 
         raise RegistrationError(f"{initialization} initialisation failed: {str(err).strip().splitlines()[-1]}") from None
 
 
+def _set_optimizer(method: sitk.ImageRegistrationMethod, config: AffineConfig) -> None:
+    """The configured optimiser, with the configured step and iterations really in effect."""
+    if config.optimizer == "regular_step":
+        method.SetOptimizerAsRegularStepGradientDescent(
+            learningRate=config.learning_rate,
+            minStep=1e-3 * config.learning_rate,
+            numberOfIterations=config.iterations,
+            relaxationFactor=0.5,
+            gradientMagnitudeTolerance=1e-8,
+        )
+    elif config.optimizer == "gradient_descent":
+        method.SetOptimizerAsGradientDescentLineSearch(
+            learningRate=config.learning_rate,
+            numberOfIterations=config.iterations,
+            convergenceMinimumValue=1e-6,
+            convergenceWindowSize=10,
+            estimateLearningRate=method.Never,  # SimpleITK's default (Once) would override learning_rate
+        )
+    else:
+        method.SetOptimizerAsLBFGSB(gradientConvergenceTolerance=1e-6, numberOfIterations=config.iterations)
+        return  # ITK's L-BFGS-B takes no parameter scales
+    method.SetOptimizerScalesFromPhysicalShift()
+
+
 def register_affine(
-    fixed: sitk.Image, moving: sitk.Image, *, config: AffineConfig, seed: int
+    fixed: sitk.Image,
+    moving: sitk.Image,
+    *,
+    config: AffineConfig,
+    seed: int,
+    masks: Masks | None = None,
+    landmarks: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> tuple[sitk.Transform, dict]:
     """Align ``moving`` to ``fixed`` linearly.
+
+    ``masks`` restrict the metric; ``landmarks`` (fixed points, moving points) feed the
+    ``landmarks`` initialisation.
 
     Returns
     -------
@@ -86,24 +135,23 @@ def register_affine(
         raise RegistrationError(f"cannot register a {moving.GetDimension()}D image to a {fixed.GetDimension()}D one")
     dim = fixed.GetDimension()
     start = time.perf_counter()
-    transform = initial_transform(fixed, moving, initialization=config.initialization)
+    transform = initial_transform(fixed, moving, initialization=config.initialization, landmarks=landmarks)
     record = {
         "initialization": config.initialization,
         "metric": config.metric,
-        "metric_before": metric_value(fixed, moving, transform, metric=config.metric),
+        "optimizer": config.optimizer,
+        "metric_before": metric_value(fixed, moving, transform, metric=config.metric, masks=masks),
         "stages": [],
     }
     for kind in config.stages:
         transform = _as_kind(transform, kind, dim)
-        method = new_method(metric=config.metric, sampling_percentage=config.sampling_percentage, seed=seed)
-        method.SetOptimizerAsRegularStepGradientDescent(
-            learningRate=config.learning_rate,
-            minStep=1e-3 * config.learning_rate,
-            numberOfIterations=config.iterations,
-            relaxationFactor=0.5,
-            gradientMagnitudeTolerance=1e-8,
+        method = new_method(
+            metric=config.metric, sampling_percentage=config.sampling_percentage, seed=seed,
+            sampling_strategy=config.sampling_strategy, masks=masks,
         )
-        method.SetOptimizerScalesFromPhysicalShift()
+        _set_optimizer(method, config)
+        if kind == "translation":
+            _frozen_rotation(method, transform, dim)
         method.SetInitialTransform(transform, inPlace=True)
         stage_start = time.perf_counter()
         _, stage_record = run_pyramid(
@@ -112,6 +160,6 @@ def register_affine(
         record["stages"].append({"stage": kind, "seconds": round(time.perf_counter() - stage_start, 3), **stage_record})
     if not transform_is_finite(transform):
         raise RegistrationError("affine registration diverged: non-finite transform parameters")
-    record["metric_after"] = metric_value(fixed, moving, transform, metric=config.metric)
+    record["metric_after"] = metric_value(fixed, moving, transform, metric=config.metric, masks=masks)
     record["seconds"] = round(time.perf_counter() - start, 3)
     return transform, record

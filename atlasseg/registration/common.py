@@ -1,9 +1,11 @@
-"""Registration helpers: the ITK metric registry and pyramid driver of the affine stage, result checks."""
+"""Registration helpers: the ITK metric registry, the pyramid drivers, result checks."""
 
 from __future__ import annotations
 
 import math
 import time
+from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -36,30 +38,66 @@ METRICS: dict[str, Callable[[sitk.ImageRegistrationMethod], None]] = {
 }
 
 
-def new_method(*, metric: str, sampling_percentage: float, seed: int) -> sitk.ImageRegistrationMethod:
-    """A registration method with the named metric and seeded random sampling."""
+_SAMPLING = {
+    "random": sitk.ImageRegistrationMethod.RANDOM,
+    "regular": sitk.ImageRegistrationMethod.REGULAR,
+}
+
+
+def new_method(
+    *,
+    metric: str,
+    sampling_percentage: float,
+    seed: int,
+    sampling_strategy: str = "random",
+    masks: Masks | None = None,
+) -> sitk.ImageRegistrationMethod:
+    """A registration method with the named metric, seeded sampling and optional masks."""
     method = sitk.ImageRegistrationMethod()
     try:
         METRICS[metric](method)
     except KeyError:
         raise RegistrationError(f"unknown metric {metric!r} (known: {', '.join(METRICS)})") from None
     method.SetInterpolator(sitk.sitkLinear)
-    if sampling_percentage < 1.0 and metric != "ants_ncc":
-        method.SetMetricSamplingStrategy(method.RANDOM)
+    # ANTs neighbourhood correlation needs whole neighbourhoods: it always uses every voxel.
+    if sampling_strategy != "none" and sampling_percentage < 1.0 and metric != "ants_ncc":
+        method.SetMetricSamplingStrategy(_SAMPLING[sampling_strategy])
         method.SetMetricSamplingPercentage(sampling_percentage, seed)
     else:
         method.SetMetricSamplingStrategy(method.NONE)
+    if masks is not None and masks.fixed is not None:
+        method.SetMetricFixedMask(masks.fixed)
+    if masks is not None and masks.moving is not None:
+        method.SetMetricMovingMask(masks.moving)
     return method
 
 
-def metric_value(fixed: sitk.Image, moving: sitk.Image, transform: sitk.Transform, *, metric: str) -> float:
-    """The metric of ``moving`` mapped through ``transform`` against ``fixed`` (all voxels, full resolution)."""
-    method = new_method(metric=metric, sampling_percentage=1.0, seed=0)
+@contextmanager
+def quiet_itk():
+    """Silence ITK's warnings (e.g. "no valid points"): the stage records and checks its own failures."""
+    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    try:
+        yield
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
+
+
+def metric_value(
+    fixed: sitk.Image, moving: sitk.Image, transform: sitk.Transform, *, metric: str, masks: Masks | None = None
+) -> float:
+    """The metric of ``moving`` mapped through ``transform`` against ``fixed`` (all voxels, full resolution).
+
+    NaN when no voxel overlaps (ITK then warns and returns the largest double); the caller judges it.
+    """
+    method = new_method(metric=metric, sampling_percentage=1.0, seed=0, masks=masks)
     method.SetInitialTransform(transform, inPlace=False)
     try:
-        return float(method.MetricEvaluate(fixed, moving))
+        with quiet_itk():
+            value = float(method.MetricEvaluate(fixed, moving))
     except RuntimeError:
-        return math.nan  # e.g. no overlap left; the record says so and the caller judges it
+        return math.nan
+    return value if abs(value) < 1e300 else math.nan
 
 
 def run_pyramid(
@@ -95,7 +133,8 @@ def run_pyramid(
     method.AddCommand(sitk.sitkMultiResolutionIterationEvent, on_level)
     method.AddCommand(sitk.sitkIterationEvent, on_iteration)
     try:
-        transform = method.Execute(fixed, moving)
+        with quiet_itk():
+            transform = method.Execute(fixed, moving)
     except RuntimeError as err:
         lines = [line.strip() for line in str(err).splitlines() if line.strip()]
         reason = next((line for line in reversed(lines) if "Description" in line), lines[-1] if lines else "failed")
@@ -114,3 +153,96 @@ def transform_is_finite(transform: sitk.Transform) -> bool:
     if isinstance(transform, sitk.CompositeTransform):
         return all(transform_is_finite(transform.GetNthTransform(i)) for i in range(transform.GetNumberOfTransforms()))
     return bool(np.isfinite(transform.GetParameters()).all() and np.isfinite(transform.GetFixedParameters()).all())
+
+
+@dataclass(frozen=True)
+class Masks:
+    """Optional binary masks (nonzero = inside) restricting the metric, each on its image's grid.
+
+    The fixed mask also defines the target's foreground for the result checks.
+    """
+
+    fixed: sitk.Image | None = None
+    moving: sitk.Image | None = None
+
+    def __post_init__(self):
+        for name in ("fixed", "moving"):
+            mask = getattr(self, name)
+            if mask is not None:
+                object.__setattr__(self, name, sitk.Cast(sitk.NotEqual(mask, 0), sitk.sitkUInt8))
+
+
+def pyramid_image(image: sitk.Image, shrink: int, sigma: float) -> sitk.Image:
+    """``image`` smoothed with a Gaussian of ``sigma`` mm, then shrunk by ``shrink`` (voxel averaging)."""
+    if sigma > 0:
+        image = sitk.SmoothingRecursiveGaussian(image, sigma)
+    return sitk.BinShrink(image, [int(shrink)] * image.GetDimension()) if shrink > 1 else image
+
+
+def run_levels(shrink_factors, smoothing_sigmas, solve: Callable[[int, int, float], dict]) -> list[dict]:
+    """Coarse-to-fine driver of the non-rigid stages.
+
+    ``solve(level, shrink, sigma)`` is the stage's solver for one level: it carries
+    its own state from level to level and returns what it wants recorded
+    (iterations, metric, stop condition); the driver adds the level, its pyramid
+    settings and its time.
+    """
+    levels = []
+    for level, (shrink, sigma) in enumerate(zip(shrink_factors, smoothing_sigmas)):
+        start = time.perf_counter()
+        info = solve(level, int(shrink), float(sigma))
+        levels.append({"level": level, "shrink": int(shrink), "sigma": float(sigma), **info,
+                       "seconds": round(time.perf_counter() - start, 3)})
+    return levels
+
+
+# --------------------------------------------------------------------------- result checks
+
+class RegistrationDiverged(RegistrationError):
+    """A registration that ran but whose result cannot be trusted; ``record`` says what was measured."""
+
+    def __init__(self, message: str, record: dict):
+        super().__init__(message)
+        self.record = record
+
+
+def foreground(fixed: sitk.Image, masks: Masks | None = None) -> np.ndarray:
+    """Boolean array (numpy order) of the target's foreground: its mask, else an Otsu threshold."""
+    if masks is not None and masks.fixed is not None:
+        region = sitk.GetArrayFromImage(masks.fixed) > 0
+    else:
+        region = sitk.GetArrayFromImage(sitk.OtsuThreshold(fixed, 0, 1)) > 0
+    return region if region.any() else np.ones(region.shape, bool)
+
+
+def overlap_fraction(fixed: sitk.Image, moving: sitk.Image, transform: sitk.Transform, region: np.ndarray) -> float:
+    """Fraction of the foreground ``region`` of ``fixed`` that ``transform`` maps inside ``moving``'s domain."""
+    inside = sitk.Image(moving.GetSize(), sitk.sitkUInt8) + 1
+    inside.CopyInformation(moving)
+    mapped = sitk.GetArrayFromImage(sitk.Resample(inside, fixed, transform, sitk.sitkNearestNeighbor, 0)) > 0
+    return float((mapped & region).sum() / region.sum())
+
+
+def check_result(stage: str, record: dict, *, min_overlap: float, max_folded_fraction: float) -> None:
+    """Raise :class:`RegistrationDiverged` with the reason when a stage's result cannot be trusted.
+
+    ``record`` holds the stage's ``metric_before``/``metric_after`` (lower is better),
+    ``overlap`` and ``folded_fraction``; a metric that got worse than its start by more
+    than sampling noise (1 % of its magnitude, at least 1e-3) means the optimiser diverged.
+    """
+    before, after = record["metric_before"], record["metric_after"]
+    reasons = []
+    if not math.isfinite(after):
+        reasons.append("the metric cannot be evaluated (no overlap left)")
+    elif math.isfinite(before) and after > before + max(1e-3, 0.01 * abs(before)):
+        reasons.append(f"metric worse than at the start ({before:.4g} -> {after:.4g})")
+    if record["overlap"] < min_overlap:
+        reasons.append(f"only {record['overlap']:.0%} of the target's foreground maps inside the atlas "
+                       f"(min_overlap {min_overlap:.0%})")
+    if record["folded_fraction"] > max_folded_fraction:
+        reasons.append(f"{record['folded_fraction']:.1%} of the target's foreground is folded "
+                       f"(max_folded_fraction {max_folded_fraction:.1%})")
+    if reasons:
+        record["status"] = "diverged"
+        raise RegistrationDiverged(f"{stage} registration diverged: {'; '.join(reasons)}", record)
+    record["status"] = "ok"
