@@ -37,7 +37,17 @@ from .imageio import (
 )
 from .manifest import Atlas, Manifest, Target
 from .propagation import propagate_intensities, propagate_labels
-from .registration import Masks, RegistrationDiverged, affine_stage, nonrigid_stage, read_landmarks, save_transform
+from .registration import (
+    Masks,
+    RegistrationDiverged,
+    affine_stage,
+    jacobian_determinant,
+    nonrigid_stage,
+    read_landmarks,
+    register,
+    save_displacement_field,
+    save_transform,
+)
 from .selection import score_atlas, select_top
 
 log = logging.getLogger("atlasseg")
@@ -270,6 +280,71 @@ def json_safe(value):
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
+
+
+# --------------------------------------------------------------------------- one pair
+
+REGISTER_OUTPUTS = ("warped.nii.gz", "transform.h5", "displacement.nii.gz", "jacobian.nii.gz", "record.json")
+
+
+def register_files(
+    fixed_path: Path,
+    moving_path: Path,
+    config: RegistrationConfig,
+    *,
+    out_dir: Path,
+    labels_path: Path | None = None,
+    fixed_mask: Path | None = None,
+    moving_mask: Path | None = None,
+    fixed_landmarks: Path | None = None,
+    moving_landmarks: Path | None = None,
+) -> dict:
+    """Register one image pair from files; write the results into ``out_dir``.
+
+    Writes ``warped.nii.gz`` (the moving image on the fixed grid), ``transform.h5``
+    (fixed-space points → moving-space points, readable by ``SimpleITK.ReadTransform``
+    and ANTs), ``displacement.nii.gz`` (the same mapping as a displacement field on
+    the fixed grid), ``jacobian.nii.gz`` (its Jacobian determinant), ``record.json``
+    and, given moving labels, ``warped_labels.nii.gz``. A registration that fails its
+    checks writes only ``record.json`` (with the reason) and raises.
+    """
+    fixed, moving = read_image(fixed_path), read_image(moving_path)
+    for image, mask in ((fixed_path, fixed_mask), (moving_path, moving_mask), (moving_path, labels_path)):
+        if mask is not None:
+            check_same_grid(read_geometry(image), read_geometry(mask), image_path=image, labels_path=mask)
+    labels = read_labels(labels_path) if labels_path is not None else None
+    masks = None
+    if fixed_mask is not None or moving_mask is not None:
+        masks = Masks(*(read_labels(p) if p is not None else None for p in (fixed_mask, moving_mask)))
+    landmarks = None
+    if (fixed_landmarks is None) != (moving_landmarks is None):
+        raise ImageError("landmarks are needed for both images (--fixed-landmarks and --moving-landmarks)")
+    if fixed_landmarks is not None:
+        landmarks = (read_landmarks(fixed_landmarks, image=fixed), read_landmarks(moving_landmarks, image=moving))
+        if config.affine.initialization != "landmarks":
+            config = dataclasses.replace(config, affine=dataclasses.replace(config.affine, initialization="landmarks"))
+    start = time.perf_counter()
+    record = {"fixed": str(fixed_path), "moving": str(moving_path), "config": dataclasses.asdict(config)}
+    try:
+        transform, record["registration"] = register(
+            normalize_intensity(fixed, method=config.normalization),
+            normalize_intensity(moving, method=config.normalization),
+            config=config, masks=masks, landmarks=landmarks,
+        )
+    except RegistrationDiverged as err:
+        record.update(status="diverged", reason=str(err), registration=err.record)
+        atomic_write_text(out_dir / "record.json", json.dumps(json_safe(record), indent=2, allow_nan=False) + "\n")
+        raise
+    record["seconds"] = round(time.perf_counter() - start, 3)
+    record["status"] = "ok"
+    write_image(propagate_intensities(moving, transform, fixed), out_dir / "warped.nii.gz")
+    save_transform(transform, out_dir / "transform.h5")
+    save_displacement_field(transform, fixed, out_dir / "displacement.nii.gz")
+    write_image(jacobian_determinant(transform, fixed), out_dir / "jacobian.nii.gz")
+    if labels is not None:
+        write_image(propagate_labels(labels, transform, fixed), out_dir / "warped_labels.nii.gz")
+    atomic_write_text(out_dir / "record.json", json.dumps(json_safe(record), indent=2, allow_nan=False) + "\n")
+    return record
 
 
 # --------------------------------------------------------------------------- a whole run

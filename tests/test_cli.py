@@ -86,3 +86,35 @@ def test_ci_runs_the_readme_test_command():
     readme_commands = [line for line in (repo / "README.md").read_text().splitlines() if line.startswith("python3 -m venv")]
     assert len(readme_commands) == 2 and readme_commands[0].endswith("atlasseg demo")
     assert readme_commands[1] in (repo / ".ci" / "run").read_text().splitlines()
+
+
+def test_register_writes_a_transform_other_tools_read(manifest, tmp_path, capsys):
+    data = manifest.parent
+    fixed, moving = data / "images" / "case_004.nii.gz", data / "images" / "case_001.nii.gz"
+    labels = data / "labels" / "case_001.nii.gz"
+    argv = ["register", str(fixed), str(moving), "--labels", str(labels), "--config", "demo", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    assert "Jacobian" in capsys.readouterr().out
+    names = {"warped.nii.gz", "transform.h5", "displacement.nii.gz", "jacobian.nii.gz", "record.json", "warped_labels.nii.gz"}
+    assert {p.name for p in tmp_path.iterdir()} == names
+    transform = sitk.ReadTransform(str(tmp_path / "transform.h5"))
+    target = sitk.ReadImage(str(fixed))
+    expected = sitk.Resample(sitk.ReadImage(str(moving)), target, transform, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+    np.testing.assert_allclose(sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "warped.nii.gz"))),
+                               sitk.GetArrayFromImage(expected), atol=1e-4)
+    warped_labels = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "warped_labels.nii.gz")))
+    assert set(np.unique(warped_labels)) <= set(np.unique(sitk.GetArrayFromImage(sitk.ReadImage(str(labels)))))
+    assert sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "jacobian.nii.gz"))).min() > 0
+    record = json.loads((tmp_path / "record.json").read_text())
+    assert record["status"] == "ok" and set(record["registration"]) == {"affine", "nonrigid"}
+
+
+def test_register_that_diverges_says_why_and_writes_only_the_record(manifest, tmp_path, capsys):
+    data = manifest.parent
+    argv = ["register", str(data / "images" / "case_004.nii.gz"), str(data / "images" / "case_001.nii.gz"),
+            "--set", "registration.affine.learning_rate=50", "--set", "registration.affine.metric=mse",
+            "--out", str(tmp_path)]
+    assert main(argv) == 2
+    assert "affine registration diverged" in capsys.readouterr().err
+    assert [p.name for p in tmp_path.iterdir()] == ["record.json"]
+    assert json.loads((tmp_path / "record.json").read_text())["status"] == "diverged"

@@ -9,7 +9,7 @@ import SimpleITK as sitk
 
 from atlasseg.config import load_config
 from atlasseg.demo import make_demo_dataset
-from atlasseg.errors import ImageError
+from atlasseg.errors import ImageError, RegistrationError
 from atlasseg.manifest import load_manifest
 from atlasseg.pipeline import check_inputs, run, thread_budget
 from atlasseg.config import ParallelConfig
@@ -99,3 +99,37 @@ def test_thread_budget_never_oversubscribes(n_jobs, tasks, monkeypatch):
     jobs, threads = thread_budget(ParallelConfig(n_jobs=n_jobs), tasks)
     assert 1 <= jobs <= min(tasks, 4) and jobs * threads <= 4
     assert jobs == (1 if n_jobs == 1 else min(4, tasks, 4 if n_jobs == -1 else n_jobs))
+
+
+def test_a_diverging_atlas_is_dropped_and_min_atlases_enforced(demo2d, tmp_path):
+    """An atlas moved far away cannot overlap the target after a centre-free start: dropped with the reason."""
+    far = tmp_path / "far.nii.gz"
+    image = sitk.ReadImage(str(demo2d.atlases[0].image))
+    image.SetOrigin(np.add(image.GetOrigin(), (500.0, 0.0)).tolist())
+    sitk.WriteImage(image, str(far))
+    labels = sitk.ReadImage(str(demo2d.atlases[0].labels))
+    labels.CopyInformation(image)
+    sitk.WriteImage(labels, str(tmp_path / "far_labels.nii.gz"))
+    manifest = tmp_path / "manifest.yaml"
+    atlases = [{"id": "far", "image": str(far), "labels": str(tmp_path / "far_labels.nii.gz")}] + [
+        {"id": a.id, "image": str(a.image), "labels": str(a.labels)} for a in demo2d.atlases[1:3]
+    ]
+    target = demo2d.targets[0]
+    doc = {"atlases": atlases, "targets": [{"id": target.id, "image": str(target.image), "labels": str(target.labels)}]}
+    manifest.write_text(json.dumps(doc))
+    config = load_config("demo", overrides=["registration.affine.initialization=none"])
+    (result,) = run(config, load_manifest(manifest), out_dir=tmp_path / "out")
+    dropped = result.record["dropped"]
+    assert [d["atlas"] for d in dropped] == ["far"]
+    assert dropped[0]["reason"] == ("registration failed: All samples map outside moving image buffer. "
+                                    "The images do not sufficiently overlap")
+    assert sorted(result.record["selected"]) == [a["id"] for a in atlases[1:]]
+    strict = load_config("demo", overrides=["registration.affine.initialization=none", "selection.min_atlases=3"])
+    with pytest.raises(RegistrationError, match="selection.min_atlases is 3"):
+        run(strict, load_manifest(manifest), out_dir=tmp_path / "strict")
+
+
+def test_landmark_initialisation_needs_landmarks_for_every_entry(demo2d):
+    config = load_config("demo", overrides=["registration.affine.initialization=landmarks"])
+    with pytest.raises(ImageError, match="has no 'landmarks' file"):
+        check_inputs(demo2d, config)

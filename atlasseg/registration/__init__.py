@@ -68,7 +68,7 @@ def nonrigid_stage(
     transform, record = register_nonrigid(fixed, moving, initial=initial, config=config.nonrigid, seed=config.seed,
                                           masks=masks)
     region = foreground(fixed, masks)
-    jacobian = sitk.GetArrayViewFromImage(jacobian_determinant(transform, fixed))[region]
+    jacobian = sitk.GetArrayFromImage(jacobian_determinant(transform, fixed))[region]  # a copy: the image is a temporary
     record["jacobian_min"] = float(jacobian.min())
     record["jacobian_max"] = float(jacobian.max())
     record["folded_voxels"] = int((jacobian <= 0).sum())

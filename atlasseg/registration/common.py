@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -100,6 +101,14 @@ def metric_value(
     return value if abs(value) < 1e300 else math.nan
 
 
+def itk_reason(err: RuntimeError) -> str:
+    """The gist of an ITK exception: its description, without the class name, address or advice."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    reason = next((line for line in reversed(lines) if "Description" in line), lines[-1] if lines else "failed")
+    reason = re.sub(r"^(Description:\s*)?(ITK ERROR:\s*)?\w+\(0x[0-9a-fA-F]+\):\s*", "", reason.strip())
+    return ". ".join(reason.split(". ")[:2]).rstrip(".")
+
+
 def run_pyramid(
     method: sitk.ImageRegistrationMethod,
     fixed: sitk.Image,
@@ -136,9 +145,7 @@ def run_pyramid(
         with quiet_itk():
             transform = method.Execute(fixed, moving)
     except RuntimeError as err:
-        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-        reason = next((line for line in reversed(lines) if "Description" in line), lines[-1] if lines else "failed")
-        raise RegistrationError(f"registration failed: {reason.replace('Description:', '').strip()}") from None
+        raise RegistrationError(f"registration failed: {itk_reason(err)}") from None
     if levels:
         levels[-1]["seconds"] = round(time.perf_counter() - clock["t"], 3)
     record = {
