@@ -206,7 +206,10 @@ class RegistrationConfig:
         Per-image intensity normalisation before any comparison: ``percentile``
         (0.5th–99.5th percentile mapped to [0, 1] and clipped) or ``none``.
     seed : int
-        Seed of the metric's random sampling (runs are repeatable).
+        Seed of the metric's random sampling. The same inputs, config and seed give
+        bitwise-identical transforms for a fixed ITK thread count (``parallel.itk_threads``);
+        with the ``mattes`` metric only on one thread (ITK adds its per-thread sums in
+        whatever order the threads finish).
     min_overlap : float
         A registration is flagged as failed when less than this fraction of the
         target's foreground maps inside the atlas image.
