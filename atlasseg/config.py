@@ -190,17 +190,18 @@ class PropagationConfig:
 
 @dataclass(frozen=True)
 class FusionConfig:
-    """How candidates become one segmentation: a weighted vote per voxel.
+    """How candidates become one segmentation: a weighted vote per voxel, or STAPLE.
 
     Parameters
     ----------
     method : str
         ``majority`` (every candidate weighs 1), ``global_weighted`` (one weight per
-        candidate: inverse mean squared intensity difference to the target) or
+        candidate: inverse mean squared intensity difference to the target),
         ``local_weighted`` (a weight per voxel: that difference averaged in a
-        Gaussian window; the default, best on MSD hippocampus and the demo) or
-        ``jlf`` (joint label fusion, Wang et al. 2013).
-        A tie goes to the smallest label value.
+        Gaussian window; the default, best on MSD hippocampus and the demo),
+        ``jlf`` (joint label fusion, Wang et al. 2013) or ``staple`` (STAPLE,
+        Warfield et al. 2004: each atlas's confusion matrix estimated by EM where
+        the atlases disagree; labels only). A tie goes to the smallest label value.
     gain : float
         Power applied to the inverse squared difference; larger trusts the
         best-matching atlas more. Weighted methods only.
@@ -212,14 +213,20 @@ class FusionConfig:
         ``jlf``: ridge added to the error matrix (larger is closer to an equal vote).
     beta : float
         ``jlf``: power applied to the patch differences.
+    staple_iterations : int
+        ``staple``: most EM iterations.
+    staple_tolerance : float
+        ``staple``: EM stops once no confusion-matrix entry changes by this much.
     """
 
-    method: Literal["majority", "global_weighted", "local_weighted", "jlf"] = "local_weighted"
+    method: Literal["majority", "global_weighted", "local_weighted", "jlf", "staple"] = "local_weighted"
     gain: float = 1.0
     sigma: float = 2.0
     patch_radius: int = 2
     alpha: float = 0.1
     beta: float = 2.0
+    staple_iterations: int = 50
+    staple_tolerance: float = 1e-5
 
     def __post_init__(self):
         _require(self.patch_radius >= 0, "patch_radius", "must be >= 0 (voxels)")
@@ -227,6 +234,8 @@ class FusionConfig:
         _require(self.beta > 0, "beta", "must be > 0")
         _require(self.gain >= 0, "gain", "must be >= 0")
         _require(self.sigma > 0, "sigma", "must be > 0 (mm)")
+        _require(self.staple_iterations >= 1, "staple_iterations", "must be >= 1")
+        _require(self.staple_tolerance >= 0, "staple_tolerance", "must be >= 0")
 
 
 @dataclass(frozen=True)
