@@ -217,6 +217,13 @@ class FusionConfig:
         ``staple``: most EM iterations.
     staple_tolerance : float
         ``staple``: EM stops once no confusion-matrix entry changes by this much.
+    keep_largest_component : bool
+        After fusion, each label keeps only its largest connected component
+        (26-connected in 3D, 8 in 2D); the voxels cut off go to the next most
+        probable label there, or background where no other label has a vote.
+    fill_holes : bool
+        After fusion (and ``keep_largest_component``), background enclosed by one
+        label (6-connected in 3D, 4 in 2D) becomes that label.
     """
 
     method: Literal["majority", "global_weighted", "local_weighted", "jlf", "staple"] = "local_weighted"
@@ -227,6 +234,8 @@ class FusionConfig:
     beta: float = 2.0
     staple_iterations: int = 50
     staple_tolerance: float = 1e-5
+    keep_largest_component: bool = False
+    fill_holes: bool = False
 
     def __post_init__(self):
         _require(self.patch_radius >= 0, "patch_radius", "must be >= 0 (voxels)")

@@ -5,7 +5,7 @@ from scipy import ndimage
 
 from atlasseg.errors import AtlassegError, ConfigError
 from atlasseg.config import FusionConfig, load_config
-from atlasseg.fusion import WeightedVote, make_fuser
+from atlasseg.fusion import WeightedVote, fill_holes, keep_largest_component, make_fuser
 from atlasseg.propagation import propagate_labels
 from conftest import phantom, rigid
 
@@ -319,3 +319,137 @@ def test_staple_config_is_validated():
     with pytest.raises(ConfigError, match="staple_tolerance"):
         load_config(None, overrides=["fusion.staple_tolerance=-1.0"])
     assert load_config(None, overrides=["fusion.method=staple"]).fusion.method == "staple"
+
+
+# --------------------------------------------------------------------------- post-processing
+
+
+def grid(text: str) -> np.ndarray:
+    """A 2D label array drawn as rows of digits ('.' is background)."""
+    return np.array([[0 if c == "." else int(c) for c in row] for row in text.split()], dtype=np.uint8)
+
+
+def test_keep_largest_component_sends_stray_pieces_to_background():
+    before = grid("""
+        11..1.
+        11....
+        ..1...
+        ......
+        22..22
+        22..2.
+    """)
+    after = grid("""
+        11....
+        11....
+        ..1...
+        ......
+        22....
+        22....
+    """)  # the diagonal neighbour of the 1 block is part of it (8-connected); equal 2 pieces: the first stays
+    out = keep_largest_component(labels(before))
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(out), after)
+    assert out.GetOrigin() == (5.0, -3.0) and out.GetSpacing() == (0.5, 2.0) and out.GetPixelID() == sitk.sitkUInt8
+
+
+def test_keep_largest_component_gives_cut_off_voxels_to_the_next_most_probable_label():
+    before = grid("""
+        111.3
+        111.1
+        111..
+        .....
+        2.1..
+    """)
+    shape = before.shape
+    p = {0: np.full(shape, 0.2), 1: np.full(shape, 0.5), 2: np.zeros(shape), 3: np.zeros(shape)}
+    p[3][1, 4] = 0.3    # the stray 1 beside the 3: 3 is next (0.3 > background's 0.2)
+    p[1][4, 2] = 1.0    # the stray 1 at the bottom: no other label has a vote there
+    p[0][4, 2] = 0.0
+    out = keep_largest_component(labels(before), {v: intensities(m) for v, m in p.items()})
+    after = before.copy()
+    after[1, 4], after[4, 2] = 3, 0
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(out), after)
+
+
+def test_keep_largest_component_3d_counts_corner_contact_as_connected():
+    array = np.zeros((6, 6, 6), np.uint16)
+    array[0:2, 0:2, 0:2] = 700
+    array[2, 2, 2] = 700  # touches the block at a corner only: kept
+    array[4, 4, 4] = 700  # apart: removed
+    expected = array.copy()
+    expected[4, 4, 4] = 0
+    out = keep_largest_component(sitk.GetImageFromArray(array))
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(out), expected)
+
+
+def test_fill_holes_fills_background_enclosed_by_one_label():
+    before = grid("""
+        1111....1.1
+        1..1.22.1.1
+        1.31.22.111
+        1111.......
+        ...........
+        3333...4...
+        3..4..4.4..
+        3333...4...
+    """)
+    after = grid("""
+        1111....1.1
+        1111.22.1.1
+        1131.22.111
+        1111.......
+        ...........
+        3333...4...
+        3..4..444..
+        3333...4...
+    """)
+    # Filled: the hole in the 1 ring (the 3 inside it stays) and the centre of the 4
+    # diamond, closed only at corners (background is 4-connected). Not filled: the 1 U
+    # open at the image border, and the pocket of 3 that a 4 closes (no one label encloses it).
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(fill_holes(labels(before))), after)
+
+
+@pytest.mark.parametrize("outer, inner", [(1, 2), (2, 1)])
+def test_fill_holes_gives_nested_holes_to_the_innermost_label(outer, inner):
+    drawing = grid("""
+        1111111
+        1.....1
+        1.222.1
+        1.2.2.1
+        1.222.1
+        1.....1
+        1111111
+    """)
+    before = np.choose(drawing, [0, outer, inner]).astype(np.uint8)
+    after = np.where(before == 0, outer, before)
+    after[3, 3] = inner
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(fill_holes(labels(before))), after)
+
+
+def test_fill_holes_3d_hollow_ball():
+    z, y, x = np.indices((15, 15, 15)) - 7
+    r = np.sqrt(x * x + y * y + z * z)
+    ball = np.where(r <= 6, 5, 0).astype(np.int32)
+    shell = np.where(r <= 3, 0, ball)
+    open_shell = shell.copy()
+    open_shell[7, 7, 10:] = 0  # a channel from the cavity out of the ball
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(fill_holes(sitk.GetImageFromArray(shell))), ball)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(fill_holes(sitk.GetImageFromArray(open_shell))), open_shell)
+
+
+@pytest.mark.parametrize("method", ["majority", "staple"])
+def test_fusers_post_process_as_configured(method):
+    """Three candidates that agree on a ring with a hole and a stray voxel: the result is
+    cleaned only when asked; the probability maps stay those of the fusion."""
+    ring = grid("""
+        .......
+        .111...
+        .1.1...
+        .111..1
+    """)
+    plain = fuse(FusionConfig(method=method), [labels(ring)] * 3)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(plain.result()), ring)
+    cleaned = fuse(FusionConfig(method=method, keep_largest_component=True, fill_holes=True), [labels(ring)] * 3)
+    expected = ring.copy()
+    expected[2, 2], expected[3, 6] = 1, 0
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(cleaned.result()), expected)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(cleaned.probabilities()[1]), ring.astype(np.float32))
