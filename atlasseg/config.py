@@ -182,10 +182,14 @@ class PropagationConfig:
     Parameters
     ----------
     interpolator : str
-        ``nearest`` (nearest neighbour; label values are never mixed).
+        ``nearest`` (nearest neighbour), ``linear`` (each label's indicator resampled
+        linearly, the largest wins: boundaries without the atlas voxels' staircase) or
+        ``gaussian`` (the same with a Gaussian of one atlas voxel: SimpleITK's
+        ``sitkLabelGaussian``; slower, and it smooths even without motion). Label
+        values are never mixed; the pixel type is kept.
     """
 
-    interpolator: Literal["nearest"] = "nearest"
+    interpolator: Literal["nearest", "linear", "gaussian"] = "nearest"
 
 
 @dataclass(frozen=True)

@@ -65,6 +65,13 @@ def intensities(array) -> sitk.Image:
     return image
 
 
+def _like(array: np.ndarray, reference: sitk.Image) -> sitk.Image:
+    """``array`` as an image on ``reference``'s grid."""
+    image = sitk.GetImageFromArray(array)
+    image.CopyInformation(reference)
+    return image
+
+
 def test_global_weights_let_one_good_atlas_outvote_two_poor_ones():
     rng = np.random.default_rng(0)
     target = rng.uniform(size=(8, 8))
@@ -171,12 +178,6 @@ def test_nearest_neighbour_propagation_never_invents_label_values(dim):
     assert out.GetSpacing() == reference.GetSpacing() and out.GetOrigin() == reference.GetOrigin()
 
 
-def test_identity_propagation_keeps_labels_exactly(dim):
-    _, lab = phantom(dim=dim, size=20)
-    out = propagate_labels(lab, sitk.Transform(dim, sitk.sitkIdentity), lab)
-    np.testing.assert_array_equal(sitk.GetArrayFromImage(out), sitk.GetArrayFromImage(lab))
-
-
 # --------------------------------------------------------------------------- STAPLE
 
 STAPLE = FusionConfig(method="staple")
@@ -205,12 +206,6 @@ def test_staple_recovers_the_truth_and_finds_the_rater_that_misses_half_a_struct
     sensitivity = fuser.confusion[:, one, one]
     assert sensitivity[1] < 0.8 < min(sensitivity[0], sensitivity[2])
     assert fuser.converged and fuser.iterations <= STAPLE.staple_iterations
-
-
-def _like(array: np.ndarray, reference: sitk.Image) -> sitk.Image:
-    image = sitk.GetImageFromArray(array)
-    image.CopyInformation(reference)
-    return image
 
 
 def test_staple_trusts_reliable_raters_where_a_majority_of_poor_ones_is_wrong():
@@ -453,3 +448,113 @@ def test_fusers_post_process_as_configured(method):
     expected[2, 2], expected[3, 6] = 1, 0
     np.testing.assert_array_equal(sitk.GetArrayFromImage(cleaned.result()), expected)
     np.testing.assert_array_equal(sitk.GetArrayFromImage(cleaned.probabilities()[1]), ring.astype(np.float32))
+
+
+# --------------------------------------------------------------------------- smooth label propagation
+
+INTERPOLATORS = ["nearest", "linear", "gaussian"]
+
+
+@pytest.mark.parametrize("interpolator", ["nearest", "linear"])
+def test_identity_propagation_keeps_labels_exactly(dim, interpolator):
+    _, lab = phantom(dim=dim, size=20)
+    out = propagate_labels(lab, sitk.Transform(dim, sitk.sitkIdentity), lab, interpolator=interpolator)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(out), sitk.GetArrayFromImage(lab))
+
+
+def test_gaussian_propagation_smooths_even_without_motion(dim):
+    """The Gaussian kernel (one voxel wide) rounds off corners and drops a lone voxel (in 3D
+    even the phantom's small sphere, about two voxels across)."""
+    _, lab = phantom(dim=dim, size=20)
+    array = sitk.GetArrayFromImage(lab)
+    array[(2,) * dim] = 9  # a lone voxel in the background
+    out = sitk.GetArrayFromImage(
+        propagate_labels(_like(array, lab), sitk.Transform(dim, sitk.sitkIdentity), lab, interpolator="gaussian")
+    )
+    assert out[(2,) * dim] == 0
+    assert (out == array).mean() > 0.99
+    assert {0, 1, 2, 3} <= set(np.unique(out).tolist()) <= {0, 1, 2, 3, 4}
+
+
+@pytest.mark.parametrize("interpolator", INTERPOLATORS)
+def test_translation_by_whole_voxels_shifts_the_labels(dim, interpolator):
+    """Anisotropic voxels; a shift of (2, 1, 1) voxels: the map moves, values and type kept."""
+    _, lab = phantom(dim=dim, size=20)
+    lab = sitk.Cast(lab, sitk.sitkUInt16) * 300  # values 0, 300, …, 1200
+    lab.SetSpacing([0.8, 1.7, 1.1][:dim])
+    voxels = [2, 1, 1][:dim]
+    shift = sitk.TranslationTransform(dim, [v * s for v, s in zip(voxels, lab.GetSpacing())])
+    identity = sitk.Transform(dim, sitk.sitkIdentity)
+    still = sitk.GetArrayFromImage(propagate_labels(lab, identity, lab, interpolator=interpolator))
+    out = propagate_labels(lab, shift, lab, interpolator=interpolator)
+    assert out.GetPixelID() == sitk.sitkUInt16
+    expected = np.zeros_like(still)  # output voxel i shows input voxel i + shift (array axes are z, y, x)
+    expected[tuple(slice(0, -v) for v in voxels[::-1])] = still[tuple(slice(v, None) for v in voxels[::-1])]
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(out), expected)
+
+
+@pytest.mark.parametrize("interpolator", INTERPOLATORS)
+@pytest.mark.parametrize("dtype", [np.uint32, np.int32, np.int64])
+def test_large_label_values_survive_smooth_propagation(interpolator, dtype):
+    array = np.zeros((24, 24), dtype)
+    array[4:14, 4:20] = 1000
+    array[14:20, 6:18] = 70000
+    image = sitk.GetImageFromArray(array)
+    motion = sitk.Euler2DTransform((12.0, 12.0), 0.2, (0.4, -0.3))
+    out = propagate_labels(image, motion, image, interpolator=interpolator)
+    assert out.GetPixelID() == image.GetPixelID()
+    assert set(np.unique(sitk.GetArrayFromImage(out)).tolist()) == {0, 1000, 70000}
+
+
+def test_linear_propagation_of_many_labels_breaks_ties_towards_the_smaller_value():
+    """300 labels in 3 × 3 blocks, values growing rightwards and downwards, sampled half a
+    voxel right and down: inside a block nothing changes, and on block edges the labels'
+    indicators tie, so the smaller value, the block's own, wins. The last row and column
+    sample outside the atlas: background."""
+    values = (np.arange(300, dtype=np.int32) + 1) * 7
+    array = np.kron(values.reshape(15, 20), np.ones((3, 3), np.int32))
+    image = sitk.GetImageFromArray(array)
+    out = sitk.GetArrayFromImage(
+        propagate_labels(image, sitk.TranslationTransform(2, (0.5, 0.5)), image, interpolator="linear")
+    )
+    np.testing.assert_array_equal(out[:-1, :-1], array[:-1, :-1])
+    assert (out[-1] == 0).all() and (out[:, -1] == 0).all()
+
+
+def test_linear_propagation_tie_with_background_goes_to_background():
+    image = sitk.GetImageFromArray(np.array([[0, 0, 5, 5, 5, 0]] * 2, np.uint8))
+    out = propagate_labels(image, sitk.TranslationTransform(2, (0.5, 0.0)), image, interpolator="linear")
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(out), [[0, 0, 5, 5, 0, 0]] * 2)
+
+
+def test_linear_one_hot_propagation_follows_a_rotated_disc_better_than_nearest():
+    """A disc on a 1 mm grid, rotated by 7° about another point and resampled onto a 0.25 mm
+    grid: nearest neighbour copies the 1 mm staircase, the interpolated indicators round it
+    off. Dice is against the disc rotated analytically."""
+    centre, radius = np.array([18.3, 13.7]), 6.2
+    x = np.arange(32.0)
+    atlas = sitk.GetImageFromArray((np.hypot(*np.meshgrid(x - centre[0], x - centre[1])) <= radius).astype(np.uint8))
+    target = sitk.Image([128, 128], sitk.sitkUInt8)
+    target.SetSpacing((0.25, 0.25))
+    rotation = sitk.Euler2DTransform((15.5, 15.5), np.deg2rad(7.0), (0.0, 0.0))
+    points = np.stack(np.meshgrid(np.arange(128) * 0.25, np.arange(128) * 0.25), axis=-1)  # x, y of each target voxel
+    matrix, pivot = np.array(rotation.GetMatrix()).reshape(2, 2), np.array(rotation.GetCenter())
+    mapped = (points - pivot) @ matrix.T + pivot  # where the transform takes each target point in the atlas
+    truth = np.hypot(*(mapped - centre).transpose(2, 0, 1)) <= radius
+
+    def dice(interpolator: str) -> float:
+        out = sitk.GetArrayFromImage(propagate_labels(atlas, rotation, target, interpolator=interpolator)) == 1
+        return 2 * (out & truth).sum() / (out.sum() + truth.sum())
+
+    nearest = dice("nearest")
+    assert dice("linear") > nearest + 0.005
+    assert dice("gaussian") > nearest
+
+
+def test_propagation_interpolator_is_a_checked_choice():
+    assert load_config(None, overrides=["propagation.interpolator=linear"]).propagation.interpolator == "linear"
+    with pytest.raises(ConfigError, match="propagation.interpolator"):
+        load_config(None, overrides=["propagation.interpolator=bilinear"])
+    _, lab = phantom(dim=2, size=8)
+    with pytest.raises(AtlassegError, match="unknown label interpolator 'bilinear'"):
+        propagate_labels(lab, sitk.Transform(2, sitk.sitkIdentity), lab, interpolator="bilinear")
