@@ -237,25 +237,30 @@ class PropagationConfig:
     Parameters
     ----------
     interpolator : str
-        ``nearest`` (nearest neighbour; label values are never mixed).
+        ``nearest`` (nearest neighbour), ``linear`` (each label's indicator resampled
+        linearly, the largest wins: boundaries without the atlas voxels' staircase) or
+        ``gaussian`` (the same with a Gaussian of one atlas voxel: SimpleITK's
+        ``sitkLabelGaussian``; slower, and it smooths even without motion). Label
+        values are never mixed; the pixel type is kept.
     """
 
-    interpolator: Literal["nearest"] = "nearest"
+    interpolator: Literal["nearest", "linear", "gaussian"] = "nearest"
 
 
 @dataclass(frozen=True)
 class FusionConfig:
-    """How candidates become one segmentation: a weighted vote per voxel.
+    """How candidates become one segmentation: a weighted vote per voxel, or STAPLE.
 
     Parameters
     ----------
     method : str
         ``majority`` (every candidate weighs 1), ``global_weighted`` (one weight per
-        candidate: inverse mean squared intensity difference to the target) or
+        candidate: inverse mean squared intensity difference to the target),
         ``local_weighted`` (a weight per voxel: that difference averaged in a
-        Gaussian window; the default, best on MSD hippocampus and the demo) or
-        ``jlf`` (joint label fusion, Wang et al. 2013).
-        A tie goes to the smallest label value.
+        Gaussian window; the default, best on MSD hippocampus and the demo),
+        ``jlf`` (joint label fusion, Wang et al. 2013) or ``staple`` (STAPLE,
+        Warfield et al. 2004: each atlas's confusion matrix estimated by EM where
+        the atlases disagree; labels only). A tie goes to the smallest label value.
     gain : float
         Power applied to the inverse squared difference; larger trusts the
         best-matching atlas more. Weighted methods only.
@@ -267,14 +272,29 @@ class FusionConfig:
         ``jlf``: ridge added to the error matrix (larger is closer to an equal vote).
     beta : float
         ``jlf``: power applied to the patch differences.
+    staple_iterations : int
+        ``staple``: most EM iterations.
+    staple_tolerance : float
+        ``staple``: EM stops once no confusion-matrix entry changes by this much.
+    keep_largest_component : bool
+        After fusion, each label keeps only its largest connected component
+        (26-connected in 3D, 8 in 2D); the voxels cut off go to the next most
+        probable label there, or background where no other label has a vote.
+    fill_holes : bool
+        After fusion (and ``keep_largest_component``), background enclosed by one
+        label (6-connected in 3D, 4 in 2D) becomes that label.
     """
 
-    method: Literal["majority", "global_weighted", "local_weighted", "jlf"] = "local_weighted"
+    method: Literal["majority", "global_weighted", "local_weighted", "jlf", "staple"] = "local_weighted"
     gain: float = 1.0
     sigma: float = 2.0
     patch_radius: int = 2
     alpha: float = 0.1
     beta: float = 2.0
+    staple_iterations: int = 50
+    staple_tolerance: float = 1e-5
+    keep_largest_component: bool = False
+    fill_holes: bool = False
 
     def __post_init__(self):
         _require(self.patch_radius >= 0, "patch_radius", "must be >= 0 (voxels)")
@@ -282,6 +302,8 @@ class FusionConfig:
         _require(self.beta > 0, "beta", "must be > 0")
         _require(self.gain >= 0, "gain", "must be >= 0")
         _require(self.sigma > 0, "sigma", "must be > 0 (mm)")
+        _require(self.staple_iterations >= 1, "staple_iterations", "must be >= 1")
+        _require(self.staple_tolerance >= 0, "staple_tolerance", "must be >= 0")
 
 
 @dataclass(frozen=True)
