@@ -352,3 +352,16 @@ def test_result_checks_name_the_reason(change, reason):
     else:
         with pytest.raises(RegistrationDiverged, match=reason):
             check_result("non-rigid", record, min_overlap=0.5, max_folded_fraction=0.01)
+
+
+def test_control_grid_never_outnumbers_thick_slices():
+    """On 8 mm slices a 6 mm grid stays coarser than two slices along z, and the grids still nest."""
+    from atlasseg.registration.nonrigid import _meshes
+
+    image = sitk.Image([128, 128, 15], sitk.sitkFloat32)
+    image.SetSpacing((2.5, 2.5, 8.0))
+    meshes = _meshes(image, grid_spacing=6.0, levels=3)
+    assert meshes[-1][:2] == [52, 52]  # about 6 mm in-plane
+    assert all(m[2] <= 7 for m in meshes)  # spans of at least two 8 mm slices
+    for coarse, fine in zip(meshes, meshes[1:]):
+        assert all(f in (c, 2 * c) for c, f in zip(coarse, fine))

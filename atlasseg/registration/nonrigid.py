@@ -28,11 +28,23 @@ from .common import Masks, pyramid_image, run_levels, transform_is_finite
 from .transforms import displacement_field
 
 
-def _coarse_mesh(fixed: sitk.Image, *, grid_spacing: float, levels: int) -> list[int]:
-    """Control-grid mesh size at the coarsest level, so the finest level has about ``grid_spacing`` mm."""
-    extent = np.asarray(fixed.GetSize()) * np.asarray(fixed.GetSpacing())
-    coarse = grid_spacing * 2 ** (levels - 1)
-    return [max(1, int(round(e / coarse))) for e in extent]
+def _meshes(fixed: sitk.Image, *, grid_spacing: float, levels: int) -> list[list[int]]:
+    """Control-grid mesh sizes (cubic spans per axis), coarse to fine, ending near ``grid_spacing`` mm.
+
+    Each level doubles the mesh of an axis (so the grids nest and refinement is exact)
+    unless the spans would become shorter than two voxels of that axis: on thick-slice
+    images the control points never outnumber the slices, which would let the
+    deformation fold between them.
+    """
+    voxel = np.asarray(fixed.GetSpacing())
+    extent = np.asarray(fixed.GetSize()) * voxel
+    finest = np.maximum(1, np.floor(extent / (2.0 * voxel))).astype(int)  # spans of at least two voxels
+    mesh = np.minimum(finest, np.maximum(1, np.round(extent / (grid_spacing * 2 ** (levels - 1))))).astype(int)
+    meshes = [mesh.tolist()]
+    for _ in range(levels - 1):
+        mesh = np.where(2 * mesh <= finest, 2 * mesh, mesh)
+        meshes.append(mesh.tolist())
+    return meshes
 
 
 def jacobian_determinant(transform: sitk.Transform, reference: sitk.Image) -> sitk.Image:
@@ -346,8 +358,8 @@ def stage_metric(fixed, moving, transform, *, config: NonrigidConfig, masks: Mas
 def _refine(coefficients: np.ndarray, coarse: _ControlGrid, fine: _ControlGrid, reference: sitk.Image) -> np.ndarray:
     """Coefficients on ``fine`` giving the same displacement as ``coefficients`` on ``coarse``.
 
-    ITK's grids for mesh m and 2m over one domain are nested, so the coarse spline is
-    exactly a fine spline; the per-axis least-squares fit on the voxel positions finds it.
+    ITK's grids for mesh m and 2m (or m again) over one domain are nested, so the coarse
+    spline is exactly a fine spline; the per-axis least-squares fit on the voxel positions finds it.
     """
     out = coefficients
     for axis, (wc, wf) in enumerate(zip(coarse.weights(reference), fine.weights(reference))):
@@ -382,15 +394,14 @@ def register_bspline(
         Jacobian are added by the caller, for every non-rigid method alike).
     """
     dim = fixed.GetDimension()
-    n_levels = len(config.shrink_factors)
-    mesh = _coarse_mesh(fixed, grid_spacing=config.grid_spacing, levels=n_levels)
-    state = {"grid": _ControlGrid.over(fixed, mesh)}
+    meshes = _meshes(fixed, grid_spacing=config.grid_spacing, levels=len(config.shrink_factors))
+    state = {"grid": _ControlGrid.over(fixed, meshes[0])}
     state["coefficients"] = np.zeros((dim,) + state["grid"].size[::-1])
 
     def solve(level: int, shrink: int, sigma: float) -> dict:
         grid, coefficients = state["grid"], state["coefficients"]
         if level:
-            finer = _ControlGrid.over(fixed, [m * 2**level for m in mesh])
+            finer = _ControlGrid.over(fixed, meshes[level])
             coefficients = _refine(coefficients, grid, finer, fixed)
             grid = state["grid"] = finer
         objective = _Level(fixed, moving, initial, grid, shrink=shrink, sigma=sigma, config=config,
@@ -443,13 +454,13 @@ def register_demons(
             demons = sitk.DiffeomorphicDemonsRegistrationFilter()
         else:
             demons = sitk.FastSymmetricForcesDemonsRegistrationFilter()
-        voxel = float(np.mean(f.GetSpacing()))  # ITK takes these sigmas in voxels
+        voxel = np.asarray(f.GetSpacing())  # ITK takes these sigmas in voxels, per axis
         demons.SetNumberOfIterations(config.iterations)
         demons.SetUseImageSpacing(True)
         demons.SetSmoothDisplacementField(config.field_sigma > 0)
-        demons.SetStandardDeviations(max(config.field_sigma / voxel, 1e-3))
+        demons.SetStandardDeviations(np.maximum(config.field_sigma / voxel, 1e-3).tolist())
         demons.SetSmoothUpdateField(config.update_sigma > 0)
-        demons.SetUpdateFieldStandardDeviations(max(config.update_sigma / voxel, 1e-3))
+        demons.SetUpdateFieldStandardDeviations(np.maximum(config.update_sigma / voxel, 1e-3).tolist())
         state["field"] = demons.Execute(f, m, start)
         iterations = int(demons.GetElapsedIterations())
         return {"iterations": iterations, "metric": float(demons.GetMetric()),
