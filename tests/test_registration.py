@@ -365,3 +365,15 @@ def test_control_grid_never_outnumbers_thick_slices():
     assert all(m[2] <= 7 for m in meshes)  # spans of at least two 8 mm slices
     for coarse, fine in zip(meshes, meshes[1:]):
         assert all(f in (c, 2 * c) for c, f in zip(coarse, fine))
+
+
+def test_jacobian_is_physical_on_an_oblique_flipped_grid():
+    """An affine's Jacobian is its determinant whatever the grid's direction (LPS flips, oblique)."""
+    image, _ = phantom(dim=3, size=12)
+    image.SetSpacing((1.0, 1.5, 3.0))
+    truth = known_affine(3)
+    expected = np.linalg.det(np.asarray(truth.GetMatrix()).reshape(3, 3))
+    for direction in [(1, 0, 0, 0, 1, 0, 0, 0, 1), (-1, 0, 0, 0, -1, 0, 0, 0, 1),
+                      sitk.VersorTransform((0.3, -0.2, 1.0), 0.5).GetMatrix()]:
+        image.SetDirection(direction)
+        np.testing.assert_allclose(sitk.GetArrayFromImage(jacobian_determinant(truth, image)), expected, rtol=1e-5)

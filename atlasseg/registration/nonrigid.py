@@ -48,9 +48,25 @@ def _meshes(fixed: sitk.Image, *, grid_spacing: float, levels: int) -> list[list
 
 
 def jacobian_determinant(transform: sitk.Transform, reference: sitk.Image) -> sitk.Image:
-    """Jacobian determinant of ``transform`` sampled on ``reference``'s grid (float32)."""
-    field = displacement_field(transform, reference)
-    return sitk.Cast(sitk.DisplacementFieldJacobianDeterminant(field), sitk.sitkFloat32)
+    """Jacobian determinant of ``transform`` sampled on ``reference``'s grid (float32).
+
+    Central differences inside, one-sided at the borders (exact for an affine map
+    everywhere). The displacement vectors are physical while differences run along the
+    grid's axes: they are first expressed in the grid's axes (u' = Dᵀ u, for direction D),
+    so det(I + Dᵀ (du/dx) D) = det(I + du/dx) on oblique and flipped grids alike.
+    (ITK's DisplacementFieldJacobianDeterminant misses that rotation and pads the borders.)
+    """
+    dim = reference.GetDimension()
+    direction = np.asarray(reference.GetDirection()).reshape(dim, dim)
+    local = sitk.GetArrayFromImage(displacement_field(transform, reference)) @ direction  # (..., component)
+    spacing = reference.GetSpacing()[::-1]  # numpy axis order
+    jacobian = np.empty(local.shape + (dim,))
+    for axis in range(dim):  # numpy axis `axis` is grid axis dim − 1 − axis
+        jacobian[..., dim - 1 - axis] = np.gradient(local, spacing[axis], axis=axis, edge_order=1)
+    jacobian += np.eye(dim)
+    out = sitk.GetImageFromArray(np.linalg.det(jacobian).astype(np.float32))
+    out.CopyInformation(reference)
+    return out
 
 
 def _cubic_bspline(x: np.ndarray) -> np.ndarray:
