@@ -117,12 +117,12 @@ class AffineConfig:
 
     initialization: Literal["geometry", "moments", "landmarks", "none"] = "geometry"
     stages: tuple[str, ...] = ("rigid", "affine")
-    metric: Literal["mattes", "ncc", "mse", "ants_ncc"] = "mattes"
+    metric: Literal["mattes", "ncc", "mse", "ants_ncc"] = "ncc"
     optimizer: Literal["regular_step", "gradient_descent", "lbfgsb"] = "regular_step"
-    shrink_factors: tuple[int, ...] = (4, 2, 1)
-    smoothing_sigmas: tuple[float, ...] = (2.0, 1.0, 0.0)
-    iterations: int = 100
-    learning_rate: float = 2.0
+    shrink_factors: tuple[int, ...] = (4, 2)
+    smoothing_sigmas: tuple[float, ...] = (2.0, 1.0)
+    iterations: int = 50
+    learning_rate: float = 1.0
     sampling_strategy: Literal["random", "regular", "none"] = "random"
     sampling_percentage: float = 0.25
 
@@ -174,17 +174,17 @@ class NonrigidConfig:
     """
 
     enabled: bool = True
-    method: Literal["bspline", "demons"] = "bspline"
+    method: Literal["bspline", "demons"] = "demons"
     shrink_factors: tuple[int, ...] = (2, 1)
     smoothing_sigmas: tuple[float, ...] = (1.0, 0.0)
-    iterations: int = 50
+    iterations: int = 30
     grid_spacing: float = 6.0
     metric: Literal["ncc", "mse", "mattes", "ants_ncc"] = "ncc"
     sampling_percentage: float = 0.25
-    regularization: float = 0.01
+    regularization: float = 0.1
     ncc_radius: int = 2
     demons_variant: Literal["diffeomorphic", "symmetric"] = "diffeomorphic"
-    field_sigma: float = 1.5
+    field_sigma: float = 1.0
     update_sigma: float = 0.0
 
     def __post_init__(self):
