@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 import SimpleITK as sitk
 
-from .errors import AtlassegError
+from .errors import AtlassegError, ImageError
 
 
 def propagate_labels(
@@ -74,6 +74,16 @@ def _one_hot_linear(labels: sitk.Image, transform: sitk.Transform, reference: si
 _LABEL_INTERPOLATORS = {"nearest": _nearest, "linear": _one_hot_linear, "gaussian": _label_gaussian}
 
 
-def propagate_intensities(image: sitk.Image, transform: sitk.Transform, reference: sitk.Image) -> sitk.Image:
-    """Resample an intensity image onto ``reference``'s grid with linear interpolation (float32)."""
-    return sitk.Resample(image, reference, transform, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+_INTENSITY_INTERPOLATORS = {"linear": sitk.sitkLinear, "bspline": sitk.sitkBSpline}
+
+
+def propagate_intensities(
+    image: sitk.Image, transform: sitk.Transform, reference: sitk.Image, *, interpolator: str = "linear"
+) -> sitk.Image:
+    """Resample an intensity image onto ``reference``'s grid (float32): ``linear`` or cubic ``bspline``.
+
+    Outside the image: 0. Label maps go through :func:`propagate_labels` instead.
+    """
+    if interpolator not in _INTENSITY_INTERPOLATORS:
+        raise ImageError(f"unknown intensity interpolator {interpolator!r} (known: {', '.join(_INTENSITY_INTERPOLATORS)})")
+    return sitk.Resample(image, reference, transform, _INTENSITY_INTERPOLATORS[interpolator], 0.0, sitk.sitkFloat32)

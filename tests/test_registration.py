@@ -383,3 +383,20 @@ def test_jacobian_is_physical_on_an_oblique_flipped_grid():
                       sitk.VersorTransform((0.3, -0.2, 1.0), 0.5).GetMatrix()]:
         image.SetDirection(direction)
         np.testing.assert_allclose(sitk.GetArrayFromImage(jacobian_determinant(truth, image)), expected, rtol=1e-5)
+
+
+def test_intensities_resample_linear_or_bspline_through_a_transform():
+    from atlasseg.propagation import propagate_intensities
+
+    image, _ = phantom(dim=2, size=48)  # 2 mm voxels
+    array = sitk.GetArrayFromImage(image)
+    whole = sitk.TranslationTransform(2, (4.0, 0.0))  # two voxels along x: both interpolators are exact
+    half = sitk.TranslationTransform(2, (1.0, 0.0))
+    results = {}
+    for interpolator in ("linear", "bspline"):
+        moved = sitk.GetArrayFromImage(propagate_intensities(image, whole, image, interpolator=interpolator))
+        np.testing.assert_allclose(moved[:, :-2], array[:, 2:], atol=1e-5)
+        results[interpolator] = sitk.GetArrayFromImage(propagate_intensities(image, half, image, interpolator=interpolator))
+    assert np.abs(results["linear"] - results["bspline"]).max() > 1e-3  # really another interpolator
+    with pytest.raises(ImageError, match="unknown intensity interpolator 'nearest'"):
+        propagate_intensities(image, half, image, interpolator="nearest")
