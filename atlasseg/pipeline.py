@@ -27,12 +27,16 @@ from .errors import AtlassegError, ImageError, RegistrationError
 from .evaluation import evaluate, header, mean_score, rows
 from .fusion import make_fuser
 from .imageio import (
+    Geometry,
     atomic_write_text,
+    check_label_values,
     check_same_grid,
     normalize_intensity,
     read_geometry,
+    read_checked_image,
     read_image,
     read_labels,
+    read_voxels,
     write_image,
 )
 from .manifest import Atlas, Manifest, Target
@@ -71,28 +75,111 @@ def thread_budget(parallel: ParallelConfig, n_tasks: int) -> tuple[int, int]:
 
 
 def check_inputs(manifest: Manifest, config: Config | None = None) -> None:
-    """Header-only checks of every listed file before any work: readable, scalar, 2D/3D, one
-    dimensionality across the manifest, each label map and mask on its image's grid; with
-    ``config``, also that every entry has the landmarks its initialisation needs."""
+    """Every listed file read once, before any work: readable and complete, scalar, 2D/3D, one
+    dimensionality across the manifest; intensities finite and not constant; label maps whole,
+    non-negative numbers on their image's grid (floating-point noise is snapped, with a warning), an
+    atlas's not empty; masks on their image's grid. Warns about declared labels an atlas lacks and
+    labels the manifest does not declare. With ``config``: every entry has the landmarks its
+    initialisation needs, ``selection.k`` is compared with the atlas count (larger: a warning, all
+    atlases are used) and the run's memory is estimated (:func:`check_memory`)."""
     dims: dict[int, str] = {}
     needs_landmarks = config is not None and config.registration.affine.initialization == "landmarks"
+    declared = set(manifest.label_names)
+    atlas_ids = {a.id for a in manifest.atlases}
+    largest = (0, None)
     for entry in (*manifest.atlases, *manifest.targets):
         image_path, labels_path = entry.image, entry.labels
         if needs_landmarks and entry.landmarks is None:
             raise ImageError(f"{manifest.path}: {entry.id} has no 'landmarks' file, needed by "
                              "registration.affine.initialization: landmarks")
-        image = read_geometry(image_path)
-        if image.components != 1:
-            raise ImageError(f"{image_path}: has {image.components} components per voxel; a scalar image is needed")
-        if image.dimension not in (2, 3):
-            raise ImageError(f"{image_path}: is {image.dimension}D; 2D and 3D images are supported")
-        dims.setdefault(image.dimension, str(image_path))
-        for other in (labels_path, entry.mask):
-            if other is not None:
-                check_same_grid(image, read_geometry(other), image_path=image_path, labels_path=other)
+        geometry = Geometry.of(read_checked_image(image_path))
+        largest = max(largest, (math.prod(geometry.size), geometry), key=lambda item: item[0])
+        dims.setdefault(geometry.dimension, str(image_path))
+        if entry.mask is not None:
+            check_same_grid(geometry, read_geometry(entry.mask), image_path=image_path, labels_path=entry.mask)
+        if labels_path is None:
+            continue
+        labels, values = read_voxels(labels_path)
+        check_same_grid(geometry, labels, image_path=image_path, labels_path=labels_path)
+        present = set(check_label_values(labels_path, values).tolist()) - {0}
+        del values
+        role = "atlas" if isinstance(entry, Atlas) else "target"
+        if not present:
+            if isinstance(entry, Atlas):
+                raise ImageError(f"{labels_path}: label map of atlas {entry.id!r} is empty (all background); "
+                                 "fix it or leave the atlas out")
+            log.warning("%s: ground truth of target %r is empty (all background): its scores are undefined",
+                        labels_path, entry.id)
+        if declared and present - declared:
+            log.warning("%s: %s %r holds labels %s not declared in %s: segmented and scored without a name",
+                        labels_path, role, entry.id, sorted(present - declared), manifest.path)
+        if declared and isinstance(entry, Atlas) and declared - present and present:
+            log.warning("%s: atlas %r lacks declared labels %s: it votes background there",
+                        labels_path, entry.id, ", ".join(f"{v} ({manifest.label_names[v]})" for v in sorted(declared - present)))
     if len(dims) > 1:
         two, three = dims[2], dims[3]
         raise ImageError(f"{manifest.path}: mixes 2D images ({two}) with 3D images ({three}); use one dimensionality")
+    if config is None:
+        return
+    k = config.selection.k
+    if k != "all" and k > len(atlas_ids):
+        log.warning("selection.k is %d but %s lists %d atlases: all of them are used", k, manifest.path, len(atlas_ids))
+    check_memory(largest[1], config, n_tasks=len(atlas_ids), n_labels=len(declared) + 1)
+
+
+# Rough peak bytes per voxel of the largest image: one registration job (two float32 images, their
+# normalised and smoothed copies, gradients, and the non-rigid stage's displacement fields: float64 per axis),
+# and the fusion (a float32 vote per label, plus the weights and the intensities of one candidate).
+_JOB_BYTES_PER_VOXEL = {2: 96, 3: 160}
+_FUSION_BYTES_PER_VOXEL_AND_LABEL = 4
+MEMORY_LIMIT_ENV = "ATLASSEG_MEMORY_LIMIT"
+
+
+def available_memory() -> int:
+    """Bytes this run may use: ``$ATLASSEG_MEMORY_LIMIT`` (bytes, or with a K/M/G/T suffix) when set,
+    else the memory the system reports available (MemAvailable; free pages elsewhere)."""
+    text = os.environ.get(MEMORY_LIMIT_ENV, "").strip()
+    if text:
+        units = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+        scale = units.get(text[-1].upper(), 1)
+        try:
+            return int(float(text[:-1] if scale > 1 else text) * scale)
+        except ValueError:
+            raise AtlassegError(f"{MEMORY_LIMIT_ENV}={text!r}: expected a number of bytes, e.g. 8G") from None
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def estimate_memory(geometry: Geometry, config: Config, *, n_tasks: int, n_labels: int) -> tuple[int, int, int]:
+    """(total, per registration job, parallel jobs): a rough peak of segmenting on ``geometry``'s grid."""
+    voxels = math.prod(geometry.size)
+    jobs, _ = thread_budget(config.parallel, max(1, n_tasks))
+    per_job = voxels * _JOB_BYTES_PER_VOXEL[geometry.dimension]
+    fusion = voxels * _FUSION_BYTES_PER_VOXEL_AND_LABEL * (n_labels + 4)
+    return jobs * per_job + fusion, per_job, jobs
+
+
+def check_memory(geometry: Geometry | None, config: Config, *, n_tasks: int, n_labels: int) -> None:
+    """Refuse, before any work, a run whose estimated peak memory exceeds :func:`available_memory`."""
+    if geometry is None:
+        return
+    total, per_job, jobs = estimate_memory(geometry, config, n_tasks=n_tasks, n_labels=n_labels)
+    available = available_memory()
+    if total <= available:
+        return
+    gib = 2**30
+    fewer = f", lower parallel.n_jobs (each registration needs about {per_job / gib:.1f} GiB)" if jobs > 1 else ""
+    raise ImageError(
+        f"images of {' x '.join(map(str, geometry.size))} voxels would need about {total / gib:.1f} GiB "
+        f"({jobs} parallel registration(s) and fusion) but {available / gib:.1f} GiB are available: "
+        f"crop or downsample the images{fewer} (or set {MEMORY_LIMIT_ENV})"
+    )
 
 
 # --------------------------------------------------------------------------- worker jobs
@@ -104,7 +191,7 @@ def _load_normalized(path: Path, method: str) -> sitk.Image:
 def _masks(target: Target, atlas: Atlas) -> Masks | None:
     if target.mask is None and atlas.mask is None:
         return None
-    return Masks(*(read_labels(p) if p is not None else None for p in (target.mask, atlas.mask)))
+    return Masks(*(read_labels(e.mask, like=read_geometry(e.image)) if e.mask is not None else None for e in (target, atlas)))
 
 
 def _failure(err: RegistrationError) -> dict:
@@ -178,7 +265,7 @@ def segment_target(target: Target, atlases: list[Atlas], config: Config, *, out_
     by_id = {a.id: a for a in atlases}
     clock = time.perf_counter()
     reference = read_image(target.image)
-    truth = read_labels(target.labels) if target.labels is not None else None
+    truth = read_labels(target.labels, like=reference) if target.labels is not None else None
 
     # Affine stage for every atlas, scored on a coarse grid for selection.
     tasks = [(target, a, config.registration, config.selection.grid_spacing) for a in atlases]
@@ -221,7 +308,8 @@ def segment_target(target: Target, atlases: list[Atlas], config: Config, *, out_
     for aid in used:
         clock = time.perf_counter()
         candidate = propagate_labels(
-            read_labels(by_id[aid].labels), transforms[aid], reference, interpolator=config.propagation.interpolator
+            read_labels(by_id[aid].labels, like=read_geometry(by_id[aid].image)), transforms[aid], reference,
+            interpolator=config.propagation.interpolator,
         )
         intensities = None
         if fuser.needs_intensities:
@@ -308,14 +396,15 @@ def register_files(
     and, given moving labels, ``warped_labels.nii.gz``. A registration that fails its
     checks writes only ``record.json`` (with the reason) and raises.
     """
-    fixed, moving = read_image(fixed_path), read_image(moving_path)
+    fixed, moving = read_checked_image(fixed_path), read_checked_image(moving_path)
     for image, mask in ((fixed_path, fixed_mask), (moving_path, moving_mask), (moving_path, labels_path)):
         if mask is not None:
             check_same_grid(read_geometry(image), read_geometry(mask), image_path=image, labels_path=mask)
-    labels = read_labels(labels_path) if labels_path is not None else None
+    labels = read_labels(labels_path, like=moving) if labels_path is not None else None
     masks = None
     if fixed_mask is not None or moving_mask is not None:
-        masks = Masks(*(read_labels(p) if p is not None else None for p in (fixed_mask, moving_mask)))
+        masks = Masks(*(read_labels(p, like=image) if p is not None else None
+                        for p, image in ((fixed_mask, fixed), (moving_mask, moving))))
     landmarks = None
     if (fixed_landmarks is None) != (moving_landmarks is None):
         raise ImageError("landmarks are needed for both images (--fixed-landmarks and --moving-landmarks)")

@@ -1,0 +1,180 @@
+"""Bad input and faults (issue 6): every case ends done, done with a warning, or one line and exit 2."""
+
+import gzip
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from atlasseg.cli import main
+from atlasseg.demo import make_demo_dataset
+
+IMAGE, LABELS = "images/case_001.nii.gz", "labels/case_001.nii.gz"
+TARGET = "images/case_003.nii.gz"
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory) -> Path:
+    return make_demo_dataset(tmp_path_factory.mktemp("bad") / "data", dim=2, n_atlases=2, n_targets=1, size=32, seed=3).parent
+
+
+@pytest.fixture
+def data(source, tmp_path) -> Path:
+    return Path(shutil.copytree(source, tmp_path / "data"))
+
+
+def _edit(path: Path, change) -> None:
+    """Rewrite an image file with ``change(array)`` applied to its voxels (geometry kept)."""
+    image = sitk.ReadImage(str(path))
+    out = sitk.GetImageFromArray(change(sitk.GetArrayFromImage(image)))
+    out.CopyInformation(image)
+    sitk.WriteImage(out, str(path))
+
+
+def _point_manifest_at(data: Path, old: str, new: str) -> None:
+    manifest = data / "data_manifest.yaml"
+    manifest.write_text(manifest.read_text().replace(old, new))
+
+
+def _truncate(data, name=IMAGE):
+    raw = (data / name).read_bytes()
+    (data / name).write_bytes(raw[: len(raw) // 2])
+
+
+def _truncated_uncompressed(data):
+    sitk.WriteImage(sitk.ReadImage(str(data / IMAGE)), str(data / "images/raw.nii"))
+    _truncate(data, "images/raw.nii")
+    _point_manifest_at(data, IMAGE, "images/raw.nii")
+
+
+def _wrong_extension(data):
+    os.replace(data / IMAGE, data / "images/case_001.png")
+    _point_manifest_at(data, IMAGE, "images/case_001.png")
+
+
+def _directory(data):
+    (data / "images/folder.nii.gz").mkdir()
+    _point_manifest_at(data, IMAGE, "images/folder.nii.gz")
+
+
+def _four_d(data):
+    volume = sitk.JoinSeries([sitk.ReadImage(str(data / IMAGE))] * 2)
+    sitk.WriteImage(sitk.JoinSeries([volume] * 3), str(data / IMAGE))
+
+
+def _vector(data):
+    image = sitk.ReadImage(str(data / IMAGE))
+    sitk.WriteImage(sitk.Compose(image, image, image), str(data / IMAGE))
+
+
+def _mixed_dimensions(data):
+    for name in (IMAGE, LABELS):
+        image = sitk.ReadImage(str(data / name))
+        sitk.WriteImage(sitk.JoinSeries([image] * 3), str(data / name))
+
+
+def _set_voxel(value, name=IMAGE):
+    def change(data):
+        def put(array):
+            array = array.astype(np.float32)
+            array[5, 5] = value
+            return array
+        _edit(data / name, put)
+    return change
+
+
+def _nonfinite_mha(data):
+    sitk.WriteImage(sitk.ReadImage(str(data / IMAGE)), str(data / "images/case_001.mha"))
+    _set_voxel(np.inf, "images/case_001.mha")(data)  # not NIfTI: SimpleITK itself keeps the infinity
+    _point_manifest_at(data, IMAGE, "images/case_001.mha")
+
+
+def _shift_labels(offset):
+    def change(data):
+        labels = sitk.ReadImage(str(data / LABELS))
+        labels.SetOrigin(tuple(o + offset for o in labels.GetOrigin()))
+        sitk.WriteImage(labels, str(data / LABELS))
+    return change
+
+
+CASES = [
+    ("missing file", lambda d: (d / IMAGE).unlink(), "case_001': image file not found"),
+    ("truncated .nii.gz", _truncate, "case_001.nii.gz: truncated or corrupt NIfTI file"),
+    ("truncated .nii", _truncated_uncompressed, "raw.nii: truncated or corrupt NIfTI file"),
+    ("random bytes", lambda d: (d / IMAGE).write_bytes(np.random.default_rng(0).bytes(4000)), "case_001.nii.gz: cannot read image"),
+    ("random gzip", lambda d: (d / IMAGE).write_bytes(gzip.compress(np.random.default_rng(0).bytes(4000))),
+     "case_001.nii.gz: cannot read image"),
+    ("wrong extension", _wrong_extension, "case_001.png: cannot read image"),
+    ("empty file", lambda d: (d / IMAGE).write_bytes(b""), "case_001.nii.gz: file is empty"),
+    ("directory", _directory, "image is a directory, expected an image file"),
+    ("4D image", _four_d, "is 4D (size (32, 32, 2, 3)); 2D and 3D images are supported (extract one volume first)"),
+    ("vector image", _vector, "has 3 components per voxel; a scalar image is needed (extract one channel first)"),
+    ("2D with 3D", _mixed_dimensions, "mixes 2D images"),
+    ("NaN in NIfTI", _set_voxel(np.nan), "case_001.nii.gz: holds 1 NaN or infinite intensities"),
+    ("Inf in NIfTI", _set_voxel(-np.inf), "case_001.nii.gz: holds 1 NaN or infinite intensities"),
+    ("Inf in MetaImage", _nonfinite_mha, "case_001.mha: holds 1 NaN or infinite intensities"),
+    ("constant image", lambda d: _edit(d / TARGET, lambda a: np.full_like(a, 7.0)),
+     "case_003.nii.gz: every voxel is 7 (a constant image has nothing to register)"),
+    ("labels on another grid", _shift_labels(0.5), "label map grid (size (32, 32), spacing (4.5, 4.5), origin"),
+    ("float labels", lambda d: _edit(d / LABELS, lambda a: a.astype(np.float32) + 0.5), "holds non-integer values"),
+    ("negative labels", lambda d: _edit(d / LABELS, lambda a: np.where(a == 4, -4, a.astype(np.int16))),
+     "case_001.nii.gz: label map holds negative values (-4); labels must be >= 0"),
+    ("empty atlas labels", lambda d: _edit(d / LABELS, np.zeros_like), "label map of atlas 'case_001' is empty"),
+]
+
+
+@pytest.mark.parametrize("make, needle", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_file_is_one_line_and_exit_2_before_any_work(data, capsys, make, needle):
+    make(data)
+    out = data / "out"
+    argv = ["run", "demo", "--manifest", str(data / "data_manifest.yaml"), "--out", str(out)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("atlasseg: error: ") and err.count("\n") == 1 and "Traceback" not in err
+    assert needle in err
+    assert not out.exists()  # refused before any work: nothing written
+
+
+def _noise(data):
+    labels = sitk.ReadImage(str(data / LABELS))
+    labels.SetOrigin(tuple(o + 1e-3 for o in labels.GetOrigin()))  # 0.02 % of a 4.5 mm voxel
+    direction = np.array(labels.GetDirection())
+    direction[1] += 1e-5
+    labels.SetDirection(direction)
+    sitk.WriteImage(labels, str(data / LABELS))
+
+
+WARNINGS = [
+    ("grid noise snapped", _noise, "labels/case_001.nii.gz: grid differs from its image"),
+    ("declared label absent", lambda d: _point_manifest_at(d, "5: band", "5: band, 9: ghost"),
+     "atlas 'case_001' lacks declared labels 9 (ghost)"),
+    ("undeclared label", lambda d: _point_manifest_at(d, ", 5: band", ""), "holds labels [5] not declared in"),
+    ("empty ground truth", lambda d: _edit(d / "labels/case_003.nii.gz", np.zeros_like), "ground truth of target 'case_003' is empty"),
+    ("k above the atlas count", lambda d: None, "selection.k is 5 but"),
+]
+
+
+@pytest.mark.parametrize("make, needle", [c[1:] for c in WARNINGS], ids=[c[0] for c in WARNINGS])
+def test_suspicious_input_is_validated_with_a_warning(data, caplog, make, needle):
+    make(data)
+    with caplog.at_level(logging.WARNING, logger="atlasseg"):
+        assert main(["validate", "demo", "--manifest", str(data / "data_manifest.yaml")]) == 0
+    assert needle in caplog.text
+
+
+def test_grid_noise_is_snapped_and_the_run_completes(data, caplog, tmp_path):
+    _noise(data)
+    _edit(data / "labels/case_003.nii.gz", lambda a: a)  # the target's truth too:
+    truth = sitk.ReadImage(str(data / "labels/case_003.nii.gz"))
+    truth.SetOrigin(tuple(o - 1e-3 for o in truth.GetOrigin()))
+    sitk.WriteImage(truth, str(data / "labels/case_003.nii.gz"))
+    argv = ["run", "baseline", "--manifest", str(data / "data_manifest.yaml"), "--out", str(tmp_path / "out")]
+    with caplog.at_level(logging.WARNING, logger="atlasseg"):
+        assert main(argv) == 0
+    assert caplog.text.count("snapped onto the image's grid") == 2
+    segmentation = sitk.ReadImage(str(tmp_path / "out" / "case_003" / "segmentation.nii.gz"))
+    assert segmentation.GetOrigin() == sitk.ReadImage(str(data / TARGET)).GetOrigin()
