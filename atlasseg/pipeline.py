@@ -173,13 +173,16 @@ def check_memory(geometry: Geometry | None, config: Config, *, n_tasks: int, n_l
     available = available_memory()
     if total <= available:
         return
-    gib = 2**30
-    fewer = f", lower parallel.n_jobs (each registration needs about {per_job / gib:.1f} GiB)" if jobs > 1 else ""
+    fewer = f", lower parallel.n_jobs (each registration needs about {_size(per_job)})" if jobs > 1 else ""
     raise ImageError(
-        f"images of {' x '.join(map(str, geometry.size))} voxels would need about {total / gib:.1f} GiB "
-        f"({jobs} parallel registration(s) and fusion) but {available / gib:.1f} GiB are available: "
+        f"images of {' x '.join(map(str, geometry.size))} voxels would need about {_size(total)} "
+        f"({jobs} parallel registration(s) and fusion) but {_size(available)} are available: "
         f"crop or downsample the images{fewer} (or set {MEMORY_LIMIT_ENV})"
     )
+
+
+def _size(n_bytes: float) -> str:
+    return f"{n_bytes / 2**30:.1f} GiB" if n_bytes >= 2**30 else f"{n_bytes / 2**20:.1f} MiB"
 
 
 # --------------------------------------------------------------------------- worker jobs
@@ -455,13 +458,67 @@ def versions() -> dict[str, str]:
     }
 
 
-def run(config: Config, manifest: Manifest, *, out_dir: str | Path | None = None, target_ids=None) -> list[TargetResult]:
-    """Segment the manifest's targets (or those named) and write segmentations, metrics.csv and run.json."""
+def check_output_dir(out: Path, config: Config, manifest: Manifest, *, force: bool = False) -> None:
+    """Before any work: ``out`` is a writable folder, and holds no outputs of another config.
+
+    A folder with a ``run.json`` whose config differs (``output.dir`` aside), or with files but no
+    ``run.json``, is refused unless ``force``: outputs of two configs are never silently mixed. A new
+    folder gets a ``run.json`` at once (the config, status ``running``), so a stopped run is recognised.
+    """
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".tmp-probe-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise AtlassegError(f"{out}: output folder is not writable ({err.strerror or err}); choose another --out") from None
+    record = out / "run.json"
+    wanted = _comparable(config.to_dict())
+    if record.exists():
+        try:
+            found = _comparable(json.loads(record.read_text())["config"])
+        except (OSError, ValueError, KeyError, TypeError):
+            found = None
+        if found == wanted:
+            return
+        what = "an unreadable run.json" if found is None else "outputs of a different config (" + ", ".join(
+            f"{key}: {old!r} -> {new!r}" for key, old, new in _differences(found, wanted)[:3]) + ")"
+    elif any(out.iterdir()):
+        what = "files but no run.json"
+    else:
+        atomic_write_text(record, json.dumps({"config": config.to_dict(), "manifest": str(manifest.path),
+                                              "status": "running"}, indent=2) + "\n")
+        return
+    if not force:
+        raise AtlassegError(f"{out}: holds {what}; choose another --out, or --force to write over them")
+    log.warning("%s: holds %s; writing over them (--force)", out, what)
+
+
+def _comparable(config: dict) -> dict:
+    return {**config, "output": {k: v for k, v in config.get("output", {}).items() if k != "dir"}}
+
+
+def _differences(old, new, prefix: str = "") -> list[tuple[str, object, object]]:
+    """(key path, old value, new value) of every leaf that differs between two nested mappings."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [d for key in dict.fromkeys([*old, *new])
+                for d in _differences(old.get(key), new.get(key), f"{prefix}.{key}" if prefix else str(key))]
+    return [] if old == new else [(prefix, old, new)]
+
+
+def run(config: Config, manifest: Manifest, *, out_dir: str | Path | None = None, target_ids=None,
+        force: bool = False) -> list[TargetResult]:
+    """Segment the manifest's targets (or those named) and write segmentations, metrics.csv and run.json.
+
+    Inputs and the output folder are checked first (:func:`check_inputs`, :func:`check_output_dir`;
+    ``force`` writes over another config's outputs).
+    """
     out = Path(out_dir if out_dir is not None else config.output.dir)
     targets = [manifest.target(t) for t in target_ids] if target_ids else list(manifest.targets)
     if not targets:
         raise AtlassegError(f"{manifest.path}: no targets to segment")
     check_inputs(manifest, config)
+    check_output_dir(out, config, manifest, force=force)
     start = time.perf_counter()
     results = []
     for target in targets:
@@ -476,6 +533,7 @@ def run(config: Config, manifest: Manifest, *, out_dir: str | Path | None = None
         "versions": versions(),
         "config": config.to_dict(),
         "manifest": str(manifest.path),
+        "status": "complete",
         "seconds_total": round(time.perf_counter() - start, 3),
         "targets": {r.target_id: r.record for r in results},
     }

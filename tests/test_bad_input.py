@@ -1,6 +1,7 @@
 """Bad input and faults (issue 6): every case ends done, done with a warning, or one line and exit 2."""
 
 import gzip
+import json
 import logging
 import os
 import shutil
@@ -178,3 +179,92 @@ def test_grid_noise_is_snapped_and_the_run_completes(data, caplog, tmp_path):
     assert caplog.text.count("snapped onto the image's grid") == 2
     segmentation = sitk.ReadImage(str(tmp_path / "out" / "case_003" / "segmentation.nii.gz"))
     assert segmentation.GetOrigin() == sitk.ReadImage(str(data / TARGET)).GetOrigin()
+
+
+def test_a_run_that_would_exceed_memory_is_refused_with_the_estimate(data, capsys, monkeypatch):
+    manifest = str(data / "data_manifest.yaml")
+    monkeypatch.setattr("atlasseg.pipeline.available_cores", lambda: 4)
+    monkeypatch.setenv("ATLASSEG_MEMORY_LIMIT", "64K")
+    assert main(["validate", "demo", "--manifest", manifest, "--set", "parallel.n_jobs=2"]) == 2
+    err = capsys.readouterr().err
+    assert "images of 32 x 32 voxels would need about 0.2 MiB (2 parallel registration(s) and fusion) but 0.1 MiB" in err
+    assert "crop or downsample the images, lower parallel.n_jobs" in err and err.count("\n") == 1
+    monkeypatch.setenv("ATLASSEG_MEMORY_LIMIT", "1G")
+    assert main(["validate", "demo", "--manifest", manifest, "--set", "parallel.n_jobs=2"]) == 0
+
+
+def test_memory_estimate_of_a_large_scan_exceeds_a_small_machine(monkeypatch):
+    from atlasseg.config import load_config
+    from atlasseg.imageio import Geometry
+    from atlasseg.pipeline import available_memory, estimate_memory
+
+    scan = Geometry((512, 512, 400), (0.5, 0.5, 0.6), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
+    total, per_job, jobs = estimate_memory(scan, load_config("default", overrides=["parallel.n_jobs=1"]), n_tasks=10, n_labels=5)
+    assert jobs == 1 and 10 * 2**30 < per_job <= total < 20 * 2**30
+    monkeypatch.delenv("ATLASSEG_MEMORY_LIMIT", raising=False)
+    assert 0 < available_memory()
+    monkeypatch.setenv("ATLASSEG_MEMORY_LIMIT", "1.5T")
+    assert available_memory() == int(1.5 * 2**40)
+
+
+def _run(data, out, *extra):
+    return main(["-q", "run", "baseline", "--manifest", str(data / "data_manifest.yaml"), "--out", str(out), *extra])
+
+
+def test_output_folder_that_cannot_be_written_is_refused_before_any_work(source, tmp_path, capsys):
+    (tmp_path / "a_file").write_text("")
+    assert _run(source, tmp_path / "a_file" / "out") == 2
+    err = capsys.readouterr().err
+    assert "a_file/out: output folder is not writable (Not a directory); choose another --out" in err
+    assert err.count("\n") == 1
+
+
+@pytest.mark.parametrize("writer", ["image", "text"])
+def test_disk_full_mid_write_fails_cleanly_and_keeps_previous_outputs(source, tmp_path, capsys, monkeypatch, writer):
+    import errno
+
+    import atlasseg.imageio
+
+    out = tmp_path / "out"
+    assert _run(source, out) == 0
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert {p.name for p in before} == {"segmentation.nii.gz", "metrics.csv", "run.json"}
+
+    def full(*args, **kwargs):
+        if writer == "image":  # half a file reaches the disk, then the device is full
+            Path(args[1]).write_bytes(b"\x1f\x8b partial")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    if writer == "image":
+        monkeypatch.setattr(atlasseg.imageio.sitk, "WriteImage", full)
+    else:
+        monkeypatch.setattr(atlasseg.imageio.os, "fsync", full)
+    assert _run(source, out) == 2
+    err = capsys.readouterr().err
+    name = "segmentation.nii.gz: cannot write image" if writer == "image" else "metrics.csv: cannot write file"
+    assert f"{name} (No space left on device); free some space" in err and err.count("\n") == 1
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before  # intact, no temporary left
+
+
+def test_output_folder_of_another_config_is_refused_unless_forced(source, tmp_path, capsys, caplog):
+    out = tmp_path / "out"
+    assert _run(source, out) == 0
+    assert _run(source, out, "--set", "output.dir=elsewhere") == 0  # output.dir is not part of the comparison
+    capsys.readouterr()
+    first = (out / "case_003" / "segmentation.nii.gz").read_bytes()
+    assert _run(source, out, "--set", "fusion.method=staple") == 2
+    err = capsys.readouterr().err
+    assert f"{out}: holds outputs of a different config (fusion.method: 'majority' -> 'staple'); " in err
+    assert "choose another --out, or --force" in err and err.count("\n") == 1
+    assert (out / "case_003" / "segmentation.nii.gz").read_bytes() == first
+    with caplog.at_level(logging.WARNING, logger="atlasseg"):
+        assert _run(source, out, "--set", "fusion.method=staple", "--force") == 0
+    assert "writing over them (--force)" in caplog.text
+    assert json.loads((out / "run.json").read_text())["config"]["fusion"]["method"] == "staple"
+
+
+def test_a_folder_holding_other_files_is_not_written_into(source, tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("mine")
+    assert _run(source, tmp_path) == 2
+    assert "holds files but no run.json" in capsys.readouterr().err
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
