@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
+import yaml
 
 from atlasseg.cli import main
 from atlasseg.demo import make_demo_dataset
@@ -173,7 +174,8 @@ def test_grid_noise_is_snapped_and_the_run_completes(data, caplog, tmp_path):
     truth = sitk.ReadImage(str(data / "labels/case_003.nii.gz"))
     truth.SetOrigin(tuple(o - 1e-3 for o in truth.GetOrigin()))
     sitk.WriteImage(truth, str(data / "labels/case_003.nii.gz"))
-    argv = ["run", "baseline", "--manifest", str(data / "data_manifest.yaml"), "--out", str(tmp_path / "out")]
+    argv = ["run", "baseline", "--manifest", str(data / "data_manifest.yaml"), "--out", str(tmp_path / "out"),
+            "--set", "parallel.n_jobs=1"]
     with caplog.at_level(logging.WARNING, logger="atlasseg"):
         assert main(argv) == 0
     assert caplog.text.count("snapped onto the image's grid") == 2
@@ -208,7 +210,8 @@ def test_memory_estimate_of_a_large_scan_exceeds_a_small_machine(monkeypatch):
 
 
 def _run(data, out, *extra):
-    return main(["-q", "run", "baseline", "--manifest", str(data / "data_manifest.yaml"), "--out", str(out), *extra])
+    return main(["-q", "run", "baseline", "--manifest", str(data / "data_manifest.yaml"), "--out", str(out),
+                 "--set", "parallel.n_jobs=1", *extra])
 
 
 def test_output_folder_that_cannot_be_written_is_refused_before_any_work(source, tmp_path, capsys):
@@ -268,3 +271,72 @@ def test_a_folder_holding_other_files_is_not_written_into(source, tmp_path, caps
     assert _run(source, tmp_path) == 2
     assert "holds files but no run.json" in capsys.readouterr().err
     assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
+
+
+def _reoriented(image: sitk.Image, axes, flips) -> sitk.Image:
+    """The same physical content stored with permuted and flipped array axes: new axis ``a`` runs along old
+    axis ``axes[a]``, backwards where ``flips[a]``. Voxel centres coincide, so nearest neighbour copies exactly."""
+    dim = image.GetDimension()
+    turn = np.zeros((dim, dim))
+    for new, (old, flip) in enumerate(zip(axes, flips)):
+        turn[old, new] = -1.0 if flip else 1.0
+    corner = [image.GetSize()[old] - 1 if flip else 0 for old, flip in zip(range(dim), [flips[list(axes).index(o)] for o in range(dim)])]
+    grid = sitk.Image([image.GetSize()[old] for old in axes], image.GetPixelID())
+    grid.SetSpacing([image.GetSpacing()[old] for old in axes])
+    grid.SetDirection((np.array(image.GetDirection()).reshape(dim, dim) @ turn).ravel().tolist())
+    grid.SetOrigin(image.TransformIndexToPhysicalPoint(corner))
+    return sitk.Resample(image, grid, sitk.Transform(), sitk.sitkNearestNeighbor, 0, image.GetPixelID())
+
+
+def test_targets_stored_in_other_orientations_are_segmented_the_same(tmp_path):
+    """RAS vs LPS (both in-plane axes flipped) and permuted axes: handled in physical space, not array order."""
+    manifest = make_demo_dataset(tmp_path / "data", dim=2, n_atlases=3, n_targets=1, size=64, seed=4)
+    data = manifest.parent
+    variants = {"ras": ((0, 1), (True, True)), "permuted": ((1, 0), (False, True))}
+    lines = []
+    for name, (axes, flips) in variants.items():
+        for folder in ("images", "labels"):
+            original = sitk.ReadImage(str(data / folder / "case_004.nii.gz"))
+            moved = _reoriented(original, axes, flips)
+            assert not np.array_equal(sitk.GetArrayViewFromImage(moved), sitk.GetArrayViewFromImage(original))
+            sitk.WriteImage(moved, str(data / folder / f"{name}.nii.gz"))
+        lines.append(f"- {{id: {name}, image: images/{name}.nii.gz, labels: labels/{name}.nii.gz}}")
+    manifest.write_text(manifest.read_text() + "\n".join(lines) + "\n")
+    out = tmp_path / "out"
+    argv = ["-q", "run", "demo", "--manifest", str(manifest), "--out", str(out), "--set", "selection.k=2",
+            "--set", "parallel.n_jobs=1", "--set", "parallel.itk_threads=1"]  # the same numbers on any machine
+    assert main(argv) == 0
+    reference = sitk.ReadImage(str(out / "case_004" / "segmentation.nii.gz"))
+    expected = sitk.GetArrayFromImage(reference)
+    for name in variants:
+        result = sitk.ReadImage(str(out / name / "segmentation.nii.gz"))
+        np.testing.assert_allclose(result.GetDirection(), sitk.ReadImage(str(data / "images" / f"{name}.nii.gz")).GetDirection())
+        back = sitk.GetArrayFromImage(sitk.Resample(result, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0))
+        dice = [2 * np.sum((back == v) & (expected == v)) / (np.sum(back == v) + np.sum(expected == v)) for v in range(1, 6)]
+        assert np.mean(dice) >= 0.95 and min(dice) >= 0.9, (name, dice)  # 0.97 and 0.96 at writing
+
+
+def test_label_values_above_255_and_150_labels_survive_propagation_and_fusion(tmp_path):
+    values = 1000 + 7 * np.arange(150)  # 1000 ... 2043: needs 16 bits
+    labels = np.zeros((64, 64), np.uint16)
+    for i, value in enumerate(values):
+        row, col = divmod(i, 12)
+        labels[2 + 5 * row: 6 + 5 * row, 2 + 5 * col: 6 + 5 * col] = value
+    image = sitk.GetImageFromArray((labels % 97).astype(np.float32) + (labels > 0))
+    names = {int(v): f"structure_{i}" for i, v in enumerate(values)}
+    entries = []
+    for case in ("a1", "a2", "a3", "t1"):
+        sitk.WriteImage(image, str(tmp_path / f"{case}.nii.gz"))
+        sitk.WriteImage(sitk.GetImageFromArray(labels), str(tmp_path / f"{case}_seg.nii.gz"))
+        entries.append({"id": case, "image": f"{case}.nii.gz", "labels": f"{case}_seg.nii.gz"})
+    doc = {"labels": names, "atlases": entries[:3], "targets": entries[3:]}
+    (tmp_path / "data_manifest.yaml").write_text(yaml.safe_dump(doc))
+    out = tmp_path / "out"
+    argv = ["-q", "run", "baseline", "--manifest", str(tmp_path / "data_manifest.yaml"), "--out", str(out),
+            "--set", "parallel.n_jobs=1"]
+    assert main(argv) == 0
+    segmentation = sitk.ReadImage(str(out / "t1" / "segmentation.nii.gz"))
+    assert segmentation.GetPixelID() == sitk.sitkUInt16
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(segmentation), labels)
+    scores = json.loads((out / "run.json").read_text())["targets"]["t1"]["scores"]
+    assert len(scores) == 150 and all(s["dice"] == 1.0 for s in scores.values())
