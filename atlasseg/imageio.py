@@ -42,12 +42,14 @@ def _read(path: Path) -> sitk.Image:
         raise ImageError(f"{path}: cannot read image ({detail.strip()[:200]})") from None
 
 
-def _check_scalar(image: sitk.Image, path: Path) -> None:
-    if image.GetNumberOfComponentsPerPixel() != 1:
-        raise ImageError(f"{path}: has {image.GetNumberOfComponentsPerPixel()} components per voxel; a scalar image is "
+def check_scalar(image, path) -> None:
+    """Refuse a vector image, or one that is not 2D/3D (an image, or a header's :class:`Geometry`)."""
+    grid = image if isinstance(image, Geometry) else Geometry.of(image)
+    if grid.components != 1:
+        raise ImageError(f"{path}: has {grid.components} components per voxel; a scalar image is "
                          "needed (extract one channel first)")
-    if image.GetDimension() not in (2, 3):
-        raise ImageError(f"{path}: is {image.GetDimension()}D (size {tuple(image.GetSize())}); 2D and 3D images are "
+    if grid.dimension not in (2, 3):
+        raise ImageError(f"{path}: is {grid.dimension}D (size {grid.size}); 2D and 3D images are "
                          "supported (extract one volume first)")
 
 
@@ -76,7 +78,7 @@ def read_voxels(path: str | Path) -> tuple[sitk.Image, np.ndarray]:
     """
     path = Path(path)
     image = _read(path)
-    _check_scalar(image, path)
+    check_scalar(image, path)
     stored = _nifti_voxels(path)
     return image, sitk.GetArrayViewFromImage(image) if stored is None else stored
 
@@ -114,7 +116,7 @@ def read_checked_image(path: str | Path) -> sitk.Image:
 def read_image(path: str | Path) -> sitk.Image:
     """Read an intensity image as float32, geometry intact."""
     image = _read(Path(path))
-    _check_scalar(image, Path(path))
+    check_scalar(image, Path(path))
     image = sitk.Cast(image, sitk.sitkFloat32)
     if not np.isfinite(sitk.GetArrayViewFromImage(image)).all():
         raise ImageError(f"{path}: holds NaN or infinite intensities")
@@ -129,7 +131,7 @@ def read_labels(path: str | Path, *, like=None) -> sitk.Image:
     """
     path = Path(path)
     image = _read(path)
-    _check_scalar(image, path)
+    check_scalar(image, path)
     if like is not None:
         snap_grid(image, like, path=path)
     if image.GetPixelID() in _INTEGER_TYPES:

@@ -30,6 +30,7 @@ from .imageio import (
     Geometry,
     atomic_write_text,
     check_label_values,
+    check_scalar,
     check_same_grid,
     normalize_intensity,
     read_geometry,
@@ -82,49 +83,50 @@ def check_inputs(manifest: Manifest, config: Config | None = None) -> None:
     labels the manifest does not declare. With ``config``: every entry has the landmarks its
     initialisation needs, ``selection.k`` is compared with the atlas count (larger: a warning, all
     atlases are used) and the run's memory is estimated (:func:`check_memory`)."""
-    dims: dict[int, str] = {}
+    entries = (*manifest.atlases, *manifest.targets)
     needs_landmarks = config is not None and config.registration.affine.initialization == "landmarks"
-    declared = set(manifest.label_names)
-    atlas_ids = {a.id for a in manifest.atlases}
-    largest = (0, None)
-    for entry in (*manifest.atlases, *manifest.targets):
-        image_path, labels_path = entry.image, entry.labels
+    dims: dict[int, str] = {}
+    largest = None
+    for entry in entries:  # headers only: cheap, and they size the run before any voxel is read
         if needs_landmarks and entry.landmarks is None:
             raise ImageError(f"{manifest.path}: {entry.id} has no 'landmarks' file, needed by "
                              "registration.affine.initialization: landmarks")
-        geometry = Geometry.of(read_checked_image(image_path))
-        largest = max(largest, (math.prod(geometry.size), geometry), key=lambda item: item[0])
-        dims.setdefault(geometry.dimension, str(image_path))
-        if entry.mask is not None:
-            check_same_grid(geometry, read_geometry(entry.mask), image_path=image_path, labels_path=entry.mask)
-        if labels_path is None:
-            continue
-        labels, values = read_voxels(labels_path)
-        check_same_grid(geometry, labels, image_path=image_path, labels_path=labels_path)
-        present = set(check_label_values(labels_path, values).tolist()) - {0}
-        del values
-        role = "atlas" if isinstance(entry, Atlas) else "target"
-        if not present:
-            if isinstance(entry, Atlas):
-                raise ImageError(f"{labels_path}: label map of atlas {entry.id!r} is empty (all background); "
-                                 "fix it or leave the atlas out")
-            log.warning("%s: ground truth of target %r is empty (all background): its scores are undefined",
-                        labels_path, entry.id)
-        if declared and present - declared:
-            log.warning("%s: %s %r holds labels %s not declared in %s: segmented and scored without a name",
-                        labels_path, role, entry.id, sorted(present - declared), manifest.path)
-        if declared and isinstance(entry, Atlas) and declared - present and present:
-            log.warning("%s: atlas %r lacks declared labels %s: it votes background there",
-                        labels_path, entry.id, ", ".join(f"{v} ({manifest.label_names[v]})" for v in sorted(declared - present)))
+        geometry = read_geometry(entry.image)
+        check_scalar(geometry, entry.image)
+        dims.setdefault(geometry.dimension, str(entry.image))
+        if largest is None or math.prod(geometry.size) > math.prod(largest.size):
+            largest = geometry
+        for other in (entry.labels, entry.mask):
+            if other is not None:
+                check_same_grid(geometry, read_geometry(other), image_path=entry.image, labels_path=other)
     if len(dims) > 1:
-        two, three = dims[2], dims[3]
-        raise ImageError(f"{manifest.path}: mixes 2D images ({two}) with 3D images ({three}); use one dimensionality")
-    if config is None:
-        return
-    k = config.selection.k
-    if k != "all" and k > len(atlas_ids):
-        log.warning("selection.k is %d but %s lists %d atlases: all of them are used", k, manifest.path, len(atlas_ids))
-    check_memory(largest[1], config, n_tasks=len(atlas_ids), n_labels=len(declared) + 1)
+        raise ImageError(f"{manifest.path}: mixes 2D images ({dims[2]}) with 3D images ({dims[3]}); use one dimensionality")
+    if config is not None:
+        k = config.selection.k
+        if k != "all" and k > len(manifest.atlases):
+            log.warning("selection.k is %d but %s lists %d atlases: all of them are used", k, manifest.path,
+                        len(manifest.atlases))
+        check_memory(largest, config, n_tasks=len(manifest.atlases), n_labels=len(manifest.label_names) + 1)
+    for entry in entries:  # then every voxel, once
+        read_checked_image(entry.image)
+        if entry.labels is not None:
+            _check_label_map(entry, manifest)
+
+
+def _check_label_map(entry: Atlas | Target, manifest: Manifest) -> None:
+    path, declared = entry.labels, set(manifest.label_names)
+    present = set(check_label_values(path, read_voxels(path)[1]).tolist()) - {0}
+    is_atlas = isinstance(entry, Atlas)
+    if not present and is_atlas:
+        raise ImageError(f"{path}: label map of atlas {entry.id!r} is empty (all background); fix it or leave the atlas out")
+    if not present:
+        log.warning("%s: ground truth of target %r is empty (all background): its scores are undefined", path, entry.id)
+    if declared and present - declared:
+        log.warning("%s: %s %r holds labels %s not declared in %s: segmented and scored without a name",
+                    path, "atlas" if is_atlas else "target", entry.id, sorted(present - declared), manifest.path)
+    if declared and is_atlas and present and declared - present:
+        log.warning("%s: atlas %r lacks declared labels %s: it votes background there", path, entry.id,
+                    ", ".join(f"{v} ({manifest.label_names[v]})" for v in sorted(declared - present)))
 
 
 # Rough peak bytes per voxel of the largest image: one registration job (two float32 images, their

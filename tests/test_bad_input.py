@@ -187,12 +187,14 @@ def test_a_run_that_would_exceed_memory_is_refused_with_the_estimate(data, capsy
     manifest = str(data / "data_manifest.yaml")
     monkeypatch.setattr("atlasseg.pipeline.available_cores", lambda: 4)
     monkeypatch.setenv("ATLASSEG_MEMORY_LIMIT", "64K")
+    _truncate(data, TARGET)  # the estimate comes from headers, before any voxel is read
     assert main(["validate", "demo", "--manifest", manifest, "--set", "parallel.n_jobs=2"]) == 2
     err = capsys.readouterr().err
     assert "images of 32 x 32 voxels would need about 0.2 MiB (2 parallel registration(s) and fusion) but 0.1 MiB" in err
     assert "crop or downsample the images, lower parallel.n_jobs" in err and err.count("\n") == 1
     monkeypatch.setenv("ATLASSEG_MEMORY_LIMIT", "1G")
-    assert main(["validate", "demo", "--manifest", manifest, "--set", "parallel.n_jobs=2"]) == 0
+    assert main(["validate", "demo", "--manifest", manifest, "--set", "parallel.n_jobs=2"]) == 2
+    assert "case_003.nii.gz: truncated or corrupt NIfTI file" in capsys.readouterr().err
 
 
 def test_memory_estimate_of_a_large_scan_exceeds_a_small_machine(monkeypatch):
