@@ -342,3 +342,15 @@ def test_label_values_above_255_and_150_labels_survive_propagation_and_fusion(tm
     np.testing.assert_array_equal(sitk.GetArrayFromImage(segmentation), labels)
     scores = json.loads((out / "run.json").read_text())["targets"]["t1"]["scores"]
     assert len(scores) == 150 and all(s["dice"] == 1.0 for s in scores.values())
+
+
+@pytest.mark.parametrize("make, needle", [(_set_voxel(np.nan, TARGET), "case_003.nii.gz: holds 1 NaN"),
+                                          (lambda d: _truncate(d, TARGET), "case_003.nii.gz: truncated or corrupt")],
+                         ids=["NaN", "truncated"])
+def test_register_checks_its_two_images_first(data, tmp_path, capsys, make, needle):
+    make(data)
+    argv = ["register", str(data / TARGET), str(data / IMAGE), "--config", "demo", "--out", str(tmp_path / "pair")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert needle in err and err.count("\n") == 1
+    assert not (tmp_path / "pair").exists()
