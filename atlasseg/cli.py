@@ -199,12 +199,16 @@ def cmd_evaluate(args) -> int:
 
     from .config import EvaluationConfig
     from .evaluation import evaluate, header, rows
-    from .imageio import atomic_write_text, read_labels
+    from .imageio import atomic_write_text, check_label_values, read_labels, read_voxels
     from .pipeline import json_safe, write_table
 
     names = _label_args(args.labels) or {}
     metrics = EvaluationConfig().metrics
-    scores = evaluate(read_labels(args.prediction), read_labels(args.truth), labels=sorted(names) or None, metrics=metrics)
+    for path in (args.prediction, args.truth):  # complete files (NIfTI), whole non-negative values
+        check_label_values(path, read_voxels(path)[1])
+    prediction = read_labels(args.prediction)
+    truth = read_labels(args.truth, like=prediction, like_path=args.prediction)
+    scores = evaluate(prediction, truth, labels=sorted(names) or None, metrics=metrics)
     head = header(metrics)[1:]
     table = [row[1:] for row in rows("", scores, names, metrics)]
     cells = [head] + [[str(c) if not isinstance(c, float) else ("-" if math.isnan(c) else f"{c:.4f}") for c in row] for row in table]

@@ -123,17 +123,18 @@ def read_image(path: str | Path) -> sitk.Image:
     return image
 
 
-def read_labels(path: str | Path, *, like=None) -> sitk.Image:
+def read_labels(path: str | Path, *, like=None, like_path=None) -> sitk.Image:
     """Read a label map as an integer image; float files must hold whole numbers.
 
     With ``like`` (the image it belongs to, or its :class:`Geometry`), a grid that differs from it by floating-point
-    noise only is snapped onto it (see :func:`check_same_grid`); a larger difference is an error.
+    noise only is snapped onto it (see :func:`check_same_grid`); a larger difference is an error naming
+    ``like_path``.
     """
     path = Path(path)
     image = _read(path)
     check_scalar(image, path)
     if like is not None:
-        snap_grid(image, like, path=path)
+        snap_grid(image, like, path=path, like_path=like_path)
     if image.GetPixelID() in _INTEGER_TYPES:
         return image
     values = sitk.GetArrayViewFromImage(image)
@@ -225,13 +226,13 @@ def check_same_grid(image, labels, *, image_path, labels_path, warn: bool = True
                     "snapped onto the image's grid", labels_path, image_path, shift, turn)
 
 
-def snap_grid(image: sitk.Image, like, *, path) -> None:
+def snap_grid(image: sitk.Image, like, *, path, like_path=None) -> None:
     """Give ``image`` the grid of ``like`` (an image or a Geometry) when they differ by floating-point noise
     only (the warning comes from :func:`check_same_grid` in the input checks); raise when they differ more."""
     grid = like if isinstance(like, Geometry) else Geometry.of(like)
     if same_grid(grid, image):
         return
-    check_same_grid(grid, image, image_path="its image", labels_path=path, warn=False)
+    check_same_grid(grid, image, image_path=like_path or "", labels_path=path, warn=False)
     image.SetSpacing(grid.spacing)
     image.SetOrigin(grid.origin)
     image.SetDirection(grid.direction)

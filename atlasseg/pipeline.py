@@ -196,7 +196,7 @@ def _load_normalized(path: Path, method: str) -> sitk.Image:
 def _masks(target: Target, atlas: Atlas) -> Masks | None:
     if target.mask is None and atlas.mask is None:
         return None
-    return Masks(*(read_labels(e.mask, like=read_geometry(e.image)) if e.mask is not None else None for e in (target, atlas)))
+    return Masks(*(read_labels(e.mask, like=read_geometry(e.image), like_path=e.image) if e.mask is not None else None for e in (target, atlas)))
 
 
 def _failure(err: RegistrationError) -> dict:
@@ -270,7 +270,7 @@ def segment_target(target: Target, atlases: list[Atlas], config: Config, *, out_
     by_id = {a.id: a for a in atlases}
     clock = time.perf_counter()
     reference = read_image(target.image)
-    truth = read_labels(target.labels, like=reference) if target.labels is not None else None
+    truth = read_labels(target.labels, like=reference, like_path=target.image) if target.labels is not None else None
 
     # Affine stage for every atlas, scored on a coarse grid for selection.
     tasks = [(target, a, config.registration, config.selection.grid_spacing) for a in atlases]
@@ -313,7 +313,8 @@ def segment_target(target: Target, atlases: list[Atlas], config: Config, *, out_
     for aid in used:
         clock = time.perf_counter()
         candidate = propagate_labels(
-            read_labels(by_id[aid].labels, like=read_geometry(by_id[aid].image)), transforms[aid], reference,
+            read_labels(by_id[aid].labels, like=read_geometry(by_id[aid].image), like_path=by_id[aid].image),
+            transforms[aid], reference,
             interpolator=config.propagation.interpolator,
         )
         intensities = None
@@ -405,11 +406,11 @@ def register_files(
     for image, mask in ((fixed_path, fixed_mask), (moving_path, moving_mask), (moving_path, labels_path)):
         if mask is not None:
             check_same_grid(read_geometry(image), read_geometry(mask), image_path=image, labels_path=mask)
-    labels = read_labels(labels_path, like=moving) if labels_path is not None else None
+    labels = read_labels(labels_path, like=moving, like_path=moving_path) if labels_path is not None else None
     masks = None
     if fixed_mask is not None or moving_mask is not None:
-        masks = Masks(*(read_labels(p, like=image) if p is not None else None
-                        for p, image in ((fixed_mask, fixed), (moving_mask, moving))))
+        masks = Masks(*(read_labels(p, like=image, like_path=image_path) if p is not None else None
+                        for p, image, image_path in ((fixed_mask, fixed, fixed_path), (moving_mask, moving, moving_path))))
     landmarks = None
     if (fixed_landmarks is None) != (moving_landmarks is None):
         raise ImageError("landmarks are needed for both images (--fixed-landmarks and --moving-landmarks)")

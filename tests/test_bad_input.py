@@ -290,8 +290,23 @@ def _reoriented(image: sitk.Image, axes, flips) -> sitk.Image:
     return sitk.Resample(image, grid, sitk.Transform(), sitk.sitkNearestNeighbor, 0, image.GetPixelID())
 
 
+def _oblique(image: sitk.Image, degrees: float, *, labels: bool) -> sitk.Image:
+    """``image`` resampled onto a grid turned by ``degrees`` about its centre (same spacing, a larger field)."""
+    angle = np.deg2rad(degrees)
+    turn = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+    size = [int(n * 1.4) for n in image.GetSize()]
+    centre = np.array(image.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2 for n in image.GetSize()]))
+    grid = sitk.Image(size, image.GetPixelID())
+    grid.SetSpacing(image.GetSpacing())
+    grid.SetDirection((np.array(image.GetDirection()).reshape(2, 2) @ turn).ravel().tolist())
+    grid.SetOrigin((centre - np.array(grid.GetDirection()).reshape(2, 2) @ ((np.array(size) - 1) / 2 * grid.GetSpacing())).tolist())
+    interpolator = sitk.sitkNearestNeighbor if labels else sitk.sitkLinear
+    return sitk.Resample(image, grid, sitk.Transform(), interpolator, 0, image.GetPixelID())
+
+
 def test_targets_stored_in_other_orientations_are_segmented_the_same(tmp_path):
-    """RAS vs LPS (both in-plane axes flipped) and permuted axes: handled in physical space, not array order."""
+    """RAS vs LPS (both in-plane axes flipped), permuted axes and an oblique grid: handled in physical space,
+    not array order."""
     manifest = make_demo_dataset(tmp_path / "data", dim=2, n_atlases=3, n_targets=1, size=64, seed=4)
     data = manifest.parent
     variants = {"ras": ((0, 1), (True, True)), "permuted": ((1, 0), (False, True))}
@@ -303,6 +318,10 @@ def test_targets_stored_in_other_orientations_are_segmented_the_same(tmp_path):
             assert not np.array_equal(sitk.GetArrayViewFromImage(moved), sitk.GetArrayViewFromImage(original))
             sitk.WriteImage(moved, str(data / folder / f"{name}.nii.gz"))
         lines.append(f"- {{id: {name}, image: images/{name}.nii.gz, labels: labels/{name}.nii.gz}}")
+    for folder in ("images", "labels"):  # resampled, unlike the two above: a little blur and staircase
+        original = sitk.ReadImage(str(data / folder / "case_004.nii.gz"))
+        sitk.WriteImage(_oblique(original, 25.0, labels=folder == "labels"), str(data / folder / "oblique.nii.gz"))
+    lines.append("- {id: oblique, image: images/oblique.nii.gz, labels: labels/oblique.nii.gz}")
     manifest.write_text(manifest.read_text() + "\n".join(lines) + "\n")
     out = tmp_path / "out"
     argv = ["-q", "run", "demo", "--manifest", str(manifest), "--out", str(out), "--set", "selection.k=2",
@@ -310,12 +329,15 @@ def test_targets_stored_in_other_orientations_are_segmented_the_same(tmp_path):
     assert main(argv) == 0
     reference = sitk.ReadImage(str(out / "case_004" / "segmentation.nii.gz"))
     expected = sitk.GetArrayFromImage(reference)
-    for name in variants:
+    for name in (*variants, "oblique"):
         result = sitk.ReadImage(str(out / name / "segmentation.nii.gz"))
         np.testing.assert_allclose(result.GetDirection(), sitk.ReadImage(str(data / "images" / f"{name}.nii.gz")).GetDirection())
         back = sitk.GetArrayFromImage(sitk.Resample(result, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0))
         dice = [2 * np.sum((back == v) & (expected == v)) / (np.sum(back == v) + np.sum(expected == v)) for v in range(1, 6)]
-        assert np.mean(dice) >= 0.95 and min(dice) >= 0.9, (name, dice)  # 0.97 and 0.96 at writing
+        if name == "oblique":  # two nearest-neighbour resamplings cost the nodule and the 3-voxel band most
+            assert min(dice[:3]) >= 0.9 and np.mean(dice) >= 0.85, (name, dice)  # 0.93 and 0.90 at writing
+        else:
+            assert np.mean(dice) >= 0.95 and min(dice) >= 0.9, (name, dice)  # 0.97 and 0.96 at writing
 
 
 def test_label_values_above_255_and_150_labels_survive_propagation_and_fusion(tmp_path):
@@ -354,3 +376,25 @@ def test_register_checks_its_two_images_first(data, tmp_path, capsys, make, need
     err = capsys.readouterr().err
     assert needle in err and err.count("\n") == 1
     assert not (tmp_path / "pair").exists()
+
+
+def _moved_origin(offset):
+    def change(path):
+        labels = sitk.ReadImage(str(path))
+        labels.SetOrigin(tuple(o + offset for o in labels.GetOrigin()))
+        sitk.WriteImage(labels, str(path))
+    return change
+
+
+@pytest.mark.parametrize("make, code, needle", [
+    (lambda p: _truncate(p.parent, p.name), 2, "truth.nii.gz: truncated or corrupt NIfTI file"),
+    (_moved_origin(0.5), 2, "truth.nii.gz: label map grid (size (32, 32), spacing (4.5, 4.5), origin"),
+    (_moved_origin(1e-3), 0, ""),  # floating-point noise: snapped
+], ids=["truncated", "another grid", "grid noise"])
+def test_evaluate_checks_both_label_maps(data, capsys, make, code, needle):
+    truth = data / "labels" / "truth.nii.gz"
+    shutil.copy(data / LABELS, truth)
+    make(truth)
+    assert main(["evaluate", str(data / LABELS), str(truth)]) == code
+    err = capsys.readouterr().err
+    assert needle in err and err.count("\n") == (code == 2)
