@@ -37,9 +37,17 @@ def _read(path: Path) -> sitk.Image:
             raise ImageError(f"{path}: file is empty")
         return sitk.ReadImage(str(path))
     except RuntimeError as err:
-        reason = str(err).strip().splitlines()
-        detail = next((line for line in reason if "Exception" not in line and line.strip()), "unreadable")
-        raise ImageError(f"{path}: cannot read image ({detail.strip()[:200]})") from None
+        raise _read_error(path, err) from None
+
+
+def _read_error(path: Path, err: RuntimeError) -> ImageError:
+    """SimpleITK's multi-line exception as one line naming the file."""
+    reason = str(err).strip().splitlines()
+    detail = next((line for line in reason if "Exception" not in line and line.strip()), "unreadable")
+    if "Unable to determine ImageIO reader" in detail:
+        return ImageError(f"{path}: cannot read image (no reader recognises it: damaged, not an image, or a wrong extension; "
+                          "use .nii.gz, .nrrd, .mha or a DICOM folder)")
+    return ImageError(f"{path}: cannot read image ({detail.strip()[:200]})")
 
 
 def check_scalar(image, path) -> None:
@@ -178,7 +186,7 @@ def read_geometry(path: str | Path) -> Geometry:
     try:
         reader.ReadImageInformation()
     except RuntimeError as err:
-        raise ImageError(f"{path}: cannot read image ({str(err).strip().splitlines()[-1][:200]})") from None
+        raise _read_error(path, err) from None
     return Geometry.of(reader)
 
 

@@ -111,6 +111,8 @@ def check_inputs(manifest: Manifest, config: Config | None = None) -> None:
         read_checked_image(entry.image)
         if entry.labels is not None:
             _check_label_map(entry, manifest)
+        if entry.mask is not None:
+            check_label_values(entry.mask, read_voxels(entry.mask)[1])
 
 
 def _check_label_map(entry: Atlas | Target, manifest: Manifest) -> None:

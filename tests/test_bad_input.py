@@ -53,6 +53,12 @@ def _truncated_uncompressed(data):
     _point_manifest_at(data, IMAGE, "images/raw.nii")
 
 
+def _truncated_mask(data):
+    shutil.copy(data / LABELS, data / "mask.nii.gz")
+    _truncate(data, "mask.nii.gz")
+    _point_manifest_at(data, f"labels: {LABELS}}}", f"labels: {LABELS}, mask: mask.nii.gz}}")
+
+
 def _wrong_extension(data):
     os.replace(data / IMAGE, data / "images/case_001.png")
     _point_manifest_at(data, IMAGE, "images/case_001.png")
@@ -107,10 +113,12 @@ CASES = [
     ("missing file", lambda d: (d / IMAGE).unlink(), "case_001': image file not found"),
     ("truncated .nii.gz", _truncate, "case_001.nii.gz: truncated or corrupt NIfTI file"),
     ("truncated .nii", _truncated_uncompressed, "raw.nii: truncated or corrupt NIfTI file"),
-    ("random bytes", lambda d: (d / IMAGE).write_bytes(np.random.default_rng(0).bytes(4000)), "case_001.nii.gz: cannot read image"),
+    ("random bytes", lambda d: (d / IMAGE).write_bytes(np.random.default_rng(0).bytes(4000)),
+     "case_001.nii.gz: cannot read image (no reader recognises it: damaged, not an image, or a wrong extension"),
     ("random gzip", lambda d: (d / IMAGE).write_bytes(gzip.compress(np.random.default_rng(0).bytes(4000))),
-     "case_001.nii.gz: cannot read image"),
-    ("wrong extension", _wrong_extension, "case_001.png: cannot read image"),
+     "case_001.nii.gz: cannot read image (no reader recognises it"),
+    ("wrong extension", _wrong_extension, "case_001.png: cannot read image (no reader recognises it"),
+    ("truncated mask", _truncated_mask, "mask.nii.gz: truncated or corrupt NIfTI file"),
     ("empty file", lambda d: (d / IMAGE).write_bytes(b""), "case_001.nii.gz: file is empty"),
     ("directory", _directory, "image is a directory, expected an image file"),
     ("4D image", _four_d, "is 4D (size (32, 32, 2, 3)); 2D and 3D images are supported (extract one volume first)"),
