@@ -205,7 +205,7 @@ def cmd_evaluate(args) -> int:
     names = _label_args(args.labels) or {}
     metrics = EvaluationConfig().metrics
     for path in (args.prediction, args.truth):  # complete files (NIfTI), whole non-negative values
-        check_label_values(path, read_voxels(path)[1])
+        check_label_values(path, read_voxels(path))
     prediction = read_labels(args.prediction)
     truth = read_labels(args.truth, like=prediction, like_path=args.prediction)
     scores = evaluate(prediction, truth, labels=sorted(names) or None, metrics=metrics)

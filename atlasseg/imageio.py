@@ -61,15 +61,24 @@ def check_scalar(image, path) -> None:
                          "supported (extract one volume first)")
 
 
-def _nifti_voxels(path: Path) -> np.ndarray | None:
-    """The voxels of a NIfTI file as stored, or None for other formats.
+def _is_nifti(path: Path) -> bool:
+    return path.name.lower().endswith((".nii", ".nii.gz")) and path.is_file()
 
-    SimpleITK reads a truncated NIfTI without complaint (the missing voxels become 0)
-    and turns NaN and infinities into 0 (ITK before 6); nibabel reads the bytes as
-    they are and fails on a short file.
+
+def read_voxels(path: str | Path) -> np.ndarray:
+    """The voxels of a whole scalar 2D/3D image file, exactly as stored (any axis order).
+
+    NIfTI is read with nibabel: SimpleITK reads a truncated NIfTI without complaint (the
+    missing voxels become 0) and turns NaN and infinities into 0 (ITK before 6), while
+    nibabel reads the bytes as they are and fails on a short file. :func:`atlasseg.pipeline.check_inputs`
+    runs these checks once per file before any work.
     """
-    if not path.name.lower().endswith((".nii", ".nii.gz")):
-        return None
+    path = Path(path)
+    if not _is_nifti(path):
+        image = _read(path)
+        check_scalar(image, path)
+        return sitk.GetArrayFromImage(image)
+    check_scalar(read_geometry(path), path)
     import nibabel
 
     try:
@@ -77,18 +86,6 @@ def _nifti_voxels(path: Path) -> np.ndarray | None:
     except Exception as err:  # nibabel raises OSError, EOFError, zlib.error, ValueError, ... on damaged files
         detail = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
         raise ImageError(f"{path}: truncated or corrupt NIfTI file ({detail}); re-export or re-download it") from None
-
-
-def read_voxels(path: str | Path) -> tuple[sitk.Image, np.ndarray]:
-    """Read a whole scalar 2D/3D image and its voxels exactly as stored (NIfTI: checked for truncation).
-
-    The full-content check :func:`atlasseg.pipeline.check_inputs` runs once per file before any work.
-    """
-    path = Path(path)
-    image = _read(path)
-    check_scalar(image, path)
-    stored = _nifti_voxels(path)
-    return image, sitk.GetArrayViewFromImage(image) if stored is None else stored
 
 
 def check_intensities(path: str | Path, values: np.ndarray) -> None:
@@ -116,9 +113,8 @@ def read_checked_image(path: str | Path) -> sitk.Image:
 
     For the files a command starts from; workers that re-read them use the quicker :func:`read_image`.
     """
-    image, voxels = read_voxels(path)
-    check_intensities(path, voxels)
-    return sitk.Cast(image, sitk.sitkFloat32)
+    check_intensities(path, read_voxels(path))
+    return read_image(path)
 
 
 def read_image(path: str | Path) -> sitk.Image:

@@ -29,6 +29,7 @@ from .fusion import make_fuser
 from .imageio import (
     Geometry,
     atomic_write_text,
+    check_intensities,
     check_label_values,
     check_scalar,
     check_same_grid,
@@ -108,16 +109,16 @@ def check_inputs(manifest: Manifest, config: Config | None = None) -> None:
                         len(manifest.atlases))
         check_memory(largest, config, n_tasks=len(manifest.atlases), n_labels=len(manifest.label_names) + 1)
     for entry in entries:  # then every voxel, once
-        read_checked_image(entry.image)
+        check_intensities(entry.image, read_voxels(entry.image))
         if entry.labels is not None:
             _check_label_map(entry, manifest)
         if entry.mask is not None:
-            check_label_values(entry.mask, read_voxels(entry.mask)[1])
+            check_label_values(entry.mask, read_voxels(entry.mask))
 
 
 def _check_label_map(entry: Atlas | Target, manifest: Manifest) -> None:
     path, declared = entry.labels, set(manifest.label_names)
-    present = set(check_label_values(path, read_voxels(path)[1]).tolist()) - {0}
+    present = set(check_label_values(path, read_voxels(path)).tolist()) - {0}
     is_atlas = isinstance(entry, Atlas)
     if not present and is_atlas:
         raise ImageError(f"{path}: label map of atlas {entry.id!r} is empty (all background); fix it or leave the atlas out")
