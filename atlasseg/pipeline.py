@@ -133,9 +133,10 @@ def _check_label_map(entry: Atlas | Target, manifest: Manifest) -> None:
 
 
 # Rough peak bytes per voxel of the largest image: one registration job (two float32 images, their
-# normalised and smoothed copies, gradients, and the non-rigid stage's displacement fields: float64 per axis),
-# and the fusion (a float32 vote per label, plus the weights and the intensities of one candidate).
-_JOB_BYTES_PER_VOXEL = {2: 96, 3: 160}
+# normalised and smoothed copies, gradients, and the non-rigid stage's displacement fields: float64 per axis;
+# `atlasseg register` with the default config peaked at 261 bytes per voxel on a 128^3 demo pair), and the
+# fusion (a float32 vote per label, plus the weights and the intensities of one candidate).
+_JOB_BYTES_PER_VOXEL = {2: 160, 3: 256}
 _FUSION_BYTES_PER_VOXEL_AND_LABEL = 4
 MEMORY_LIMIT_ENV = "ATLASSEG_MEMORY_LIMIT"
 

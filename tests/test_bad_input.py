@@ -198,7 +198,7 @@ def test_a_run_that_would_exceed_memory_is_refused_with_the_estimate(data, capsy
     _truncate(data, TARGET)  # the estimate comes from headers, before any voxel is read
     assert main(["validate", "demo", "--manifest", manifest, "--set", "parallel.n_jobs=2"]) == 2
     err = capsys.readouterr().err
-    assert "images of 32 x 32 voxels would need about 0.2 MiB (2 parallel registration(s) and fusion) but 0.1 MiB" in err
+    assert "images of 32 x 32 voxels would need about 0.4 MiB (2 parallel registration(s) and fusion) but 0.1 MiB" in err
     assert "crop or downsample the images, lower parallel.n_jobs" in err and err.count("\n") == 1
     monkeypatch.setenv("ATLASSEG_MEMORY_LIMIT", "1G")
     assert main(["validate", "demo", "--manifest", manifest, "--set", "parallel.n_jobs=2"]) == 2
@@ -212,7 +212,7 @@ def test_memory_estimate_of_a_large_scan_exceeds_a_small_machine(monkeypatch):
 
     scan = Geometry((512, 512, 400), (0.5, 0.5, 0.6), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
     total, per_job, jobs = estimate_memory(scan, load_config("default", overrides=["parallel.n_jobs=1"]), n_tasks=10, n_labels=5)
-    assert jobs == 1 and 10 * 2**30 < per_job <= total < 20 * 2**30
+    assert jobs == 1 and 20 * 2**30 < per_job <= total < 30 * 2**30  # 25 GiB: more than most workstations
     monkeypatch.delenv("ATLASSEG_MEMORY_LIMIT", raising=False)
     assert 0 < available_memory()
     monkeypatch.setenv("ATLASSEG_MEMORY_LIMIT", "1.5T")
