@@ -39,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--out", help="output folder (default: output.dir of the config)")
     p.add_argument("--target", dest="targets", action="append", metavar="ID", help="only this target (repeatable)")
+    p.add_argument("--force", action="store_true", help="write into an output folder holding another config's outputs")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("validate", help="check a config and a manifest; runs nothing")
@@ -49,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="atlasseg-demo", help="folder for data/ and results/ (default: %(default)s)")
     p.add_argument("--dim", type=int, choices=(2, 3), default=3, help="image dimension (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic data (default: %(default)s)")
+    p.add_argument("--force", action="store_true", help="write over results of another config in --out")
     p.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
         help="override one value of configs/demo.yaml (repeatable)",
@@ -129,7 +131,7 @@ def cmd_run(args) -> int:
     config, manifest = _load(args)
     out = Path(args.out or config.output.dir)
     start = time.perf_counter()
-    results = run(config, manifest, out_dir=out, target_ids=args.targets)
+    results = run(config, manifest, out_dir=out, target_ids=args.targets, force=args.force)
     print(format_table(results, manifest.label_names))
     print(f"\n{len(results)} target(s) segmented in {time.perf_counter() - start:.1f} s; outputs in {out}/")
     return 0
@@ -160,7 +162,7 @@ def cmd_demo(args) -> int:
     made = time.perf_counter()
     log.info("demo data (%dD) written to %s in %.1f s", args.dim, manifest_path.parent, made - start)
     manifest = load_manifest(manifest_path)
-    results = run(config, manifest, out_dir=out / "results")
+    results = run(config, manifest, out_dir=out / "results", force=args.force)
     print(format_table(results, manifest.label_names))
     print(
         f"\ndemo ({args.dim}D, {len(manifest.atlases)} atlases, {len(results)} targets) finished in "
@@ -197,12 +199,16 @@ def cmd_evaluate(args) -> int:
 
     from .config import EvaluationConfig
     from .evaluation import evaluate, header, rows
-    from .imageio import atomic_write_text, read_labels
+    from .imageio import atomic_write_text, check_label_values, read_labels, read_voxels
     from .pipeline import json_safe, write_table
 
     names = _label_args(args.labels) or {}
     metrics = EvaluationConfig().metrics
-    scores = evaluate(read_labels(args.prediction), read_labels(args.truth), labels=sorted(names) or None, metrics=metrics)
+    for path in (args.prediction, args.truth):  # complete files (NIfTI), whole non-negative values
+        check_label_values(path, read_voxels(path))
+    prediction = read_labels(args.prediction)
+    truth = read_labels(args.truth, like=prediction, like_path=args.prediction)
+    scores = evaluate(prediction, truth, labels=sorted(names) or None, metrics=metrics)
     head = header(metrics)[1:]
     table = [row[1:] for row in rows("", scores, names, metrics)]
     cells = [head] + [[str(c) if not isinstance(c, float) else ("-" if math.isnan(c) else f"{c:.4f}") for c in row] for row in table]

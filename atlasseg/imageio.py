@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import logging
 import os
 import tempfile
 from dataclasses import dataclass
@@ -11,7 +13,9 @@ from typing import Callable
 import numpy as np
 import SimpleITK as sitk
 
-from .errors import ImageError
+from .errors import AtlassegError, ImageError
+
+log = logging.getLogger("atlasseg")
 
 _INTEGER_TYPES = {
     sitk.sitkUInt8, sitk.sitkInt8, sitk.sitkUInt16, sitk.sitkInt16,
@@ -33,38 +37,112 @@ def _read(path: Path) -> sitk.Image:
             raise ImageError(f"{path}: file is empty")
         return sitk.ReadImage(str(path))
     except RuntimeError as err:
-        reason = str(err).strip().splitlines()
-        detail = next((line for line in reason if "Exception" not in line and line.strip()), "unreadable")
-        raise ImageError(f"{path}: cannot read image ({detail.strip()[:200]})") from None
+        raise _read_error(path, err) from None
 
 
-def _check_scalar(image: sitk.Image, path: Path) -> None:
-    if image.GetNumberOfComponentsPerPixel() != 1:
-        raise ImageError(f"{path}: has {image.GetNumberOfComponentsPerPixel()} components per voxel; a scalar image is needed")
-    if image.GetDimension() not in (2, 3):
-        raise ImageError(f"{path}: is {image.GetDimension()}D; 2D and 3D images are supported")
+def _read_error(path: Path, err: RuntimeError) -> ImageError:
+    """SimpleITK's multi-line exception as one line naming the file."""
+    reason = str(err).strip().splitlines()
+    detail = next((line for line in reason if "Exception" not in line and line.strip()), "unreadable")
+    if "Unable to determine ImageIO reader" in detail:
+        return ImageError(f"{path}: cannot read image (no reader recognises it: damaged, not an image, or a wrong extension; "
+                          "use .nii.gz, .nrrd, .mha or a DICOM folder)")
+    return ImageError(f"{path}: cannot read image ({detail.strip()[:200]})")
+
+
+def check_scalar(image, path) -> None:
+    """Refuse a vector image, or one that is not 2D/3D (an image, or a header's :class:`Geometry`)."""
+    grid = image if isinstance(image, Geometry) else Geometry.of(image)
+    if grid.components != 1:
+        raise ImageError(f"{path}: has {grid.components} components per voxel; a scalar image is "
+                         "needed (extract one channel first)")
+    if grid.dimension not in (2, 3):
+        raise ImageError(f"{path}: is {grid.dimension}D (size {grid.size}); 2D and 3D images are "
+                         "supported (extract one volume first)")
+
+
+def _is_nifti(path: Path) -> bool:
+    return path.name.lower().endswith((".nii", ".nii.gz")) and path.is_file()
+
+
+def read_voxels(path: str | Path) -> np.ndarray:
+    """The voxels of a whole scalar 2D/3D image file, exactly as stored (any axis order).
+
+    NIfTI is read with nibabel: SimpleITK reads a truncated NIfTI without complaint (the
+    missing voxels become 0) and turns NaN and infinities into 0 (ITK before 6), while
+    nibabel reads the bytes as they are and fails on a short file. :func:`atlasseg.pipeline.check_inputs`
+    runs these checks once per file before any work.
+    """
+    path = Path(path)
+    if not _is_nifti(path):
+        image = _read(path)
+        check_scalar(image, path)
+        return sitk.GetArrayFromImage(image)
+    check_scalar(read_geometry(path), path)
+    import nibabel
+
+    try:
+        return np.asanyarray(nibabel.load(str(path)).dataobj)
+    except Exception as err:  # nibabel raises OSError, EOFError, zlib.error, ValueError, ... on damaged files
+        detail = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        raise ImageError(f"{path}: truncated or corrupt NIfTI file ({detail}); re-export or re-download it") from None
+
+
+def check_intensities(path: str | Path, values: np.ndarray) -> None:
+    """Refuse NaN/infinite or constant intensities (nothing to register), naming the file."""
+    bad = int(np.size(values) - np.count_nonzero(np.isfinite(values)))
+    if bad:
+        raise ImageError(f"{path}: holds {bad} NaN or infinite intensities; replace them (e.g. with 0 outside the body)")
+    lo, hi = (float(values.min()), float(values.max())) if np.size(values) else (0.0, 0.0)
+    if lo == hi:
+        raise ImageError(f"{path}: every voxel is {lo:g} (a constant image has nothing to register); wrong file?")
+
+
+def check_label_values(path: str | Path, values: np.ndarray) -> np.ndarray:
+    """The label values present (0 included), after refusing non-integer and negative values."""
+    if values.dtype.kind == "f" and (not np.isfinite(values).all() or not np.array_equal(values, np.round(values))):
+        raise ImageError(f"{path}: label map holds non-integer values; labels must be whole numbers")
+    present = np.unique(values)
+    if present.size and present[0] < 0:
+        raise ImageError(f"{path}: label map holds negative values ({present[0]:g}); labels must be >= 0 (0 is background)")
+    return present.astype(np.int64)
+
+
+def read_checked_image(path: str | Path) -> sitk.Image:
+    """:func:`read_image` after checking the whole file: complete, finite (also in NIfTI), not constant.
+
+    For the files a command starts from; workers that re-read them use the quicker :func:`read_image`.
+    """
+    check_intensities(path, read_voxels(path))
+    return read_image(path)
 
 
 def read_image(path: str | Path) -> sitk.Image:
     """Read an intensity image as float32, geometry intact."""
     image = _read(Path(path))
-    _check_scalar(image, Path(path))
+    check_scalar(image, Path(path))
     image = sitk.Cast(image, sitk.sitkFloat32)
     if not np.isfinite(sitk.GetArrayViewFromImage(image)).all():
         raise ImageError(f"{path}: holds NaN or infinite intensities")
     return image
 
 
-def read_labels(path: str | Path) -> sitk.Image:
-    """Read a label map as an integer image; float files must hold whole numbers."""
+def read_labels(path: str | Path, *, like=None, like_path=None) -> sitk.Image:
+    """Read a label map as an integer image; float files must hold whole numbers.
+
+    With ``like`` (the image it belongs to, or its :class:`Geometry`), a grid that differs from it by floating-point
+    noise only is snapped onto it (see :func:`check_same_grid`); a larger difference is an error naming
+    ``like_path``.
+    """
     path = Path(path)
     image = _read(path)
-    _check_scalar(image, path)
+    check_scalar(image, path)
+    if like is not None:
+        snap_grid(image, like, path=path, like_path=like_path)
     if image.GetPixelID() in _INTEGER_TYPES:
         return image
     values = sitk.GetArrayViewFromImage(image)
-    if not np.isfinite(values).all() or not np.array_equal(values, np.round(values)):
-        raise ImageError(f"{path}: label map holds non-integer values; labels must be whole numbers")
+    check_label_values(path, values)
     lo, hi = float(values.min()), float(values.max())
     target = sitk.sitkUInt8 if lo >= 0 and hi <= 255 else sitk.sitkUInt16 if lo >= 0 and hi <= 65535 else sitk.sitkInt32
     return sitk.Cast(image, target)
@@ -104,30 +182,64 @@ def read_geometry(path: str | Path) -> Geometry:
     try:
         reader.ReadImageInformation()
     except RuntimeError as err:
-        raise ImageError(f"{path}: cannot read image ({str(err).strip().splitlines()[-1][:200]})") from None
+        raise _read_error(path, err) from None
     return Geometry.of(reader)
 
 
-def same_grid(a, b, *, tolerance: float = 1e-4) -> bool:
-    """True when two images (or geometries) share size, spacing, origin and direction within ``tolerance``."""
+# Grid tolerances, as fractions of the smallest voxel spacing (origin, spacing) or absolute (direction
+# cosines). Below _EXACT two grids are the same (ITK's own check uses 1e-6); up to _SNAP they differ by
+# floating-point noise (a NIfTI qform stored in float32, a resampling tool's rounding) and are snapped with a
+# warning; beyond, they are different grids.
+_EXACT = 1e-6
+_SNAP = 1e-3
+
+
+def same_grid(a, b, *, tolerance: float = _EXACT) -> bool:
+    """True when two images (or geometries) share size, spacing, origin and direction within ``tolerance``
+    (a fraction of the smallest voxel spacing for spacing and origin; absolute for direction cosines)."""
     a = a if isinstance(a, Geometry) else Geometry.of(a)
     b = b if isinstance(b, Geometry) else Geometry.of(b)
+    if a.size != b.size:
+        return False
+    voxel = tolerance * min(min(a.spacing), min(b.spacing))
     return (
-        a.size == b.size
-        and np.allclose(a.spacing, b.spacing, atol=tolerance)
-        and np.allclose(a.origin, b.origin, atol=tolerance)
-        and np.allclose(a.direction, b.direction, atol=tolerance)
+        np.allclose(a.spacing, b.spacing, rtol=0, atol=voxel)
+        and np.allclose(a.origin, b.origin, rtol=0, atol=voxel)
+        and np.allclose(a.direction, b.direction, rtol=0, atol=tolerance)
     )
 
 
-def check_same_grid(image, labels, *, image_path, labels_path) -> None:
-    """Raise ``ImageError`` naming both files when an image and its labels lie on different grids."""
-    if not same_grid(image, labels):
-        image = image if isinstance(image, Geometry) else Geometry.of(image)
-        labels = labels if isinstance(labels, Geometry) else Geometry.of(labels)
+def check_same_grid(image, labels, *, image_path, labels_path, warn: bool = True) -> None:
+    """Raise ``ImageError`` naming both files when an image and its labels lie on different grids.
+
+    Differences below 0.1 % of a voxel (origin, spacing) and 0.001 in the direction cosines are
+    floating-point noise: a warning (with ``warn``), and readers given ``like=`` snap the grid.
+    """
+    if same_grid(image, labels):
+        return
+    image = image if isinstance(image, Geometry) else Geometry.of(image)
+    labels = labels if isinstance(labels, Geometry) else Geometry.of(labels)
+    if not same_grid(image, labels, tolerance=_SNAP):
         raise ImageError(
             f"{labels_path}: label map grid ({labels.describe()}) differs from its image {image_path} ({image.describe()})"
         )
+    if warn:
+        shift = max(np.abs(np.subtract(image.origin, labels.origin)).max(), np.abs(np.subtract(image.spacing, labels.spacing)).max())
+        turn = np.abs(np.subtract(image.direction, labels.direction)).max()
+        log.warning("%s: grid differs from its image %s by floating-point noise (origin/spacing %.2g mm, direction %.2g); "
+                    "snapped onto the image's grid", labels_path, image_path, shift, turn)
+
+
+def snap_grid(image: sitk.Image, like, *, path, like_path=None) -> None:
+    """Give ``image`` the grid of ``like`` (an image or a Geometry) when they differ by floating-point noise
+    only (the warning comes from :func:`check_same_grid` in the input checks); raise when they differ more."""
+    grid = like if isinstance(like, Geometry) else Geometry.of(like)
+    if same_grid(grid, image):
+        return
+    check_same_grid(grid, image, image_path=like_path or "", labels_path=path, warn=False)
+    image.SetSpacing(grid.spacing)
+    image.SetOrigin(grid.origin)
+    image.SetDirection(grid.direction)
 
 
 def _fmt(values) -> str:
@@ -168,13 +280,18 @@ def atomic_write(path: str | Path, write: Callable[[str], None], *, what: str) -
     A failed or interrupted write leaves the previous ``path`` (if any) untouched and no temporary behind.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_in(path.parent, _suffix(path))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = _tmp_in(path.parent, _suffix(path))
+    except OSError as err:
+        raise _write_error(path, what, err) from None
     try:
         write(tmp)
         os.replace(tmp, path)
     except RuntimeError as err:
         raise ImageError(f"{path}: cannot write {what} ({str(err).strip().splitlines()[-1][:200]})") from None
+    except OSError as err:
+        raise _write_error(path, what, err) from None
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -185,17 +302,27 @@ def write_image(image: sitk.Image, path: str | Path, *, compress: bool = True) -
     atomic_write(path, lambda tmp: sitk.WriteImage(image, tmp, useCompression=compress), what="image")
 
 
+def _write_error(path: Path, what: str, err: OSError) -> AtlassegError:
+    hint = "; free some space and run again (finished outputs are kept)" if err.errno == errno.ENOSPC else ""
+    return AtlassegError(f"{path}: cannot write {what} ({err.strerror or err}){hint}")
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write a text file atomically (temporary file, then rename)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_in(path.parent, path.suffix)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = _tmp_in(path.parent, path.suffix)
+    except OSError as err:
+        raise _write_error(path, "file", err) from None
     try:
         with open(tmp, "w", encoding="utf-8") as fh:
             fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+    except OSError as err:
+        raise _write_error(path, "file", err) from None
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

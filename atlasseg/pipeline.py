@@ -27,12 +27,18 @@ from .errors import AtlassegError, ImageError, RegistrationError
 from .evaluation import evaluate, header, mean_score, rows
 from .fusion import make_fuser
 from .imageio import (
+    Geometry,
     atomic_write_text,
+    check_intensities,
+    check_label_values,
+    check_scalar,
     check_same_grid,
     normalize_intensity,
     read_geometry,
+    read_checked_image,
     read_image,
     read_labels,
+    read_voxels,
     write_image,
 )
 from .manifest import Atlas, Manifest, Target
@@ -71,28 +77,118 @@ def thread_budget(parallel: ParallelConfig, n_tasks: int) -> tuple[int, int]:
 
 
 def check_inputs(manifest: Manifest, config: Config | None = None) -> None:
-    """Header-only checks of every listed file before any work: readable, scalar, 2D/3D, one
-    dimensionality across the manifest, each label map and mask on its image's grid; with
-    ``config``, also that every entry has the landmarks its initialisation needs."""
-    dims: dict[int, str] = {}
+    """Every listed file read once, before any work: readable and complete, scalar, 2D/3D, one
+    dimensionality across the manifest; intensities finite and not constant; label maps whole,
+    non-negative numbers on their image's grid (floating-point noise is snapped, with a warning), an
+    atlas's not empty; masks on their image's grid. Warns about declared labels an atlas lacks and
+    labels the manifest does not declare. With ``config``: every entry has the landmarks its
+    initialisation needs, ``selection.k`` is compared with the atlas count (larger: a warning, all
+    atlases are used) and the run's memory is estimated (:func:`check_memory`)."""
+    entries = (*manifest.atlases, *manifest.targets)
     needs_landmarks = config is not None and config.registration.affine.initialization == "landmarks"
-    for entry in (*manifest.atlases, *manifest.targets):
-        image_path, labels_path = entry.image, entry.labels
+    dims: dict[int, str] = {}
+    largest = None
+    for entry in entries:  # headers only: cheap, and they size the run before any voxel is read
         if needs_landmarks and entry.landmarks is None:
             raise ImageError(f"{manifest.path}: {entry.id} has no 'landmarks' file, needed by "
                              "registration.affine.initialization: landmarks")
-        image = read_geometry(image_path)
-        if image.components != 1:
-            raise ImageError(f"{image_path}: has {image.components} components per voxel; a scalar image is needed")
-        if image.dimension not in (2, 3):
-            raise ImageError(f"{image_path}: is {image.dimension}D; 2D and 3D images are supported")
-        dims.setdefault(image.dimension, str(image_path))
-        for other in (labels_path, entry.mask):
+        geometry = read_geometry(entry.image)
+        check_scalar(geometry, entry.image)
+        dims.setdefault(geometry.dimension, str(entry.image))
+        if largest is None or math.prod(geometry.size) > math.prod(largest.size):
+            largest = geometry
+        for other in (entry.labels, entry.mask):
             if other is not None:
-                check_same_grid(image, read_geometry(other), image_path=image_path, labels_path=other)
+                check_same_grid(geometry, read_geometry(other), image_path=entry.image, labels_path=other)
     if len(dims) > 1:
-        two, three = dims[2], dims[3]
-        raise ImageError(f"{manifest.path}: mixes 2D images ({two}) with 3D images ({three}); use one dimensionality")
+        raise ImageError(f"{manifest.path}: mixes 2D images ({dims[2]}) with 3D images ({dims[3]}); use one dimensionality")
+    if config is not None:
+        k = config.selection.k
+        if k != "all" and k > len(manifest.atlases):
+            log.warning("selection.k is %d but %s lists %d atlases: all of them are used", k, manifest.path,
+                        len(manifest.atlases))
+        check_memory(largest, config, n_tasks=len(manifest.atlases), n_labels=len(manifest.label_names) + 1)
+    for entry in entries:  # then every voxel, once
+        check_intensities(entry.image, read_voxels(entry.image))
+        if entry.labels is not None:
+            _check_label_map(entry, manifest)
+        if entry.mask is not None:
+            check_label_values(entry.mask, read_voxels(entry.mask))
+
+
+def _check_label_map(entry: Atlas | Target, manifest: Manifest) -> None:
+    path, declared = entry.labels, set(manifest.label_names)
+    present = set(check_label_values(path, read_voxels(path)).tolist()) - {0}
+    is_atlas = isinstance(entry, Atlas)
+    if not present and is_atlas:
+        raise ImageError(f"{path}: label map of atlas {entry.id!r} is empty (all background); fix it or leave the atlas out")
+    if not present:
+        log.warning("%s: ground truth of target %r is empty (all background): its scores are undefined", path, entry.id)
+    if declared and present - declared:
+        log.warning("%s: %s %r holds labels %s not declared in %s: segmented and scored without a name",
+                    path, "atlas" if is_atlas else "target", entry.id, sorted(present - declared), manifest.path)
+    if declared and is_atlas and present and declared - present:
+        log.warning("%s: atlas %r lacks declared labels %s: it votes background there", path, entry.id,
+                    ", ".join(f"{v} ({manifest.label_names[v]})" for v in sorted(declared - present)))
+
+
+# Rough peak bytes per voxel of the largest image: one registration job (two float32 images, their
+# normalised and smoothed copies, gradients, and the non-rigid stage's displacement fields: float64 per axis;
+# `atlasseg register` with the default config peaked at 261 bytes per voxel on a 128^3 demo pair), and the
+# fusion (a float32 vote per label, plus the weights and the intensities of one candidate).
+_JOB_BYTES_PER_VOXEL = {2: 160, 3: 256}
+_FUSION_BYTES_PER_VOXEL_AND_LABEL = 4
+MEMORY_LIMIT_ENV = "ATLASSEG_MEMORY_LIMIT"
+
+
+def available_memory() -> int:
+    """Bytes this run may use: ``$ATLASSEG_MEMORY_LIMIT`` (bytes, or with a K/M/G/T suffix) when set,
+    else the memory the system reports available (MemAvailable; free pages elsewhere)."""
+    text = os.environ.get(MEMORY_LIMIT_ENV, "").strip()
+    if text:
+        units = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+        scale = units.get(text[-1].upper(), 1)
+        try:
+            return int(float(text[:-1] if scale > 1 else text) * scale)
+        except ValueError:
+            raise AtlassegError(f"{MEMORY_LIMIT_ENV}={text!r}: expected a number of bytes, e.g. 8G") from None
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def estimate_memory(geometry: Geometry, config: Config, *, n_tasks: int, n_labels: int) -> tuple[int, int, int]:
+    """(total, per registration job, parallel jobs): a rough peak of segmenting on ``geometry``'s grid."""
+    voxels = math.prod(geometry.size)
+    jobs, _ = thread_budget(config.parallel, max(1, n_tasks))
+    per_job = voxels * _JOB_BYTES_PER_VOXEL[geometry.dimension]
+    fusion = voxels * _FUSION_BYTES_PER_VOXEL_AND_LABEL * (n_labels + 4)
+    return jobs * per_job + fusion, per_job, jobs
+
+
+def check_memory(geometry: Geometry | None, config: Config, *, n_tasks: int, n_labels: int) -> None:
+    """Refuse, before any work, a run whose estimated peak memory exceeds :func:`available_memory`."""
+    if geometry is None:
+        return
+    total, per_job, jobs = estimate_memory(geometry, config, n_tasks=n_tasks, n_labels=n_labels)
+    available = available_memory()
+    if total <= available:
+        return
+    fewer = f", lower parallel.n_jobs (each registration needs about {_size(per_job)})" if jobs > 1 else ""
+    raise ImageError(
+        f"images of {' x '.join(map(str, geometry.size))} voxels would need about {_size(total)} "
+        f"({jobs} parallel registration(s) and fusion) but {_size(available)} are available: "
+        f"crop or downsample the images{fewer} (or set {MEMORY_LIMIT_ENV})"
+    )
+
+
+def _size(n_bytes: float) -> str:
+    return f"{n_bytes / 2**30:.1f} GiB" if n_bytes >= 2**30 else f"{n_bytes / 2**20:.1f} MiB"
 
 
 # --------------------------------------------------------------------------- worker jobs
@@ -104,7 +200,7 @@ def _load_normalized(path: Path, method: str) -> sitk.Image:
 def _masks(target: Target, atlas: Atlas) -> Masks | None:
     if target.mask is None and atlas.mask is None:
         return None
-    return Masks(*(read_labels(p) if p is not None else None for p in (target.mask, atlas.mask)))
+    return Masks(*(read_labels(e.mask, like=read_geometry(e.image), like_path=e.image) if e.mask is not None else None for e in (target, atlas)))
 
 
 def _failure(err: RegistrationError) -> dict:
@@ -178,7 +274,7 @@ def segment_target(target: Target, atlases: list[Atlas], config: Config, *, out_
     by_id = {a.id: a for a in atlases}
     clock = time.perf_counter()
     reference = read_image(target.image)
-    truth = read_labels(target.labels) if target.labels is not None else None
+    truth = read_labels(target.labels, like=reference, like_path=target.image) if target.labels is not None else None
 
     # Affine stage for every atlas, scored on a coarse grid for selection.
     tasks = [(target, a, config.registration, config.selection.grid_spacing) for a in atlases]
@@ -221,7 +317,9 @@ def segment_target(target: Target, atlases: list[Atlas], config: Config, *, out_
     for aid in used:
         clock = time.perf_counter()
         candidate = propagate_labels(
-            read_labels(by_id[aid].labels), transforms[aid], reference, interpolator=config.propagation.interpolator
+            read_labels(by_id[aid].labels, like=read_geometry(by_id[aid].image), like_path=by_id[aid].image),
+            transforms[aid], reference,
+            interpolator=config.propagation.interpolator,
         )
         intensities = None
         if fuser.needs_intensities:
@@ -308,14 +406,15 @@ def register_files(
     and, given moving labels, ``warped_labels.nii.gz``. A registration that fails its
     checks writes only ``record.json`` (with the reason) and raises.
     """
-    fixed, moving = read_image(fixed_path), read_image(moving_path)
+    fixed, moving = read_checked_image(fixed_path), read_checked_image(moving_path)
     for image, mask in ((fixed_path, fixed_mask), (moving_path, moving_mask), (moving_path, labels_path)):
         if mask is not None:
             check_same_grid(read_geometry(image), read_geometry(mask), image_path=image, labels_path=mask)
-    labels = read_labels(labels_path) if labels_path is not None else None
+    labels = read_labels(labels_path, like=moving, like_path=moving_path) if labels_path is not None else None
     masks = None
     if fixed_mask is not None or moving_mask is not None:
-        masks = Masks(*(read_labels(p) if p is not None else None for p in (fixed_mask, moving_mask)))
+        masks = Masks(*(read_labels(p, like=image, like_path=image_path) if p is not None else None
+                        for p, image, image_path in ((fixed_mask, fixed, fixed_path), (moving_mask, moving, moving_path))))
     landmarks = None
     if (fixed_landmarks is None) != (moving_landmarks is None):
         raise ImageError("landmarks are needed for both images (--fixed-landmarks and --moving-landmarks)")
@@ -366,13 +465,67 @@ def versions() -> dict[str, str]:
     }
 
 
-def run(config: Config, manifest: Manifest, *, out_dir: str | Path | None = None, target_ids=None) -> list[TargetResult]:
-    """Segment the manifest's targets (or those named) and write segmentations, metrics.csv and run.json."""
+def check_output_dir(out: Path, config: Config, manifest: Manifest, *, force: bool = False) -> None:
+    """Before any work: ``out`` is a writable folder, and holds no outputs of another config.
+
+    A folder with a ``run.json`` whose config differs (``output.dir`` aside), or with files but no
+    ``run.json``, is refused unless ``force``: outputs of two configs are never silently mixed. A new
+    folder gets a ``run.json`` at once (the config, status ``running``), so a stopped run is recognised.
+    """
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".tmp-probe-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise AtlassegError(f"{out}: output folder is not writable ({err.strerror or err}); choose another --out") from None
+    record = out / "run.json"
+    wanted = _comparable(config.to_dict())
+    if record.exists():
+        try:
+            found = _comparable(json.loads(record.read_text())["config"])
+        except (OSError, ValueError, KeyError, TypeError):
+            found = None
+        if found == wanted:
+            return
+        what = "an unreadable run.json" if found is None else "outputs of a different config (" + ", ".join(
+            f"{key}: {old!r} -> {new!r}" for key, old, new in _differences(found, wanted)[:3]) + ")"
+    elif any(out.iterdir()):
+        what = "files but no run.json"
+    else:
+        atomic_write_text(record, json.dumps({"config": config.to_dict(), "manifest": str(manifest.path),
+                                              "status": "running"}, indent=2) + "\n")
+        return
+    if not force:
+        raise AtlassegError(f"{out}: holds {what}; choose another --out, or --force to write over them")
+    log.warning("%s: holds %s; writing over them (--force)", out, what)
+
+
+def _comparable(config: dict) -> dict:
+    return {**config, "output": {k: v for k, v in config.get("output", {}).items() if k != "dir"}}
+
+
+def _differences(old, new, prefix: str = "") -> list[tuple[str, object, object]]:
+    """(key path, old value, new value) of every leaf that differs between two nested mappings."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [d for key in dict.fromkeys([*old, *new])
+                for d in _differences(old.get(key), new.get(key), f"{prefix}.{key}" if prefix else str(key))]
+    return [] if old == new else [(prefix, old, new)]
+
+
+def run(config: Config, manifest: Manifest, *, out_dir: str | Path | None = None, target_ids=None,
+        force: bool = False) -> list[TargetResult]:
+    """Segment the manifest's targets (or those named) and write segmentations, metrics.csv and run.json.
+
+    Inputs and the output folder are checked first (:func:`check_inputs`, :func:`check_output_dir`;
+    ``force`` writes over another config's outputs).
+    """
     out = Path(out_dir if out_dir is not None else config.output.dir)
     targets = [manifest.target(t) for t in target_ids] if target_ids else list(manifest.targets)
     if not targets:
         raise AtlassegError(f"{manifest.path}: no targets to segment")
     check_inputs(manifest, config)
+    check_output_dir(out, config, manifest, force=force)
     start = time.perf_counter()
     results = []
     for target in targets:
@@ -387,6 +540,7 @@ def run(config: Config, manifest: Manifest, *, out_dir: str | Path | None = None
         "versions": versions(),
         "config": config.to_dict(),
         "manifest": str(manifest.path),
+        "status": "complete",
         "seconds_total": round(time.perf_counter() - start, 3),
         "targets": {r.target_id: r.record for r in results},
     }

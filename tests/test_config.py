@@ -51,6 +51,8 @@ def test_unknown_key_names_key_path_and_file(tmp_path, text, key):
         ("selection: {k: some}", "selection.k"),
         ("selection: {k: true}", "selection.k"),
         ("registration: {affine: {iterations: 0}}", "registration.affine.iterations"),
+        ("registration: {nonrigid: {iterations: 0}}", "registration.nonrigid.iterations"),
+        ("fusion: {staple_iterations: 0}", "fusion.staple_iterations"),
         ("registration: {affine: {stages: [affine, rigid]}}", "registration.affine.stages"),
         ("registration: {affine: {metric: nmi}}", "registration.affine.metric"),
         ("registration: {nonrigid: {shrink_factors: [2, 1], smoothing_sigmas: [1]}}", "registration.nonrigid"),
