@@ -118,3 +118,32 @@ def test_register_that_diverges_says_why_and_writes_only_the_record(manifest, tm
     assert "affine registration diverged" in capsys.readouterr().err
     assert [p.name for p in tmp_path.iterdir()] == ["record.json"]
     assert json.loads((tmp_path / "record.json").read_text())["status"] == "diverged"
+
+
+def test_select_prints_the_ranking_without_the_nonrigid_stage(manifest, capsys, monkeypatch):
+    import atlasseg.pipeline as pipeline
+
+    def no_nonrigid(*args, **kwargs):
+        raise AssertionError("select ran the non-rigid stage")
+
+    monkeypatch.setattr(pipeline, "nonrigid_stage", no_nonrigid)  # in-process: parallel.n_jobs=1
+    argv = ["-q", "select", "demo", "--manifest", str(manifest), "--target", "case_004",
+            "--set", "selection.k=2", "--set", "parallel.n_jobs=1"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    rows = [line.split() for line in printed.splitlines() if line.strip().startswith(("1 ", "2 ", "3 "))]
+    assert [r[0] for r in rows] == ["1", "2", "3"]
+    assert sorted(r[1] for r in rows) == ["case_001", "case_002", "case_003"]
+    assert [r[3] for r in rows] == ["yes", "yes", "no"]
+    scores = [float(r[2]) for r in rows]
+    assert scores == sorted(scores, reverse=True)
+    assert "selected 2 of 3 (k=2" in printed
+
+
+def test_select_ranks_an_atlas_against_the_others(manifest, capsys):
+    argv = ["-q", "select", "demo", "--manifest", str(manifest), "--target", "case_001", "--set", "selection.metric=mi"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "2 atlases ranked by mi" in printed and "case_001  " not in printed
+    assert main(["select", "demo", "--manifest", str(manifest), "--target", "nobody"]) == 2
+    assert "no target or atlas with id 'nobody'" in capsys.readouterr().err
