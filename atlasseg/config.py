@@ -292,6 +292,10 @@ class FusionConfig:
         ``jlf``: ridge added to the error matrix (larger is closer to an equal vote).
     beta : float
         ``jlf``: power applied to the patch differences.
+    search_radius : int, voxels
+        ``jlf``: each atlas's label and patch come from its best-matching patch (least
+        squared intensity difference to the target's patch) within this radius of the
+        voxel (Wang et al. 2013's local search); 0 takes the patch at the voxel itself.
     staple_iterations : int
         ``staple``: most EM iterations.
     staple_tolerance : float
@@ -311,6 +315,7 @@ class FusionConfig:
     patch_radius: int = 2
     alpha: float = 0.1
     beta: float = 2.0
+    search_radius: int = 0
     staple_iterations: int = 50
     staple_tolerance: float = 1e-5
     keep_largest_component: bool = False
@@ -320,6 +325,7 @@ class FusionConfig:
         _require(self.patch_radius >= 0, "patch_radius", "must be >= 0 (voxels)")
         _require(self.alpha > 0, "alpha", "must be > 0")
         _require(self.beta > 0, "beta", "must be > 0")
+        _require(self.search_radius >= 0, "search_radius", "must be >= 0 (voxels)")
         _require(self.gain >= 0, "gain", "must be >= 0")
         _require(self.sigma > 0, "sigma", "must be > 0 (mm)")
         _require(self.staple_iterations >= 1, "staple_iterations", "must be >= 1")

@@ -60,14 +60,18 @@ class _Vote:
         self._pixel_id = _wider(self._pixel_id, candidate.GetPixelID())
         self.n_candidates += 1
 
+    def _accumulator(self, value: int) -> np.ndarray:
+        """The vote map of one label value (zeros when new)."""
+        votes = self._votes.get(value)
+        if votes is None:
+            votes = self._votes[value] = np.zeros(self._target.shape, dtype=np.float32)
+        return votes
+
     def _vote(self, labels: np.ndarray, weight) -> None:
         values, inverse = np.unique(labels, return_inverse=True)
         inverse = inverse.reshape(labels.shape)
         for index, value in enumerate(values.tolist()):
-            votes = self._votes.get(value)
-            if votes is None:
-                votes = self._votes[value] = np.zeros(self._target.shape, dtype=np.float32)
-            votes += np.where(inverse == index, weight, np.float32(0.0))
+            self._accumulator(value)[...] += np.where(inverse == index, weight, np.float32(0.0))
 
     def result(self) -> sitk.Image:
         """The fused label map on the target grid (the candidates' integer type), post-processed
@@ -125,25 +129,47 @@ class WeightedVote(_Vote):
 class JointLabelFusion(_Vote):
     """Joint label fusion (Wang et al. 2013): weights that minimise the atlases' expected joint error.
 
-    At each voxel, M[i, j] = (mean over the patch of |A_i − T|·|A_j − T|)^beta, with
-    the differences scaled by their mean over all atlases; the weights are
-    (M + alpha·I)⁻¹ 1, normalised to sum to 1. Atlases that err in the same way
-    share their weight. Needs every candidate at once: memory is one label map and
-    one float32 image per candidate; the solve runs in slabs of ``_SLAB`` slices.
-    No local search (search radius 0).
+    At each voxel x, every atlas i contributes the patch at x + o_i, where the offset o_i
+    (within ``search_radius`` voxels; 0 without search) is the one whose patch differs least
+    from the target's patch at x (sum of squared intensity differences; a tie goes to the
+    nearer offset, the voxel itself first). Its label at x + o_i is its vote. With the
+    absolute differences d_i(p) = |A_i(x + o_i + p) − T(x + p)| over the patch offsets p,
+    scaled by their mean over all atlases and voxels, M[i, j] = (mean_p d_i(p)·d_j(p))^beta,
+    and the weights are (M + alpha·I)⁻¹ 1, normalised to sum to 1: atlases that err in the
+    same way share their weight. Beyond the image, patches repeat the border voxels.
+
+    Voxels where every atlas shows the same label in the whole search window are decided
+    without weights (every weighting gives that label): only the others are solved, in
+    chunks of at most ``_CHUNK`` candidate × voxel × patch values. Memory: every candidate
+    is kept, padded by the search and patch radii (one label map and one float32 image
+    each), plus per candidate a small-integer best-offset map over the bounding box of the
+    undecided voxels when searching.
     """
 
-    _SLAB = 8
+    _CHUNK = 1 << 22
 
     def __init__(self, reference: sitk.Image, *, config: FusionConfig):
         super().__init__(reference, config=config)
-        self._labels: list[np.ndarray] = []
-        self._intensities: list[np.ndarray] = []
+        self._pad = config.search_radius + config.patch_radius
+        self._labels: list[np.ndarray] = []  # padded
+        self._intensities: list[np.ndarray] = []  # padded
+        self._low = self._high = None  # per voxel, the smallest and largest label in any candidate's search window
+        self._difference = 0.0  # sum over candidates of the mean |A − T|
 
     def add(self, candidate: sitk.Image, intensities: sitk.Image | None = None) -> None:
         self._check(candidate, intensities)
-        self._labels.append(sitk.GetArrayFromImage(candidate))
-        self._intensities.append(sitk.GetArrayFromImage(intensities).astype(np.float32))
+        labels = sitk.GetArrayFromImage(candidate)
+        warped = sitk.GetArrayFromImage(intensities).astype(np.float32)
+        self._difference += float(np.abs(warped - self._target).mean(dtype=np.float64))
+        low = high = labels.astype(np.int64)
+        if self._config.search_radius:
+            window = 2 * self._config.search_radius + 1
+            low = ndimage.minimum_filter(low, size=window, mode="nearest")
+            high = ndimage.maximum_filter(high, size=window, mode="nearest")
+        self._low = low if self._low is None else np.minimum(self._low, low)
+        self._high = high if self._high is None else np.maximum(self._high, high)
+        self._labels.append(np.pad(labels, self._pad, mode="edge"))
+        self._intensities.append(np.pad(warped, self._pad, mode="edge"))
 
     def _stack(self):
         if self._labels:
@@ -152,28 +178,76 @@ class JointLabelFusion(_Vote):
 
     def _fuse(self) -> None:
         config = self._config
-        diff = np.abs(np.stack(self._intensities) - self._target[None])
-        diff /= max(float(diff.mean()), 1e-6)
-        n = len(self._labels)
-        radius = config.patch_radius
-        size = [1] + [2 * radius + 1] * self._target.ndim
-        weights = np.empty((n,) + self._target.shape, dtype=np.float32)
-        depth = self._target.shape[0]
-        for start in range(0, depth, self._SLAB):
-            stop = min(depth, start + self._SLAB)
-            lo, hi = max(0, start - radius), min(depth, stop + radius)
-            d = diff[:, lo:hi]
-            pairs = d[:, None] * d[None, :]  # n × n × slab
-            m = ndimage.uniform_filter(pairs.reshape((n * n,) + d.shape[1:]), size=size, mode="nearest")
-            m = np.moveaxis(m.reshape((n, n) + d.shape[1:])[:, :, start - lo : stop - lo], (0, 1), (-2, -1))
-            m = m.astype(np.float64) ** config.beta + config.alpha * np.eye(n)
-            w = np.linalg.solve(m, np.ones(m.shape[:-1] + (1,)))[..., 0]
-            w /= w.sum(axis=-1, keepdims=True)
-            weights[:, start:stop] = np.moveaxis(w, -1, 0)
-        for labels, weight in zip(self._labels, weights):
-            self._vote(labels, weight)
+        undecided = self._low != self._high
+        for value in np.unique(self._low[~undecided]).tolist():
+            self._accumulator(value)[(self._low == value) & ~undecided] = 1.0
+        voxels = np.argwhere(undecided)
+        if voxels.size:
+            target = np.pad(self._target, self._pad, mode="edge")
+            strides = np.asarray(np.cumprod((target.shape + (1,))[:0:-1])[::-1])  # flat step per axis
+            search = _cube(target.ndim, config.search_radius)
+            patch = _cube(target.ndim, config.patch_radius) @ strides
+            best = self._best_offsets(target, voxels.min(axis=0), voxels.max(axis=0) + 1, search)
+            base = (voxels + self._pad) @ strides
+            step = max(1, self._CHUNK // (len(self._labels) * len(patch)))
+            for start in range(0, len(voxels), step):
+                chunk = slice(start, start + step)
+                offsets = [None if b is None else search[b[chunk]] @ strides for b in best]
+                self._solve(target.reshape(-1), base[chunk], offsets, patch, np.flatnonzero(undecided)[chunk])
         self._labels.clear()
         self._intensities.clear()
+        self._low = self._high = None
+
+    def _best_offsets(self, target: np.ndarray, lo: np.ndarray, hi: np.ndarray, search: np.ndarray) -> list:
+        """Per candidate and undecided voxel (in ``argwhere`` order), the row of ``search`` whose
+        patch best matches the target's; None for every candidate without search."""
+        if len(search) == 1:
+            return [None] * len(self._labels)
+        r, pad = self._config.patch_radius, self._pad
+        undecided = (self._low != self._high)[tuple(slice(a, b) for a, b in zip(lo, hi))]
+        box = lambda shift: tuple(slice(a + pad - r + o, b + pad + r + o) for a, b, o in zip(lo, hi, shift))  # noqa: E731
+        fixed = target[box([0] * target.ndim)]
+        inner = tuple(slice(r, r + b - a) for a, b in zip(lo, hi))
+        best = []
+        for warped in self._intensities:
+            lowest = np.full(undecided.sum(), np.inf, dtype=np.float32)
+            index = np.zeros(lowest.size, dtype=np.min_scalar_type(len(search) - 1))
+            for k, offset in enumerate(search.tolist()):
+                ssd = ndimage.uniform_filter((warped[box(offset)] - fixed) ** 2, size=2 * r + 1, mode="nearest")
+                ssd = ssd[inner][undecided]
+                better = ssd < lowest
+                lowest[better] = ssd[better]
+                index[better] = k
+            best.append(index)
+        return best
+
+    def _solve(self, target: np.ndarray, base: np.ndarray, offsets: list, patch: np.ndarray, flat: np.ndarray) -> None:
+        """Weights and votes at the voxels whose padded flat indices are ``base`` (``flat`` unpadded);
+        ``offsets``: per candidate, the flat offset of its best patch (None: the voxel itself)."""
+        config = self._config
+        n = len(self._labels)
+        fixed = np.take(target, base[:, None] + patch)
+        differences = np.empty((len(base), n, len(patch)), dtype=np.float32)
+        shown = np.empty((len(base), n), dtype=np.int64)
+        for i, (labels, warped, offset) in enumerate(zip(self._labels, self._intensities, offsets)):
+            centre = base if offset is None else base + offset
+            shown[:, i] = np.take(labels.reshape(-1), centre)
+            np.abs(np.take(warped.reshape(-1), centre[:, None] + patch) - fixed, out=differences[:, i])
+        differences /= max(self._difference / n, 1e-6)
+        m = np.matmul(differences, differences.transpose(0, 2, 1)).astype(np.float64) / len(patch)
+        m = m ** config.beta + config.alpha * np.eye(n)
+        w = np.linalg.solve(m, np.ones((len(base), n, 1)))[..., 0]
+        w /= w.sum(axis=1, keepdims=True)
+        for value in np.unique(shown).tolist():
+            self._accumulator(value).reshape(-1)[flat] += np.where(shown == value, w, 0.0).sum(axis=1)
+
+
+def _cube(ndim: int, radius: int) -> np.ndarray:
+    """Offsets (rows, array axis order) of a cube of ``radius``, nearest to the centre first
+    (by squared length, then in index order): the centre is row 0."""
+    axes = np.meshgrid(*[np.arange(-radius, radius + 1)] * ndim, indexing="ij")
+    offsets = np.stack([a.reshape(-1) for a in axes], axis=1)
+    return offsets[np.argsort((offsets**2).sum(axis=1), kind="stable")]
 
 
 class Staple(_Vote):

@@ -61,6 +61,7 @@ def test_unknown_key_names_key_path_and_file(tmp_path, text, key):
         ("registration: {nonrigid: {enabled: 'yes'}}", "registration.nonrigid.enabled"),
         ("parallel: {n_jobs: 0}", "parallel.n_jobs"),
         ("fusion: {method: staple2}", "fusion.method"),
+        ("fusion: {search_radius: -1}", "fusion.search_radius"),
         ("fusion: 3", "fusion"),
     ],
 )

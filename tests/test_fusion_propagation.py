@@ -124,6 +124,28 @@ def test_jlf_follows_the_atlas_identical_to_the_target(shape):
     np.testing.assert_array_equal(sitk.GetArrayFromImage(majority.result()), wrong)
 
 
+@pytest.mark.parametrize("shape", [(32, 32), (12, 16, 16)])
+def test_jlf_search_finds_the_good_atlas_shifted_by_one_voxel(shape):
+    """One atlas is the target shifted by one voxel (labels too); three others have wrong
+    labels and noisy intensities. Without search, JLF follows the good atlas's shifted labels;
+    with search_radius 1, its best patches are the unshifted ones: the target's own labels."""
+    rng = np.random.default_rng(5)
+    target = ndimage.gaussian_filter(rng.normal(size=shape), 1.5)
+    target = ((target - target.min()) / np.ptp(target)).astype(np.float32)
+    truth = np.digitize(target, np.quantile(target, [0.4, 0.7])).astype(np.uint8)
+    candidates = [(np.roll(truth, 1, axis=-1), np.roll(target, 1, axis=-1))]
+    candidates += [((truth + 1) % 3, target + rng.normal(0, 0.2, shape).astype(np.float32)) for _ in range(3)]
+    inner = (slice(1, -1),) * len(shape)  # np.roll wraps one border around
+    accuracy = {}
+    for radius in (0, 1):
+        fuser = make_fuser(sitk.GetImageFromArray(target), config=FusionConfig(method="jlf", search_radius=radius))
+        for labels_array, intensity in candidates:
+            fuser.add(sitk.GetImageFromArray(labels_array), sitk.GetImageFromArray(intensity))
+        accuracy[radius] = (sitk.GetArrayFromImage(fuser.result()) == truth)[inner].mean()
+    assert accuracy[1] >= 0.97
+    assert accuracy[0] < accuracy[1] - 0.2
+
+
 def test_weighted_fusion_needs_intensities():
     fuser = WeightedVote(intensities(np.zeros((3, 3))), config=FusionConfig(method="local_weighted"))
     with pytest.raises(AtlassegError, match="needs the warped atlas intensities"):
