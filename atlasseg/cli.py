@@ -51,6 +51,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a target of the manifest, or an atlas (ranked against the other atlases)")
     p.set_defaults(func=cmd_select)
 
+    p = sub.add_parser("crossval", help="leave-one-out over the atlases: Dice per fusion method and k")
+    _add_config_args(p)
+    p.add_argument("--k", dest="ks", nargs="+", default=["3", "5", "10", "all"], metavar="K",
+                   help="numbers of best-ranked atlases to fuse, or all (default: 3 5 10 all)")
+    p.add_argument("--methods", nargs="+", metavar="METHOD", help="fusion methods (default: every one)")
+    p.add_argument("--out", help="folder for crossval.csv and crossval.json (default: output.dir of the config)")
+    p.set_defaults(func=cmd_crossval)
+
     p = sub.add_parser("demo", help="make a synthetic dataset and segment it")
     p.add_argument("--out", default="atlasseg-demo", help="folder for data/ and results/ (default: %(default)s)")
     p.add_argument("--dim", type=int, choices=(2, 3), default=3, help="image dimension (default: %(default)s)")
@@ -180,6 +188,21 @@ def cmd_select(args) -> int:
           f"min_atlases {sel.min_atlases}); affine stage and scoring {ranking.seconds['affine_and_scoring']:.1f} s")
     for item in ranking.dropped:
         print(f"dropped {item['atlas']} ({item['stage']}: {item['reason']})")
+    return 0
+
+
+def cmd_crossval(args) -> int:
+    from .crossval import crossval, parse_ks, summary_table
+    from .fusion import METHODS
+
+    config, manifest = _load(args)
+    out = Path(args.out or config.output.dir)
+    document = crossval(config, manifest, ks=parse_ks(args.ks), methods=args.methods or METHODS, out_dir=out)
+    head, rows = summary_table(document, manifest.label_names)
+    scored = sum("settings" in r for r in document["targets"].values())
+    print(f"leave-one-out over {len(manifest.atlases)} atlases ({scored} scored): mean Dice per label over the targets")
+    print(format_rows(head, rows, left=2))
+    print(f"\nfinished in {document['seconds_total']:.1f} s; {out / 'crossval.csv'} and {out / 'crossval.json'} written")
     return 0
 
 

@@ -50,7 +50,7 @@ class _Vote:
     @property
     def needs_intensities(self) -> bool:
         """Whether ``add`` needs the warped atlas intensities."""
-        return self._config.method != "majority"
+        return needs_intensities(self._config.method)
 
     def _check(self, candidate: sitk.Image, intensities: sitk.Image | None) -> None:
         if not same_grid(candidate, self._reference):
@@ -299,10 +299,6 @@ class Staple(_Vote):
         self._codes: dict[int, int] = {}  # label value → code, in order of first appearance
         self._fitted = False
 
-    @property
-    def needs_intensities(self) -> bool:
-        return False
-
     def add(self, candidate: sitk.Image, intensities: sitk.Image | None = None) -> None:
         """Add one candidate (labels on the target grid); intensities are not used."""
         self._check(candidate, intensities)
@@ -530,6 +526,19 @@ FUSERS = {
     "staple": Staple,
 }
 METHODS = tuple(FUSERS)
+
+
+def needs_intensities(method: str) -> bool:
+    """Whether fusion ``method`` weighs candidates by their warped intensities (all but majority and STAPLE)."""
+    return method not in ("majority", "staple")
+
+
+def fuse(reference: sitk.Image, candidates, *, config: FusionConfig) -> sitk.Image:
+    """The fused label map of ``candidates``, (labels, intensities or None) pairs, with a fresh fuser."""
+    fuser = make_fuser(reference, config=config)
+    for labels, intensities in candidates:
+        fuser.add(labels, intensities if fuser.needs_intensities else None)
+    return fuser.result()
 
 
 def make_fuser(reference: sitk.Image, *, config: FusionConfig) -> _Vote:

@@ -247,6 +247,42 @@ def propagate(atlas: Atlas, transform: sitk.Transform, reference: sitk.Image, co
     return labels, warped
 
 
+@dataclass
+class Case:
+    """One target with its registered atlases' candidates held in memory (cross-validation, benchmarks)."""
+
+    target: Target
+    reference: sitk.Image  # the target image, intensities normalised like the atlases'
+    truth: sitk.Image | None  # the target's labels, when it has them
+    ranking: Ranking
+    candidates: list[tuple[str, sitk.Image, sitk.Image | None]]  # (atlas id, labels, intensities), best-ranked first
+    seconds: dict[str, float]
+
+
+def prepare_case(target: Target, atlases: list[Atlas], config: Config, *, count: int | None, intensities: bool) -> Case:
+    """Rank every atlas, register the best ``count`` (None: all) non-rigidly — a failed one replaced
+    by the next-ranked — and propagate each registered atlas once (with its warped intensities
+    when ``intensities``): every fusion of them can then reuse the same registrations."""
+    by_id = {a.id: a for a in atlases}
+    ranking = rank_atlases(target, atlases, config)
+    seconds = dict(ranking.seconds)
+    clock = time.perf_counter()
+    wanted = ranking.ranked if count is None else ranking.ranked[:count]
+    transforms = register_selected(target, by_id, ranking, config, wanted=wanted, floor=len(wanted))
+    seconds["nonrigid"] = time.perf_counter() - clock
+    clock = time.perf_counter()
+    reference = read_image(target.image)
+    candidates = [(aid, *propagate(by_id[aid], tx, reference, config, intensities=intensities))
+                  for aid, tx in transforms.items()]
+    seconds["propagation"] = time.perf_counter() - clock
+    truth = None
+    if target.labels is not None:
+        truth = read_labels(target.labels)
+        check_same_grid(reference, truth, image_path=target.image, labels_path=target.labels)
+    normalized = normalize_intensity(reference, method=config.registration.normalization)
+    return Case(target, normalized, truth, ranking, candidates, seconds)
+
+
 def segment_target(target: Target, atlases: list[Atlas], config: Config, *, out_dir: Path, label_names: dict[int, str]):
     """Segment one target with the given atlases; write ``<out>/<target>/segmentation.nii.gz``."""
     by_id = {a.id: a for a in atlases}

@@ -147,3 +147,19 @@ def test_select_ranks_an_atlas_against_the_others(manifest, capsys):
     assert "2 atlases ranked by mi" in printed and "case_001  " not in printed
     assert main(["select", "demo", "--manifest", str(manifest), "--target", "nobody"]) == 2
     assert "no target or atlas with id 'nobody'" in capsys.readouterr().err
+
+
+def test_crossval_prints_dice_per_method_and_k_and_writes_tables(manifest, tmp_path, capsys):
+    argv = ["-q", "crossval", "demo", "--manifest", str(manifest), "--k", "1", "all", "--methods", "majority", "staple",
+            "--set", "registration.nonrigid.enabled=false", "--set", "parallel.n_jobs=1", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "leave-one-out over 3 atlases (3 scored)" in printed
+    rows = [line.split() for line in printed.splitlines() if line.startswith(("majority", "staple"))]
+    assert [(r[0], r[1], r[2]) for r in rows] == [("majority", "1", "1.0"), ("majority", "all", "2.0"),
+                                                  ("staple", "1", "1.0"), ("staple", "all", "2.0")]
+    assert all(0.5 < float(r[-2]) <= 1.0 for r in rows)  # mean Dice
+    assert rows[0][3:-1] == rows[2][3:-1]  # one atlas: every method gives its labels
+    assert {p.name for p in tmp_path.iterdir()} == {"crossval.csv", "crossval.json"}
+    assert main(["crossval", "demo", "--manifest", str(manifest), "--k", "0"]) == 2
+    assert "--k '0': expected an integer >= 1 or 'all'" in capsys.readouterr().err
