@@ -296,6 +296,13 @@ class FusionConfig:
         ``jlf``: each atlas's label and patch come from its best-matching patch (least
         squared intensity difference to the target's patch) within this radius of the
         voxel (Wang et al. 2013's local search); 0 takes the patch at the voxel itself.
+    patch_normalization : bool
+        ``jlf``: compare patches scaled to zero mean and unit variance (as ANTs does), so
+        local contrast differences between atlas and target do not count as errors.
+    patch_voting : bool
+        ``jlf``: each atlas's weight votes for its labels over the whole patch, not only at
+        the patch centre (as ANTs does); each voxel's votes are averaged over the patches
+        covering it.
     staple_iterations : int
         ``staple``: most EM iterations.
     staple_tolerance : float
@@ -316,6 +323,8 @@ class FusionConfig:
     alpha: float = 0.1
     beta: float = 2.0
     search_radius: int = 0
+    patch_normalization: bool = True
+    patch_voting: bool = True
     staple_iterations: int = 50
     staple_tolerance: float = 1e-5
     keep_largest_component: bool = False

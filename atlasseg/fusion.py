@@ -130,20 +130,27 @@ class JointLabelFusion(_Vote):
     """Joint label fusion (Wang et al. 2013): weights that minimise the atlases' expected joint error.
 
     At each voxel x, every atlas i contributes the patch at x + o_i, where the offset o_i
-    (within ``search_radius`` voxels; 0 without search) is the one whose patch differs least
-    from the target's patch at x (sum of squared intensity differences; a tie goes to the
-    nearer offset, the voxel itself first). Its label at x + o_i is its vote. With the
-    absolute differences d_i(p) = |A_i(x + o_i + p) − T(x + p)| over the patch offsets p,
-    scaled by their mean over all atlases and voxels, M[i, j] = (mean_p d_i(p)·d_j(p))^beta,
-    and the weights are (M + alpha·I)⁻¹ 1, normalised to sum to 1: atlases that err in the
-    same way share their weight. Beyond the image, patches repeat the border voxels.
+    (within ``search_radius`` voxels; 0 without search) is the one whose patch best matches
+    the target's patch at x (least sum of squared differences; with ``patch_normalization``,
+    of the patches scaled to zero mean and unit variance, i.e. the highest correlation; a tie
+    goes to the nearer offset, the voxel itself first). With the absolute differences
+    d_i(p) = |A_i(x + o_i + p) − T(x + p)| over the patch offsets p (of the normalised
+    patches, or else of the intensities scaled by their mean over all atlases and voxels),
+    M[i, j] = (mean_p d_i(p)·d_j(p))^beta, and the weights are (M + alpha·I)⁻¹ 1, normalised to
+    sum to 1: atlases that err in the same way share their weight. Beyond the image, patches
+    repeat the border voxels.
 
-    Voxels where every atlas shows the same label in the whole search window are decided
-    without weights (every weighting gives that label): only the others are solved, in
-    chunks of at most ``_CHUNK`` candidate × voxel × patch values. Memory: every candidate
-    is kept, padded by the search and patch radii (one label map and one float32 image
-    each), plus per candidate a small-integer best-offset map over the bounding box of the
-    undecided voxels when searching.
+    Votes: atlas i gives its weight at x to its label at x + o_i; with ``patch_voting`` (as
+    ANTs' antsJointFusion does) it gives it, for every patch offset p, to its label at
+    x + o_i + p as a vote at x + p, and each voxel's votes are divided by the number of
+    patches that cover it.
+
+    A voxel where every atlas shows the same label in the whole search window gets that
+    label (every weighting gives it): only the others are voted on, from weights solved at
+    them (and, with ``patch_voting``, at the voxels within the patch radius of them), in
+    chunks of at most ``_CHUNK`` candidate × voxel × patch values. Memory: every candidate is
+    kept, padded by the search and patch radii (one label map and one float32 image each),
+    plus per candidate a small-integer best-offset list over those voxels when searching.
     """
 
     _CHUNK = 1 << 22
@@ -181,65 +188,110 @@ class JointLabelFusion(_Vote):
         undecided = self._low != self._high
         for value in np.unique(self._low[~undecided]).tolist():
             self._accumulator(value)[(self._low == value) & ~undecided] = 1.0
-        voxels = np.argwhere(undecided)
+        centres = undecided
+        if config.patch_voting:
+            centres = ndimage.maximum_filter(undecided, size=2 * config.patch_radius + 1, mode="constant")
+        voxels = np.argwhere(centres)
         if voxels.size:
             target = np.pad(self._target, self._pad, mode="edge")
             strides = np.asarray(np.cumprod((target.shape + (1,))[:0:-1])[::-1])  # flat step per axis
             search = _cube(target.ndim, config.search_radius)
-            patch = _cube(target.ndim, config.patch_radius) @ strides
-            best = self._best_offsets(target, voxels.min(axis=0), voxels.max(axis=0) + 1, search)
+            patch = _cube(target.ndim, config.patch_radius)
+            best = self._best_offsets(target, voxels.min(axis=0), voxels.max(axis=0) + 1, search, centres)
             base = (voxels + self._pad) @ strides
+            self._covered = np.zeros(self._target.shape, dtype=np.float32)  # patches voting at each voxel
             step = max(1, self._CHUNK // (len(self._labels) * len(patch)))
             for start in range(0, len(voxels), step):
                 chunk = slice(start, start + step)
                 offsets = [None if b is None else search[b[chunk]] @ strides for b in best]
-                self._solve(target.reshape(-1), base[chunk], offsets, patch, np.flatnonzero(undecided)[chunk])
+                self._solve(target.reshape(-1), base[chunk], offsets, patch, strides, voxels[chunk], undecided)
+            if config.patch_voting:
+                covered = np.maximum(self._covered[undecided], 1.0)
+                for votes in self._votes.values():
+                    votes[undecided] /= covered
         self._labels.clear()
         self._intensities.clear()
         self._low = self._high = None
 
-    def _best_offsets(self, target: np.ndarray, lo: np.ndarray, hi: np.ndarray, search: np.ndarray) -> list:
-        """Per candidate and undecided voxel (in ``argwhere`` order), the row of ``search`` whose
-        patch best matches the target's; None for every candidate without search."""
+    def _best_offsets(self, target: np.ndarray, lo: np.ndarray, hi: np.ndarray, search: np.ndarray, centres) -> list:
+        """Per candidate and centre voxel (in ``argwhere`` order), the row of ``search`` whose patch
+        best matches the target's; None for every candidate without search."""
         if len(search) == 1:
             return [None] * len(self._labels)
         r, pad = self._config.patch_radius, self._pad
-        undecided = (self._low != self._high)[tuple(slice(a, b) for a, b in zip(lo, hi))]
+        size = 2 * r + 1
+        wanted = centres[tuple(slice(a, b) for a, b in zip(lo, hi))]
         box = lambda shift: tuple(slice(a + pad - r + o, b + pad + r + o) for a, b, o in zip(lo, hi, shift))  # noqa: E731
         fixed = target[box([0] * target.ndim)]
         inner = tuple(slice(r, r + b - a) for a, b in zip(lo, hi))
+        if self._config.patch_normalization:
+            fixed_mean, fixed_std = _local_moments(fixed, size)
         best = []
         for warped in self._intensities:
-            lowest = np.full(undecided.sum(), np.inf, dtype=np.float32)
+            lowest = np.full(int(wanted.sum()), np.inf, dtype=np.float32)
             index = np.zeros(lowest.size, dtype=np.min_scalar_type(len(search) - 1))
+            if self._config.patch_normalization:
+                mean, std = _local_moments(warped, size)
             for k, offset in enumerate(search.tolist()):
-                ssd = ndimage.uniform_filter((warped[box(offset)] - fixed) ** 2, size=2 * r + 1, mode="nearest")
-                ssd = ssd[inner][undecided]
-                better = ssd < lowest
-                lowest[better] = ssd[better]
+                moved = warped[box(offset)]
+                if self._config.patch_normalization:  # minus the correlation of the two patches
+                    cross = ndimage.uniform_filter(moved * fixed, size=size, mode="nearest")
+                    where = box(offset)
+                    cost = (fixed_mean * mean[where] - cross) / (fixed_std * std[where])
+                else:
+                    cost = ndimage.uniform_filter((moved - fixed) ** 2, size=size, mode="nearest")
+                cost = cost[inner][wanted]
+                better = cost < lowest
+                lowest[better] = cost[better]
                 index[better] = k
             best.append(index)
         return best
 
-    def _solve(self, target: np.ndarray, base: np.ndarray, offsets: list, patch: np.ndarray, flat: np.ndarray) -> None:
-        """Weights and votes at the voxels whose padded flat indices are ``base`` (``flat`` unpadded);
+    def _solve(self, target, base, offsets, patch, strides, voxels, undecided) -> None:
+        """Weights at the centre voxels ``voxels`` (padded flat indices ``base``) and their votes;
         ``offsets``: per candidate, the flat offset of its best patch (None: the voxel itself)."""
         config = self._config
-        n = len(self._labels)
-        fixed = np.take(target, base[:, None] + patch)
-        differences = np.empty((len(base), n, len(patch)), dtype=np.float32)
-        shown = np.empty((len(base), n), dtype=np.int64)
-        for i, (labels, warped, offset) in enumerate(zip(self._labels, self._intensities, offsets)):
-            centre = base if offset is None else base + offset
-            shown[:, i] = np.take(labels.reshape(-1), centre)
-            np.abs(np.take(warped.reshape(-1), centre[:, None] + patch) - fixed, out=differences[:, i])
-        differences /= max(self._difference / n, 1e-6)
-        m = np.matmul(differences, differences.transpose(0, 2, 1)).astype(np.float64) / len(patch)
+        n, steps = len(self._labels), patch @ strides
+        fixed = np.take(target, base[:, None] + steps)
+        if config.patch_normalization:
+            fixed = _standardised(fixed)
+        differences = np.empty((len(base), n, len(steps)), dtype=np.float32)
+        centres = [base if offset is None else base + offset for offset in offsets]
+        for i, (warped, centre) in enumerate(zip(self._intensities, centres)):
+            moved = np.take(warped.reshape(-1), centre[:, None] + steps)
+            if config.patch_normalization:
+                moved = _standardised(moved)
+            np.abs(moved - fixed, out=differences[:, i])
+        if not config.patch_normalization:
+            differences /= max(self._difference / n, 1e-6)
+        m = np.matmul(differences, differences.transpose(0, 2, 1)).astype(np.float64) / len(steps)
         m = m ** config.beta + config.alpha * np.eye(n)
         w = np.linalg.solve(m, np.ones((len(base), n, 1)))[..., 0]
         w /= w.sum(axis=1, keepdims=True)
-        for value in np.unique(shown).tolist():
-            self._accumulator(value).reshape(-1)[flat] += np.where(shown == value, w, 0.0).sum(axis=1)
+        shape = np.asarray(self._target.shape)
+        for offset, step in zip(patch, steps) if config.patch_voting else [(patch[0], steps[0])]:
+            at = voxels + offset
+            inside = np.all((at >= 0) & (at < shape), axis=1)
+            flat = np.ravel_multi_index(tuple(np.clip(at, 0, shape - 1).T), self._target.shape)
+            keep = inside & undecided.reshape(-1)[flat]
+            flat = flat[keep]  # distinct: one offset maps distinct centres to distinct voxels
+            shown = np.stack([np.take(labels.reshape(-1), c[keep] + step) for labels, c in zip(self._labels, centres)], 1)
+            for value in np.unique(shown).tolist():
+                self._accumulator(value).reshape(-1)[flat] += np.where(shown == value, w[keep], 0.0).sum(axis=1)
+            self._covered.reshape(-1)[flat] += 1.0
+
+
+def _standardised(patches: np.ndarray) -> np.ndarray:
+    """Each row scaled to zero mean and unit variance (a flat row stays zero)."""
+    centred = patches - patches.mean(axis=1, keepdims=True)
+    return centred / np.maximum(np.sqrt((centred * centred).mean(axis=1, keepdims=True)), 1e-4)
+
+
+def _local_moments(array: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and standard deviation (floored like :func:`_standardised`) in a cube of ``size``."""
+    mean = ndimage.uniform_filter(array, size=size, mode="nearest")
+    variance = ndimage.uniform_filter(array * array, size=size, mode="nearest") - mean * mean
+    return mean, np.sqrt(np.maximum(variance, 1e-8))
 
 
 def _cube(ndim: int, radius: int) -> np.ndarray:

@@ -146,6 +146,40 @@ def test_jlf_search_finds_the_good_atlas_shifted_by_one_voxel(shape):
     assert accuracy[0] < accuracy[1] - 0.2
 
 
+def test_jlf_patch_normalization_ignores_a_contrast_change():
+    """The atlas with the right labels is the target in another contrast (gain and offset);
+    two with wrong labels match the target's intensities up to noise. Normalised patches
+    see the first as perfect; raw differences do not."""
+    rng = np.random.default_rng(6)
+    target = ndimage.gaussian_filter(rng.normal(size=(30, 30)), 1.5).astype(np.float32)
+    truth = (target > 0).astype(np.uint8)
+    candidates = [(truth, 2.0 * target + 0.3)] + [(1 - truth, target + rng.normal(0, 0.15, target.shape)) for _ in range(2)]
+    correct = {}
+    for normalization in (True, False):
+        config = FusionConfig(method="jlf", patch_normalization=normalization)
+        fuser = make_fuser(sitk.GetImageFromArray(target), config=config)
+        for labels_array, intensity in candidates:
+            fuser.add(sitk.GetImageFromArray(labels_array), sitk.GetImageFromArray(intensity.astype(np.float32)))
+        correct[normalization] = (sitk.GetArrayFromImage(fuser.result()) == truth).mean()
+    assert correct[True] >= 0.97 and correct[False] <= 0.5, correct
+
+
+@pytest.mark.parametrize("voting", [True, False])
+def test_jlf_patch_voting_probabilities_cover_every_voxel_once(voting):
+    """With or without voting over the patch, each voxel's label shares sum to 1 (votes divided
+    by the patches covering the voxel, fewer at the image border) and the winner is the result."""
+    rng = np.random.default_rng(7)
+    target = rng.uniform(size=(9, 11, 10)).astype(np.float32)
+    fuser = make_fuser(sitk.GetImageFromArray(target), config=FusionConfig(method="jlf", patch_voting=voting))
+    for _ in range(4):
+        fuser.add(sitk.GetImageFromArray(rng.integers(0, 3, size=target.shape).astype(np.uint8)),
+                  sitk.GetImageFromArray((target + rng.normal(0, 0.2, target.shape)).astype(np.float32)))
+    maps = fuser.probabilities()
+    np.testing.assert_allclose(sum(sitk.GetArrayFromImage(m) for m in maps.values()), 1.0, rtol=1e-5)
+    winner = np.asarray(sorted(maps))[np.argmax([sitk.GetArrayFromImage(maps[v]) for v in sorted(maps)], axis=0)]
+    np.testing.assert_array_equal(winner, sitk.GetArrayFromImage(fuser.result()))
+
+
 def test_weighted_fusion_needs_intensities():
     fuser = WeightedVote(intensities(np.zeros((3, 3))), config=FusionConfig(method="local_weighted"))
     with pytest.raises(AtlassegError, match="needs the warped atlas intensities"):
