@@ -46,6 +46,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.set_defaults(func=cmd_validate)
 
+    p = sub.add_parser("select", help="rank the atlases for one target (affine stage and scores; no non-rigid stage)")
+    _add_config_args(p)
+    p.add_argument("--target", required=True, metavar="ID",
+                   help="a target of the manifest, or an atlas (ranked against the other atlases)")
+    p.set_defaults(func=cmd_select)
+
+    p = sub.add_parser("crossval", help="leave-one-out over the atlases: Dice per fusion method and k")
+    _add_config_args(p)
+    p.add_argument("--k", dest="ks", nargs="+", default=["3", "5", "10", "all"], metavar="K",
+                   help="numbers of best-ranked atlases to fuse, or all (default: 3 5 10 all)")
+    p.add_argument("--methods", nargs="+", metavar="METHOD", help="fusion methods (default: every one)")
+    p.add_argument("--out", help="folder for crossval.csv and crossval.json (default: output.dir of the config)")
+    p.set_defaults(func=cmd_crossval)
+
     p = sub.add_parser("demo", help="make a synthetic dataset and segment it")
     p.add_argument("--out", default="atlasseg-demo", help="folder for data/ and results/ (default: %(default)s)")
     p.add_argument("--dim", type=int, choices=(2, 3), default=3, help="image dimension (default: %(default)s)")
@@ -94,6 +108,15 @@ def _label_args(items) -> dict[int, str] | None:
     return out
 
 
+def format_rows(head: list[str], rows: list[list], *, left: int = 1) -> str:
+    """A plain text table: the first ``left`` columns left-aligned, the others right-aligned, a rule under the head."""
+    cells = [head] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(head))]
+    lines = ["  ".join(c.ljust(w) if i < left else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))) for row in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
 def format_table(results, label_names: dict[int, str]) -> str:
     """Dice per target (rows) and label (columns), with the mean over labels and over targets."""
     scored = [r for r in results if r.dice is not None]
@@ -104,11 +127,7 @@ def format_table(results, label_names: dict[int, str]) -> str:
     rows = [[r.target_id] + [r.dice.get(v, math.nan) for v in labels] + [r.mean_dice] for r in scored]
     if len(rows) > 1:
         rows.append(["mean"] + [_nanmean([row[i] for row in rows]) for i in range(1, len(heads))])
-    cells = [heads] + [[row[0]] + [f"{v:.3f}" if not math.isnan(v) else "-" for v in row[1:]] for row in rows]
-    widths = [max(len(str(c[i])) for c in cells) for i in range(len(heads))]
-    lines = ["  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(row, widths))) for row in cells]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return format_rows(heads, [[row[0]] + [f"{v:.3f}" if not math.isnan(v) else "-" for v in row[1:]] for row in rows])
 
 
 def _nanmean(values) -> float:
@@ -146,6 +165,46 @@ def cmd_validate(args) -> int:
         f"ok: {args.config} and {manifest.path} ({len(manifest.atlases)} atlases, {len(manifest.targets)} targets, "
         f"k={config.selection.k}, fusion={config.fusion.method})"
     )
+    return 0
+
+
+def cmd_select(args) -> int:
+    from .pipeline import check_inputs, rank_atlases
+
+    config, manifest = _load(args)
+    check_inputs(manifest, config)
+    target = manifest.case(args.target)
+    atlases = manifest.atlases_for(target)
+    ranking = rank_atlases(target, atlases, config)
+    sel = config.selection
+    region = {"none": "whole image", "labels": f"atlas labels' box + {sel.roi_margin:g} mm"}[sel.roi]
+    if target.mask is not None:
+        region += ", inside the target's mask"
+    print(f"target {target.id}: {len(ranking.ranked)} atlases ranked by {sel.metric} on a {sel.grid_spacing:g} mm grid "
+          f"({region}; higher is better)")
+    rows = [[i, aid, f"{ranking.scores[aid]:.4f}", "yes" if aid in ranking.selected else "no"]
+            for i, aid in enumerate(ranking.ranked, 1)]
+    print(format_rows(["rank", "atlas", sel.metric, "selected"], rows, left=2))
+    threshold = "none" if sel.threshold is None else f"{sel.threshold:g}"
+    print(f"\nselected {len(ranking.selected)} of {len(ranking.ranked)} (k={sel.k}, threshold {threshold}, "
+          f"min_atlases {sel.min_atlases}); affine stage and scoring {ranking.seconds['affine_and_scoring']:.1f} s")
+    for item in ranking.dropped:
+        print(f"dropped {item['atlas']} ({item['stage']}: {item['reason']})")
+    return 0
+
+
+def cmd_crossval(args) -> int:
+    from .crossval import crossval, parse_ks, summary_table
+    from .fusion import METHODS
+
+    config, manifest = _load(args)
+    out = Path(args.out or config.output.dir)
+    document = crossval(config, manifest, ks=parse_ks(args.ks), methods=args.methods or METHODS, out_dir=out)
+    head, rows = summary_table(document, manifest.label_names)
+    scored = sum("settings" in r for r in document["targets"].values())
+    print(f"leave-one-out over {len(manifest.atlases)} atlases ({scored} scored): mean Dice per label over the targets")
+    print(format_rows(head, rows, left=2))
+    print(f"\nfinished in {document['seconds_total']:.1f} s; {out / 'crossval.csv'} and {out / 'crossval.json'} written")
     return 0
 
 

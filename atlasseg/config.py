@@ -14,7 +14,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal, Optional, Union
 
 import yaml
 
@@ -52,29 +52,49 @@ def _check_pyramid(stage) -> None:
 class SelectionConfig:
     """Atlas ranking against the target.
 
+    Every atlas is scored after the affine stage, in target space, on a coarse grid;
+    a higher score is better for every metric.
+
     Parameters
     ----------
     k : int or "all"
-        Number of best-ranked atlases kept for non-rigid registration.
+        Most best-ranked atlases kept for non-rigid registration.
+    threshold : float or None
+        When set, only atlases scoring at least this are kept (of the best ``k``).
+    min_atlases : int
+        Fewest atlases a target is segmented with. Selection keeps the best
+        ``min_atlases`` even when fewer reach ``threshold``; when non-rigid registrations
+        fail, the next-ranked atlases are registered in their place; when still fewer
+        remain, the target fails with an error.
     metric : str
-        Similarity used for ranking; ``ncc`` (normalised cross-correlation).
+        Score: ``ncc`` (normalised cross-correlation), ``mi`` (mutual information of a
+        32-bin joint histogram, nats) or ``mse`` (mean squared intensity difference,
+        negated so that higher is better).
+    roi : str
+        Where the score is computed: ``none`` (the target's whole field of view) or
+        ``labels`` (the bounding box, along the target's axes, of the atlas's labels
+        mapped through its affine transform, grown by ``roi_margin``). A target with a
+        ``mask`` in the manifest is scored only inside its mask as well.
+    roi_margin : float, mm
+        Margin added on every side of the ``labels`` bounding box.
     grid_spacing : float, mm
         Spacing of the coarse isotropic grid, in target space, on which atlases
         are compared after the affine stage.
-    min_atlases : int
-        Fewest atlases a target may be segmented with: when registrations fail or
-        diverge and fewer remain, the target fails with an error instead.
     """
 
     k: Union[int, Literal["all"]] = "all"
-    metric: Literal["ncc"] = "ncc"
-    grid_spacing: float = 3.0
+    threshold: Optional[float] = None
     min_atlases: int = 1
+    metric: Literal["ncc", "mi", "mse"] = "ncc"
+    roi: Literal["none", "labels"] = "none"
+    roi_margin: float = 10.0
+    grid_spacing: float = 3.0
 
     def __post_init__(self):
         _require(self.k == "all" or self.k >= 1, "k", f"must be >= 1 or 'all', got {self.k}")
         _require(self.min_atlases >= 1, "min_atlases", f"must be >= 1, got {self.min_atlases}")
         _require(self.k == "all" or self.min_atlases <= self.k, "min_atlases", f"must be <= k ({self.k})")
+        _require(self.roi_margin >= 0, "roi_margin", "must be >= 0 (mm)")
         _require(self.grid_spacing > 0, "grid_spacing", "must be > 0 (mm)")
 
 
@@ -272,6 +292,17 @@ class FusionConfig:
         ``jlf``: ridge added to the error matrix (larger is closer to an equal vote).
     beta : float
         ``jlf``: power applied to the patch differences.
+    search_radius : int, voxels
+        ``jlf``: each atlas's label and patch come from its best-matching patch (least
+        squared intensity difference to the target's patch) within this radius of the
+        voxel (Wang et al. 2013's local search); 0 takes the patch at the voxel itself.
+    patch_normalization : bool
+        ``jlf``: compare patches scaled to zero mean and unit variance (as ANTs does), so
+        local contrast differences between atlas and target do not count as errors.
+    patch_voting : bool
+        ``jlf``: each atlas's weight votes for its labels over the whole patch, not only at
+        the patch centre (as ANTs does); each voxel's votes are averaged over the patches
+        covering it.
     staple_iterations : int
         ``staple``: most EM iterations.
     staple_tolerance : float
@@ -291,6 +322,9 @@ class FusionConfig:
     patch_radius: int = 2
     alpha: float = 0.1
     beta: float = 2.0
+    search_radius: int = 0
+    patch_normalization: bool = True
+    patch_voting: bool = True
     staple_iterations: int = 50
     staple_tolerance: float = 1e-5
     keep_largest_component: bool = False
@@ -300,6 +334,7 @@ class FusionConfig:
         _require(self.patch_radius >= 0, "patch_radius", "must be >= 0 (voxels)")
         _require(self.alpha > 0, "alpha", "must be > 0")
         _require(self.beta > 0, "beta", "must be > 0")
+        _require(self.search_radius >= 0, "search_radius", "must be >= 0 (voxels)")
         _require(self.gain >= 0, "gain", "must be >= 0")
         _require(self.sigma > 0, "sigma", "must be > 0 (mm)")
         _require(self.staple_iterations >= 1, "staple_iterations", "must be >= 1")
@@ -401,6 +436,8 @@ def _type_name(tp) -> str:
         return f"list of {_type_name(typing.get_args(tp)[0])}"
     if dataclasses.is_dataclass(tp):
         return "mapping"
+    if tp is type(None):
+        return "null"
     return getattr(tp, "__name__", str(tp))
 
 
@@ -426,6 +463,10 @@ def _coerce(tp, value, key: str):
             raise bad
         (item,) = typing.get_args(tp)[:1]
         return tuple(_coerce(item, v, f"{key}[{i}]") for i, v in enumerate(value))
+    if tp is type(None):
+        if value is None:
+            return None
+        raise bad
     if tp is bool:
         if isinstance(value, bool):
             return value

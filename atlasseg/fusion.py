@@ -50,7 +50,7 @@ class _Vote:
     @property
     def needs_intensities(self) -> bool:
         """Whether ``add`` needs the warped atlas intensities."""
-        return self._config.method != "majority"
+        return needs_intensities(self._config.method)
 
     def _check(self, candidate: sitk.Image, intensities: sitk.Image | None) -> None:
         if not same_grid(candidate, self._reference):
@@ -60,14 +60,18 @@ class _Vote:
         self._pixel_id = _wider(self._pixel_id, candidate.GetPixelID())
         self.n_candidates += 1
 
+    def _accumulator(self, value: int) -> np.ndarray:
+        """The vote map of one label value (zeros when new)."""
+        votes = self._votes.get(value)
+        if votes is None:
+            votes = self._votes[value] = np.zeros(self._target.shape, dtype=np.float32)
+        return votes
+
     def _vote(self, labels: np.ndarray, weight) -> None:
         values, inverse = np.unique(labels, return_inverse=True)
         inverse = inverse.reshape(labels.shape)
         for index, value in enumerate(values.tolist()):
-            votes = self._votes.get(value)
-            if votes is None:
-                votes = self._votes[value] = np.zeros(self._target.shape, dtype=np.float32)
-            votes += np.where(inverse == index, weight, np.float32(0.0))
+            self._accumulator(value)[...] += np.where(inverse == index, weight, np.float32(0.0))
 
     def result(self) -> sitk.Image:
         """The fused label map on the target grid (the candidates' integer type), post-processed
@@ -125,25 +129,54 @@ class WeightedVote(_Vote):
 class JointLabelFusion(_Vote):
     """Joint label fusion (Wang et al. 2013): weights that minimise the atlases' expected joint error.
 
-    At each voxel, M[i, j] = (mean over the patch of |A_i − T|·|A_j − T|)^beta, with
-    the differences scaled by their mean over all atlases; the weights are
-    (M + alpha·I)⁻¹ 1, normalised to sum to 1. Atlases that err in the same way
-    share their weight. Needs every candidate at once: memory is one label map and
-    one float32 image per candidate; the solve runs in slabs of ``_SLAB`` slices.
-    No local search (search radius 0).
+    At each voxel x, every atlas i contributes the patch at x + o_i, where the offset o_i
+    (within ``search_radius`` voxels; 0 without search) is the one whose patch best matches
+    the target's patch at x (least sum of squared differences; with ``patch_normalization``,
+    of the patches scaled to zero mean and unit variance, i.e. the highest correlation; a tie
+    goes to the nearer offset, the voxel itself first). With the absolute differences
+    d_i(p) = |A_i(x + o_i + p) − T(x + p)| over the patch offsets p (of the normalised
+    patches, or else of the intensities scaled by their mean over all atlases and voxels),
+    M[i, j] = (mean_p d_i(p)·d_j(p))^beta, and the weights are (M + alpha·I)⁻¹ 1, normalised to
+    sum to 1: atlases that err in the same way share their weight. Beyond the image, patches
+    repeat the border voxels.
+
+    Votes: atlas i gives its weight at x to its label at x + o_i; with ``patch_voting`` (as
+    ANTs' antsJointFusion does) it gives it, for every patch offset p, to its label at
+    x + o_i + p as a vote at x + p, and each voxel's votes are divided by the number of
+    patches that cover it.
+
+    A voxel where every atlas shows the same label in the whole search window gets that
+    label (every weighting gives it): only the others are voted on, from weights solved at
+    them (and, with ``patch_voting``, at the voxels within the patch radius of them), in
+    chunks of at most ``_CHUNK`` candidate × voxel × patch values. Memory: every candidate is
+    kept, padded by the search and patch radii (one label map and one float32 image each),
+    plus per candidate a small-integer best-offset list over those voxels when searching.
     """
 
-    _SLAB = 8
+    _CHUNK = 1 << 22
 
     def __init__(self, reference: sitk.Image, *, config: FusionConfig):
         super().__init__(reference, config=config)
-        self._labels: list[np.ndarray] = []
-        self._intensities: list[np.ndarray] = []
+        self._pad = config.search_radius + config.patch_radius
+        self._labels: list[np.ndarray] = []  # padded
+        self._intensities: list[np.ndarray] = []  # padded
+        self._low = self._high = None  # per voxel, the smallest and largest label in any candidate's search window
+        self._difference = 0.0  # sum over candidates of the mean |A − T|
 
     def add(self, candidate: sitk.Image, intensities: sitk.Image | None = None) -> None:
         self._check(candidate, intensities)
-        self._labels.append(sitk.GetArrayFromImage(candidate))
-        self._intensities.append(sitk.GetArrayFromImage(intensities).astype(np.float32))
+        labels = sitk.GetArrayFromImage(candidate)
+        warped = sitk.GetArrayFromImage(intensities).astype(np.float32)
+        self._difference += float(np.abs(warped - self._target).mean(dtype=np.float64))
+        low = high = labels.astype(np.int64)
+        if self._config.search_radius:
+            window = 2 * self._config.search_radius + 1
+            low = ndimage.minimum_filter(low, size=window, mode="nearest")
+            high = ndimage.maximum_filter(high, size=window, mode="nearest")
+        self._low = low if self._low is None else np.minimum(self._low, low)
+        self._high = high if self._high is None else np.maximum(self._high, high)
+        self._labels.append(np.pad(labels, self._pad, mode="edge"))
+        self._intensities.append(np.pad(warped, self._pad, mode="edge"))
 
     def _stack(self):
         if self._labels:
@@ -152,28 +185,121 @@ class JointLabelFusion(_Vote):
 
     def _fuse(self) -> None:
         config = self._config
-        diff = np.abs(np.stack(self._intensities) - self._target[None])
-        diff /= max(float(diff.mean()), 1e-6)
-        n = len(self._labels)
-        radius = config.patch_radius
-        size = [1] + [2 * radius + 1] * self._target.ndim
-        weights = np.empty((n,) + self._target.shape, dtype=np.float32)
-        depth = self._target.shape[0]
-        for start in range(0, depth, self._SLAB):
-            stop = min(depth, start + self._SLAB)
-            lo, hi = max(0, start - radius), min(depth, stop + radius)
-            d = diff[:, lo:hi]
-            pairs = d[:, None] * d[None, :]  # n × n × slab
-            m = ndimage.uniform_filter(pairs.reshape((n * n,) + d.shape[1:]), size=size, mode="nearest")
-            m = np.moveaxis(m.reshape((n, n) + d.shape[1:])[:, :, start - lo : stop - lo], (0, 1), (-2, -1))
-            m = m.astype(np.float64) ** config.beta + config.alpha * np.eye(n)
-            w = np.linalg.solve(m, np.ones(m.shape[:-1] + (1,)))[..., 0]
-            w /= w.sum(axis=-1, keepdims=True)
-            weights[:, start:stop] = np.moveaxis(w, -1, 0)
-        for labels, weight in zip(self._labels, weights):
-            self._vote(labels, weight)
+        undecided = self._low != self._high
+        for value in np.unique(self._low[~undecided]).tolist():
+            self._accumulator(value)[(self._low == value) & ~undecided] = 1.0
+        centres = undecided
+        if config.patch_voting:
+            centres = ndimage.maximum_filter(undecided, size=2 * config.patch_radius + 1, mode="constant")
+        voxels = np.argwhere(centres)
+        if voxels.size:
+            target = np.pad(self._target, self._pad, mode="edge")
+            strides = np.asarray(np.cumprod((target.shape + (1,))[:0:-1])[::-1])  # flat step per axis
+            search = _cube(target.ndim, config.search_radius)
+            patch = _cube(target.ndim, config.patch_radius)
+            best = self._best_offsets(target, voxels.min(axis=0), voxels.max(axis=0) + 1, search, centres)
+            base = (voxels + self._pad) @ strides
+            self._covered = np.zeros(self._target.shape, dtype=np.float32)  # patches voting at each voxel
+            step = max(1, self._CHUNK // (len(self._labels) * len(patch)))
+            for start in range(0, len(voxels), step):
+                chunk = slice(start, start + step)
+                offsets = [None if b is None else search[b[chunk]] @ strides for b in best]
+                self._solve(target.reshape(-1), base[chunk], offsets, patch, strides, voxels[chunk], undecided)
+            if config.patch_voting:
+                covered = np.maximum(self._covered[undecided], 1.0)
+                for votes in self._votes.values():
+                    votes[undecided] /= covered
         self._labels.clear()
         self._intensities.clear()
+        self._low = self._high = None
+
+    def _best_offsets(self, target: np.ndarray, lo: np.ndarray, hi: np.ndarray, search: np.ndarray, centres) -> list:
+        """Per candidate and centre voxel (in ``argwhere`` order), the row of ``search`` whose patch
+        best matches the target's; None for every candidate without search."""
+        if len(search) == 1:
+            return [None] * len(self._labels)
+        r, pad = self._config.patch_radius, self._pad
+        size = 2 * r + 1
+        wanted = centres[tuple(slice(a, b) for a, b in zip(lo, hi))]
+        box = lambda shift: tuple(slice(a + pad - r + o, b + pad + r + o) for a, b, o in zip(lo, hi, shift))  # noqa: E731
+        fixed = target[box([0] * target.ndim)]
+        inner = tuple(slice(r, r + b - a) for a, b in zip(lo, hi))
+        if self._config.patch_normalization:
+            fixed_mean, fixed_std = _local_moments(fixed, size)
+        best = []
+        for warped in self._intensities:
+            lowest = np.full(int(wanted.sum()), np.inf, dtype=np.float32)
+            index = np.zeros(lowest.size, dtype=np.min_scalar_type(len(search) - 1))
+            if self._config.patch_normalization:
+                mean, std = _local_moments(warped, size)
+            for k, offset in enumerate(search.tolist()):
+                moved = warped[box(offset)]
+                if self._config.patch_normalization:  # minus the correlation of the two patches
+                    cross = ndimage.uniform_filter(moved * fixed, size=size, mode="nearest")
+                    where = box(offset)
+                    cost = (fixed_mean * mean[where] - cross) / (fixed_std * std[where])
+                else:
+                    cost = ndimage.uniform_filter((moved - fixed) ** 2, size=size, mode="nearest")
+                cost = cost[inner][wanted]
+                better = cost < lowest
+                lowest[better] = cost[better]
+                index[better] = k
+            best.append(index)
+        return best
+
+    def _solve(self, target, base, offsets, patch, strides, voxels, undecided) -> None:
+        """Weights at the centre voxels ``voxels`` (padded flat indices ``base``) and their votes;
+        ``offsets``: per candidate, the flat offset of its best patch (None: the voxel itself)."""
+        config = self._config
+        n, steps = len(self._labels), patch @ strides
+        fixed = np.take(target, base[:, None] + steps)
+        if config.patch_normalization:
+            fixed = _standardised(fixed)
+        differences = np.empty((len(base), n, len(steps)), dtype=np.float32)
+        centres = [base if offset is None else base + offset for offset in offsets]
+        for i, (warped, centre) in enumerate(zip(self._intensities, centres)):
+            moved = np.take(warped.reshape(-1), centre[:, None] + steps)
+            if config.patch_normalization:
+                moved = _standardised(moved)
+            np.abs(moved - fixed, out=differences[:, i])
+        if not config.patch_normalization:
+            differences /= max(self._difference / n, 1e-6)
+        m = np.matmul(differences, differences.transpose(0, 2, 1)).astype(np.float64) / len(steps)
+        m = m ** config.beta + config.alpha * np.eye(n)
+        w = np.linalg.solve(m, np.ones((len(base), n, 1)))[..., 0]
+        w /= w.sum(axis=1, keepdims=True)
+        shape = np.asarray(self._target.shape)
+        for offset, step in zip(patch, steps) if config.patch_voting else [(patch[0], steps[0])]:
+            at = voxels + offset
+            inside = np.all((at >= 0) & (at < shape), axis=1)
+            flat = np.ravel_multi_index(tuple(np.clip(at, 0, shape - 1).T), self._target.shape)
+            keep = inside & undecided.reshape(-1)[flat]
+            flat = flat[keep]  # distinct: one offset maps distinct centres to distinct voxels
+            shown = np.stack([np.take(labels.reshape(-1), c[keep] + step) for labels, c in zip(self._labels, centres)], 1)
+            for value in np.unique(shown).tolist():
+                self._accumulator(value).reshape(-1)[flat] += np.where(shown == value, w[keep], 0.0).sum(axis=1)
+            self._covered.reshape(-1)[flat] += 1.0
+
+
+def _standardised(patches: np.ndarray) -> np.ndarray:
+    """Each row scaled to zero mean and unit variance (a flat row stays zero)."""
+    centred = patches - patches.mean(axis=1, keepdims=True)
+    return centred / np.maximum(np.sqrt((centred * centred).mean(axis=1, keepdims=True)), 1e-4)
+
+
+def _local_moments(array: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and standard deviation (floored like :func:`_standardised`) in a cube of ``size``."""
+    mean = ndimage.uniform_filter(array, size=size, mode="nearest")
+    variance = ndimage.uniform_filter(array * array, size=size, mode="nearest") - mean * mean
+    return mean, np.sqrt(np.maximum(variance, 1e-8))
+
+
+def _cube(ndim: int, radius: int) -> np.ndarray:
+    """Offsets (rows, array axis order) of a cube of ``radius``, nearest to the centre first
+    (by squared length, then in index order): the centre is row 0."""
+    axes = np.meshgrid(*[np.arange(-radius, radius + 1)] * ndim, indexing="ij")
+    offsets = np.stack([a.reshape(-1) for a in axes], axis=1)
+    return offsets[np.argsort((offsets**2).sum(axis=1), kind="stable")]
 
 
 class Staple(_Vote):
@@ -224,10 +350,6 @@ class Staple(_Vote):
         self._stored: list[np.ndarray] = []  # per candidate, label codes at _order[: len]
         self._codes: dict[int, int] = {}  # label value → code, in order of first appearance
         self._fitted = False
-
-    @property
-    def needs_intensities(self) -> bool:
-        return False
 
     def add(self, candidate: sitk.Image, intensities: sitk.Image | None = None) -> None:
         """Add one candidate (labels on the target grid); intensities are not used."""
@@ -456,6 +578,19 @@ FUSERS = {
     "staple": Staple,
 }
 METHODS = tuple(FUSERS)
+
+
+def needs_intensities(method: str) -> bool:
+    """Whether fusion ``method`` weighs candidates by their warped intensities (all but majority and STAPLE)."""
+    return method not in ("majority", "staple")
+
+
+def fuse(reference: sitk.Image, candidates, *, config: FusionConfig) -> sitk.Image:
+    """The fused label map of ``candidates``, (labels, intensities or None) pairs, with a fresh fuser."""
+    fuser = make_fuser(reference, config=config)
+    for labels, intensities in candidates:
+        fuser.add(labels, intensities if fuser.needs_intensities else None)
+    return fuser.result()
 
 
 def make_fuser(reference: sitk.Image, *, config: FusionConfig) -> _Vote:

@@ -65,6 +65,25 @@ class Manifest:
                 return t
         raise ManifestError(f"{self.path}: no target with id {target_id!r} (targets: {', '.join(t.id for t in self.targets)})")
 
+    def case(self, case_id: str) -> Target:
+        """The target with this id, else the atlas with this id as a target (its labels the ground truth)."""
+        if any(t.id == case_id for t in self.targets):
+            return self.target(case_id)
+        for a in self.atlases:
+            if a.id == case_id:
+                return as_target(a)
+        known = ", ".join([t.id for t in self.targets] + [a.id for a in self.atlases])
+        raise ManifestError(f"{self.path}: no target or atlas with id {case_id!r} (known: {known})")
+
+    def atlases_for(self, target: Target) -> list[Atlas]:
+        """The atlases that may segment ``target``: all but one with the target's id (never an image as its own atlas)."""
+        return [a for a in self.atlases if a.id != target.id]
+
+
+def as_target(atlas: Atlas) -> Target:
+    """An atlas as a target, with its labels as ground truth (leave-one-out)."""
+    return Target(atlas.id, atlas.image, atlas.labels, atlas.mask, atlas.landmarks)
+
 
 def _load_yaml(path: Path):
     if not path.exists():

@@ -22,7 +22,7 @@ import SimpleITK as sitk
 from joblib import Parallel, delayed
 
 from . import __version__
-from .config import Config, ParallelConfig, RegistrationConfig
+from .config import Config, ParallelConfig, RegistrationConfig, SelectionConfig
 from .errors import AtlassegError, ImageError, RegistrationError
 from .evaluation import evaluate, header, mean_score, rows
 from .fusion import make_fuser
@@ -54,7 +54,7 @@ from .registration import (
     save_displacement_field,
     save_transform,
 )
-from .selection import score_atlas, select_top
+from .selection import rank, score_atlas, select
 
 log = logging.getLogger("atlasseg")
 
@@ -208,7 +208,7 @@ def _failure(err: RegistrationError) -> dict:
     return {"reason": str(err), **({"record": err.record} if isinstance(err, RegistrationDiverged) else {})}
 
 
-def _affine_job(target: Target, atlas: Atlas, reg: RegistrationConfig, selection_spacing: float, threads: int):
+def _affine_job(target: Target, atlas: Atlas, reg: RegistrationConfig, selection: SelectionConfig, threads: int):
     """Affine-register one atlas to the target and score it for selection (runs in a worker)."""
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
     fixed = _load_normalized(target.image, reg.normalization)
@@ -221,7 +221,9 @@ def _affine_job(target: Target, atlas: Atlas, reg: RegistrationConfig, selection
     except RegistrationError as err:
         return atlas.id, None, None, _failure(err)
     start = time.perf_counter()
-    score = score_atlas(fixed, moving, transform, spacing=selection_spacing)
+    labels = read_labels(atlas.labels) if selection.roi == "labels" else None
+    mask = read_labels(target.mask) if target.mask is not None else None
+    score = score_atlas(fixed, moving, transform, config=selection, labels=labels, mask=mask)
     record["selection_seconds"] = round(time.perf_counter() - start, 3)
     return atlas.id, transform, {"affine": record}, score
 
@@ -268,63 +270,151 @@ class TargetResult:
         return None if self.scores is None else mean_score(self.dice)
 
 
+@dataclass
+class Ranking:
+    """The affine stage and selection for one target (what ``atlasseg select`` prints).
+
+    :func:`register_selected` adds to ``records`` and ``dropped``.
+    """
+
+    scores: dict[str, float]  # atlas id → selection score (higher is better), atlases whose affine stage succeeded
+    ranked: list[str]  # those atlases, best first
+    selected: list[str]  # the ones selection keeps, best first
+    affine: dict[str, sitk.Transform]  # per ranked atlas
+    records: dict[str, dict]  # registration records per ranked atlas: "affine", then "nonrigid"
+    dropped: list[dict]  # failed registrations: atlas, stage, reason (and record)
+    seconds: dict[str, float]
+
+    def table(self, metric: str) -> list[dict]:
+        """The full ranking as run.json keeps it: atlas and score, best first."""
+        return [{"atlas": aid, metric: round(self.scores[aid], 6)} for aid in self.ranked]
+
+
+def rank_atlases(target: Target, atlases: list[Atlas], config: Config) -> Ranking:
+    """Affine-register every atlas to ``target`` (in parallel), score and rank them, and select."""
+    clock = time.perf_counter()
+    tasks = [(target, a, config.registration, config.selection) for a in atlases]
+    results = _parallel_map(_affine_job, tasks, config.parallel)
+    seconds = {"affine_and_scoring": time.perf_counter() - clock}
+    clock = time.perf_counter()
+    dropped = [{"atlas": aid, "stage": "affine", **score} for aid, tx, _, score in results if tx is None]
+    ok = {aid: (tx, rec, score) for aid, tx, rec, score in results if tx is not None}
+    scores = {aid: score for aid, (_, _, score) in ok.items()}
+    ranked, selected = rank(scores), select(scores, config.selection)
+    seconds["selection"] = time.perf_counter() - clock
+    return Ranking(scores, ranked, selected, {aid: ok[aid][0] for aid in ranked}, {aid: ok[aid][1] for aid in ranked},
+                   dropped, seconds)
+
+
+def register_selected(
+    target: Target, atlases: dict[str, Atlas], ranking: Ranking, config: Config, *, wanted: list[str], floor: int
+) -> dict[str, sitk.Transform]:
+    """Non-rigid registration (in parallel, from the affine) of the ``wanted`` ranked atlases.
+
+    A failed atlas is dropped (added to ``ranking.dropped``) and, while fewer than ``floor``
+    have succeeded, the next-ranked atlases not yet tried are registered in its place.
+    Returns the transforms of the atlases registered, best-ranked first (the affine ones,
+    unchanged, when the non-rigid stage is off).
+    """
+    if not config.registration.nonrigid.enabled:
+        return {aid: ranking.affine[aid] for aid in wanted}
+    done: dict[str, sitk.Transform] = {}
+    untried = [aid for aid in ranking.ranked if aid not in wanted]
+    batch = list(wanted)
+    while batch:
+        tasks = [(target, atlases[aid], ranking.affine[aid], config.registration) for aid in batch]
+        for aid, tx, result in _parallel_map(_nonrigid_job, tasks, config.parallel):
+            if tx is None:
+                ranking.dropped.append({"atlas": aid, "stage": "nonrigid", **result})
+            else:
+                done[aid] = tx
+                ranking.records[aid]["nonrigid"] = result
+        missing = max(0, floor - len(done))
+        batch, untried = untried[:missing], untried[missing:]
+    return {aid: done[aid] for aid in ranking.ranked if aid in done}
+
+
+def propagate(atlas: Atlas, transform: sitk.Transform, reference: sitk.Image, config: Config, *, intensities: bool):
+    """One candidate: the atlas's labels and (when ``intensities``) its normalised image on ``reference``'s grid."""
+    labels = read_labels(atlas.labels, like=read_geometry(atlas.image), like_path=atlas.image)
+    labels = propagate_labels(labels, transform, reference, interpolator=config.propagation.interpolator)
+    warped = None
+    if intensities:
+        warped = propagate_intensities(_load_normalized(atlas.image, config.registration.normalization), transform, reference)
+    return labels, warped
+
+
+@dataclass
+class Case:
+    """One target with its registered atlases' candidates held in memory (cross-validation, benchmarks)."""
+
+    target: Target
+    reference: sitk.Image  # the target image, intensities normalised like the atlases'
+    truth: sitk.Image | None  # the target's labels, when it has them
+    ranking: Ranking
+    candidates: list[tuple[str, sitk.Image, sitk.Image | None]]  # (atlas id, labels, intensities), best-ranked first
+    seconds: dict[str, float]
+
+
+def prepare_case(target: Target, atlases: list[Atlas], config: Config, *, count: int | None, intensities: bool) -> Case:
+    """Rank every atlas, register the best ``count`` (None: all) non-rigidly — a failed one replaced
+    by the next-ranked — and propagate each registered atlas once (with its warped intensities
+    when ``intensities``): every fusion of them can then reuse the same registrations."""
+    by_id = {a.id: a for a in atlases}
+    ranking = rank_atlases(target, atlases, config)
+    seconds = dict(ranking.seconds)
+    clock = time.perf_counter()
+    wanted = ranking.ranked if count is None else ranking.ranked[:count]
+    transforms = register_selected(target, by_id, ranking, config, wanted=wanted, floor=len(wanted))
+    seconds["nonrigid"] = time.perf_counter() - clock
+    clock = time.perf_counter()
+    reference = read_image(target.image)
+    candidates = [(aid, *propagate(by_id[aid], tx, reference, config, intensities=intensities))
+                  for aid, tx in transforms.items()]
+    seconds["propagation"] = time.perf_counter() - clock
+    truth = None
+    if target.labels is not None:
+        truth = read_labels(target.labels)
+        check_same_grid(reference, truth, image_path=target.image, labels_path=target.labels)
+    normalized = normalize_intensity(reference, method=config.registration.normalization)
+    return Case(target, normalized, truth, ranking, candidates, seconds)
+
+
 def segment_target(target: Target, atlases: list[Atlas], config: Config, *, out_dir: Path, label_names: dict[int, str]):
     """Segment one target with the given atlases; write ``<out>/<target>/segmentation.nii.gz``."""
-    seconds: dict[str, float] = {}
     by_id = {a.id: a for a in atlases}
-    clock = time.perf_counter()
     reference = read_image(target.image)
     truth = read_labels(target.labels, like=reference, like_path=target.image) if target.labels is not None else None
 
     # Affine stage for every atlas, scored on a coarse grid for selection.
-    tasks = [(target, a, config.registration, config.selection.grid_spacing) for a in atlases]
-    affine_results = _parallel_map(_affine_job, tasks, config.parallel)
-    seconds["affine_and_scoring"] = time.perf_counter() - clock
+    ranking = rank_atlases(target, atlases, config)
+    seconds = dict(ranking.seconds)
 
     clock = time.perf_counter()
-    dropped = [{"atlas": aid, "stage": "affine", **score} for aid, tx, _, score in affine_results if tx is None]
-    ok = {aid: (tx, rec, score) for aid, tx, rec, score in affine_results if tx is not None}
-    scores = {aid: score for aid, (_, _, score) in ok.items()}
-    selected = select_top(scores, k=config.selection.k)
-    seconds["selection"] = time.perf_counter() - clock
-
-    transforms = {aid: ok[aid][0] for aid in selected}
-    records = {aid: ok[aid][1] for aid in selected}
-    if config.registration.nonrigid.enabled and selected:
-        clock = time.perf_counter()
-        tasks = [(target, by_id[aid], transforms[aid], config.registration) for aid in selected]
-        for aid, tx, result in _parallel_map(_nonrigid_job, tasks, config.parallel):
-            if tx is None:
-                dropped.append({"atlas": aid, "stage": "nonrigid", **result})
-                del transforms[aid]
-            else:
-                transforms[aid] = tx
-                records[aid]["nonrigid"] = result
+    floor = config.selection.min_atlases
+    transforms = register_selected(target, by_id, ranking, config, wanted=ranking.selected, floor=floor)
+    if config.registration.nonrigid.enabled and ranking.selected:
         seconds["nonrigid"] = time.perf_counter() - clock
+    dropped = ranking.dropped
     for item in dropped:
         log.warning("target %s: atlas %s dropped (%s: %s)", target.id, item["atlas"], item["stage"], item["reason"])
-    used = [aid for aid in selected if aid in transforms]
-    if len(used) < config.selection.min_atlases:
+    used = list(transforms)
+    if len(used) < floor:
         reasons = "; ".join(f"{d['atlas']}: {d['reason']}" for d in dropped) or "none failed"
         raise RegistrationError(
             f"target {target.id}: only {len(used)} atlas registration(s) succeeded, "
-            f"selection.min_atlases is {config.selection.min_atlases} ({reasons})"
+            f"selection.min_atlases is {floor} ({reasons})"
         )
+    tried = set(used) | {d["atlas"] for d in dropped if d["stage"] == "nonrigid"}
+    records = {aid: ranking.records[aid] for aid in ranking.ranked if aid in tried}
 
     # Propagate and fuse, one candidate at a time.
     fuser = make_fuser(normalize_intensity(reference, method=config.registration.normalization), config=config.fusion)
     seconds["propagation"] = seconds["fusion"] = 0.0
     for aid in used:
         clock = time.perf_counter()
-        candidate = propagate_labels(
-            read_labels(by_id[aid].labels, like=read_geometry(by_id[aid].image), like_path=by_id[aid].image),
-            transforms[aid], reference,
-            interpolator=config.propagation.interpolator,
-        )
-        intensities = None
-        if fuser.needs_intensities:
-            atlas_image = _load_normalized(by_id[aid].image, config.registration.normalization)
-            intensities = propagate_intensities(atlas_image, transforms[aid], reference)
+        candidate, intensities = propagate(by_id[aid], transforms[aid], reference, config,
+                                           intensities=fuser.needs_intensities)
         seconds["propagation"] += time.perf_counter() - clock
         clock = time.perf_counter()
         fuser.add(candidate, intensities)
@@ -356,7 +446,7 @@ def segment_target(target: Target, atlases: list[Atlas], config: Config, *, out_
 
     record = {
         "image": str(target.image),
-        "ranking": [{"atlas": aid, config.selection.metric: round(scores[aid], 6)} for aid in select_top(scores, k="all")],
+        "ranking": ranking.table(config.selection.metric),
         "selected": used,
         "dropped": dropped,
         "registrations": records,
@@ -529,7 +619,7 @@ def run(config: Config, manifest: Manifest, *, out_dir: str | Path | None = None
     start = time.perf_counter()
     results = []
     for target in targets:
-        atlases = [a for a in manifest.atlases if a.id != target.id]  # never an image as its own atlas
+        atlases = manifest.atlases_for(target)
         log.info("target %s: %d atlases", target.id, len(atlases))
         result = segment_target(target, atlases, config, out_dir=out, label_names=manifest.label_names)
         results.append(result)

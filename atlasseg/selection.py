@@ -1,12 +1,23 @@
-"""Atlas selection: rank affinely aligned atlases by similarity to the target, keep the top k."""
+"""Atlas selection: rank affinely aligned atlases by similarity to the target, keep the best.
+
+Scores are computed in target space on a coarse isotropic grid (``grid_spacing``),
+both images smoothed to it first; higher is better for every metric (``ncc``, ``mi``,
+``mse`` negated; see :mod:`atlasseg.similarity`). The region scored is the target's
+whole field of view, optionally narrowed to the bounding box of the atlas's labels
+mapped through its affine transform plus a margin (``roi: labels``) and to the
+target's mask. An atlas whose region is empty (its labels map outside the target)
+scores minus infinity: it ranks last.
+"""
 
 from __future__ import annotations
 
+import math
 from typing import Mapping
 
 import numpy as np
 import SimpleITK as sitk
 
+from .config import SelectionConfig
 from .similarity import SIMILARITIES
 
 
@@ -30,17 +41,71 @@ def _smoothed(image: sitk.Image, spacing: float) -> sitk.Image:
     return sitk.SmoothingRecursiveGaussian(image, spacing / 2.0)
 
 
+def _indicator(mask: sitk.Image, grid: sitk.Image, transform: sitk.Transform) -> np.ndarray:
+    """Non-zero voxels of ``mask`` resampled linearly onto ``grid`` through ``transform``."""
+    inside = sitk.Cast(sitk.NotEqual(mask, 0), sitk.sitkFloat32)
+    return sitk.GetArrayFromImage(sitk.Resample(inside, grid, transform, sitk.sitkLinear, 0.0, sitk.sitkFloat32))
+
+
+def label_box(labels: sitk.Image, transform: sitk.Transform, grid: sitk.Image, *, margin: float) -> np.ndarray:
+    """Voxels of ``grid`` (array order) in the bounding box of ``labels``' non-zero voxels mapped
+    through ``transform`` (grid points → label-map points), grown by ``margin`` mm on every side.
+
+    A grid voxel counts as labelled where the linearly resampled indicator is positive, so a
+    structure thinner than the grid still shows. All False when no label maps onto the grid.
+    """
+    support = _indicator(labels, grid, transform) > 0
+    box = np.zeros(support.shape, dtype=bool)
+    if not support.any():
+        return box
+    spacing = np.asarray(grid.GetSpacing())[::-1]
+    grow = np.ceil(margin / spacing - 1e-9).astype(int)
+    found = np.nonzero(support)
+    box[tuple(slice(max(0, int(i.min()) - g), int(i.max()) + 1 + g) for i, g in zip(found, grow))] = True
+    return box
+
+
 def score_atlas(
-    target: sitk.Image, atlas: sitk.Image, transform: sitk.Transform, *, metric: str = "ncc", spacing: float = 3.0
+    target: sitk.Image,
+    atlas: sitk.Image,
+    transform: sitk.Transform,
+    *,
+    config: SelectionConfig = SelectionConfig(),
+    labels: sitk.Image | None = None,
+    mask: sitk.Image | None = None,
 ) -> float:
-    """Similarity of ``atlas`` mapped through ``transform`` to ``target``, on a coarse grid in target space."""
+    """Similarity of ``atlas`` mapped through ``transform`` to ``target``, on a coarse grid in target space.
+
+    ``labels`` (the atlas's label map) is needed for ``roi: labels``; ``mask`` (a binary image
+    in target space, e.g. the target's manifest mask) restricts the score to where it is
+    at least one half after linear resampling onto the grid.
+    """
+    spacing = config.grid_spacing
     grid = coarse_grid(target, spacing=spacing)
-    fixed = sitk.Resample(_smoothed(target, spacing), grid, sitk.Transform(), sitk.sitkLinear, 0.0)
-    moving = sitk.Resample(_smoothed(atlas, spacing), grid, transform, sitk.sitkLinear, 0.0)
-    return SIMILARITIES[metric](sitk.GetArrayViewFromImage(fixed), sitk.GetArrayViewFromImage(moving))
+    fixed = sitk.GetArrayFromImage(sitk.Resample(_smoothed(target, spacing), grid, sitk.Transform(), sitk.sitkLinear, 0.0))
+    moving = sitk.GetArrayFromImage(sitk.Resample(_smoothed(atlas, spacing), grid, transform, sitk.sitkLinear, 0.0))
+    region = np.ones(fixed.shape, dtype=bool)
+    if config.roi == "labels":
+        if labels is None:
+            raise ValueError("selection.roi 'labels' needs the atlas's label map")
+        region &= label_box(labels, transform, grid, margin=config.roi_margin)
+    if mask is not None:
+        region &= _indicator(mask, grid, sitk.Transform()) >= 0.5
+    if not region.any():
+        return -math.inf
+    return SIMILARITIES[config.metric](fixed[region], moving[region])
 
 
-def select_top(scores: Mapping[str, float], *, k: int | str) -> list[str]:
-    """Atlas ids ordered best first (higher score is better; ties by id), the first ``k`` of them."""
-    ranked = sorted(scores, key=lambda a: (-scores[a], a))
-    return ranked if k == "all" else ranked[: int(k)]
+def rank(scores: Mapping[str, float]) -> list[str]:
+    """Atlas ids best first: higher score first, ties (and NaN, last) by id."""
+    return sorted(scores, key=lambda a: (math.isnan(scores[a]), 0.0 if math.isnan(scores[a]) else -scores[a], a))
+
+
+def select(scores: Mapping[str, float], config: SelectionConfig) -> list[str]:
+    """The atlases kept, best first: the best ``k``, of them those scoring at least ``threshold``
+    (when set), and never fewer than the best ``min_atlases`` (while there are as many)."""
+    ranked = rank(scores)
+    kept = ranked if config.k == "all" else ranked[: config.k]
+    if config.threshold is not None:
+        kept = [a for a in kept if scores[a] >= config.threshold]
+    return kept if len(kept) >= config.min_atlases else ranked[: config.min_atlases]

@@ -119,3 +119,48 @@ def test_register_that_diverges_says_why_and_writes_only_the_record(manifest, tm
     assert "affine registration diverged" in capsys.readouterr().err
     assert [p.name for p in tmp_path.iterdir()] == ["record.json"]
     assert json.loads((tmp_path / "record.json").read_text())["status"] == "diverged"
+
+
+def test_select_prints_the_ranking_without_the_nonrigid_stage(manifest, capsys, monkeypatch):
+    import atlasseg.pipeline as pipeline
+
+    def no_nonrigid(*args, **kwargs):
+        raise AssertionError("select ran the non-rigid stage")
+
+    monkeypatch.setattr(pipeline, "nonrigid_stage", no_nonrigid)  # in-process: parallel.n_jobs=1
+    argv = ["-q", "select", "demo", "--manifest", str(manifest), "--target", "case_004",
+            "--set", "selection.k=2", "--set", "parallel.n_jobs=1"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    rows = [line.split() for line in printed.splitlines() if line.strip().startswith(("1 ", "2 ", "3 "))]
+    assert [r[0] for r in rows] == ["1", "2", "3"]
+    assert sorted(r[1] for r in rows) == ["case_001", "case_002", "case_003"]
+    assert [r[3] for r in rows] == ["yes", "yes", "no"]
+    scores = [float(r[2]) for r in rows]
+    assert scores == sorted(scores, reverse=True)
+    assert "selected 2 of 3 (k=2" in printed
+
+
+def test_select_ranks_an_atlas_against_the_others(manifest, capsys):
+    argv = ["-q", "select", "demo", "--manifest", str(manifest), "--target", "case_001", "--set", "selection.metric=mi"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "2 atlases ranked by mi" in printed and "case_001  " not in printed
+    assert main(["select", "demo", "--manifest", str(manifest), "--target", "nobody"]) == 2
+    assert "no target or atlas with id 'nobody'" in capsys.readouterr().err
+
+
+def test_crossval_prints_dice_per_method_and_k_and_writes_tables(manifest, tmp_path, capsys):
+    argv = ["-q", "crossval", "demo", "--manifest", str(manifest), "--k", "1", "all", "--methods", "majority", "staple",
+            "--set", "registration.nonrigid.enabled=false", "--set", "parallel.n_jobs=1", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "leave-one-out over 3 atlases (3 scored)" in printed
+    rows = [line.split() for line in printed.splitlines() if line.startswith(("majority", "staple"))]
+    assert [(r[0], r[1], r[2]) for r in rows] == [("majority", "1", "1.0"), ("majority", "all", "2.0"),
+                                                  ("staple", "1", "1.0"), ("staple", "all", "2.0")]
+    assert all(0.5 < float(r[-2]) <= 1.0 for r in rows)  # mean Dice
+    assert rows[0][3:-1] == rows[2][3:-1]  # one atlas: every method gives its labels
+    assert {p.name for p in tmp_path.iterdir()} == {"crossval.csv", "crossval.json"}
+    assert main(["crossval", "demo", "--manifest", str(manifest), "--k", "0"]) == 2
+    assert "--k '0': expected an integer >= 1 or 'all'" in capsys.readouterr().err

@@ -50,6 +50,10 @@ def test_unknown_key_names_key_path_and_file(tmp_path, text, key):
         ("selection: {k: -1}", "selection.k"),
         ("selection: {k: some}", "selection.k"),
         ("selection: {k: true}", "selection.k"),
+        ("selection: {metric: nmi}", "selection.metric"),
+        ("selection: {roi: box}", "selection.roi"),
+        ("selection: {roi_margin: -1}", "selection.roi_margin"),
+        ("selection: {threshold: high}", "selection.threshold"),
         ("registration: {affine: {iterations: 0}}", "registration.affine.iterations"),
         ("registration: {nonrigid: {iterations: 0}}", "registration.nonrigid.iterations"),
         ("fusion: {staple_iterations: 0}", "fusion.staple_iterations"),
@@ -59,6 +63,7 @@ def test_unknown_key_names_key_path_and_file(tmp_path, text, key):
         ("registration: {nonrigid: {enabled: 'yes'}}", "registration.nonrigid.enabled"),
         ("parallel: {n_jobs: 0}", "parallel.n_jobs"),
         ("fusion: {method: staple2}", "fusion.method"),
+        ("fusion: {search_radius: -1}", "fusion.search_radius"),
         ("fusion: 3", "fusion"),
     ],
 )
@@ -84,6 +89,8 @@ def test_set_overrides_are_typed_and_validated(tmp_path):
     assert load_config(None, overrides=["registration.affine.stages=[translation]"]).registration.affine.stages == ("translation",)
     with pytest.raises(ConfigError, match="selection.k"):
         load_config("default", overrides=["selection.k=-2"])
+    assert load_config(None, overrides=["selection.threshold=0.5"]).selection.threshold == 0.5
+    assert load_config(None, overrides=["selection.threshold=null"]).selection.threshold is None
     with pytest.raises(ConfigError, match="expected section.key=value"):
         load_config("default", overrides=["selection.k"])
 

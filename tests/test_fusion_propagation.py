@@ -124,6 +124,62 @@ def test_jlf_follows_the_atlas_identical_to_the_target(shape):
     np.testing.assert_array_equal(sitk.GetArrayFromImage(majority.result()), wrong)
 
 
+@pytest.mark.parametrize("shape", [(32, 32), (12, 16, 16)])
+def test_jlf_search_finds_the_good_atlas_shifted_by_one_voxel(shape):
+    """One atlas is the target shifted by one voxel (labels too); three others have wrong
+    labels and noisy intensities. Without search, JLF follows the good atlas's shifted labels;
+    with search_radius 1, its best patches are the unshifted ones: the target's own labels."""
+    rng = np.random.default_rng(5)
+    target = ndimage.gaussian_filter(rng.normal(size=shape), 1.5)
+    target = ((target - target.min()) / np.ptp(target)).astype(np.float32)
+    truth = np.digitize(target, np.quantile(target, [0.4, 0.7])).astype(np.uint8)
+    candidates = [(np.roll(truth, 1, axis=-1), np.roll(target, 1, axis=-1))]
+    candidates += [((truth + 1) % 3, target + rng.normal(0, 0.2, shape).astype(np.float32)) for _ in range(3)]
+    inner = (slice(1, -1),) * len(shape)  # np.roll wraps one border around
+    accuracy = {}
+    for radius in (0, 1):
+        fuser = make_fuser(sitk.GetImageFromArray(target), config=FusionConfig(method="jlf", search_radius=radius))
+        for labels_array, intensity in candidates:
+            fuser.add(sitk.GetImageFromArray(labels_array), sitk.GetImageFromArray(intensity))
+        accuracy[radius] = (sitk.GetArrayFromImage(fuser.result()) == truth)[inner].mean()
+    assert accuracy[1] >= 0.97
+    assert accuracy[0] < accuracy[1] - 0.2
+
+
+def test_jlf_patch_normalization_ignores_a_contrast_change():
+    """The atlas with the right labels is the target in another contrast (gain and offset);
+    two with wrong labels match the target's intensities up to noise. Normalised patches
+    see the first as perfect; raw differences do not."""
+    rng = np.random.default_rng(6)
+    target = ndimage.gaussian_filter(rng.normal(size=(30, 30)), 1.5).astype(np.float32)
+    truth = (target > 0).astype(np.uint8)
+    candidates = [(truth, 2.0 * target + 0.3)] + [(1 - truth, target + rng.normal(0, 0.15, target.shape)) for _ in range(2)]
+    correct = {}
+    for normalization in (True, False):
+        config = FusionConfig(method="jlf", patch_normalization=normalization)
+        fuser = make_fuser(sitk.GetImageFromArray(target), config=config)
+        for labels_array, intensity in candidates:
+            fuser.add(sitk.GetImageFromArray(labels_array), sitk.GetImageFromArray(intensity.astype(np.float32)))
+        correct[normalization] = (sitk.GetArrayFromImage(fuser.result()) == truth).mean()
+    assert correct[True] >= 0.97 and correct[False] <= 0.5, correct
+
+
+@pytest.mark.parametrize("voting", [True, False])
+def test_jlf_patch_voting_probabilities_cover_every_voxel_once(voting):
+    """With or without voting over the patch, each voxel's label shares sum to 1 (votes divided
+    by the patches covering the voxel, fewer at the image border) and the winner is the result."""
+    rng = np.random.default_rng(7)
+    target = rng.uniform(size=(9, 11, 10)).astype(np.float32)
+    fuser = make_fuser(sitk.GetImageFromArray(target), config=FusionConfig(method="jlf", patch_voting=voting))
+    for _ in range(4):
+        fuser.add(sitk.GetImageFromArray(rng.integers(0, 3, size=target.shape).astype(np.uint8)),
+                  sitk.GetImageFromArray((target + rng.normal(0, 0.2, target.shape)).astype(np.float32)))
+    maps = fuser.probabilities()
+    np.testing.assert_allclose(sum(sitk.GetArrayFromImage(m) for m in maps.values()), 1.0, rtol=1e-5)
+    winner = np.asarray(sorted(maps))[np.argmax([sitk.GetArrayFromImage(maps[v]) for v in sorted(maps)], axis=0)]
+    np.testing.assert_array_equal(winner, sitk.GetArrayFromImage(fuser.result()))
+
+
 def test_weighted_fusion_needs_intensities():
     fuser = WeightedVote(intensities(np.zeros((3, 3))), config=FusionConfig(method="local_weighted"))
     with pytest.raises(AtlassegError, match="needs the warped atlas intensities"):

@@ -134,3 +134,27 @@ def test_landmark_initialisation_needs_landmarks_for_every_entry(demo2d):
     config = load_config("demo", overrides=["registration.affine.initialization=landmarks"])
     with pytest.raises(ImageError, match="has no 'landmarks' file"):
         check_inputs(demo2d, config)
+
+
+def test_a_failed_nonrigid_registration_is_replaced_by_the_next_ranked_atlas(demo2d, tmp_path, monkeypatch):
+    """With min_atlases 2 of k 2, the best-ranked atlas failing brings in the third-ranked."""
+    import atlasseg.pipeline as pipeline
+    from atlasseg.registration import RegistrationDiverged
+
+    calls = []
+
+    def fake_nonrigid(fixed, moving, *, initial, config, masks=None):  # in-process: parallel.n_jobs=1
+        calls.append(moving)
+        if len(calls) == 1:
+            raise RegistrationDiverged("non-rigid registration diverged: test", {"metric_after": 1.0})
+        return initial, {"seconds": 0.0}
+
+    monkeypatch.setattr(pipeline, "nonrigid_stage", fake_nonrigid)
+    overrides = ["selection.k=2", "selection.min_atlases=2", "parallel.n_jobs=1", "registration.affine.stages=[]"]
+    (result,) = run(load_config("demo", overrides=overrides), demo2d, out_dir=tmp_path, target_ids=[demo2d.targets[0].id])
+    order = [r["atlas"] for r in result.record["ranking"]]
+    assert [d["atlas"] for d in result.record["dropped"]] == [order[0]]
+    assert result.record["dropped"][0]["record"] == {"metric_after": 1.0}
+    assert result.record["selected"] == order[1:3]
+    assert set(result.record["registrations"]) == set(order[:3])
+    assert len(calls) == 3

@@ -1,0 +1,118 @@
+"""Atlas selection: scores (higher is better), regions of interest, top k / threshold / floor."""
+
+import math
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from atlasseg.config import SelectionConfig
+from atlasseg.selection import label_box, rank, score_atlas, select
+from atlasseg.similarity import SIMILARITIES, mutual_information, ncc, negative_mse
+from conftest import _with_geometry, phantom, rigid, texture, warp
+
+
+@pytest.mark.parametrize("metric", ["ncc", "mi", "mse"])
+def test_an_identical_atlas_ranks_first_for_every_metric(dim, metric):
+    target, _ = phantom(dim=dim, size=32)
+    rng = np.random.default_rng(0)
+    noisy = sitk.GetImageFromArray(sitk.GetArrayFromImage(target) + rng.normal(0, 0.3, target.GetSize()[::-1]).astype(np.float32))
+    noisy.CopyInformation(target)
+    atlases = {
+        "b_rotated": warp(target, rigid(dim, angle_deg=15.0, shift=(6.0, -4.0, 3.0))),
+        "c_noisy": noisy,
+        "a_same": target,
+        "d_unrelated": texture(dim=dim, size=32, seed=1)[0],
+    }
+    config = SelectionConfig(metric=metric, grid_spacing=4.0)
+    scores = {name: score_atlas(target, image, sitk.Transform(dim, sitk.sitkIdentity), config=config)
+              for name, image in atlases.items()}
+    assert rank(scores)[0] == "a_same"
+    assert all(scores["a_same"] > s for name, s in scores.items() if name != "a_same")
+    assert scores["b_rotated"] > scores["d_unrelated"]
+
+
+def test_similarities_are_scores_higher_for_alike():
+    rng = np.random.default_rng(1)
+    a = rng.uniform(size=500)
+    b = a + rng.normal(0, 0.1, size=500)
+    c = rng.uniform(size=500)
+    for name, measure in SIMILARITIES.items():
+        assert measure(a, a) > measure(a, b) > measure(a, c), name
+    assert negative_mse(a, a) == 0.0 and ncc(a, a) == pytest.approx(1.0)
+    assert mutual_information(a, np.zeros(500)) == 0.0
+    # MI of a variable with itself is its entropy: 32 equally filled bins give log 32.
+    assert mutual_information(np.arange(3200.0), np.arange(3200.0)) == pytest.approx(math.log(32))
+
+
+def test_label_box_is_the_mapped_labels_bounding_box_plus_the_margin_in_mm():
+    array = np.zeros((40, 50), np.uint8)
+    array[20:30, 10:15] = 3
+    labels = _with_geometry(array, 1.0, (0.0, 0.0))
+    labels.SetSpacing((1.0, 2.0))  # rows 2 mm apart
+    shift = sitk.TranslationTransform(2, (5.0, 0.0))  # grid point x ↦ label point x + 5 mm
+    box = label_box(labels, shift, labels, margin=4.0)
+    rows, cols = np.nonzero(box)
+    assert (rows.min(), rows.max()) == (18, 31)  # ±4 mm is ±2 rows of 2 mm
+    assert (cols.min(), cols.max()) == (1, 13)  # columns 10–14 moved to 5–9, ±4 columns
+    assert box.sum() == 14 * 13
+    assert not label_box(labels, sitk.TranslationTransform(2, (500.0, 0.0)), labels, margin=4.0).any()
+
+
+def _local_match_case():
+    """A textured target with a labelled square in the middle; atlas ``near`` equals the target
+    around the square only, atlas ``far`` everywhere but there."""
+    target, _ = texture(dim=2, size=64, seed=3)
+    t = sitk.GetArrayFromImage(target)
+    other = sitk.GetArrayFromImage(texture(dim=2, size=64, seed=4)[0])
+    inside = np.zeros(t.shape, bool)
+    inside[22:42, 22:42] = True
+    square = np.zeros(t.shape, np.uint8)
+    square[26:38, 26:38] = 1
+    near = _with_geometry(np.where(inside, t, other), 2.0, None)
+    far = _with_geometry(np.where(inside, other, t), 2.0, None)
+    return target, near, far, _with_geometry(square, 2.0, None), _with_geometry(inside.astype(np.uint8), 2.0, None)
+
+
+@pytest.mark.parametrize("region", ["none", "labels", "mask"])
+def test_a_region_of_interest_ranks_the_locally_matching_atlas_first(region):
+    target, near, far, labels, mask = _local_match_case()
+    config = SelectionConfig(grid_spacing=2.0, roi="labels" if region == "labels" else "none", roi_margin=8.0)
+    identity = sitk.Transform(2, sitk.sitkIdentity)
+    scores = {name: score_atlas(target, image, identity, config=config, labels=labels,
+                                mask=mask if region == "mask" else None)
+              for name, image in (("near", near), ("far", far))}
+    assert rank(scores)[0] == ("far" if region == "none" else "near")
+
+
+def test_an_atlas_whose_labels_miss_the_target_ranks_last():
+    target, near, _, labels, _ = _local_match_case()
+    away = sitk.TranslationTransform(2, (1000.0, 0.0))
+    score = score_atlas(target, near, away, config=SelectionConfig(roi="labels"), labels=labels)
+    assert score == -math.inf
+    assert rank({"x": score, "y": -5.0}) == ["y", "x"]
+    with pytest.raises(ValueError, match="label map"):
+        score_atlas(target, near, away, config=SelectionConfig(roi="labels"))
+
+
+SCORES = {"a": 0.9, "b": 0.5, "c": 0.7, "d": 0.1}
+
+
+@pytest.mark.parametrize(
+    "settings, kept",
+    [
+        ({}, ["a", "c", "b", "d"]),
+        ({"k": 2}, ["a", "c"]),
+        ({"threshold": 0.6}, ["a", "c"]),
+        ({"k": 1, "threshold": 0.6}, ["a"]),
+        ({"threshold": 0.95}, ["a"]),  # none reach it: the floor of 1
+        ({"threshold": 0.95, "min_atlases": 3}, ["a", "c", "b"]),
+        ({"k": 3, "threshold": 0.6, "min_atlases": 3}, ["a", "c", "b"]),
+    ],
+)
+def test_select_keeps_the_best_k_above_the_threshold_but_never_fewer_than_the_floor(settings, kept):
+    assert select(SCORES, SelectionConfig(**settings)) == kept
+
+
+def test_ranking_ties_go_by_id():
+    assert rank({"y": 0.5, "x": 0.5, "z": 0.7}) == ["z", "x", "y"]
