@@ -254,12 +254,10 @@ def cmd_register(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    import json
-
     from .config import EvaluationConfig
     from .evaluation import evaluate, header, rows
-    from .imageio import atomic_write_text, check_label_values, read_labels, read_voxels
-    from .pipeline import json_safe, write_table
+    from .imageio import check_label_values, read_labels, read_voxels
+    from .pipeline import write_json, write_table
 
     names = _label_args(args.labels) or {}
     metrics = EvaluationConfig().metrics
@@ -278,7 +276,7 @@ def cmd_evaluate(args) -> int:
         out = Path(args.out)
         write_table(out / "metrics.csv", header(metrics), rows(Path(args.prediction).name, scores, names, metrics))
         document = {"prediction": str(args.prediction), "truth": str(args.truth), "scores": {str(v): s for v, s in scores.items()}}
-        atomic_write_text(out / "metrics.json", json.dumps(json_safe(document), indent=2, allow_nan=False) + "\n")
+        write_json(out / "metrics.json", document)
         print(f"\nwritten {out / 'metrics.csv'} and {out / 'metrics.json'}")
     return 0
 

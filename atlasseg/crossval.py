@@ -18,7 +18,6 @@ Memory: one target at a time; its candidates (labels and warped float32 intensit
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import time
@@ -31,9 +30,8 @@ from .config import Config
 from .errors import AtlassegError, ConfigError, RegistrationError
 from .evaluation import evaluate, mean_score
 from .fusion import METHODS, fuse, needs_intensities
-from .imageio import atomic_write_text
 from .manifest import Manifest, as_target
-from .pipeline import Case, check_inputs, json_safe, prepare_case, versions, write_table
+from .pipeline import Case, check_inputs, prepare_case, versions, write_json, write_table
 
 log = logging.getLogger("atlasseg")
 
@@ -183,4 +181,4 @@ def write_outputs(out: Path, document: dict, label_names: dict[int, str]) -> Non
             table += [[method, k, "mean", s["atlases"], v, label_names.get(v, ""), d] for v, d in s["dice"].items()]
             table.append([method, k, "mean", s["atlases"], "mean", "", s["mean_dice"]])
     write_table(out / "crossval.csv", ["method", "k", "target", "atlases", "label", "name", "dice"], table)
-    atomic_write_text(out / "crossval.json", json.dumps(json_safe(document), indent=2, allow_nan=False) + "\n")
+    write_json(out / "crossval.json", document)

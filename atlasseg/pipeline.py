@@ -470,6 +470,11 @@ def json_safe(value):
     return value
 
 
+def write_json(path: Path, document) -> None:
+    """Write ``document`` as strict, indented JSON (NaN and infinities as null), atomically."""
+    atomic_write_text(path, json.dumps(json_safe(document), indent=2, allow_nan=False) + "\n")
+
+
 # --------------------------------------------------------------------------- one pair
 
 REGISTER_OUTPUTS = ("warped.nii.gz", "transform.h5", "displacement.nii.gz", "jacobian.nii.gz", "record.json")
@@ -522,7 +527,7 @@ def register_files(
         )
     except RegistrationDiverged as err:
         record.update(status="diverged", reason=str(err), registration=err.record)
-        atomic_write_text(out_dir / "record.json", json.dumps(json_safe(record), indent=2, allow_nan=False) + "\n")
+        write_json(out_dir / "record.json", record)
         raise
     record["seconds"] = round(time.perf_counter() - start, 3)
     record["status"] = "ok"
@@ -532,7 +537,7 @@ def register_files(
     write_image(jacobian_determinant(transform, fixed), out_dir / "jacobian.nii.gz")
     if labels is not None:
         write_image(propagate_labels(labels, transform, fixed), out_dir / "warped_labels.nii.gz")
-    atomic_write_text(out_dir / "record.json", json.dumps(json_safe(record), indent=2, allow_nan=False) + "\n")
+    write_json(out_dir / "record.json", record)
     return record
 
 
@@ -583,8 +588,7 @@ def check_output_dir(out: Path, config: Config, manifest: Manifest, *, force: bo
     elif any(out.iterdir()):
         what = "files but no run.json"
     else:
-        atomic_write_text(record, json.dumps({"config": config.to_dict(), "manifest": str(manifest.path),
-                                              "status": "running"}, indent=2) + "\n")
+        write_json(record, {"config": config.to_dict(), "manifest": str(manifest.path), "status": "running"})
         return
     if not force:
         raise AtlassegError(f"{out}: holds {what}; choose another --out, or --force to write over them")
@@ -634,7 +638,7 @@ def run(config: Config, manifest: Manifest, *, out_dir: str | Path | None = None
         "seconds_total": round(time.perf_counter() - start, 3),
         "targets": {r.target_id: r.record for r in results},
     }
-    atomic_write_text(out / "run.json", json.dumps(json_safe(run_record), indent=2, allow_nan=False) + "\n")
+    write_json(out / "run.json", run_record)
     return results
 
 
