@@ -197,10 +197,18 @@ def _load_normalized(path: Path, method: str) -> sitk.Image:
     return normalize_intensity(read_image(path), method=method)
 
 
-def _masks(target: Target, atlas: Atlas) -> Masks | None:
-    if target.mask is None and atlas.mask is None:
+def _read_masks(fixed: tuple, moving: tuple) -> Masks | None:
+    """Masks from (mask path or None, its image's path, that image if already read) for each side;
+    each is checked against (and snapped onto) its image's grid. None when neither side has one."""
+    if fixed[0] is None and moving[0] is None:
         return None
-    return Masks(*(read_labels(e.mask, like=read_geometry(e.image), like_path=e.image) if e.mask is not None else None for e in (target, atlas)))
+    return Masks(*(None if mask is None else read_labels(mask, like=read_geometry(path) if like is None else like,
+                                                          like_path=path)
+                   for mask, path, like in (fixed, moving)))
+
+
+def _masks(target: Target, atlas: Atlas) -> Masks | None:
+    return _read_masks((target.mask, target.image, None), (atlas.mask, atlas.image, None))
 
 
 def _failure(err: RegistrationError) -> dict:
@@ -502,14 +510,8 @@ def register_files(
     checks writes only ``record.json`` (with the reason) and raises.
     """
     fixed, moving = read_checked_image(fixed_path), read_checked_image(moving_path)
-    for image, mask in ((fixed_path, fixed_mask), (moving_path, moving_mask), (moving_path, labels_path)):
-        if mask is not None:
-            check_same_grid(read_geometry(image), read_geometry(mask), image_path=image, labels_path=mask)
     labels = read_labels(labels_path, like=moving, like_path=moving_path) if labels_path is not None else None
-    masks = None
-    if fixed_mask is not None or moving_mask is not None:
-        masks = Masks(*(read_labels(p, like=image, like_path=image_path) if p is not None else None
-                        for p, image, image_path in ((fixed_mask, fixed, fixed_path), (moving_mask, moving, moving_path))))
+    masks = _read_masks((fixed_mask, fixed_path, fixed), (moving_mask, moving_path, moving))
     landmarks = None
     if (fixed_landmarks is None) != (moving_landmarks is None):
         raise ImageError("landmarks are needed for both images (--fixed-landmarks and --moving-landmarks)")
