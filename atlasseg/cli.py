@@ -32,15 +32,25 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="atlasseg", description="Multi-atlas segmentation of medical images.")
     parser.add_argument("--version", action="version", version=f"atlasseg {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
-    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors, no progress bars")
+    parser.add_argument("-v", "--verbose", action="store_true", help="also each registration's per-level details")
+    parser.add_argument("--log-file", metavar="PATH", help="also write the log (with -v's details and times) to PATH")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("run", help="segment the manifest's targets")
     _add_config_args(p)
     p.add_argument("--out", help="output folder (default: output.dir of the config)")
     p.add_argument("--target", dest="targets", action="append", metavar="ID", help="only this target (repeatable)")
-    p.add_argument("--force", action="store_true", help="write into an output folder holding another config's outputs")
+    p.add_argument("--force", action="store_true",
+                   help="recompute everything (no cached registrations, no finished targets reused) and write over "
+                        "another config's outputs")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("cache", help="show or clear the registration cache")
+    p.add_argument("action", choices=("info", "clear"))
+    p.add_argument("--config", help="config file or preset whose output.cache_dir to use (default: $ATLASSEG_CACHE_DIR, "
+                   "else ~/.cache/atlasseg)")
+    p.set_defaults(func=cmd_cache)
 
     p = sub.add_parser("validate", help="check a config and a manifest; runs nothing")
     _add_config_args(p)
@@ -152,7 +162,33 @@ def cmd_run(args) -> int:
     start = time.perf_counter()
     results = run(config, manifest, out_dir=out, target_ids=args.targets, force=args.force)
     print(format_table(results, manifest.label_names))
-    print(f"\n{len(results)} target(s) segmented in {time.perf_counter() - start:.1f} s; outputs in {out}/")
+    done = sum(r.error is None for r in results)
+    print(f"\n{done} target(s) segmented in {time.perf_counter() - start:.1f} s; outputs in {out}/")
+    return _failed_targets(results, out)
+
+
+def _failed_targets(results, out: Path) -> int:
+    """Exit code of a finished run: 2, with one line naming them, when some targets failed."""
+    failed = [r.target_id for r in results if r.error is not None]
+    if not failed:
+        return 0
+    print(f"atlasseg: error: {len(failed)} of {len(results)} target(s) failed ({', '.join(failed)}); "
+          f"reasons in {out / 'run.json'}", file=sys.stderr)
+    return 2
+
+
+def cmd_cache(args) -> int:
+    from .cache import Cache, resolve_dir
+    from .config import load_config
+
+    cache = Cache(resolve_dir(load_config(args.config).output.cache_dir if args.config else None))
+    if args.action == "clear":
+        print(f"removed {cache.clear()} cached registration(s) from {cache.root}")
+        return 0
+    info = cache.info()
+    print(f"registration cache: {info['dir']}")
+    print(format_rows(["stage", "entries", "MiB"], [[stage, s["entries"], f"{s['bytes'] / 2**20:.1f}"]
+                                                   for stage, s in info["stages"].items()]))
     return 0
 
 
@@ -227,7 +263,7 @@ def cmd_demo(args) -> int:
         f"\ndemo ({args.dim}D, {len(manifest.atlases)} atlases, {len(results)} targets) finished in "
         f"{time.perf_counter() - start:.1f} s; data in {manifest_path.parent}/, results in {out / 'results'}/"
     )
-    return 0
+    return _failed_targets(results, out / "results")
 
 
 def cmd_register(args) -> int:
@@ -281,12 +317,37 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def _set_up_logging(args) -> None:
+    """Console: warnings (-q), progress (default) or per-registration details (-v); ``--log-file`` gets it all.
+    Where logging is already set up (atlasseg called from a program that configured it), no console handler
+    is added: records go to that program's handlers."""
+    from . import parallel
+
+    level = logging.WARNING if args.quiet else logging.DEBUG if args.verbose else logging.INFO
+    handlers = []
+    if not logging.getLogger().handlers:
+        console = logging.StreamHandler(sys.stderr)
+        console.setFormatter(logging.Formatter("atlasseg: %(message)s"))
+        console.setLevel(level)
+        handlers.append(console)
+    if args.log_file:
+        try:
+            handler = logging.FileHandler(args.log_file, encoding="utf-8")
+        except OSError as err:
+            print(f"atlasseg: error: --log-file {args.log_file}: cannot write ({err.strerror or err})", file=sys.stderr)
+            raise SystemExit(2) from None
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        handler.setLevel(logging.DEBUG)
+        handlers.append(handler)
+    log.handlers[:] = handlers
+    log.setLevel(logging.DEBUG if args.log_file else level)
+    parallel.progress_bars = None if not args.quiet else False
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.WARNING if args.quiet else logging.INFO, format="atlasseg: %(message)s", stream=sys.stderr
-    )
+    _set_up_logging(args)
     try:
         return args.func(args)
     except AtlassegError as err:

@@ -366,18 +366,26 @@ class ParallelConfig:
     n_jobs : int
         Parallel registrations; -1 means one per available core.
     backend : str
-        joblib backend: ``loky`` (processes) or ``threading``.
+        ``loky`` (joblib processes on this machine), ``threading`` (joblib threads) or
+        ``dask`` (a Dask cluster: the one at ``scheduler``, or a local one started for the
+        run; needs ``pip install 'atlasseg[dask]'``).
+    scheduler : str or None
+        Address of a running Dask scheduler, e.g. ``tcp://10.0.0.5:8786`` (``backend: dask``
+        only). Its workers need atlasseg installed and the manifest's files at the same paths.
     itk_threads : int
-        ITK threads per job; 0 shares the cores evenly (jobs × threads ≤ cores).
+        ITK threads per job; 0 shares the cores evenly (jobs × threads ≤ cores; 1 per job on
+        a remote Dask cluster, whose workers run one job per worker thread).
     """
 
     n_jobs: int = -1
-    backend: Literal["loky", "threading"] = "loky"
+    backend: Literal["loky", "threading", "dask"] = "loky"
+    scheduler: Optional[str] = None
     itk_threads: int = 0
 
     def __post_init__(self):
         _require(self.n_jobs == -1 or self.n_jobs >= 1, "n_jobs", f"must be >= 1 or -1, got {self.n_jobs}")
         _require(self.itk_threads >= 0, "itk_threads", "must be >= 0")
+        _require(self.scheduler is None or self.backend == "dask", "scheduler", "needs backend: dask")
 
 
 @dataclass(frozen=True)
@@ -392,11 +400,21 @@ class OutputConfig:
         Also write each atlas's composed transform as ``<target>/transforms/<atlas>.h5``.
     probability_maps : bool
         Also write ``<target>/probability_<label>.nii.gz``: each label's share of the vote.
+    cache : bool
+        Keep every registration's result in the cache folder and reuse it in later runs
+        whose inputs, registration config and atlasseg version are the same (another
+        fusion method, ``k``, evaluation, or a run resumed after it was stopped).
+    cache_dir : str or None
+        The cache folder; unset: ``$ATLASSEG_CACHE_DIR``, else ``~/.cache/atlasseg``.
+        A run reads and writes entries of a few times an image's size per registration;
+        ``atlasseg cache info|clear`` shows and frees them.
     """
 
     dir: str = "atlasseg-out"
     save_transforms: bool = False
     probability_maps: bool = False
+    cache: bool = True
+    cache_dir: Optional[str] = None
 
 
 @dataclass(frozen=True)

@@ -264,10 +264,21 @@ def normalize_intensity(image: sitk.Image, *, method: str = "percentile") -> sit
     return out
 
 
+TMP_PREFIX = ".tmp-"
+
+
 def _tmp_in(folder: Path, suffix: str) -> str:
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=suffix)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=TMP_PREFIX, suffix=suffix)
     os.close(fd)
     return tmp
+
+
+def remove_temporaries(folder: Path) -> int:
+    """Delete the temporaries that writes killed before their rename left under ``folder``; returns how many."""
+    stale = [p for p in Path(folder).rglob(TMP_PREFIX + "*") if p.is_file()]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return len(stale)
 
 
 def _suffix(path: Path) -> str:

@@ -19,10 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import SimpleITK as sitk
-from joblib import Parallel, delayed
 
 from . import __version__
-from .config import Config, ParallelConfig, RegistrationConfig, SelectionConfig
+from .cache import Cache, entry_key, open_cache, settings
+from .config import Config, RegistrationConfig, SelectionConfig
 from .errors import AtlassegError, ImageError, RegistrationError
 from .evaluation import evaluate, header, mean_score, rows
 from .fusion import make_fuser
@@ -39,9 +39,11 @@ from .imageio import (
     read_image,
     read_labels,
     read_voxels,
+    remove_temporaries,
     write_image,
 )
 from .manifest import Atlas, Manifest, Target
+from .parallel import available_cores, parallel_map, progress, session, thread_budget
 from .propagation import propagate_intensities, propagate_labels
 from .registration import (
     Masks,
@@ -57,23 +59,6 @@ from .registration import (
 from .selection import rank, score_atlas, select
 
 log = logging.getLogger("atlasseg")
-
-
-def available_cores() -> int:
-    """Cores this process may use (respects CPU affinity / container limits)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not on Linux
-        return max(1, os.cpu_count() or 1)
-
-
-def thread_budget(parallel: ParallelConfig, n_tasks: int) -> tuple[int, int]:
-    """(jobs, ITK threads per job) with jobs × threads ≤ cores."""
-    cores = available_cores()
-    jobs = cores if parallel.n_jobs == -1 else parallel.n_jobs
-    jobs = max(1, min(jobs, n_tasks, cores))
-    threads = parallel.itk_threads or max(1, cores // jobs)
-    return jobs, min(threads, max(1, cores // jobs))
 
 
 def check_inputs(manifest: Manifest, config: Config | None = None) -> None:
@@ -216,46 +201,107 @@ def _failure(err: RegistrationError) -> dict:
     return {"reason": str(err), **({"record": err.record} if isinstance(err, RegistrationDiverged) else {})}
 
 
-def _affine_job(target: Target, atlas: Atlas, reg: RegistrationConfig, selection: SelectionConfig, threads: int):
-    """Affine-register one atlas to the target and score it for selection (runs in a worker)."""
-    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
-    fixed = _load_normalized(target.image, reg.normalization)
-    moving = _load_normalized(atlas.image, reg.normalization)
-    landmarks = None
+def _peak_mb() -> float | None:
+    """This process's peak resident memory so far (MiB; None where the platform does not say)."""
+    try:
+        import resource
+    except ImportError:  # not on POSIX
+        return None
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # KiB on Linux
+
+
+# What unreadable files raise in a worker (a file changed or lost since check_inputs): the atlas is dropped.
+_READ_ERRORS = (AtlassegError, RuntimeError, OSError)
+
+
+def _cache_key(stage: str, target: Target, atlas: Atlas, config: Config) -> str:
+    """The cache key of one registration stage of ``atlas`` onto ``target``: the files it reads, its settings.
+    The affine stage's entry holds the selection score too, so the settings that shape the score count."""
+    reg = config.registration
+    files = {"target": target.image, "target_mask": target.mask, "atlas": atlas.image, "atlas_mask": atlas.mask}
     if reg.affine.initialization == "landmarks":
-        landmarks = (read_landmarks(target.landmarks, image=fixed), read_landmarks(atlas.landmarks, image=moving))
-    try:
-        transform, record = affine_stage(fixed, moving, config=reg, masks=_masks(target, atlas), landmarks=landmarks)
-    except RegistrationError as err:
-        return atlas.id, None, None, _failure(err)
-    start = time.perf_counter()
-    labels = read_labels(atlas.labels) if selection.roi == "labels" else None
-    mask = read_labels(target.mask) if target.mask is not None else None
-    score = score_atlas(fixed, moving, transform, config=selection, labels=labels, mask=mask)
-    record["selection_seconds"] = round(time.perf_counter() - start, 3)
-    return atlas.id, transform, {"affine": record}, score
+        files.update(target_landmarks=target.landmarks, atlas_landmarks=atlas.landmarks)
+    registration = settings(reg)
+    if stage == "nonrigid":
+        return entry_key(stage, files=files, settings=registration)
+    del registration["nonrigid"]
+    sel = config.selection
+    if sel.roi == "labels":
+        files["atlas_labels"] = atlas.labels
+    scoring = {"metric": sel.metric, "roi": sel.roi, "roi_margin": sel.roi_margin, "grid_spacing": sel.grid_spacing}
+    return entry_key(stage, files=files, settings={"registration": registration, "scoring": scoring})
 
 
-def _nonrigid_job(target: Target, atlas: Atlas, initial: sitk.Transform, reg: RegistrationConfig, threads: int):
-    """Non-rigid registration of one selected atlas, starting from its affine (runs in a worker)."""
+def _affine_job(target: Target, atlas: Atlas, config: Config, cache: Cache, key: str, threads: int):
+    """Affine-register one atlas to the target and score it for selection (runs in a worker): (atlas id,
+    transform, record, score), or (atlas id, None, failure, None). The outcome goes into the cache."""
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
-    fixed = _load_normalized(target.image, reg.normalization)
-    moving = _load_normalized(atlas.image, reg.normalization)
+    reg = config.registration
     try:
-        transform, record = nonrigid_stage(fixed, moving, initial=initial, config=reg, masks=_masks(target, atlas))
+        fixed = _load_normalized(target.image, reg.normalization)
+        moving = _load_normalized(atlas.image, reg.normalization)
+        landmarks = None
+        if reg.affine.initialization == "landmarks":
+            landmarks = (read_landmarks(target.landmarks, image=fixed), read_landmarks(atlas.landmarks, image=moving))
+        masks = _masks(target, atlas)
+    except _READ_ERRORS as err:  # not cached: the file may be readable next time
+        return atlas.id, None, {"reason": str(err)}, None
+    try:
+        transform, record = affine_stage(fixed, moving, config=reg, masks=masks, landmarks=landmarks)
     except RegistrationError as err:
+        cache.store("affine", key, None, {"failure": _failure(err)})
+        return atlas.id, None, _failure(err), None
+    start = time.perf_counter()
+    labels = read_labels(atlas.labels) if config.selection.roi == "labels" else None
+    mask = read_labels(target.mask) if target.mask is not None else None
+    score = score_atlas(fixed, moving, transform, config=config.selection, labels=labels, mask=mask)
+    record["selection_seconds"] = round(time.perf_counter() - start, 3)
+    record["worker_peak_mb"] = _peak_mb()
+    cache.store("affine", key, transform, {"record": record, "score": score})
+    return atlas.id, transform, record, score
+
+
+def _nonrigid_job(target: Target, atlas: Atlas, initial: sitk.Transform, reg: RegistrationConfig, cache: Cache,
+                  key: str, threads: int):
+    """Non-rigid registration of one selected atlas, starting from its affine (runs in a worker); the outcome
+    goes into the cache."""
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
+    try:
+        fixed = _load_normalized(target.image, reg.normalization)
+        moving = _load_normalized(atlas.image, reg.normalization)
+        masks = _masks(target, atlas)
+    except _READ_ERRORS as err:
+        return atlas.id, None, {"reason": str(err)}
+    try:
+        transform, record = nonrigid_stage(fixed, moving, initial=initial, config=reg, masks=masks)
+    except RegistrationError as err:
+        cache.store("nonrigid", key, None, {"failure": _failure(err)})
         return atlas.id, None, _failure(err)
+    record["worker_peak_mb"] = _peak_mb()
+    cache.store("nonrigid", key, transform, {"record": record})
     return atlas.id, transform, record
 
 
-def _parallel_map(function, tasks: list[tuple], parallel: ParallelConfig) -> list:
-    jobs, threads = thread_budget(parallel, len(tasks))
-    if jobs == 1:
-        results = [function(*task, threads) for task in tasks]
-    else:
-        results = Parallel(n_jobs=jobs, backend=parallel.backend)(delayed(function)(*task, threads) for task in tasks)
-    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(available_cores())
-    return results
+def _cached(cache: Cache, stage: str, key: str):
+    """(transform or None, record or failure, score) of a cached outcome, else None."""
+    hit = cache.load(stage, key)
+    if hit is None:
+        return None
+    transform, outcome = hit
+    if transform is None:
+        return None, outcome["failure"], None
+    return transform, {**outcome["record"], "cached": True}, outcome.get("score")
+
+
+def _log_record(target_id: str, atlas_id: str, stage: str, record: dict) -> None:
+    """Per-level details of one registration (``-v``)."""
+    if not log.isEnabledFor(logging.DEBUG):
+        return
+    levels = "; ".join(f"level {i}: {lv.get('iterations')} it, {lv.get('stop', '')}, {lv.get('seconds')} s"
+                       for i, lv in enumerate(record.get("levels", []), 1))
+    log.debug("target %s, atlas %s, %s%s: metric %s %s -> %s%s", target_id, atlas_id, stage,
+              " (cached)" if record.get("cached") else "", record.get("metric"), record.get("metric_before"),
+              record.get("metric_after"), f" ({levels})" if levels else "")
 
 
 # --------------------------------------------------------------------------- one target
@@ -265,9 +311,10 @@ class TargetResult:
     """What segmenting one target produced."""
 
     target_id: str
-    segmentation: Path
+    segmentation: Path | None  # None when the target failed
     scores: dict[int, dict[str, float]] | None  # label value → metric → value (with ground truth)
     record: dict = field(repr=False)
+    error: str | None = None  # why the target could not be segmented
 
     @property
     def dice(self) -> dict[int, float] | None:
@@ -298,26 +345,38 @@ class Ranking:
         return [{"atlas": aid, metric: round(self.scores[aid], 6)} for aid in self.ranked]
 
 
-def rank_atlases(target: Target, atlases: list[Atlas], config: Config) -> Ranking:
-    """Affine-register every atlas to ``target`` (in parallel), score and rank them, and select."""
+def rank_atlases(target: Target, atlases: list[Atlas], config: Config, *, cache: Cache | None = None) -> Ranking:
+    """Affine-register every atlas to ``target`` (in parallel; cached outcomes reused), score and rank them,
+    and select."""
+    cache = cache or open_cache(config)
     clock = time.perf_counter()
-    tasks = [(target, a, config.registration, config.selection) for a in atlases]
-    results = _parallel_map(_affine_job, tasks, config.parallel)
+    keys = {a.id: _cache_key("affine", target, a, config) for a in atlases}
+    outcomes = {a.id: hit for a in atlases if (hit := _cached(cache, "affine", keys[a.id])) is not None}
+    tasks = [(target, a, config, cache, keys[a.id]) for a in atlases if a.id not in outcomes]
+    for aid, *outcome in parallel_map(_affine_job, tasks, config.parallel, desc=f"{target.id}: affine"):
+        outcomes[aid] = outcome
     seconds = {"affine_and_scoring": time.perf_counter() - clock}
     clock = time.perf_counter()
-    dropped = [{"atlas": aid, "stage": "affine", **score} for aid, tx, _, score in results if tx is None]
-    ok = {aid: (tx, rec, score) for aid, tx, rec, score in results if tx is not None}
+    dropped, ok = [], {}
+    for a in atlases:
+        transform, record, score = outcomes[a.id]
+        if transform is None:
+            dropped.append({"atlas": a.id, "stage": "affine", **record})
+        else:
+            _log_record(target.id, a.id, "affine", record)
+            ok[a.id] = (transform, record, score)
     scores = {aid: score for aid, (_, _, score) in ok.items()}
     ranked, selected = rank(scores), select(scores, config.selection)
     seconds["selection"] = time.perf_counter() - clock
-    return Ranking(scores, ranked, selected, {aid: ok[aid][0] for aid in ranked}, {aid: ok[aid][1] for aid in ranked},
-                   dropped, seconds)
+    return Ranking(scores, ranked, selected, {aid: ok[aid][0] for aid in ranked},
+                   {aid: {"affine": ok[aid][1]} for aid in ranked}, dropped, seconds)
 
 
 def register_selected(
-    target: Target, atlases: dict[str, Atlas], ranking: Ranking, config: Config, *, wanted: list[str], floor: int
+    target: Target, atlases: dict[str, Atlas], ranking: Ranking, config: Config, *, wanted: list[str], floor: int,
+    cache: Cache | None = None,
 ) -> dict[str, sitk.Transform]:
-    """Non-rigid registration (in parallel, from the affine) of the ``wanted`` ranked atlases.
+    """Non-rigid registration (in parallel, from the affine; cached outcomes reused) of the ``wanted`` ranked atlases.
 
     A failed atlas is dropped (added to ``ranking.dropped``) and, while fewer than ``floor``
     have succeeded, the next-ranked atlases not yet tried are registered in its place.
@@ -326,16 +385,24 @@ def register_selected(
     """
     if not config.registration.nonrigid.enabled:
         return {aid: ranking.affine[aid] for aid in wanted}
+    cache = cache or open_cache(config)
     done: dict[str, sitk.Transform] = {}
     untried = [aid for aid in ranking.ranked if aid not in wanted]
     batch = list(wanted)
     while batch:
-        tasks = [(target, atlases[aid], ranking.affine[aid], config.registration) for aid in batch]
-        for aid, tx, result in _parallel_map(_nonrigid_job, tasks, config.parallel):
-            if tx is None:
+        keys = {aid: _cache_key("nonrigid", target, atlases[aid], config) for aid in batch}
+        outcomes = {aid: hit[:2] for aid in batch if (hit := _cached(cache, "nonrigid", keys[aid])) is not None}
+        tasks = [(target, atlases[aid], ranking.affine[aid], config.registration, cache, keys[aid])
+                 for aid in batch if aid not in outcomes]
+        for aid, *outcome in parallel_map(_nonrigid_job, tasks, config.parallel, desc=f"{target.id}: non-rigid"):
+            outcomes[aid] = outcome
+        for aid in batch:
+            transform, result = outcomes[aid]
+            if transform is None:
                 ranking.dropped.append({"atlas": aid, "stage": "nonrigid", **result})
             else:
-                done[aid] = tx
+                _log_record(target.id, aid, "non-rigid", result)
+                done[aid] = transform
                 ranking.records[aid]["nonrigid"] = result
         missing = max(0, floor - len(done))
         batch, untried = untried[:missing], untried[missing:]
@@ -388,21 +455,25 @@ def prepare_case(target: Target, atlases: list[Atlas], config: Config, *, count:
     return Case(target, normalized, truth, ranking, candidates, seconds)
 
 
-def segment_target(target: Target, atlases: list[Atlas], config: Config, *, out_dir: Path, label_names: dict[int, str]):
-    """Segment one target with the given atlases; write ``<out>/<target>/segmentation.nii.gz``."""
+def segment_target(target: Target, atlases: list[Atlas], config: Config, *, out_dir: Path, label_names: dict[int, str],
+                   cache: Cache | None = None) -> TargetResult:
+    """Segment one target with the given atlases; write ``<out>/<target>/segmentation.nii.gz`` and, last,
+    ``<out>/<target>/target.json`` (the target's record: what a resumed run reuses)."""
     by_id = {a.id: a for a in atlases}
     reference = read_image(target.image)
     truth = read_labels(target.labels, like=reference, like_path=target.image) if target.labels is not None else None
 
     # Affine stage for every atlas, scored on a coarse grid for selection.
-    ranking = rank_atlases(target, atlases, config)
+    ranking = rank_atlases(target, atlases, config, cache=cache)
     seconds = dict(ranking.seconds)
+    memory = {"affine_and_scoring": _peak_mb()}
 
     clock = time.perf_counter()
     floor = config.selection.min_atlases
-    transforms = register_selected(target, by_id, ranking, config, wanted=ranking.selected, floor=floor)
+    transforms = register_selected(target, by_id, ranking, config, wanted=ranking.selected, floor=floor, cache=cache)
     if config.registration.nonrigid.enabled and ranking.selected:
         seconds["nonrigid"] = time.perf_counter() - clock
+        memory["nonrigid"] = _peak_mb()
     dropped = ranking.dropped
     for item in dropped:
         log.warning("target %s: atlas %s dropped (%s: %s)", target.id, item["atlas"], item["stage"], item["reason"])
@@ -431,6 +502,7 @@ def segment_target(target: Target, atlases: list[Atlas], config: Config, *, out_
     segmentation = fuser.result()
     probabilities = fuser.probabilities() if config.output.probability_maps else {}
     seconds["fusion"] += time.perf_counter() - clock
+    memory["propagation_and_fusion"] = _peak_mb()
 
     scores_out = None
     if truth is not None:
@@ -460,11 +532,43 @@ def segment_target(target: Target, atlases: list[Atlas], config: Config, *, out_
         "registrations": records,
         "fusion": {**dataclasses.asdict(config.fusion), "candidates": fuser.n_candidates},
         "seconds": {k: round(v, 3) for k, v in seconds.items()},
+        "peak_memory_mb": memory,
     }
     if scores_out is not None:
         record["scores"] = {str(k): s for k, s in scores_out.items()}
         record["mean_dice"] = mean_score({k: s["dice"] for k, s in scores_out.items()})
+    write_json(target_dir / TARGET_RECORD, {"inputs": inputs_key(target, atlases, config), "record": record})
     return TargetResult(target.id, seg_path, scores_out, record)
+
+
+TARGET_RECORD = "target.json"
+
+
+def inputs_key(target: Target, atlases: list[Atlas], config: Config) -> str:
+    """What one target's outputs depend on: its files, its atlases' files, the config (as run.json compares it)."""
+    files = {f"{kind}:{entry.id}:{name}": getattr(entry, name)
+             for kind, entries in (("target", [target]), ("atlas", atlases)) for entry in entries
+             for name in ("image", "labels", "mask", "landmarks")}
+    return entry_key("target", files=files, settings=_comparable(config.to_dict()))
+
+
+def finished_target(target: Target, atlases: list[Atlas], config: Config, out_dir: Path) -> TargetResult | None:
+    """The result of a target an earlier run of the same inputs and config finished in ``out_dir``, else None."""
+    folder = out_dir / target.id
+    try:
+        document = json.loads((folder / TARGET_RECORD).read_text())
+        if document["inputs"] != inputs_key(target, atlases, config):
+            return None
+        record = document["record"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    segmentation = folder / "segmentation.nii.gz"
+    if not segmentation.is_file():
+        return None
+    scores = None
+    if "scores" in record:
+        scores = {int(v): {m: math.nan if x is None else x for m, x in s.items()} for v, s in record["scores"].items()}
+    return TargetResult(target.id, segmentation, scores, record)
 
 
 def json_safe(value):
@@ -584,6 +688,8 @@ def check_output_dir(out: Path, config: Config, manifest: Manifest, *, force: bo
         except (OSError, ValueError, KeyError, TypeError):
             found = None
         if found == wanted:
+            if removed := remove_temporaries(out):
+                log.info("%s: removed %d temporary file(s) of a stopped run", out, removed)
             return
         what = "an unreadable run.json" if found is None else "outputs of a different config (" + ", ".join(
             f"{key}: {old!r} -> {new!r}" for key, old, new in _differences(found, wanted)[:3]) + ")"
@@ -598,7 +704,9 @@ def check_output_dir(out: Path, config: Config, manifest: Manifest, *, force: bo
 
 
 def _comparable(config: dict) -> dict:
-    return {**config, "output": {k: v for k, v in config.get("output", {}).items() if k != "dir"}}
+    """The config without what does not change a run's outputs: where they go, the cache, the parallel backend."""
+    output = {k: v for k, v in config.get("output", {}).items() if k not in ("dir", "cache", "cache_dir")}
+    return {**{k: v for k, v in config.items() if k != "parallel"}, "output": output}
 
 
 def _differences(old, new, prefix: str = "") -> list[tuple[str, object, object]]:
@@ -609,12 +717,19 @@ def _differences(old, new, prefix: str = "") -> list[tuple[str, object, object]]
     return [] if old == new else [(prefix, old, new)]
 
 
+# What makes one target fail while the others go on: bad or vanished files, too few atlases left, ITK errors.
+_TARGET_ERRORS = (AtlassegError, RuntimeError, OSError, MemoryError)
+
+
 def run(config: Config, manifest: Manifest, *, out_dir: str | Path | None = None, target_ids=None,
         force: bool = False) -> list[TargetResult]:
     """Segment the manifest's targets (or those named) and write segmentations, metrics.csv and run.json.
 
-    Inputs and the output folder are checked first (:func:`check_inputs`, :func:`check_output_dir`;
-    ``force`` writes over another config's outputs).
+    Inputs and the output folder are checked first (:func:`check_inputs`, :func:`check_output_dir`).
+    Registrations come from the cache when an earlier run made them, and targets an earlier run of the
+    same config finished in ``out_dir`` are not segmented again (a stopped run resumes); ``force``
+    recomputes everything and writes over another config's outputs. A target that fails is recorded
+    (``error`` of its result, ``status: failed`` in run.json) and the others still run.
     """
     out = Path(out_dir if out_dir is not None else config.output.dir)
     targets = [manifest.target(t) for t in target_ids] if target_ids else list(manifest.targets)
@@ -622,24 +737,35 @@ def run(config: Config, manifest: Manifest, *, out_dir: str | Path | None = None
         raise AtlassegError(f"{manifest.path}: no targets to segment")
     check_inputs(manifest, config)
     check_output_dir(out, config, manifest, force=force)
+    cache = open_cache(config, force=force)
     start = time.perf_counter()
-    results = []
-    for target in targets:
-        atlases = manifest.atlases_for(target)
-        log.info("target %s: %d atlases", target.id, len(atlases))
-        result = segment_target(target, atlases, config, out_dir=out, label_names=manifest.label_names)
-        results.append(result)
-        if result.dice is not None:
-            log.info("target %s: mean Dice %.3f", target.id, result.mean_dice)
+    results: list[TargetResult] = []
+    run_record = {"versions": versions(), "config": config.to_dict(), "manifest": str(manifest.path),
+                  "cache": str(cache.root) if cache.enabled else None, "status": "running", "targets": {}}
+    with session(config.parallel), progress(targets, desc="targets", leave=True) as bar:
+        for target in bar:
+            atlases = manifest.atlases_for(target)
+            result = None if force else finished_target(target, atlases, config, out)
+            if result is not None:
+                log.info("target %s: finished by an earlier run, reused", target.id)
+            else:
+                log.info("target %s: %d atlases", target.id, len(atlases))
+                try:
+                    result = segment_target(target, atlases, config, out_dir=out, label_names=manifest.label_names,
+                                            cache=cache)
+                except _TARGET_ERRORS as err:
+                    log.error("target %s failed: %s", target.id, err)
+                    result = TargetResult(target.id, None, None, {"image": str(target.image), "status": "failed",
+                                                                  "error": str(err)}, error=str(err))
+            if result.dice is not None:
+                log.info("target %s: mean Dice %.3f", target.id, result.mean_dice)
+            results.append(result)
+            run_record["targets"][target.id] = result.record
+            write_json(out / "run.json", run_record)  # after every target: how far a long run has come
     write_metrics(out / "metrics.csv", results, manifest.label_names, evaluation_metrics(config))
-    run_record = {
-        "versions": versions(),
-        "config": config.to_dict(),
-        "manifest": str(manifest.path),
-        "status": "complete",
-        "seconds_total": round(time.perf_counter() - start, 3),
-        "targets": {r.target_id: r.record for r in results},
-    }
+    failed = [r.target_id for r in results if r.error is not None]
+    run_record.update(status="failed" if failed else "complete", failed_targets=failed,
+                      seconds_total=round(time.perf_counter() - start, 3), peak_memory_mb=_peak_mb())
     write_json(out / "run.json", run_record)
     return results
 

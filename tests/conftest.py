@@ -62,3 +62,9 @@ def rigid(dim: int, *, angle_deg: float = 8.0, shift=(4.0, -3.0, 2.0)) -> sitk.T
 @pytest.fixture(params=[2, 3], ids=["2d", "3d"])
 def dim(request) -> int:
     return request.param
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path_factory, monkeypatch):
+    """Every test gets its own registration cache (never the user's ~/.cache/atlasseg)."""
+    monkeypatch.setenv("ATLASSEG_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))

@@ -193,7 +193,7 @@ def test_grid_noise_is_snapped_and_the_run_completes(data, caplog, tmp_path):
 
 def test_a_run_that_would_exceed_memory_is_refused_with_the_estimate(data, capsys, monkeypatch):
     manifest = str(data / "data_manifest.yaml")
-    monkeypatch.setattr("atlasseg.pipeline.available_cores", lambda: 4)
+    monkeypatch.setattr("atlasseg.parallel.available_cores", lambda: 4)
     monkeypatch.setenv("ATLASSEG_MEMORY_LIMIT", "64K")
     _truncate(data, TARGET)  # the estimate comes from headers, before any voxel is read
     assert main(["validate", "demo", "--manifest", manifest, "--set", "parallel.n_jobs=2"]) == 2
@@ -234,6 +234,9 @@ def test_output_folder_that_cannot_be_written_is_refused_before_any_work(source,
 
 @pytest.mark.parametrize("writer", ["image", "text"])
 def test_disk_full_mid_write_fails_cleanly_and_keeps_previous_outputs(source, tmp_path, capsys, monkeypatch, writer):
+    """The device fills up while a forced re-run writes: the exit code says so, and every file the first
+    run wrote is still whole (an image write fails the target, reported in run.json; a text write fails
+    run.json itself, which stops the run)."""
     import errno
 
     import atlasseg.imageio
@@ -241,7 +244,8 @@ def test_disk_full_mid_write_fails_cleanly_and_keeps_previous_outputs(source, tm
     out = tmp_path / "out"
     assert _run(source, out) == 0
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
-    assert {p.name for p in before} == {"segmentation.nii.gz", "metrics.csv", "run.json"}
+    assert {p.name for p in before} == {"segmentation.nii.gz", "target.json", "metrics.csv", "run.json"}
+    capsys.readouterr()
 
     def full(*args, **kwargs):
         if writer == "image":  # half a file reaches the disk, then the device is full
@@ -252,11 +256,19 @@ def test_disk_full_mid_write_fails_cleanly_and_keeps_previous_outputs(source, tm
         monkeypatch.setattr(atlasseg.imageio.sitk, "WriteImage", full)
     else:
         monkeypatch.setattr(atlasseg.imageio.os, "fsync", full)
-    assert _run(source, out) == 2
+    assert _run(source, out, "--force") == 2
     err = capsys.readouterr().err
-    name = "segmentation.nii.gz: cannot write image" if writer == "image" else "metrics.csv: cannot write file"
-    assert f"{name} (No space left on device); free some space" in err and err.count("\n") == 1
-    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before  # intact, no temporary left
+    assert err.count("\n") == 1
+    after = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    if writer == "image":
+        assert "1 of 1 target(s) failed (case_003); reasons in" in err
+        reason = json.loads((out / "run.json").read_text())["targets"]["case_003"]["error"]
+        assert "segmentation.nii.gz: cannot write image (No space left on device); free some space" in reason
+        after = {p: data for p, data in after.items() if p.suffix != ".csv" and p.name != "run.json"}
+        before = {p: data for p, data in before.items() if p.suffix != ".csv" and p.name != "run.json"}
+    else:
+        assert "run.json: cannot write file (No space left on device); free some space" in err
+    assert after == before  # intact, no temporary left
 
 
 def test_output_folder_of_another_config_is_refused_unless_forced(source, tmp_path, capsys, caplog):

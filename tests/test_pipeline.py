@@ -7,12 +7,13 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from atlasseg.config import load_config
+from atlasseg.config import ParallelConfig, load_config
 from atlasseg.demo import make_demo_dataset
-from atlasseg.errors import ImageError, RegistrationError
+from atlasseg.errors import ImageError
 from atlasseg.manifest import load_manifest
-from atlasseg.pipeline import check_inputs, run, thread_budget
-from atlasseg.config import ParallelConfig
+from atlasseg.parallel import thread_budget
+from atlasseg.pipeline import check_inputs, run
+
 
 @pytest.fixture(scope="module")
 def demo2d(tmp_path_factory):
@@ -95,7 +96,7 @@ def test_label_map_on_another_grid_is_refused_before_any_work(demo2d, tmp_path):
 
 @pytest.mark.parametrize("n_jobs, tasks", [(-1, 10), (1, 10), (8, 3), (2, 1)])
 def test_thread_budget_never_oversubscribes(n_jobs, tasks, monkeypatch):
-    monkeypatch.setattr("atlasseg.pipeline.available_cores", lambda: 4)
+    monkeypatch.setattr("atlasseg.parallel.available_cores", lambda: 4)
     jobs, threads = thread_budget(ParallelConfig(n_jobs=n_jobs), tasks)
     assert 1 <= jobs <= min(tasks, 4) and jobs * threads <= 4
     assert jobs == (1 if n_jobs == 1 else min(4, tasks, 4 if n_jobs == -1 else n_jobs))
@@ -126,8 +127,11 @@ def test_a_diverging_atlas_is_dropped_and_min_atlases_enforced(demo2d, tmp_path)
     assert dropped[0]["record"]["status"] == "diverged"
     assert sorted(result.record["selected"]) == [a["id"] for a in atlases[1:]]
     strict = load_config("demo", overrides=["registration.affine.initialization=none", "selection.min_atlases=3"])
-    with pytest.raises(RegistrationError, match="selection.min_atlases is 3"):
-        run(strict, load_manifest(manifest), out_dir=tmp_path / "strict")
+    (failed,) = run(strict, load_manifest(manifest), out_dir=tmp_path / "strict")  # reported, not raised
+    assert failed.segmentation is None and "selection.min_atlases is 3" in failed.error
+    record = json.loads((tmp_path / "strict" / "run.json").read_text())
+    assert record["status"] == "failed" and record["failed_targets"] == [target.id]
+    assert record["targets"][target.id]["error"] == failed.error
 
 
 def test_landmark_initialisation_needs_landmarks_for_every_entry(demo2d):

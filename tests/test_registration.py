@@ -8,7 +8,7 @@ from atlasseg.config import AffineConfig, NonrigidConfig, RegistrationConfig
 from atlasseg.errors import ImageError, RegistrationError
 from atlasseg.evaluation import dice_per_label, mean_score
 from atlasseg.imageio import normalize_intensity
-from atlasseg.pipeline import available_cores
+from atlasseg.parallel import available_cores
 from atlasseg.propagation import propagate_labels
 from atlasseg.registration import (
     Masks,

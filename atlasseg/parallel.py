@@ -1,0 +1,142 @@
+"""Where registrations run: one process (n_jobs 1), joblib (loky processes or threads) or a Dask cluster.
+
+Work units carry paths and ids, never SimpleITK objects built in the caller, so any worker
+(another process, another machine) reads its own images and builds its own filters. ITK
+threads per worker are budgeted so that workers × threads ≤ the cores given. Long maps
+show a progress bar on a terminal (tqdm), unless turned off (``--quiet``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import sys
+
+import SimpleITK as sitk
+from joblib import Parallel, delayed
+
+from .config import ParallelConfig
+from .errors import AtlassegError
+
+log = logging.getLogger("atlasseg")
+
+#: Progress bars: None shows them when stderr is a terminal and INFO messages are on; True/False forces.
+progress_bars: bool | None = None
+
+_client = None  # the Dask client of the current session, if any
+
+
+def available_cores() -> int:
+    """Cores this process may use (respects CPU affinity / container limits)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def thread_budget(parallel: ParallelConfig, n_tasks: int) -> tuple[int, int]:
+    """(jobs, ITK threads per job) with jobs × threads ≤ cores (of this machine, or a local Dask cluster's).
+
+    On a Dask cluster of other machines every worker thread runs one job with
+    ``itk_threads`` (default 1) ITK threads: a worker started with one thread per core stays within its cores.
+    """
+    if parallel.backend == "dask" and parallel.scheduler:
+        jobs = max(1, sum(_client.nthreads().values())) if _client is not None else max(1, n_tasks)
+        return max(1, min(jobs, n_tasks)), parallel.itk_threads or 1
+    cores = available_cores()
+    jobs = cores if parallel.n_jobs == -1 else parallel.n_jobs
+    jobs = max(1, min(jobs, n_tasks, cores))
+    threads = parallel.itk_threads or max(1, cores // jobs)
+    return jobs, min(threads, max(1, cores // jobs))
+
+
+@contextlib.contextmanager
+def session(parallel: ParallelConfig):
+    """Hold a Dask client for a whole run (``backend: dask``): the cluster at ``scheduler``, or a local
+    cluster on the loopback interface started for the run and closed after it. Other backends need none."""
+    global _client
+    if parallel.backend != "dask" or _client is not None:
+        yield
+        return
+    try:
+        from distributed import Client, LocalCluster
+    except ImportError:
+        raise AtlassegError("parallel.backend: dask needs the distributed package: pip install 'atlasseg[dask]'") from None
+    with contextlib.ExitStack() as stack:
+        if parallel.scheduler:
+            try:
+                _reachable(parallel.scheduler)
+                client = stack.enter_context(Client(parallel.scheduler, timeout="30s"))
+            except (OSError, TimeoutError, ValueError) as err:
+                raise AtlassegError(f"parallel.scheduler: cannot reach the Dask scheduler at {parallel.scheduler} "
+                                    f"({getattr(err, 'strerror', None) or err})") from None
+        else:
+            jobs = available_cores() if parallel.n_jobs == -1 else min(parallel.n_jobs, available_cores())
+            cluster = stack.enter_context(LocalCluster(n_workers=jobs, threads_per_worker=1, processes=True,
+                                                       host="127.0.0.1", dashboard_address=None))
+            client = stack.enter_context(Client(cluster))
+        log.info("Dask cluster %s: %d worker thread(s)", client.scheduler.address, sum(client.nthreads().values()))
+        _client = client
+        try:
+            yield
+        finally:
+            _client = None
+
+
+def _reachable(address: str) -> None:
+    """Fail at once (OSError) where nothing listens at a ``tcp://host:port`` address: Dask would retry until its
+    timeout."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(address if "://" in address else f"tcp://{address}")
+    if parts.scheme == "tcp":
+        socket.create_connection((parts.hostname, parts.port or 8786), timeout=10).close()
+
+
+def _show_progress() -> bool:
+    if progress_bars is not None:
+        return progress_bars
+    return sys.stderr.isatty() and log.isEnabledFor(logging.INFO)
+
+
+def progress(iterable=None, *, total: int | None = None, desc: str, leave: bool = False):
+    """A tqdm progress bar on stderr (a silent one when bars are off)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, total=total, desc=desc, leave=leave, disable=not _show_progress(), unit="job",
+                dynamic_ncols=True)
+
+
+def _indexed(index: int, function, args: tuple, threads: int):
+    return index, function(*args, threads)
+
+
+def parallel_map(function, tasks: list[tuple], parallel: ParallelConfig, *, desc: str) -> list:
+    """``[function(*task, itk_threads) for task in tasks]``, in parallel as configured, in the tasks' order."""
+    if not tasks:
+        return []
+    jobs, threads = thread_budget(parallel, len(tasks))
+    results: list = [None] * len(tasks)
+    with progress(total=len(tasks), desc=desc) as bar:
+        if parallel.backend == "dask":
+            with session(parallel):
+                from distributed import as_completed
+
+                futures = [_client.submit(_indexed, i, function, task, threads, pure=False)
+                           for i, task in enumerate(tasks)]
+                for future in as_completed(futures):
+                    index, results[index] = future.result()
+                    bar.update()
+        elif jobs == 1:
+            for index, task in enumerate(tasks):
+                results[index] = function(*task, threads)
+                bar.update()
+        else:
+            run = Parallel(n_jobs=jobs, backend=parallel.backend, return_as="generator_unordered")
+            for index, result in run(delayed(_indexed)(i, function, task, threads) for i, task in enumerate(tasks)):
+                results[index] = result
+                bar.update()
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(available_cores())
+    return results
