@@ -101,12 +101,19 @@ def _show_progress() -> bool:
     return sys.stderr.isatty() and log.isEnabledFor(logging.INFO)
 
 
-def progress(iterable=None, *, total: int | None = None, desc: str, leave: bool = False):
+def progress(iterable=None, *, total: int | None = None, desc: str, unit: str, leave: bool = False):
     """A tqdm progress bar on stderr (a silent one when bars are off)."""
     from tqdm.auto import tqdm
 
-    return tqdm(iterable, total=total, desc=desc, leave=leave, disable=not _show_progress(), unit="job",
+    return tqdm(iterable, total=total, desc=desc, leave=leave, disable=not _show_progress(), unit=unit,
                 dynamic_ncols=True)
+
+
+def log_above_bars():
+    """While progress bars are drawn, atlasseg's log lines are printed above them instead of through them."""
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    return logging_redirect_tqdm(loggers=[log]) if _show_progress() else contextlib.nullcontext()
 
 
 def _indexed(index: int, function, args: tuple, threads: int):
@@ -119,7 +126,7 @@ def parallel_map(function, tasks: list[tuple], parallel: ParallelConfig, *, desc
         return []
     jobs, threads = thread_budget(parallel, len(tasks))
     results: list = [None] * len(tasks)
-    with progress(total=len(tasks), desc=desc) as bar:
+    with progress(total=len(tasks), desc=desc, unit="registration") as bar:
         if parallel.backend == "dask":
             with session(parallel):
                 from distributed import as_completed

@@ -43,7 +43,7 @@ from .imageio import (
     write_image,
 )
 from .manifest import Atlas, Manifest, Target
-from .parallel import available_cores, parallel_map, progress, session, thread_budget
+from .parallel import available_cores, log_above_bars, parallel_map, progress, session, thread_budget
 from .propagation import propagate_intensities, propagate_labels
 from .registration import (
     Masks,
@@ -742,7 +742,7 @@ def run(config: Config, manifest: Manifest, *, out_dir: str | Path | None = None
     results: list[TargetResult] = []
     run_record = {"versions": versions(), "config": config.to_dict(), "manifest": str(manifest.path),
                   "cache": str(cache.root) if cache.enabled else None, "status": "running", "targets": {}}
-    with session(config.parallel), progress(targets, desc="targets", leave=True) as bar:
+    with session(config.parallel), log_above_bars(), progress(targets, desc="targets", unit="target", leave=True) as bar:
         for target in bar:
             atlases = manifest.atlases_for(target)
             result = None if force else finished_target(target, atlases, config, out)
