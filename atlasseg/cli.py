@@ -14,13 +14,14 @@ import time
 from pathlib import Path
 
 from . import __version__
+from .config import PRESETS
 from .errors import AtlassegError
 
 log = logging.getLogger("atlasseg")
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", help="YAML config file, or a preset name (default, demo, baseline)")
+    parser.add_argument("config", help=f"YAML config file, or a preset name ({', '.join(PRESETS)})")
     parser.add_argument("--manifest", default="data_manifest.yaml", help="data manifest (default: %(default)s)")
     parser.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
@@ -29,7 +30,7 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_manifest_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--channel", type=int, default=0, help="channel used of multi-channel images "
+    parser.add_argument("--channel", type=int, default=0, metavar="N", help="channel used of multi-channel images "
                         "(default: %(default)s)")
     parser.add_argument("--out", default="data_manifest.yaml", help="manifest written; its paths are relative "
                         "to its folder (default: %(default)s)")
