@@ -111,7 +111,10 @@ class _Files:
             return Path(value).expanduser().absolute()
         if isinstance(value, sitk.Image):
             path = self.folder / f"{name}.mha"
-            sitk.WriteImage(value, str(path))  # MetaImage: any pixel type, geometry in full precision
+            plain = sitk.Image(value)  # a copy: a NIfTI header's fields would only make MetaImage warn
+            for key in plain.GetMetaDataKeys():
+                plain.EraseMetaData(key)
+            sitk.WriteImage(plain, str(path))  # MetaImage: any pixel type, geometry in full precision
             return path
         if _is_nibabel(value):
             import nibabel
