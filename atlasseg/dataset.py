@@ -240,8 +240,9 @@ def from_folders(images: str | Path, labels: str | Path, *, out: str | Path = "d
         Path(targets), channel=channel, channels=bool(found),
         truth=None if target_labels is None else Path(target_labels))
     channels = _describe_channels(channel, {}, found)
-    comment = f"written by: atlasseg manifest from-folders {images} {labels}" + (
-        f" --targets {targets}" if targets is not None else "") + f" ({channels})"
+    options = "".join(f" --{key} {value}" for key, value in (("targets", targets), ("target-labels", target_labels))
+                      if value is not None)
+    comment = f"written by: atlasseg manifest from-folders {images} {labels}{options} ({channels})"
     manifest = write_cases(out, label_names or {}, atlases, chosen, comment=comment, force=force)
     return Imported(manifest, channels)
 
