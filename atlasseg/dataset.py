@@ -8,7 +8,7 @@ without an nnU-Net channel suffix on images (``case_0000``: channel 0) and witho
 atlasseg registers one scalar image per case: for multi-channel data one channel is used
 (``channel``, 0 by default). nnU-Net keeps each channel in its own file (``case_0001`` ...);
 the Decathlon keeps them in one 4D file, whose channel is then extracted into
-``channel<N>/`` beside the manifest.
+``channel<N>/<folder>/`` beside the manifest (for 4D images in folders as well).
 
 Whatever is written is validated first: the manifest as :func:`atlasseg.manifest.load_manifest`
 would read it, and every file as :func:`atlasseg.pipeline.check_inputs` reads it.
@@ -174,31 +174,28 @@ def folder_targets(folder: Path, *, channel: int, channels: bool | None, truth: 
 
 # --------------------------------------------------------------------------- one channel per image
 
-def _one_channel(case: Case, channel: int, *, root: Path, out_dir: Path) -> Case:
-    """``case`` with a scalar image: channel ``channel`` of a 4D image is written to ``out_dir/channel<N>/``."""
+def _one_channel(case: Case, channel: int, *, out_dir: Path) -> tuple[Case, int]:
+    """(``case`` with a scalar image, its channel count): channel ``channel`` of a 4D image is written to
+    ``out_dir/channel<N>/<image's folder name>/``."""
     geometry = read_geometry(case.image)
     if geometry.dimension != 4:
-        return case
+        return case, 1
     if channel >= geometry.size[3]:
         raise ManifestError(f"{case.image}: has {geometry.size[3]} channel(s); there is no --channel {channel}")
-    try:
-        relative = case.image.relative_to(root)
-    except ValueError:
-        relative = Path(case.image.name)
-    image = sitk.ReadImage(str(case.image))
-    extracted = out_dir / f"channel{channel}" / relative
-    write_image(image[:, :, :, channel], extracted)
-    return Case(case.id, extracted, case.labels)
+    extracted = out_dir / f"channel{channel}" / case.image.parent.name / case.image.name
+    write_image(sitk.ReadImage(str(case.image))[:, :, :, channel], extracted)
+    return Case(case.id, extracted, case.labels), geometry.size[3]
 
 
-def _describe_channels(channel: int, names: dict[int, str], found: tuple[int, ...] = ()) -> str:
-    """Which channel the manifest uses, from the dataset's channel names or the channel suffixes found."""
-    count = max(len(names), len(found))
+def _describe_channels(channel: int, names: dict[int, str], found: tuple[int, ...], count: int) -> str:
+    """Which channel the manifest uses, from the dataset's channel names, the channel suffixes found or the
+    channels of 4D images (``count``)."""
+    count = max(len(names), len(found), count)
     if count < 2:
         return "one channel per case"
     name = f" ({names[channel]})" if channel in names else ""
     listed = ", ".join(f"{c} {n}" for c, n in sorted(names.items())) or ", ".join(f"_{c:04d}" for c in found)
-    return f"channel {channel}{name} of {count} ({listed}); --channel picks another"
+    return f"channel {channel}{name} of {count}" + (f" ({listed})" if listed else "") + "; --channel picks another"
 
 
 # --------------------------------------------------------------------------- writing
@@ -213,12 +210,17 @@ def _relative(path: Path, folder: Path) -> str:
 
 
 def write_cases(out: str | Path, label_names: dict[int, str], atlases: list[Case], targets: list[Case], *,
-                comment: str, force: bool = False) -> Manifest:
-    """Validate and write the manifest (paths relative to its folder): the manifest's keys, and every file
-    read as ``atlasseg validate`` reads it. An existing ``out`` is replaced only with ``force``."""
+                channel: int, channel_names: dict[int, str], found: tuple[int, ...], command: str,
+                force: bool = False) -> Imported:
+    """Validate and write the manifest (paths relative to its folder), headed by the ``command`` that wrote it:
+    the manifest's keys, and every file read as ``atlasseg validate`` reads it (after the ``channel`` of 4D
+    images is extracted). An existing ``out`` is replaced only with ``force``."""
     from .pipeline import check_inputs
 
     out = Path(out).expanduser().absolute()
+    scalar = [_one_channel(case, channel, out_dir=out.parent) for case in (*atlases, *targets)]
+    atlases, targets = [c for c, _ in scalar[:len(atlases)]], [c for c, _ in scalar[len(atlases):]]
+    channels = _describe_channels(channel, channel_names, found, max((n for _, n in scalar), default=1))
 
     def entry(case: Case) -> dict:
         files = {"image": case.image, "labels": case.labels}
@@ -226,7 +228,8 @@ def write_cases(out: str | Path, label_names: dict[int, str], atlases: list[Case
 
     doc = {"labels": dict(sorted(label_names.items())), "atlases": [entry(c) for c in atlases],
            "targets": [entry(c) for c in targets]}
-    return write_manifest(out, doc, comment=comment, force=force, check=check_inputs)
+    comment = f"written by: {command} ({channels})"
+    return Imported(write_manifest(out, doc, comment=comment, force=force, check=check_inputs), channels)
 
 
 def from_folders(images: str | Path, labels: str | Path, *, out: str | Path = "data_manifest.yaml",
@@ -239,12 +242,10 @@ def from_folders(images: str | Path, labels: str | Path, *, out: str | Path = "d
     chosen = [] if targets is None else folder_targets(
         Path(targets), channel=channel, channels=bool(found),
         truth=None if target_labels is None else Path(target_labels))
-    channels = _describe_channels(channel, {}, found)
     options = "".join(f" --{key} {value}" for key, value in (("targets", targets), ("target-labels", target_labels))
                       if value is not None)
-    comment = f"written by: atlasseg manifest from-folders {images} {labels}{options} ({channels})"
-    manifest = write_cases(out, label_names or {}, atlases, chosen, comment=comment, force=force)
-    return Imported(manifest, channels)
+    return write_cases(out, label_names or {}, atlases, chosen, channel=channel, channel_names={}, found=found,
+                       command=f"atlasseg manifest from-folders {images} {labels}{options}", force=force)
 
 
 # --------------------------------------------------------------------------- Decathlon / nnU-Net
@@ -378,11 +379,6 @@ def from_msd(dataset_json: str | Path, *, out: str | Path = "data_manifest.yaml"
         chosen = folder_targets(folder / "imagesTs", channel=channel, channels=used, suffixes=suffixes)
     else:
         chosen = []
-    out = Path(out).expanduser().absolute()
-    atlases = [_one_channel(c, channel, root=folder, out_dir=out.parent) for c in atlases]
-    chosen = [_one_channel(c, channel, root=folder, out_dir=out.parent) for c in chosen]
-    channels = _describe_channels(channel, channel_names, found)
-    comment = f"written by: atlasseg manifest from-msd {path}" + (f" --targets {targets}" if targets else "") + \
-        f" ({channels})"
-    manifest = write_cases(out, label_names, atlases, chosen, comment=comment, force=force)
-    return Imported(manifest, channels)
+    return write_cases(out, label_names, atlases, chosen, channel=channel, channel_names=channel_names, found=found,
+                       command=f"atlasseg manifest from-msd {path}" + (f" --targets {targets}" if targets else ""),
+                       force=force)

@@ -130,6 +130,11 @@ def test_a_4d_decathlon_image_gives_its_channel_with_its_geometry(tmp_path):
     np.testing.assert_array_equal(sitk.GetArrayFromImage(extracted), volumes[1])
     assert extracted.GetDirection() == labels.GetDirection() and extracted.GetOrigin() == labels.GetOrigin()
     assert "channel 1 (T1w) of 2" in imported.channels
+    folders = from_folders(tmp_path / "d" / "imagesTr", tmp_path / "d" / "labelsTr", out=tmp_path / "f" / "m.yaml")
+    first = folders.manifest.atlases[0].image
+    assert first == (tmp_path / "f" / "channel0" / "imagesTr" / "b_1.nii.gz").resolve()
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(first))), volumes[0])
+    assert folders.channels == "channel 0 of 2; --channel picks another"
 
 
 @pytest.mark.parametrize(
