@@ -14,18 +14,27 @@ import time
 from pathlib import Path
 
 from . import __version__
+from .config import PRESETS
 from .errors import AtlassegError
 
 log = logging.getLogger("atlasseg")
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", help="YAML config file, or a preset name (default, demo, baseline)")
+    parser.add_argument("config", help=f"YAML config file, or a preset name ({', '.join(PRESETS)})")
     parser.add_argument("--manifest", default="data_manifest.yaml", help="data manifest (default: %(default)s)")
     parser.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
         help="override one config value (repeatable), e.g. --set selection.k=5",
     )
+
+
+def _add_manifest_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--channel", type=int, default=0, metavar="N", help="channel used of multi-channel images "
+                        "(default: %(default)s)")
+    parser.add_argument("--out", default="data_manifest.yaml", help="manifest written; its paths are relative "
+                        "to its folder (default: %(default)s)")
+    parser.add_argument("--force", action="store_true", help="replace an existing manifest")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -95,6 +104,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fixed-landmarks", help="landmark file of the fixed image (CSV, .fcsv or ITK points)")
     p.add_argument("--moving-landmarks", help="corresponding landmarks of the moving image; initialises from them")
     p.set_defaults(func=cmd_register)
+
+    p = sub.add_parser("manifest", help="write a data_manifest.yaml from a dataset on disk")
+    kinds = p.add_subparsers(dest="source", required=True, metavar="{from-msd,from-folders}")
+    q = kinds.add_parser("from-msd", help="from a Decathlon / nnU-Net raw dataset: training cases become atlases, "
+                         "test images targets")
+    q.add_argument("dataset_json", metavar="DATASET_JSON", help="the dataset's dataset.json (or its folder)")
+    q.add_argument("--targets", metavar="DIR", help="folder of target images, relative to the dataset's "
+                   "(default: the 'test' list of dataset.json, else imagesTs/ when present)")
+    _add_manifest_args(q)
+    q.set_defaults(func=cmd_manifest_msd)
+    q = kinds.add_parser("from-folders", help="pair the files of an image folder and a label folder by name")
+    q.add_argument("images", metavar="IMAGES", help="folder of atlas images")
+    q.add_argument("labels", metavar="LABELS", help="folder of their label maps (case.nii.gz or case_seg.nii.gz "
+                   "for the image case.nii.gz or case_0000.nii.gz)")
+    q.add_argument("--targets", metavar="DIR", help="folder of images to segment")
+    q.add_argument("--target-labels", metavar="DIR", help="ground truth of some or all targets, paired by name")
+    q.add_argument("--labels", dest="names", nargs="+", metavar="VALUE=NAME", help="label names, e.g. 1=anterior")
+    _add_manifest_args(q)
+    q.set_defaults(func=cmd_manifest_folders)
 
     p = sub.add_parser("evaluate", help="score a segmentation against ground truth")
     p.add_argument("prediction", help="segmentation (label map)")
@@ -267,16 +295,12 @@ def cmd_demo(args) -> int:
 
 
 def cmd_register(args) -> int:
-    from .config import load_config
-    from .pipeline import register_files
+    from .api import register
 
-    config = load_config(args.config, overrides=args.overrides)
-    optional = {key: Path(value) for key in ("labels", "fixed_mask", "moving_mask", "fixed_landmarks", "moving_landmarks")
-                if (value := getattr(args, key)) is not None}
-    labels = optional.pop("labels", None)
     out = Path(args.out)
-    record = register_files(Path(args.fixed), Path(args.moving), config.registration, out_dir=out,
-                            labels_path=labels, **optional)
+    record = register(args.fixed, args.moving, args.config, overrides=args.overrides, labels=args.labels,
+                      fixed_mask=args.fixed_mask, moving_mask=args.moving_mask, fixed_landmarks=args.fixed_landmarks,
+                      moving_landmarks=args.moving_landmarks, out_dir=out).record
     stages = record["registration"]
     for name, stage in stages.items():
         print(f"{name:9} metric {stage['metric']}: {stage['metric_before']:.4f} -> {stage['metric_after']:.4f}, "
@@ -290,18 +314,14 @@ def cmd_register(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
+    from .api import evaluate
     from .config import EvaluationConfig
-    from .evaluation import evaluate, header, rows
-    from .imageio import check_label_values, read_labels, read_voxels
+    from .evaluation import header, rows
     from .pipeline import write_json, write_table
 
     names = _label_args(args.labels) or {}
     metrics = EvaluationConfig().metrics
-    for path in (args.prediction, args.truth):  # complete files (NIfTI), whole non-negative values
-        check_label_values(path, read_voxels(path))
-    prediction = read_labels(args.prediction)
-    truth = read_labels(args.truth, like=prediction, like_path=args.prediction)
-    scores = evaluate(prediction, truth, labels=sorted(names) or None, metrics=metrics)
+    scores = evaluate(args.prediction, args.truth, labels=sorted(names), metrics=metrics)
     head = header(metrics)[1:]
     table = [row[1:] for row in rows("", scores, names, metrics)]
     cells = [head] + [[str(c) if not isinstance(c, float) else ("-" if math.isnan(c) else f"{c:.4f}") for c in row] for row in table]
@@ -342,6 +362,31 @@ def _set_up_logging(args) -> None:
     log.handlers[:] = handlers
     log.setLevel(logging.DEBUG if args.log_file else level)
     parallel.progress_bars = None if not args.quiet else False
+
+
+def cmd_manifest_msd(args) -> int:
+    from .dataset import from_msd
+
+    return _imported(from_msd(args.dataset_json, out=args.out, targets=args.targets, channel=args.channel,
+                              force=args.force))
+
+
+def cmd_manifest_folders(args) -> int:
+    from .dataset import from_folders
+
+    return _imported(from_folders(args.images, args.labels, out=args.out, targets=args.targets,
+                                  target_labels=args.target_labels, channel=args.channel,
+                                  label_names=_label_args(args.names), force=args.force))
+
+
+def _imported(imported) -> int:
+    manifest = imported.manifest
+    truth = sum(t.labels is not None for t in manifest.targets)
+    names = ", ".join(f"{v}={n}" for v, n in manifest.label_names.items()) or "none named"
+    print(f"wrote {manifest.path}: {len(manifest.atlases)} atlases, {len(manifest.targets)} targets "
+          f"({truth} with ground truth); labels {names}; {imported.channels}; every file checked")
+    print(f"next: atlasseg validate default --manifest {manifest.path}")
+    return 0
 
 
 def main(argv=None) -> int:

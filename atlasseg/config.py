@@ -9,6 +9,7 @@ the key path and the file.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import types
 import typing
@@ -525,8 +526,15 @@ def _build(cls, data, prefix: str = ""):
         raise _FieldError(f"{prefix}.{err.name}", err.message) from None
 
 
-def config_from_dict(data: dict, *, source: str = "<config>") -> Config:
-    """Build a validated :class:`Config` from a nested mapping; errors name ``source``."""
+def config_from_dict(data: dict, *, source: str = "<config>", overrides: typing.Sequence[str] = ()) -> Config:
+    """Build a validated :class:`Config` from a nested mapping and ``--set`` overrides (``section.key=value``);
+    errors name ``source``. ``data`` is not modified."""
+    if overrides:
+        data = copy.deepcopy(data)
+        for text in overrides:
+            keys, value = parse_override(text)
+            _apply_override(data, keys, value, text)
+        source = f"{source} with --set"
     try:
         return _build(Config, data)
     except _FieldError as err:
@@ -599,9 +607,4 @@ def load_config(path: str | Path | None = None, *, overrides: typing.Sequence[st
             raise ConfigError(f"{file}: cannot read config: {err}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{file}: expected a mapping of sections at the top level")
-    for text in overrides:
-        keys, value = parse_override(text)
-        _apply_override(data, keys, value, text)
-    if overrides:
-        source = f"{source} with --set"
-    return config_from_dict(data, source=source)
+    return config_from_dict(data, source=source, overrides=overrides)

@@ -18,10 +18,12 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import yaml
 
 from .errors import ManifestError
+from .imageio import atomic_write_text
 
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _TOP_KEYS = ("labels", "atlases", "targets")
@@ -158,7 +160,12 @@ def _entries(path: Path, doc: dict, section: str, *, labels_required: bool) -> l
 def load_manifest(path: str | Path) -> Manifest:
     """Read and validate ``data_manifest.yaml``; every listed file must exist."""
     path = Path(path).expanduser().absolute()
-    doc = _load_yaml(path)
+    return manifest_from_dict(_load_yaml(path), path)
+
+
+def manifest_from_dict(doc, path: str | Path) -> Manifest:
+    """Validate a manifest's content as if read from ``path`` (relative paths resolve against its folder)."""
+    path = Path(path).expanduser().absolute()
     if not isinstance(doc, dict):
         raise ManifestError(f"{path}: expected a mapping with keys {', '.join(_TOP_KEYS)}")
     for key in doc:
@@ -178,3 +185,26 @@ def load_manifest(path: str | Path) -> Manifest:
         raise ManifestError(f"{path}: no atlases listed")
     return Manifest(path=path, label_names=dict(sorted(names.items())), atlases=atlases, targets=targets)
 
+
+
+def write_manifest(path: str | Path, doc: dict, *, comment: str = "", force: bool = False,
+                   check: Callable[[Manifest], None] | None = None) -> Manifest:
+    """Validate ``doc`` as the manifest at ``path`` (its paths relative to that folder), run ``check`` on it
+    (e.g. :func:`atlasseg.pipeline.check_inputs`), then write it atomically as YAML headed by ``comment``.
+
+    An existing file is replaced only with ``force``. Returns the validated manifest.
+    """
+    path = Path(path).expanduser().absolute()
+    if path.exists() and not force:
+        raise ManifestError(f"{path}: already exists; choose another --out, or --force to replace it")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)  # relative paths may climb out of it ("../images")
+    except OSError as err:
+        raise ManifestError(f"{path.parent}: cannot create the manifest's folder ({err.strerror or err})") from None
+    text = yaml.safe_dump(doc, sort_keys=False, default_flow_style=None, allow_unicode=True, width=1000)
+    manifest = manifest_from_dict(yaml.safe_load(text), path)  # exactly what is written
+    if check is not None:
+        check(manifest)
+    header = "".join(f"# {line}\n" for line in comment.splitlines())
+    atomic_write_text(path, header + text)
+    return manifest

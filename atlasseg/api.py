@@ -1,0 +1,335 @@
+"""The Python API: segment, register and evaluate images held in memory or in files.
+
+Every function takes each image as a file path, a ``SimpleITK.Image`` or a nibabel image
+(``Nifti1Image``, ``MGHImage``, ...), and a config as a :class:`~atlasseg.config.Config`,
+a preset name (``"default"``, ``"fast"``, ...), a YAML file path or a nested dict, with
+optional ``overrides`` in the command line's ``section.key=value`` form.
+
+These are thin layers over the command line's own machinery (:mod:`atlasseg.pipeline`),
+which works on files: images held in memory are written to a temporary folder first
+(SimpleITK images losslessly as MetaImage, nibabel images as NIfTI, as nibabel writes them),
+and results are read back into memory before it is removed. Error messages name in-memory
+inputs by their role (``atlas_0.labels``, ``target.image``).
+
+Example::
+
+    import atlasseg
+    seg, record = atlasseg.segment("new.nii.gz", [("a1.nii.gz", "a1_seg.nii.gz"), ("a2.nii.gz", "a2_seg.nii.gz")],
+                                   config="fast", overrides=["selection.k=1"])
+    transform, warped, _, _ = atlasseg.register(fixed_image, moving_image)
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, NamedTuple, Union
+
+import SimpleITK as sitk
+
+from .config import Config, config_from_dict, load_config
+from .errors import AtlassegError, ConfigError, ImageError
+
+if TYPE_CHECKING:
+    import nibabel
+
+    ImageLike = Union[str, os.PathLike, sitk.Image, nibabel.spatialimages.SpatialImage]
+else:
+    ImageLike = Union[str, os.PathLike, sitk.Image, object]
+ConfigLike = Union[Config, str, os.PathLike, Mapping, None]
+AtlasesLike = Union[Sequence[tuple[ImageLike, ImageLike]], Mapping[str, tuple[ImageLike, ImageLike]]]
+
+log = logging.getLogger("atlasseg")
+
+__all__ = ["Registration", "Segmentation", "evaluate", "register", "resolve_config", "segment"]
+
+
+class Segmentation(NamedTuple):
+    """What :func:`segment` returns."""
+
+    labels: sitk.Image
+    """The fused label map, on the target's grid (origin, spacing, direction of the target)."""
+    record: dict
+    """What ``run.json`` keeps for a target: the atlas ranking with scores, the atlases used and dropped
+    (with reasons), every registration's record, fusion settings, seconds per stage, scores against
+    ``truth``; plus ``config`` and ``versions``."""
+
+
+class Registration(NamedTuple):
+    """What :func:`register` returns."""
+
+    transform: sitk.Transform
+    """Maps fixed-space points to moving-space points (mm, LPS): ``sitk.Resample(moving, fixed, transform)``."""
+    warped: sitk.Image
+    """The moving image resampled onto the fixed grid (linear)."""
+    warped_labels: sitk.Image | None
+    """``labels`` resampled onto the fixed grid (nearest neighbour), when given."""
+    record: dict
+    """Metric before/after, iterations and stop condition per level, Jacobian range, seconds."""
+
+
+def resolve_config(config: ConfigLike = None, overrides: Sequence[str] = ()) -> Config:
+    """A validated :class:`Config` from a Config, a preset name, a YAML path or a nested dict (``None``: the
+    defaults), with ``overrides`` such as ``"selection.k=5"`` applied."""
+    if isinstance(config, Config):
+        return config_from_dict(config.to_dict(), source="config", overrides=overrides) if overrides else config
+    if isinstance(config, Mapping):
+        return config_from_dict(dict(config), source="config", overrides=overrides)
+    if config is None or isinstance(config, (str, os.PathLike)):
+        return load_config(config, overrides=overrides)
+    raise ConfigError(f"config: expected a Config, a preset name, a YAML file path or a dict, got {type(config).__name__}")
+
+
+# --------------------------------------------------------------------------- inputs as files
+
+def _is_nibabel(value) -> bool:
+    import nibabel
+
+    return isinstance(value, nibabel.spatialimages.SpatialImage)
+
+
+def _describe(value) -> str:
+    """How a record names an input: its path, or its type."""
+    return str(value) if isinstance(value, (str, os.PathLike)) else f"<{type(value).__module__}.{type(value).__name__}>"
+
+
+class _Files:
+    """Inputs as the pipeline wants them, files: paths as given, in-memory images written into ``folder``."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+
+    def __call__(self, value: ImageLike | None, name: str) -> Path | None:
+        if value is None:
+            return None
+        if isinstance(value, (str, os.PathLike)):
+            return Path(value).expanduser().absolute()
+        if isinstance(value, sitk.Image):
+            path = self.folder / f"{name}.mha"
+            plain = sitk.Image(value)  # a copy: a NIfTI header's fields would only make MetaImage warn
+            for key in plain.GetMetaDataKeys():
+                plain.EraseMetaData(key)
+            sitk.WriteImage(plain, str(path))  # MetaImage: any pixel type, geometry in full precision
+            return path
+        if _is_nibabel(value):
+            import nibabel
+
+            if not isinstance(value, (nibabel.Nifti1Image, nibabel.Nifti2Image)):  # MGH, PAR/REC, ...: same affine
+                value = nibabel.Nifti1Image(value.dataobj, value.affine)
+            path = self.folder / f"{name}.nii"
+            nibabel.save(value, str(path))
+            return path
+        raise ImageError(f"{name}: expected a file path, a SimpleITK.Image or a nibabel image, got {type(value).__name__}")
+
+
+class _Renamer(logging.Filter):
+    """Names in-memory inputs by role in messages (``atlas_0.labels``), not by their temporary path."""
+
+    def __init__(self, folder: Path):
+        super().__init__()
+        self.manifest = str(folder / "data_manifest.yaml")
+        self.pattern = re.compile(re.escape(f"{folder}{os.sep}") + r"(\S+?)\.(mha|nii)\b")
+
+    def __call__(self, text: str) -> str:
+        return self.pattern.sub(r"\1", text.replace(self.manifest, "segment()"))
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        if self(text) != text:
+            record.msg, record.args = self(text), ()
+        return True
+
+
+@contextmanager
+def _workspace() -> Iterator[_Files]:
+    """A temporary folder for in-memory inputs; errors and warnings name those inputs by role."""
+    with tempfile.TemporaryDirectory(prefix="atlasseg-") as tmp:
+        folder = Path(tmp)
+        renamer = _Renamer(folder)
+        log.addFilter(renamer)
+        try:
+            yield _Files(folder)
+        except AtlassegError as err:
+            if renamer(str(err)) != str(err):
+                err.args = (renamer(str(err)),)
+            raise
+        finally:
+            log.removeFilter(renamer)
+
+
+def _pair(item, where: str) -> tuple:
+    if isinstance(item, (str, bytes, os.PathLike)) or not isinstance(item, Sequence) or len(item) != 2:
+        raise ImageError(f"{where}: expected a pair (image, labels), got {type(item).__name__}")
+    return tuple(item)
+
+
+# --------------------------------------------------------------------------- segment, register, evaluate
+
+def segment(
+    target: ImageLike,
+    atlases: AtlasesLike,
+    config: ConfigLike = None,
+    *,
+    overrides: Sequence[str] = (),
+    truth: ImageLike | None = None,
+    label_names: Mapping[int, str] | None = None,
+    target_id: str = "target",
+    out_dir: str | os.PathLike | None = None,
+) -> Segmentation:
+    """Segment ``target`` with ``atlases``, as ``atlasseg run`` segments one target of a manifest.
+
+    Parameters
+    ----------
+    target
+        The image to segment.
+    atlases
+        ``(image, labels)`` pairs, named ``atlas_0``, ``atlas_1``, ... in the record; or a mapping
+        id → ``(image, labels)``. Label maps lie on their images' grids.
+    config
+        A :class:`Config`, a preset name, a YAML file or a nested dict; ``None``: the defaults.
+    overrides
+        ``section.key=value`` strings applied to ``config``, e.g. ``["selection.k=5"]``.
+    truth
+        Ground truth of ``target``: the record then holds ``scores`` (metric per label) and ``mean_dice``.
+    label_names
+        Label value → name (labels scored; warnings name them).
+    target_id
+        The target's name in the record and in ``out_dir``.
+    out_dir
+        When given, the pipeline's files are kept in ``out_dir/<target_id>/`` (``segmentation.nii.gz``,
+        ``probability_<label>.nii.gz`` and ``transforms/`` as the config's ``output`` section asks); by
+        default they are written to a temporary folder and removed.
+
+    Returns
+    -------
+    Segmentation
+        ``(labels, record)``: the label map as a ``SimpleITK.Image`` on the target's grid, and the record.
+
+    Raises
+    ------
+    AtlassegError
+        Bad input (unreadable, 4D, NaN, constant, labels off their image's grid, ...), a bad config, or too few
+        atlas registrations succeeding (``selection.min_atlases``).
+    """
+    from .manifest import manifest_from_dict
+    from .pipeline import check_inputs, segment_target, versions
+
+    config = resolve_config(config, overrides)
+    items = list(atlases.items()) if isinstance(atlases, Mapping) else [(f"atlas_{i}", a) for i, a in enumerate(atlases)]
+    if not items:
+        raise ImageError("atlases: none given")
+    with _workspace() as files:
+        entries = []
+        for aid, item in items:
+            image, labels = _pair(item, f"atlas {aid!r}")
+            entries.append({"id": str(aid), "image": str(files(image, f"{aid}.image")),
+                            "labels": str(files(labels, f"{aid}.labels"))})
+        target_entry = {"id": target_id, "image": str(files(target, "target.image"))}
+        if truth is not None:
+            target_entry["labels"] = str(files(truth, "target.truth"))
+        doc = {"labels": dict(label_names or {}), "atlases": entries, "targets": [target_entry]}
+        manifest = manifest_from_dict(doc, files.folder / "data_manifest.yaml")
+        check_inputs(manifest, config)
+        (target_,) = manifest.targets
+        out = Path(out_dir) if out_dir is not None else files.folder / "out"
+        result = segment_target(target_, list(manifest.atlases), config, out_dir=out, label_names=manifest.label_names)
+        segmentation = sitk.ReadImage(str(result.segmentation))
+    record = {**result.record, "image": _describe(target),
+              "atlases": {aid: [_describe(part) for part in _pair(item, aid)] for aid, item in items},
+              "config": config.to_dict(), "versions": versions()}
+    return Segmentation(segmentation, record)
+
+
+def register(
+    fixed: ImageLike,
+    moving: ImageLike,
+    config: ConfigLike = None,
+    *,
+    overrides: Sequence[str] = (),
+    labels: ImageLike | None = None,
+    fixed_mask: ImageLike | None = None,
+    moving_mask: ImageLike | None = None,
+    fixed_landmarks: str | os.PathLike | None = None,
+    moving_landmarks: str | os.PathLike | None = None,
+    out_dir: str | os.PathLike | None = None,
+) -> Registration:
+    """Register ``moving`` onto ``fixed`` with the config's ``registration`` section, as ``atlasseg register`` does.
+
+    Parameters
+    ----------
+    fixed, moving
+        The images; the transform maps points of ``fixed`` to points of ``moving``.
+    config, overrides
+        As for :func:`segment`.
+    labels
+        Label map of ``moving``, also returned warped onto the fixed grid (nearest neighbour).
+    fixed_mask, moving_mask
+        Binary masks on their image's grid restricting the metric.
+    fixed_landmarks, moving_landmarks
+        Corresponding point files (CSV of LPS points, 3D Slicer ``.fcsv``, ITK/elastix points); the
+        registration starts from the rigid fit of one to the other.
+    out_dir
+        When given, ``warped.nii.gz``, ``transform.h5``, ``displacement.nii.gz``, ``jacobian.nii.gz``,
+        ``record.json`` (and ``warped_labels.nii.gz``) are kept there; by default in a temporary folder.
+
+    Returns
+    -------
+    Registration
+        ``(transform, warped, warped_labels, record)``.
+
+    Raises
+    ------
+    RegistrationError
+        A stage's result fails its checks (metric worse than its start, too little overlap, folding); a
+        :class:`~atlasseg.registration.RegistrationDiverged` carries the ``record``.
+    AtlassegError
+        Bad input or config.
+    """
+    from .pipeline import register_files
+
+    config = resolve_config(config, overrides)
+    with _workspace() as files:
+        out = Path(out_dir) if out_dir is not None else files.folder / "out"
+        paths = {name: files(value, name) for name, value in
+                 (("fixed", fixed), ("moving", moving), ("moving_labels", labels), ("fixed_mask", fixed_mask),
+                  ("moving_mask", moving_mask), ("fixed_landmarks", fixed_landmarks),
+                  ("moving_landmarks", moving_landmarks))}
+        record = register_files(paths.pop("fixed"), paths.pop("moving"), config.registration, out_dir=out,
+                                labels_path=paths.pop("moving_labels"), **paths)
+        transform = sitk.ReadTransform(str(out / "transform.h5"))
+        warped = sitk.ReadImage(str(out / "warped.nii.gz"))
+        warped_labels = sitk.ReadImage(str(out / "warped_labels.nii.gz")) if labels is not None else None
+    record.update(fixed=_describe(fixed), moving=_describe(moving))
+    return Registration(transform, warped, warped_labels, record)
+
+
+def evaluate(
+    prediction: ImageLike,
+    truth: ImageLike,
+    *,
+    labels: Sequence[int] | None = None,
+    metrics: Sequence[str] | None = None,
+) -> dict[int, dict[str, float]]:
+    """Score a segmentation against ground truth on the same grid: label value → metric → value.
+
+    ``labels``: the label values scored (default: every non-zero value in either); ``metrics``: from
+    ``dice``, ``jaccard``, ``hd95`` (mm), ``assd`` (mm), ``volume_difference`` (ml) (default: all).
+    A label absent from both maps scores NaN.
+    """
+    from .config import EvaluationConfig
+    from .evaluation import evaluate as score
+    from .imageio import check_label_values, read_labels, read_voxels
+
+    metrics = tuple(metrics) if metrics is not None else EvaluationConfig().metrics
+    with _workspace() as files:
+        paths = files(prediction, "prediction"), files(truth, "truth")
+        for path in paths:  # complete files (NIfTI), whole non-negative values
+            check_label_values(path, read_voxels(path))
+        predicted = read_labels(paths[0])
+        expected = read_labels(paths[1], like=predicted, like_path=paths[0])
+        return score(predicted, expected, labels=list(labels) if labels else None, metrics=metrics)
