@@ -11,6 +11,9 @@ Shape (paths relative to the manifest's folder, or absolute)::
 Every entry may also name a ``mask`` (binary image on the image's grid: the
 registration metric is restricted to it) and ``landmarks`` (a point file, see
 ``atlasseg.registration.landmarks``, used by ``initialization: landmarks``).
+
+Images, label maps and masks are NIfTI, NRRD, MetaImage, FreeSurfer MGH/MGZ files or DICOM series: a
+folder holding one series, or ``FOLDER/<SeriesInstanceUID>`` for one of several in a folder.
 """
 
 from __future__ import annotations
@@ -21,11 +24,14 @@ from pathlib import Path
 
 import yaml
 
-from .errors import ManifestError
+from .errors import ImageError, ManifestError
+from .imageio import dicom_files, names_dicom_series
 
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _TOP_KEYS = ("labels", "atlases", "targets")
-_KEYS = ("id", "image", "labels", "mask", "landmarks")
+_FILE_KEYS = ("image", "labels", "mask", "landmarks")
+_IMAGE_KEYS = ("image", "labels", "mask")  # may be DICOM series
+_KEYS = ("id", *_FILE_KEYS)
 
 
 @dataclass(frozen=True)
@@ -110,15 +116,17 @@ def _file(path: Path, entry: str, key: str, value, *, required: bool) -> Path | 
     file = Path(value).expanduser()
     if not file.is_absolute():
         file = path.parent / file
+    if key in _IMAGE_KEYS and (file.is_dir() or names_dicom_series(file)):
+        try:
+            dicom_files(file)
+        except ImageError as err:
+            raise ManifestError(f"{path}: {entry}: {key}: {err}") from None
+        return file.resolve()
     if not file.exists():
         raise ManifestError(f"{path}: {entry}: {key} file not found: {file}")
-    if file.is_dir() and not _is_dicom_folder(file):
-        raise ManifestError(f"{path}: {entry}: {key} is a directory, expected an image file: {file}")
+    if file.is_dir():
+        raise ManifestError(f"{path}: {entry}: {key} is a directory, expected a file: {file}")
     return file.resolve()
-
-
-def _is_dicom_folder(folder: Path) -> bool:
-    return any(p.suffix.lower() == ".dcm" for p in folder.iterdir())
 
 
 def _entries(path: Path, doc: dict, section: str, *, labels_required: bool) -> list[dict]:
@@ -128,12 +136,13 @@ def _entries(path: Path, doc: dict, section: str, *, labels_required: bool) -> l
     if not isinstance(items, list):
         raise ManifestError(f"{path}: '{section}' must be a list of entries")
     singular = {"atlases": "atlas", "targets": "target"}[section]
+    keys = _KEYS
     seen: set[str] = set()
     out = []
     for i, item in enumerate(items):
         entry = f"{section}[{i}]"
         if not isinstance(item, dict):
-            raise ManifestError(f"{path}: {entry} must be a mapping with keys {', '.join(_KEYS)}")
+            raise ManifestError(f"{path}: {entry} must be a mapping with keys {', '.join(keys)}")
         ident = item.get("id")
         if ident is None:
             raise ManifestError(f"{path}: {entry} has no 'id'")
@@ -144,13 +153,13 @@ def _entries(path: Path, doc: dict, section: str, *, labels_required: bool) -> l
             )
         entry = f"{singular} {ident!r}"
         for key in item:
-            if key not in _KEYS:
-                raise ManifestError(f"{path}: {entry}: unknown key '{key}' (known: {', '.join(_KEYS)})")
+            if key not in keys:
+                raise ManifestError(f"{path}: {entry}: unknown key '{key}' (known: {', '.join(keys)})")
         if ident in seen:
             raise ManifestError(f"{path}: duplicate {singular} id {ident!r}")
         seen.add(ident)
         files = {key: _file(path, entry, key, item.get(key), required=key == "image" or (key == "labels" and labels_required))
-                 for key in _KEYS[1:]}
+                 for key in _FILE_KEYS}
         out.append({"id": ident, **files})
     return out
 

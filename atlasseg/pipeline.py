@@ -102,6 +102,8 @@ def check_inputs(manifest: Manifest, config: Config | None = None) -> None:
                 check_same_grid(geometry, read_geometry(other), image_path=entry.image, labels_path=other)
     if len(dims) > 1:
         raise ImageError(f"{manifest.path}: mixes 2D images ({dims[2]}) with 3D images ({dims[3]}); use one dimensionality")
+    if config is not None and config.output.format == "mgz" and 2 in dims:
+        raise ImageError(f"{manifest.path}: output.format mgz holds 3D images only, these are 2D (use nii.gz)")
     if config is not None:
         k = config.selection.k
         if k != "all" and k > len(manifest.atlases):
@@ -389,7 +391,7 @@ def prepare_case(target: Target, atlases: list[Atlas], config: Config, *, count:
 
 
 def segment_target(target: Target, atlases: list[Atlas], config: Config, *, out_dir: Path, label_names: dict[int, str]):
-    """Segment one target with the given atlases; write ``<out>/<target>/segmentation.nii.gz``."""
+    """Segment one target with the given atlases; write ``<out>/<target>/segmentation.<output.format>``."""
     by_id = {a.id: a for a in atlases}
     reference = read_image(target.image)
     truth = read_labels(target.labels, like=reference, like_path=target.image) if target.labels is not None else None
@@ -442,11 +444,11 @@ def segment_target(target: Target, atlases: list[Atlas], config: Config, *, out_
 
     clock = time.perf_counter()
     target_dir = out_dir / target.id
-    seg_path = target_dir / "segmentation.nii.gz"
+    seg_path = target_dir / f"segmentation.{config.output.format}"
     write_image(segmentation, seg_path)
     for value, probability in probabilities.items():
         if value:
-            write_image(probability, target_dir / f"probability_{value}.nii.gz")
+            write_image(probability, target_dir / f"probability_{value}.{config.output.format}")
     if config.output.save_transforms:
         for aid in used:
             save_transform(transforms[aid], target_dir / "transforms" / f"{aid}.h5")
