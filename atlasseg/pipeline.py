@@ -48,6 +48,7 @@ from .registration import (
     RegistrationDiverged,
     affine_stage,
     jacobian_determinant,
+    load_transform,
     nonrigid_stage,
     read_landmarks,
     register,
@@ -78,12 +79,12 @@ def thread_budget(parallel: ParallelConfig, n_tasks: int) -> tuple[int, int]:
 
 def check_inputs(manifest: Manifest, config: Config | None = None) -> None:
     """Every listed file read once, before any work: readable and complete, scalar, 2D/3D, one
-    dimensionality across the manifest; intensities finite and not constant; label maps whole,
-    non-negative numbers on their image's grid (floating-point noise is snapped, with a warning), an
-    atlas's not empty; masks on their image's grid. Warns about declared labels an atlas lacks and
-    labels the manifest does not declare. With ``config``: every entry has the landmarks its
-    initialisation needs, ``selection.k`` is compared with the atlas count (larger: a warning, all
-    atlases are used) and the run's memory is estimated (:func:`check_memory`)."""
+    dimensionality across the manifest (the atlases' initial transforms too); intensities finite and
+    not constant; label maps whole, non-negative numbers on their image's grid (floating-point noise is
+    snapped, with a warning), an atlas's not empty; masks on their image's grid. Warns about declared
+    labels an atlas lacks and labels the manifest does not declare. With ``config``: every entry has the
+    landmarks its initialisation needs, ``selection.k`` is compared with the atlas count (larger: a
+    warning, all atlases are used) and the run's memory is estimated (:func:`check_memory`)."""
     entries = (*manifest.atlases, *manifest.targets)
     needs_landmarks = config is not None and config.registration.affine.initialization == "landmarks"
     dims: dict[int, str] = {}
@@ -102,6 +103,10 @@ def check_inputs(manifest: Manifest, config: Config | None = None) -> None:
                 check_same_grid(geometry, read_geometry(other), image_path=entry.image, labels_path=other)
     if len(dims) > 1:
         raise ImageError(f"{manifest.path}: mixes 2D images ({dims[2]}) with 3D images ({dims[3]}); use one dimensionality")
+    for file in dict.fromkeys(file for atlas in manifest.atlases for _, file in atlas.transforms):
+        dimension = load_transform(file).GetDimension()
+        if dimension not in dims:
+            raise RegistrationError(f"{file}: a {dimension}D transform, for {min(dims)}D images")
     if config is not None and config.output.format == "mgz" and 2 in dims:
         raise ImageError(f"{manifest.path}: output.format mgz holds 3D images only, these are 2D (use nii.gz)")
     if config is not None:
@@ -219,17 +224,22 @@ def _failure(err: RegistrationError) -> dict:
 
 
 def _affine_job(target: Target, atlas: Atlas, reg: RegistrationConfig, selection: SelectionConfig, threads: int):
-    """Affine-register one atlas to the target and score it for selection (runs in a worker)."""
+    """Affine-register one atlas to the target (or take the manifest's transform for the pair) and score
+    it for selection (runs in a worker)."""
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
     fixed = _load_normalized(target.image, reg.normalization)
     moving = _load_normalized(atlas.image, reg.normalization)
     landmarks = None
-    if reg.affine.initialization == "landmarks":
+    given = atlas.transform_for(target.id)
+    if reg.affine.initialization == "landmarks" and given is None:
         landmarks = (read_landmarks(target.landmarks, image=fixed), read_landmarks(atlas.landmarks, image=moving))
     try:
-        transform, record = affine_stage(fixed, moving, config=reg, masks=_masks(target, atlas), landmarks=landmarks)
+        transform, record = affine_stage(fixed, moving, config=reg, masks=_masks(target, atlas), landmarks=landmarks,
+                                         given=None if given is None else load_transform(given))
     except RegistrationError as err:
         return atlas.id, None, None, _failure(err)
+    if given is not None:
+        record["transform_file"] = str(given)
     start = time.perf_counter()
     labels = read_labels(atlas.labels) if selection.roi == "labels" else None
     mask = read_labels(target.mask) if target.mask is not None else None
