@@ -12,10 +12,10 @@ import yaml
 
 from atlasseg.config import load_config
 from atlasseg.errors import ImageError, ManifestError
-from atlasseg.imageio import read_geometry, read_image, read_labels, same_grid, write_image
+from atlasseg.imageio import read_geometry, read_image, read_labels, read_voxels, same_grid, write_image
 from atlasseg.manifest import load_manifest
 from atlasseg.nibabel_io import affine_from_grid, from_nibabel, grid_from_affine, to_nibabel
-from atlasseg.pipeline import run
+from atlasseg.pipeline import check_inputs, run
 from conftest import phantom, rigid, warp
 
 FILES = ["nii.gz", "nii", "nrrd", "nhdr", "mha", "mhd", "mgz", "mgh"]
@@ -119,9 +119,21 @@ def test_a_sheared_affine_is_refused():
     assert spacing == (2.0, 3.0, 4.0) and origin == (0.0, 0.0, 0.0) and direction == (1, 0, 0, 0, -1, 0, 0, 0, 1)
 
 
-def test_mgh_is_3d_only(tmp_path):
+def test_mgh_is_3d_only_and_a_damaged_one_is_one_line(tmp_path):
     with pytest.raises(ImageError, match="MGH holds 3D images"):
         write_image(sitk.Image([4, 4], sitk.sitkUInt8), tmp_path / "x.mgz")
+    image, labels = phantom(dim=2, size=16)
+    write_image(image, tmp_path / "image.nii.gz")
+    write_image(labels, tmp_path / "labels.nii.gz")
+    entry = {"id": "a", "image": "image.nii.gz", "labels": "labels.nii.gz"}
+    (tmp_path / "data_manifest.yaml").write_text(yaml.safe_dump({"atlases": [entry], "targets": [{**entry, "id": "t"}]}))
+    with pytest.raises(ImageError, match="output.format mgz holds 3D images only, these are 2D"):  # before any work
+        check_inputs(load_manifest(tmp_path / "data_manifest.yaml"), load_config(overrides=["output.format=mgz"]))
+    write_image(oblique(np.zeros((8, 8, 8), np.float32)), tmp_path / "x.mgh")
+    raw = (tmp_path / "x.mgh").read_bytes()
+    (tmp_path / "x.mgh").write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(ImageError, match=r"x\.mgh: cannot read MGH image \(Expected 2048 bytes, got"):
+        read_voxels(tmp_path / "x.mgh")
 
 
 # --------------------------------------------------------------------------- DICOM series
