@@ -397,10 +397,15 @@ class OutputConfig:
     ----------
     dir : str
         Output folder (relative to the working directory) unless ``--out`` is given.
+    format : str
+        File format of the images written, by extension: ``nii.gz`` (NIfTI, compressed), ``nii``,
+        ``nrrd``, ``mha`` (MetaImage) or ``mgz`` (FreeSurfer; 3D only). Every format keeps the
+        geometry and the label values and type (MGH widens int8 to int16 and uint32 to int32).
     save_transforms : bool
-        Also write each atlas's composed transform as ``<target>/transforms/<atlas>.h5``.
+        Also write each atlas's composed transform as ``<target>/transforms/<atlas>.h5`` (ITK's HDF5
+        composite: read by ``SimpleITK.ReadTransform`` and ANTs' ``antsApplyTransforms``).
     probability_maps : bool
-        Also write ``<target>/probability_<label>.nii.gz``: each label's share of the vote.
+        Also write ``<target>/probability_<label>.<format>``: each label's share of the vote.
     cache : bool
         Keep every registration's result in the cache folder and reuse it in later runs
         whose inputs, registration config and atlasseg version are the same (another
@@ -412,6 +417,7 @@ class OutputConfig:
     """
 
     dir: str = "atlasseg-out"
+    format: Literal["nii.gz", "nii", "nrrd", "mha", "mgz"] = "nii.gz"
     save_transforms: bool = False
     probability_maps: bool = False
     cache: bool = True

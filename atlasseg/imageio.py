@@ -5,7 +5,9 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import re
 import tempfile
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -13,6 +15,7 @@ from typing import Callable
 import numpy as np
 import SimpleITK as sitk
 
+from . import nibabel_io
 from .errors import AtlassegError, ImageError
 
 log = logging.getLogger("atlasseg")
@@ -25,19 +28,62 @@ _INTEGER_TYPES = {
 
 def _read(path: Path) -> sitk.Image:
     path = Path(path)
-    if not path.exists():
-        raise ImageError(f"{path}: file not found")
+    source = _source(path)
+    if nibabel_io.is_mgh(path):
+        return nibabel_io.read_mgh(path)
     try:
-        if path.is_dir():
-            series = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(path))
-            if not series:
-                raise ImageError(f"{path}: is a directory without a DICOM series")
-            return sitk.ReadImage(series)
-        if path.stat().st_size == 0:
-            raise ImageError(f"{path}: file is empty")
-        return sitk.ReadImage(str(path))
+        return sitk.ReadImage(source)
     except RuntimeError as err:
         raise _read_error(path, err) from None
+
+
+def _source(path: Path) -> str | list[str]:
+    """What SimpleITK reads for ``path``: the file itself, or the files of the DICOM series it names."""
+    if path.is_dir() or names_dicom_series(path):
+        return dicom_files(path)
+    if not path.exists():
+        raise ImageError(f"{path}: file not found")
+    if path.stat().st_size == 0:
+        raise ImageError(f"{path}: file is empty")
+    return str(path)
+
+
+_SERIES_UID = re.compile(r"[0-9]+(\.[0-9]+)+")
+
+
+def names_dicom_series(path: Path) -> bool:
+    """True for a path shaped ``FOLDER/<SeriesInstanceUID>`` that is no file: one DICOM series of a folder
+    holding several (:func:`dicom_files` checks that the folder holds it)."""
+    path = Path(path)
+    return not path.exists() and bool(_SERIES_UID.fullmatch(path.name)) and path.parent.is_dir()
+
+
+def dicom_files(path: Path) -> list[str]:
+    """The files, in slice order, of the DICOM series in folder ``path`` (which must hold exactly one),
+    or of the series ``path`` names as ``FOLDER/<SeriesInstanceUID>``."""
+    path = Path(path)
+    folder, chosen = (path, None) if path.is_dir() else (path.parent, path.name)
+    series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+    if chosen is None and not series:
+        raise ImageError(f"{path}: is a directory holding no DICOM series (expected an image file or a DICOM folder)")
+    if chosen is None and len(series) > 1:
+        listing = "; ".join(_describe_series(folder, uid) for uid in series)
+        raise ImageError(f"{path}: holds {len(series)} DICOM series ({listing}); name one as {path}/<series UID>")
+    if chosen is not None and chosen not in series:
+        raise ImageError(f"{path}: file not found (nor a DICOM series of {folder})")
+    return list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), chosen or series[0]))
+
+
+def _describe_series(folder: Path, uid: str) -> str:
+    files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid)
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(files[0])
+    try:
+        reader.ReadImageInformation()
+        description = reader.GetMetaData("0008|103e").strip() if reader.HasMetaDataKey("0008|103e") else ""
+    except RuntimeError:
+        description = ""
+    return f"{uid}{f' {description!r}' if description else ''}, {len(files)} files"
 
 
 def _read_error(path: Path, err: RuntimeError) -> ImageError:
@@ -46,7 +92,7 @@ def _read_error(path: Path, err: RuntimeError) -> ImageError:
     detail = next((line for line in reason if "Exception" not in line and line.strip()), "unreadable")
     if "Unable to determine ImageIO reader" in detail:
         return ImageError(f"{path}: cannot read image (no reader recognises it: damaged, not an image, or a wrong extension; "
-                          "use .nii.gz, .nrrd, .mha or a DICOM folder)")
+                          "use .nii.gz, .nrrd, .mha, .mgz or a DICOM folder)")
     return ImageError(f"{path}: cannot read image ({detail.strip()[:200]})")
 
 
@@ -173,17 +219,41 @@ class Geometry:
 
 
 def read_geometry(path: str | Path) -> Geometry:
-    """Geometry of an image file from its header alone (the voxels are not read)."""
+    """Geometry of an image file (or DICOM series) from its header alone (the voxels are not read)."""
     path = Path(path)
-    if path.is_dir() or not path.exists() or path.stat().st_size == 0:
-        return Geometry.of(_read(path))  # raises the precise error, or reads a DICOM folder
+    source = _source(path)
+    if nibabel_io.is_mgh(path):
+        return Geometry(*nibabel_io.mgh_grid(path))
+    if isinstance(source, list):
+        return _series_geometry(path, source)
+    return Geometry.of(_header(path, source))
+
+
+def _header(path: Path, file: str) -> sitk.ImageFileReader:
     reader = sitk.ImageFileReader()
-    reader.SetFileName(str(path))
+    reader.SetFileName(file)
     try:
         reader.ReadImageInformation()
     except RuntimeError as err:
         raise _read_error(path, err) from None
-    return Geometry.of(reader)
+    return reader
+
+
+def _series_geometry(path: Path, files: list[str]) -> Geometry:
+    """A DICOM series' grid from its first and last slices' headers, as ITK's series reader makes it:
+    slice spacing and the third axis from the distance and direction between their positions."""
+    first = Geometry.of(_header(path, files[0]))
+    if len(files) == 1:
+        return first
+    step = np.subtract(Geometry.of(_header(path, files[-1])).origin, first.origin)
+    distance = float(np.linalg.norm(step))
+    if first.dimension != 3 or distance == 0:
+        return Geometry.of(_read(path))  # slices without distinct positions: as the reader stacks them
+    direction = np.asarray(first.direction).reshape(3, 3)
+    direction[:, 2] = step / distance
+    return dataclasses.replace(first, size=(*first.size[:2], len(files)),
+                               spacing=(*first.spacing[:2], distance / (len(files) - 1)),
+                               direction=tuple(direction.ravel().tolist()))
 
 
 # Grid tolerances, as fractions of the smallest voxel spacing (origin, spacing) or absolute (direction
@@ -309,8 +379,12 @@ def atomic_write(path: str | Path, write: Callable[[str], None], *, what: str) -
 
 
 def write_image(image: sitk.Image, path: str | Path, *, compress: bool = True) -> None:
-    """Write atomically: a temporary file in the same folder, then rename."""
-    atomic_write(path, lambda tmp: sitk.WriteImage(image, tmp, useCompression=compress), what="image")
+    """Write atomically (a temporary file in the same folder, then rename), in the format the extension names:
+    NIfTI, NRRD, MetaImage, FreeSurfer MGH/MGZ, or any other SimpleITK writes."""
+    if nibabel_io.is_mgh(Path(path)):
+        atomic_write(path, lambda tmp: nibabel_io.write_mgh(image, tmp), what="image")
+    else:
+        atomic_write(path, lambda tmp: sitk.WriteImage(image, tmp, useCompression=compress), what="image")
 
 
 def _write_error(path: Path, what: str, err: OSError) -> AtlassegError:

@@ -11,6 +11,21 @@ Shape (paths relative to the manifest's folder, or absolute)::
 Every entry may also name a ``mask`` (binary image on the image's grid: the
 registration metric is restricted to it) and ``landmarks`` (a point file, see
 ``atlasseg.registration.landmarks``, used by ``initialization: landmarks``).
+
+Images, label maps and masks are NIfTI, NRRD, MetaImage, FreeSurfer MGH/MGZ files or DICOM series: a
+folder holding one series, or ``FOLDER/<SeriesInstanceUID>`` for one of several in a folder.
+
+An atlas registered elsewhere may carry its ``transform``: a file mapping target points to atlas
+points (mm, LPS), an ITK transform (``.h5``, ``.mat``, ``.tfm``, ``.txt``) or a displacement field image.
+ANTs writes one when the target is the fixed image and the atlas the moving one: ``0GenericAffine.mat``,
+or for affine + SyN the composite ``.h5`` of ``antsRegistration --write-composite-transform 1``.
+atlasseg then uses it in place of its own affine stage for that pair (selection scores the atlas
+through it; the non-rigid stage starts from it). A transform belongs to one pair of spaces, so::
+
+    transform: atlas_to_template.mat               # every target of the manifest (they share one space)
+    transform: {case_004: a.h5, case_005: b.h5}    # per target id; targets not listed get the affine stage
+
+An atlas taken as a target (cross-validation) gets the affine stage unless listed by its id.
 """
 
 from __future__ import annotations
@@ -22,12 +37,14 @@ from typing import Callable
 
 import yaml
 
-from .errors import ManifestError
-from .imageio import atomic_write_text
+from .errors import ImageError, ManifestError
+from .imageio import atomic_write_text, dicom_files, names_dicom_series
 
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _TOP_KEYS = ("labels", "atlases", "targets")
-_KEYS = ("id", "image", "labels", "mask", "landmarks")
+_FILE_KEYS = ("image", "labels", "mask", "landmarks")
+_IMAGE_KEYS = ("image", "labels", "mask")  # may be DICOM series
+_KEYS = {"atlases": ("id", *_FILE_KEYS, "transform"), "targets": ("id", *_FILE_KEYS)}
 
 
 @dataclass(frozen=True)
@@ -39,6 +56,11 @@ class Atlas:
     labels: Path
     mask: Path | None = None
     landmarks: Path | None = None
+    transforms: tuple[tuple[str, Path], ...] = ()  # (target id, initial transform file: target → atlas points)
+
+    def transform_for(self, target_id: str) -> Path | None:
+        """The manifest's initial transform file for this atlas and that target, if any."""
+        return dict(self.transforms).get(target_id)
 
 
 @dataclass(frozen=True)
@@ -112,30 +134,44 @@ def _file(path: Path, entry: str, key: str, value, *, required: bool) -> Path | 
     file = Path(value).expanduser()
     if not file.is_absolute():
         file = path.parent / file
+    if key in _IMAGE_KEYS and (file.is_dir() or names_dicom_series(file)):
+        try:
+            dicom_files(file)
+        except ImageError as err:
+            raise ManifestError(f"{path}: {entry}: {key}: {err}") from None
+        return file.resolve()
     if not file.exists():
         raise ManifestError(f"{path}: {entry}: {key} file not found: {file}")
-    if file.is_dir() and not _is_dicom_folder(file):
-        raise ManifestError(f"{path}: {entry}: {key} is a directory, expected an image file: {file}")
+    if file.is_dir():
+        raise ManifestError(f"{path}: {entry}: {key} is a directory, expected a file: {file}")
     return file.resolve()
 
 
-def _is_dicom_folder(folder: Path) -> bool:
-    return any(p.suffix.lower() == ".dcm" for p in folder.iterdir())
+def _transforms(path: Path, entry: str, value, target_ids: list[str]) -> tuple[tuple[str, Path], ...]:
+    """An atlas's ``transform``: one file for every target, or a mapping target id → file."""
+    if value is None:
+        return ()
+    if not isinstance(value, dict):
+        file = _file(path, entry, "transform", value, required=True)
+        return tuple((t, file) for t in target_ids)
+    return tuple((str(t), _file(path, f"{entry}: transform for {t!r}", "transform", f, required=True))
+                 for t, f in value.items())
 
 
-def _entries(path: Path, doc: dict, section: str, *, labels_required: bool) -> list[dict]:
+def _entries(path: Path, doc: dict, section: str, *, labels_required: bool, target_ids=()) -> list[dict]:
     items = doc.get(section)
     if items is None:
         return []
     if not isinstance(items, list):
         raise ManifestError(f"{path}: '{section}' must be a list of entries")
     singular = {"atlases": "atlas", "targets": "target"}[section]
+    keys = _KEYS[section]
     seen: set[str] = set()
     out = []
     for i, item in enumerate(items):
         entry = f"{section}[{i}]"
         if not isinstance(item, dict):
-            raise ManifestError(f"{path}: {entry} must be a mapping with keys {', '.join(_KEYS)}")
+            raise ManifestError(f"{path}: {entry} must be a mapping with keys {', '.join(keys)}")
         ident = item.get("id")
         if ident is None:
             raise ManifestError(f"{path}: {entry} has no 'id'")
@@ -146,13 +182,15 @@ def _entries(path: Path, doc: dict, section: str, *, labels_required: bool) -> l
             )
         entry = f"{singular} {ident!r}"
         for key in item:
-            if key not in _KEYS:
-                raise ManifestError(f"{path}: {entry}: unknown key '{key}' (known: {', '.join(_KEYS)})")
+            if key not in keys:
+                raise ManifestError(f"{path}: {entry}: unknown key '{key}' (known: {', '.join(keys)})")
         if ident in seen:
             raise ManifestError(f"{path}: duplicate {singular} id {ident!r}")
         seen.add(ident)
         files = {key: _file(path, entry, key, item.get(key), required=key == "image" or (key == "labels" and labels_required))
-                 for key in _KEYS[1:]}
+                 for key in _FILE_KEYS}
+        if "transform" in keys:
+            files["transforms"] = _transforms(path, entry, item.get("transform"), list(target_ids))
         out.append({"id": ident, **files})
     return out
 
@@ -179,10 +217,16 @@ def manifest_from_dict(doc, path: str | Path) -> Manifest:
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise ManifestError(f"{path}: labels: {value!r} is not a positive integer label value (0 is background)")
         names[value] = str(name)
-    atlases = tuple(Atlas(**e) for e in _entries(path, doc, "atlases", labels_required=True))
     targets = tuple(Target(**e) for e in _entries(path, doc, "targets", labels_required=False))
+    atlases = tuple(Atlas(**e) for e in _entries(path, doc, "atlases", labels_required=True,
+                                                 target_ids=[t.id for t in targets]))
     if not atlases:
         raise ManifestError(f"{path}: no atlases listed")
+    known = {t.id for t in targets} | {a.id for a in atlases}
+    for atlas in atlases:
+        unknown = [t for t, _ in atlas.transforms if t not in known]
+        if unknown:
+            raise ManifestError(f"{path}: atlas {atlas.id!r}: transform for {unknown[0]!r}, which is no target or atlas id")
     return Manifest(path=path, label_names=dict(sorted(names.items())), atlases=atlases, targets=targets)
 
 

@@ -50,6 +50,7 @@ from .registration import (
     RegistrationDiverged,
     affine_stage,
     jacobian_determinant,
+    load_transform,
     nonrigid_stage,
     read_landmarks,
     register,
@@ -63,12 +64,12 @@ log = logging.getLogger("atlasseg")
 
 def check_inputs(manifest: Manifest, config: Config | None = None) -> None:
     """Every listed file read once, before any work: readable and complete, scalar, 2D/3D, one
-    dimensionality across the manifest; intensities finite and not constant; label maps whole,
-    non-negative numbers on their image's grid (floating-point noise is snapped, with a warning), an
-    atlas's not empty; masks on their image's grid. Warns about declared labels an atlas lacks and
-    labels the manifest does not declare. With ``config``: every entry has the landmarks its
-    initialisation needs, ``selection.k`` is compared with the atlas count (larger: a warning, all
-    atlases are used) and the run's memory is estimated (:func:`check_memory`)."""
+    dimensionality across the manifest (the atlases' initial transforms too); intensities finite and
+    not constant; label maps whole, non-negative numbers on their image's grid (floating-point noise is
+    snapped, with a warning), an atlas's not empty; masks on their image's grid. Warns about declared
+    labels an atlas lacks and labels the manifest does not declare. With ``config``: every entry has the
+    landmarks its initialisation needs, ``selection.k`` is compared with the atlas count (larger: a
+    warning, all atlases are used) and the run's memory is estimated (:func:`check_memory`)."""
     entries = (*manifest.atlases, *manifest.targets)
     needs_landmarks = config is not None and config.registration.affine.initialization == "landmarks"
     dims: dict[int, str] = {}
@@ -87,6 +88,12 @@ def check_inputs(manifest: Manifest, config: Config | None = None) -> None:
                 check_same_grid(geometry, read_geometry(other), image_path=entry.image, labels_path=other)
     if len(dims) > 1:
         raise ImageError(f"{manifest.path}: mixes 2D images ({dims[2]}) with 3D images ({dims[3]}); use one dimensionality")
+    for file in dict.fromkeys(file for atlas in manifest.atlases for _, file in atlas.transforms):
+        dimension = load_transform(file).GetDimension()
+        if dimension not in dims:
+            raise RegistrationError(f"{file}: a {dimension}D transform, for {min(dims)}D images")
+    if config is not None and config.output.format == "mgz" and 2 in dims:
+        raise ImageError(f"{manifest.path}: output.format mgz holds 3D images only, these are 2D (use nii.gz)")
     if config is not None:
         k = config.selection.k
         if k != "all" and k > len(manifest.atlases):
@@ -218,7 +225,8 @@ def _cache_key(stage: str, target: Target, atlas: Atlas, config: Config) -> str:
     """The cache key of one registration stage of ``atlas`` onto ``target``: the files it reads, its settings.
     The affine stage's entry holds the selection score too, so the settings that shape the score count."""
     reg = config.registration
-    files = {"target": target.image, "target_mask": target.mask, "atlas": atlas.image, "atlas_mask": atlas.mask}
+    files = {"target": target.image, "target_mask": target.mask, "atlas": atlas.image, "atlas_mask": atlas.mask,
+             "given_transform": atlas.transform_for(target.id)}
     if reg.affine.initialization == "landmarks":
         files.update(target_landmarks=target.landmarks, atlas_landmarks=atlas.landmarks)
     registration = settings(reg)
@@ -233,7 +241,8 @@ def _cache_key(stage: str, target: Target, atlas: Atlas, config: Config) -> str:
 
 
 def _affine_job(target: Target, atlas: Atlas, config: Config, cache: Cache, key: str, threads: int):
-    """Affine-register one atlas to the target and score it for selection (runs in a worker): (atlas id,
+    """Affine-register one atlas to the target (or take the manifest's transform for the pair) and score it
+    for selection (runs in a worker): (atlas id,
     transform, record, score), or (atlas id, None, failure, None). The outcome goes into the cache."""
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
     reg = config.registration
@@ -241,16 +250,20 @@ def _affine_job(target: Target, atlas: Atlas, config: Config, cache: Cache, key:
         fixed = _load_normalized(target.image, reg.normalization)
         moving = _load_normalized(atlas.image, reg.normalization)
         landmarks = None
-        if reg.affine.initialization == "landmarks":
+        given = atlas.transform_for(target.id)
+        if reg.affine.initialization == "landmarks" and given is None:
             landmarks = (read_landmarks(target.landmarks, image=fixed), read_landmarks(atlas.landmarks, image=moving))
         masks = _masks(target, atlas)
+        initial = None if given is None else load_transform(given)
     except _READ_ERRORS as err:  # not cached: the file may be readable next time
         return atlas.id, None, {"reason": str(err)}, None
     try:
-        transform, record = affine_stage(fixed, moving, config=reg, masks=masks, landmarks=landmarks)
+        transform, record = affine_stage(fixed, moving, config=reg, masks=masks, landmarks=landmarks, given=initial)
     except RegistrationError as err:
         cache.store("affine", key, None, {"failure": _failure(err)})
         return atlas.id, None, _failure(err), None
+    if given is not None:
+        record["transform_file"] = str(given)
     start = time.perf_counter()
     labels = read_labels(atlas.labels) if config.selection.roi == "labels" else None
     mask = read_labels(target.mask) if target.mask is not None else None
@@ -457,7 +470,7 @@ def prepare_case(target: Target, atlases: list[Atlas], config: Config, *, count:
 
 def segment_target(target: Target, atlases: list[Atlas], config: Config, *, out_dir: Path, label_names: dict[int, str],
                    cache: Cache | None = None) -> TargetResult:
-    """Segment one target with the given atlases; write ``<out>/<target>/segmentation.nii.gz`` and, last,
+    """Segment one target with the given atlases; write ``<out>/<target>/segmentation.<output.format>`` and, last,
     ``<out>/<target>/target.json`` (the target's record: what a resumed run reuses)."""
     by_id = {a.id: a for a in atlases}
     reference = read_image(target.image)
@@ -514,11 +527,11 @@ def segment_target(target: Target, atlases: list[Atlas], config: Config, *, out_
 
     clock = time.perf_counter()
     target_dir = out_dir / target.id
-    seg_path = target_dir / "segmentation.nii.gz"
+    seg_path = target_dir / f"segmentation.{config.output.format}"
     write_image(segmentation, seg_path)
     for value, probability in probabilities.items():
         if value:
-            write_image(probability, target_dir / f"probability_{value}.nii.gz")
+            write_image(probability, target_dir / f"probability_{value}.{config.output.format}")
     if config.output.save_transforms:
         for aid in used:
             save_transform(transforms[aid], target_dir / "transforms" / f"{aid}.h5")
@@ -549,6 +562,7 @@ def inputs_key(target: Target, atlases: list[Atlas], config: Config) -> str:
     files = {f"{kind}:{entry.id}:{name}": getattr(entry, name)
              for kind, entries in (("target", [target]), ("atlas", atlases)) for entry in entries
              for name in ("image", "labels", "mask", "landmarks")}
+    files.update({f"atlas:{a.id}:transform": a.transform_for(target.id) for a in atlases})
     return entry_key("target", files=files, settings=_comparable(config.to_dict()))
 
 
@@ -562,7 +576,7 @@ def finished_target(target: Target, atlases: list[Atlas], config: Config, out_di
         record = document["record"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    segmentation = folder / "segmentation.nii.gz"
+    segmentation = folder / f"segmentation.{config.output.format}"
     if not segmentation.is_file():
         return None
     scores = None

@@ -120,7 +120,7 @@ CASES = [
     ("wrong extension", _wrong_extension, "case_001.png: cannot read image (no reader recognises it"),
     ("truncated mask", _truncated_mask, "mask.nii.gz: truncated or corrupt NIfTI file"),
     ("empty file", lambda d: (d / IMAGE).write_bytes(b""), "case_001.nii.gz: file is empty"),
-    ("directory", _directory, "image is a directory, expected an image file"),
+    ("directory", _directory, "folder.nii.gz: is a directory holding no DICOM series"),
     ("4D image", _four_d, "is 4D (size (32, 32, 2, 3)); 2D and 3D images are supported (extract one volume first)"),
     ("vector image", _vector, "has 3 components per voxel; a scalar image is needed (extract one channel first)"),
     ("2D with 3D", _mixed_dimensions, "mixes 2D images"),

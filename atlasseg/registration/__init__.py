@@ -13,7 +13,7 @@ import SimpleITK as sitk
 
 from ..config import RegistrationConfig
 from .affine import linear_parts, register_affine
-from .common import Masks, RegistrationDiverged, check_result, foreground, overlap_fraction
+from .common import Masks, RegistrationDiverged, check_result, foreground, metric_value, overlap_fraction
 from .landmarks import read_landmarks
 from .nonrigid import jacobian_determinant, register_bspline, register_demons, register_nonrigid
 from .transforms import compose, load_transform, save_displacement_field, save_transform
@@ -44,15 +44,28 @@ def affine_stage(
     config: RegistrationConfig,
     masks: Masks | None = None,
     landmarks: tuple[np.ndarray, np.ndarray] | None = None,
+    given: sitk.Transform | None = None,
 ) -> tuple[sitk.Transform, dict]:
-    """The affine stage, checked: overlap with the atlas, and no reflection (a determinant ≤ 0 folds everything)."""
-    transform, record = register_affine(fixed, moving, config=config.affine, seed=config.seed, masks=masks,
-                                        landmarks=landmarks)
+    """The affine stage, checked: overlap with the atlas, and no reflection (a determinant ≤ 0 folds everything).
+
+    With ``given`` (a transform from elsewhere, e.g. ANTs; any kind) no registration runs: ``given`` is
+    checked the same way (its folding measured over the target's foreground) and returned.
+    """
     region = foreground(fixed, masks)
+    if given is None:
+        transform, record = register_affine(fixed, moving, config=config.affine, seed=config.seed, masks=masks,
+                                            landmarks=landmarks)
+        record["jacobian"] = float(np.linalg.det(linear_parts(transform)[0]))
+        record["folded_fraction"] = 1.0 if record["jacobian"] <= 0 else 0.0
+    else:
+        transform = given
+        value = metric_value(fixed, moving, given, metric=config.affine.metric, masks=masks)
+        record = {"given": given.GetName(), "metric": config.affine.metric, "metric_before": value, "metric_after": value}
+        jacobian = sitk.GetArrayFromImage(jacobian_determinant(given, fixed))[region]
+        record["folded_fraction"] = float(np.mean(jacobian <= 0))
     record["overlap"] = overlap_fraction(fixed, moving, transform, region)
-    record["jacobian"] = float(np.linalg.det(linear_parts(transform)[0]))
-    record["folded_fraction"] = 1.0 if record["jacobian"] <= 0 else 0.0
-    check_result("affine", record, min_overlap=config.min_overlap, max_folded_fraction=config.max_folded_fraction)
+    check_result("affine" if given is None else "affine (given transform)", record, min_overlap=config.min_overlap,
+                 max_folded_fraction=config.max_folded_fraction)
     return transform, record
 
 
