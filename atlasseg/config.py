@@ -392,11 +392,16 @@ class OutputConfig:
         Also write each atlas's composed transform as ``<target>/transforms/<atlas>.h5``.
     probability_maps : bool
         Also write ``<target>/probability_<label>.nii.gz``: each label's share of the vote.
+    report : bool
+        Also write the QC report: ``<target>/qc.png`` (the segmentation's contours, and the ground
+        truth's, over the target on three orthogonal slices) and ``index.html`` (metrics, pictures,
+        atlas rankings, registration records); ``atlasseg report`` rewrites it from ``run.json``.
     """
 
     dir: str = "atlasseg-out"
     save_transforms: bool = False
     probability_maps: bool = False
+    report: bool = True
 
 
 @dataclass(frozen=True)

@@ -565,8 +565,8 @@ def versions() -> dict[str, str]:
 def check_output_dir(out: Path, config: Config, manifest: Manifest, *, force: bool = False) -> None:
     """Before any work: ``out`` is a writable folder, and holds no outputs of another config.
 
-    A folder with a ``run.json`` whose config differs (``output.dir`` aside), or with files but no
-    ``run.json``, is refused unless ``force``: outputs of two configs are never silently mixed. A new
+    A folder with a ``run.json`` whose config differs (``output.dir`` and ``output.report`` aside), or with
+    files but no ``run.json``, is refused unless ``force``: outputs of two configs are never silently mixed. A new
     folder gets a ``run.json`` at once (the config, status ``running``), so a stopped run is recognised.
     """
     try:
@@ -598,7 +598,7 @@ def check_output_dir(out: Path, config: Config, manifest: Manifest, *, force: bo
 
 
 def _comparable(config: dict) -> dict:
-    return {**config, "output": {k: v for k, v in config.get("output", {}).items() if k != "dir"}}
+    return {**config, "output": {k: v for k, v in config.get("output", {}).items() if k not in ("dir", "report")}}
 
 
 def _differences(old, new, prefix: str = "") -> list[tuple[str, object, object]]:
@@ -611,7 +611,8 @@ def _differences(old, new, prefix: str = "") -> list[tuple[str, object, object]]
 
 def run(config: Config, manifest: Manifest, *, out_dir: str | Path | None = None, target_ids=None,
         force: bool = False) -> list[TargetResult]:
-    """Segment the manifest's targets (or those named) and write segmentations, metrics.csv and run.json.
+    """Segment the manifest's targets (or those named) and write segmentations, metrics.csv, run.json
+    and (``output.report``) the QC report (:func:`atlasseg.report.write_report`).
 
     Inputs and the output folder are checked first (:func:`check_inputs`, :func:`check_output_dir`;
     ``force`` writes over another config's outputs).
@@ -641,6 +642,10 @@ def run(config: Config, manifest: Manifest, *, out_dir: str | Path | None = None
         "targets": {r.target_id: r.record for r in results},
     }
     write_json(out / "run.json", run_record)
+    if config.output.report:
+        from .report import write_report  # matplotlib is imported only for a report
+
+        write_report(out, run_record, manifest)
     return results
 
 

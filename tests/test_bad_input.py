@@ -241,7 +241,7 @@ def test_disk_full_mid_write_fails_cleanly_and_keeps_previous_outputs(source, tm
     out = tmp_path / "out"
     assert _run(source, out) == 0
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
-    assert {p.name for p in before} == {"segmentation.nii.gz", "metrics.csv", "run.json"}
+    assert {p.name for p in before} == {"segmentation.nii.gz", "metrics.csv", "run.json", "qc.png", "index.html"}
 
     def full(*args, **kwargs):
         if writer == "image":  # half a file reaches the disk, then the device is full
