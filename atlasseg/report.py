@@ -9,9 +9,9 @@ Orientation: a 3D image is first put on its nearest LPS grid (axes permuted and 
 resampled: ``SimpleITK.DICOMOrient``) and shown as radiologists view it: axial slices from the feet
 (patient's right on the left, anterior up), coronal from the front (right on the left, superior up),
 sagittal from the patient's left (anterior on the left, superior up); letters at the edges say so. An
-oblique image is shown on that nearest grid, its small rotation not undone. A 2D image is shown on its
-voxel grid, first axis to the right, second axis down. Pixels are drawn at their physical size in mm,
-so anisotropic voxels keep the anatomy's proportions.
+oblique image is shown on that nearest grid, its rotation not undone (the picture's title says so). A
+2D image is shown on its voxel grid, first axis to the right, second axis down. Pixels are drawn at
+their physical size in mm, so anisotropic voxels keep the anatomy's proportions.
 
 The page holds the run's summary, the metrics table, and per target its picture, its atlas ranking
 (selected and dropped atlases, with reasons) and its registration records. It needs no server: the
@@ -121,6 +121,7 @@ def qc_figure(image: sitk.Image, segmentation: sitk.Image, truth: sitk.Image | N
     label_names = label_names or {}
     dim = image.GetDimension()
     maps = [("segmentation", segmentation)] + ([("reference", truth)] if truth is not None else [])
+    oblique = not np.allclose(np.abs(image.GetDirection()), np.abs(np.round(image.GetDirection())), atol=1e-3)
     if dim == 3:
         image = sitk.DICOMOrient(image, "LPS")
         maps = [(name, sitk.DICOMOrient(labels, "LPS")) for name, labels in maps]
@@ -178,8 +179,9 @@ def qc_figure(image: sitk.Image, segmentation: sitk.Image, truth: sitk.Image | N
     if legend:
         handles = [Line2D([], [], color=label_colour(v), linewidth=3, label=name) for v, name in zip(present, legend)]
         figure.legend(handles=handles, loc="lower center", ncol=columns, fontsize=9, frameon=False, borderaxespad=0.2)
+    title = _text(title) + ("   (oblique image: shown on its nearest LPS axes)" if oblique and dim == 3 else "")
     if title:
-        figure.suptitle(_text(title), fontsize=11, y=1 - 0.06 / height, va="top")
+        figure.suptitle(title, fontsize=11, y=1 - 0.06 / height, va="top")
     return figure
 
 

@@ -178,3 +178,8 @@ def test_views_have_physical_proportions_and_a_fixed_orientation():
     for direction in [(-1, 0, 0, 0, -1, 0, 0, 0, 1), (0, 0, 1, 1, 0, 0, 0, -1, 0)]:  # radiological, and axes permuted
         _, other = _render(*_volume(direction))
         assert other.shape == pixels.shape and np.array_equal(other, pixels)
+    assert figure.get_suptitle() == "t"
+    image, labels = _volume()
+    for item in (image, labels):
+        item.SetDirection(sitk.Euler3DTransform((0, 0, 0), 0.0, 0.0, 0.3).GetMatrix())
+    assert "oblique" in _render(image, labels)[0].get_suptitle()
