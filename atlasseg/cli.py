@@ -79,6 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="folder for crossval.csv and crossval.json (default: output.dir of the config)")
     p.set_defaults(func=cmd_crossval)
 
+    p = sub.add_parser("report", help="(re)write the QC report (qc.png per target, index.html) of a finished run")
+    p.add_argument("out", metavar="OUT_DIR", help="the run's output folder (holding run.json)")
+    p.add_argument("--manifest", help="data manifest for ground truth and label names (default: the run's)")
+    p.set_defaults(func=cmd_report)
+
     p = sub.add_parser("demo", help="make a synthetic dataset and segment it")
     p.add_argument("--out", default="atlasseg-demo", help="folder for data/ and results/ (default: %(default)s)")
     p.add_argument("--dim", type=int, choices=(2, 3), default=3, help="image dimension (default: %(default)s)")
@@ -269,6 +274,13 @@ def cmd_crossval(args) -> int:
     print(f"leave-one-out over {len(manifest.atlases)} atlases ({scored} scored): mean Dice per label over the targets")
     print(format_rows(head, rows, left=2))
     print(f"\nfinished in {document['seconds_total']:.1f} s; {out / 'crossval.csv'} and {out / 'crossval.json'} written")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from .report import report_folder
+
+    print(f"report written: {report_folder(args.out, args.manifest)}")
     return 0
 
 

@@ -414,6 +414,10 @@ class OutputConfig:
         The cache folder; unset: ``$ATLASSEG_CACHE_DIR``, else ``~/.cache/atlasseg``.
         A run reads and writes entries of a few times an image's size per registration;
         ``atlasseg cache info|clear`` shows and frees them.
+    report : bool
+        Also write the QC report: ``<target>/qc.png`` (the segmentation's contours, and the ground
+        truth's, over the target on three orthogonal slices) and ``index.html`` (metrics, pictures,
+        atlas rankings, registration records); ``atlasseg report`` rewrites it from ``run.json``.
     """
 
     dir: str = "atlasseg-out"
@@ -422,6 +426,7 @@ class OutputConfig:
     probability_maps: bool = False
     cache: bool = True
     cache_dir: Optional[str] = None
+    report: bool = True
 
 
 @dataclass(frozen=True)

@@ -539,6 +539,7 @@ def segment_target(target: Target, atlases: list[Atlas], config: Config, *, out_
 
     record = {
         "image": str(target.image),
+        "segmentation": seg_path.name,
         "ranking": ranking.table(config.selection.metric),
         "selected": used,
         "dropped": dropped,
@@ -683,8 +684,8 @@ def versions() -> dict[str, str]:
 def check_output_dir(out: Path, config: Config, manifest: Manifest, *, force: bool = False) -> None:
     """Before any work: ``out`` is a writable folder, and holds no outputs of another config.
 
-    A folder with a ``run.json`` whose config differs (``output.dir`` aside), or with files but no
-    ``run.json``, is refused unless ``force``: outputs of two configs are never silently mixed. A new
+    A folder with a ``run.json`` whose config differs (``output.dir`` and ``output.report`` aside), or with
+    files but no ``run.json``, is refused unless ``force``: outputs of two configs are never silently mixed. A new
     folder gets a ``run.json`` at once (the config, status ``running``), so a stopped run is recognised.
     """
     try:
@@ -718,8 +719,9 @@ def check_output_dir(out: Path, config: Config, manifest: Manifest, *, force: bo
 
 
 def _comparable(config: dict) -> dict:
-    """The config without what does not change a run's outputs: where they go, the cache, the parallel backend."""
-    output = {k: v for k, v in config.get("output", {}).items() if k not in ("dir", "cache", "cache_dir")}
+    """The config without what does not change the segmentations: where they go, the cache, the parallel
+    backend, the report."""
+    output = {k: v for k, v in config.get("output", {}).items() if k not in ("dir", "cache", "cache_dir", "report")}
     return {**{k: v for k, v in config.items() if k != "parallel"}, "output": output}
 
 
@@ -737,7 +739,8 @@ _TARGET_ERRORS = (AtlassegError, RuntimeError, OSError, MemoryError)
 
 def run(config: Config, manifest: Manifest, *, out_dir: str | Path | None = None, target_ids=None,
         force: bool = False) -> list[TargetResult]:
-    """Segment the manifest's targets (or those named) and write segmentations, metrics.csv and run.json.
+    """Segment the manifest's targets (or those named) and write segmentations, metrics.csv, run.json
+    and (``output.report``) the QC report (:func:`atlasseg.report.write_report`).
 
     Inputs and the output folder are checked first (:func:`check_inputs`, :func:`check_output_dir`).
     Registrations come from the cache when an earlier run made them, and targets an earlier run of the
@@ -781,6 +784,13 @@ def run(config: Config, manifest: Manifest, *, out_dir: str | Path | None = None
     run_record.update(status="failed" if failed else "complete", failed_targets=failed,
                       seconds_total=round(time.perf_counter() - start, 3), peak_memory_mb=_peak_mb())
     write_json(out / "run.json", run_record)
+    if config.output.report:
+        from .report import write_report  # matplotlib is imported only for a report
+
+        try:
+            write_report(out, run_record, manifest)
+        except _TARGET_ERRORS as err:  # the segmentations and run.json are written: a warning, not a failed run
+            log.warning("%s: QC report not written (%s)", out / "index.html", err)
     return results
 
 
