@@ -42,8 +42,8 @@ def thread_budget(parallel: ParallelConfig, n_tasks: int) -> tuple[int, int]:
     On a Dask cluster of other machines every worker thread runs one job with
     ``itk_threads`` (default 1) ITK threads: a worker started with one thread per core stays within its cores.
     """
-    if parallel.backend == "dask" and parallel.scheduler:
-        jobs = max(1, sum(_client.nthreads().values())) if _client is not None else max(1, n_tasks)
+    if parallel.backend == "dask" and parallel.scheduler:  # jobs run on the cluster's machines, not this one
+        jobs = sum(_client.nthreads().values()) if _client is not None else 1
         return max(1, min(jobs, n_tasks)), parallel.itk_threads or 1
     cores = available_cores()
     jobs = cores if parallel.n_jobs == -1 else parallel.n_jobs
