@@ -238,13 +238,15 @@ def cmd_validate(args) -> int:
 
 
 def cmd_select(args) -> int:
+    from .parallel import session
     from .pipeline import check_inputs, rank_atlases
 
     config, manifest = _load(args)
     check_inputs(manifest, config)
     target = manifest.case(args.target)
     atlases = manifest.atlases_for(target)
-    ranking = rank_atlases(target, atlases, config)
+    with session(config.parallel):
+        ranking = rank_atlases(target, atlases, config)
     sel = config.selection
     region = {"none": "whole image", "labels": f"atlas labels' box + {sel.roi_margin:g} mm"}[sel.roi]
     if target.mask is not None:
@@ -265,10 +267,12 @@ def cmd_select(args) -> int:
 def cmd_crossval(args) -> int:
     from .crossval import crossval, parse_ks, summary_table
     from .fusion import METHODS
+    from .parallel import session
 
     config, manifest = _load(args)
     out = Path(args.out or config.output.dir)
-    document = crossval(config, manifest, ks=parse_ks(args.ks), methods=args.methods or METHODS, out_dir=out)
+    with session(config.parallel):  # one Dask cluster (when configured) for every target
+        document = crossval(config, manifest, ks=parse_ks(args.ks), methods=args.methods or METHODS, out_dir=out)
     head, rows = summary_table(document, manifest.label_names)
     scored = sum("settings" in r for r in document["targets"].values())
     print(f"leave-one-out over {len(manifest.atlases)} atlases ({scored} scored): mean Dice per label over the targets")
