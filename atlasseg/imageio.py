@@ -337,9 +337,21 @@ def normalize_intensity(image: sitk.Image, *, method: str = "percentile") -> sit
 TMP_PREFIX = ".tmp-"
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_FILE_MODE = 0o666 & ~_umask()  # what open() would give a new file; mkstemp's own is 0600
+
+
 def _tmp_in(folder: Path, suffix: str) -> str:
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=TMP_PREFIX, suffix=suffix)
-    os.close(fd)
+    try:
+        os.fchmod(fd, _FILE_MODE)  # outputs readable by whoever may read the folder, as any new file
+    finally:
+        os.close(fd)
     return tmp
 
 

@@ -420,3 +420,16 @@ def test_evaluate_checks_both_label_maps(data, capsys, make, code, needle):
     assert main(["evaluate", str(data / LABELS), str(truth)]) == code
     err = capsys.readouterr().err
     assert needle in err and err.count("\n") == (code == 2)
+
+
+def test_outputs_get_the_usual_file_permissions(tmp_path):
+    """Atomic writes go through a private (0600) temporary file; the file in place has the mode a new file gets."""
+    from atlasseg.imageio import atomic_write_text, write_image
+
+    atomic_write_text(tmp_path / "a.json", "{}")
+    write_image(sitk.Image(4, 4, sitk.sitkUInt8), tmp_path / "a.nii.gz")
+    with open(tmp_path / "plain", "w"):
+        pass
+    usual = (tmp_path / "plain").stat().st_mode & 0o777
+    assert usual & 0o044  # the group and others may read (a umask of 022 or 002, as test machines have)
+    assert {(tmp_path / name).stat().st_mode & 0o777 for name in ("a.json", "a.nii.gz")} == {usual}
