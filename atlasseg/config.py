@@ -139,11 +139,11 @@ class AffineConfig:
     """
 
     initialization: Literal["geometry", "moments", "landmarks", "none"] = "geometry"
-    stages: tuple[str, ...] = ("rigid", "affine")
+    stages: tuple[str, ...] = ("affine",)
     metric: Literal["mattes", "ncc", "mse", "ants_ncc"] = "ncc"
     optimizer: Literal["regular_step", "gradient_descent", "lbfgsb"] = "regular_step"
     shrink_factors: tuple[int, ...] = (4, 2)
-    smoothing_sigmas: tuple[float, ...] = (2.0, 1.0)
+    smoothing_sigmas: tuple[float, ...] = (1.0, 0.0)
     iterations: int = 50
     learning_rate: float = 1.0
     sampling_strategy: Literal["random", "regular", "none"] = "random"
@@ -195,7 +195,9 @@ class NonrigidConfig:
         cheaper, but folds thick-slice images); both use symmetric forces.
     field_sigma : float, mm
         ``demons``: Gaussian smoothing of the displacement field after each update (elastic
-        regularisation), in mm at full resolution: coarser levels keep its width in voxels.
+        regularisation): mm along the image's finest axis, and the same number of voxels along the
+        others (on 8 mm slices a field smoothed by 1 mm across slices folds); coarser levels keep
+        its width in voxels.
     update_sigma : float, mm
         ``demons``: Gaussian smoothing of each update (fluid regularisation), like ``field_sigma``; 0 turns it off.
     """
@@ -203,15 +205,15 @@ class NonrigidConfig:
     enabled: bool = True
     method: Literal["bspline", "demons"] = "demons"
     shrink_factors: tuple[int, ...] = (2, 1)
-    smoothing_sigmas: tuple[float, ...] = (1.0, 0.0)
-    iterations: int | tuple[int, ...] = 30
+    smoothing_sigmas: tuple[float, ...] = (0.0, 0.0)
+    iterations: int | tuple[int, ...] = (50, 5)
     grid_spacing: float = 6.0
     metric: Literal["ncc", "mse", "mattes", "ants_ncc"] = "ncc"
     sampling_percentage: float = 0.25
     regularization: float = 0.1
     ncc_radius: int = 2
     demons_variant: Literal["diffeomorphic", "symmetric"] = "diffeomorphic"
-    field_sigma: float = 1.0
+    field_sigma: float = 1.25
     update_sigma: float = 0.0
 
     def __post_init__(self):

@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from atlasseg.config import Config, load_config, preset_path
+from atlasseg.config import AffineConfig, Config, load_config, preset_path
 from atlasseg.errors import ConfigError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -23,7 +23,7 @@ def test_presets_load_and_resolve_by_name():
     assert preset_path("demo").name == "demo.yaml"
     demo = load_config("demo")
     assert demo.selection.k == 5
-    assert demo.registration.affine.stages == ("rigid", "affine")  # untouched keys keep the defaults
+    assert demo.registration.affine.stages == AffineConfig().stages  # untouched keys keep the defaults
     baseline = load_config("baseline")
     assert baseline.registration.affine.stages == () and not baseline.registration.nonrigid.enabled
     assert baseline.registration.affine.initialization == "none" and baseline.fusion.method == "majority"

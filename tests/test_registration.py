@@ -41,14 +41,16 @@ def known_affine(dim: int) -> sitk.AffineTransform:
     return truth
 
 
-def test_known_affine_is_recovered(dim):
+@pytest.mark.parametrize("stages", [AffineConfig().stages, ("rigid", "affine")], ids=["default", "chained"])
+def test_known_affine_is_recovered(dim, stages):
     fixed, _ = phantom(dim=dim, size=48, spacing=1.5)
     truth = known_affine(dim)
     moving = warp(fixed, truth.GetInverse())  # moving(truth(x)) == fixed(x)
-    found, record = register_affine(fixed, moving, config=AffineConfig(), seed=1)
+    config = AffineConfig(stages=stages)
+    found, record = register_affine(fixed, moving, config=config, seed=1)
     assert max_point_error(found, truth, dim) < 0.75  # half a voxel
     assert record["metric_after"] < record["metric_before"]
-    assert [s["stage"] for s in record["stages"]] == ["rigid", "affine"]
+    assert [s["stage"] for s in record["stages"]] == list(config.stages)
     assert all(level["iterations"] >= 1 for s in record["stages"] for level in s["levels"])
 
 

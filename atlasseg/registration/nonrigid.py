@@ -395,8 +395,8 @@ def _demons_level(f: np.ndarray, m: np.ndarray, u: np.ndarray, *, spacing: np.nd
     mean squared voxel size, whose steps fold thick-slice images). No force where φ leaves ``m``'s grid.
     ``diffeomorphic`` composes each step onto the field (φ ← φ ∘ (x + step)), ``symmetric`` adds it;
     the step is smoothed by ``update_sigma`` and the field by ``field_sigma``, both in mm at full
-    resolution (``voxels``: the full-resolution voxel size, numpy order), so each keeps its width in
-    voxels on every level.
+    resolution measured in units of ``voxels`` (mm per voxel, numpy order), so each keeps its width
+    in voxels on every level.
     """
     dim = f.ndim
     grid = np.indices(f.shape, dtype=f.dtype)
@@ -455,7 +455,10 @@ def register_demons(
     padded.SetOrigin((np.asarray(fixed.GetOrigin()) - direction @ (pad * np.asarray(fixed.GetSpacing()))).tolist())
     moved = sitk.Resample(moving, padded, initial, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
     reference = sitk.Cast(fixed, sitk.sitkFloat32)
-    voxels = np.asarray(fixed.GetSpacing())[::-1]
+    # Smoothing widths are mm along the finest axis, the same number of voxels along every axis (as ITK
+    # and ANTs smooth fields, in voxels): 1 mm across 8 mm slices would let neighbouring slices move
+    # apart freely, and such fields folded on cardiac data.
+    voxels = np.full(dim, min(fixed.GetSpacing()))
     state: dict = {"field": None, "grid": None}
 
     def solve(level: int, shrink: int, sigma: float) -> dict:
