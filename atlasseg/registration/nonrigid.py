@@ -322,32 +322,36 @@ class _Linear:
     """Linear interpolation at continuous indices ``coords`` (numpy order, shape (dim, ...)) of any
     array on a grid of ``shape``, clamped to the grid (nearest-neighbour extrapolation).
 
-    The corners and weights are found once; calling it interpolates an array, or each component
-    of a field (components first). ``outside`` marks the points beyond the grid's voxel centres.
+    The lower corner and the weights are found once; calling it interpolates an array, or each
+    component of a field (components first). ``outside`` marks the points beyond the grid's voxel
+    centres. Each neighbour is read through a shifted view of the array, so no index array per
+    corner is made (memory: about 4 bytes per point per dimension, plus 8 for the index).
     """
 
     def __init__(self, coords: np.ndarray, shape: tuple[int, ...]):
-        strides = [int(np.prod(shape[axis + 1:])) for axis in range(len(shape))]
-        index, self.fractions, corners = 0, [], np.zeros(1, np.intp)
+        self.strides = [int(np.prod(shape[axis + 1:])) if n > 1 else 0 for axis, n in enumerate(shape)]
+        self.index, self.fractions = 0, []
         self.outside = np.zeros(coords.shape[1:], bool)
         for axis, n in enumerate(shape):
             c = np.clip(coords[axis], 0, n - 1)
             self.outside |= c != coords[axis]
             lower = np.minimum(np.floor(c), max(n - 2, 0))  # in the coordinates' float type, as the fractions
-            index = index + lower.astype(np.intp) * strides[axis]
+            self.index = self.index + lower.astype(np.intp) * self.strides[axis]
             self.fractions.append(c - lower)
-            # both neighbours along this axis (the same voxel twice on a one-voxel axis), last axis fastest
-            corners = (corners[:, None] + np.array([0, strides[axis] if n > 1 else 0])).ravel()
-        self.index = index + corners.reshape((-1,) + (1,) * index.ndim)
         self.dim = len(shape)
 
     def __call__(self, array: np.ndarray) -> np.ndarray:
         if array.ndim > self.dim:
             return np.stack([self(component) for component in array])
-        values = array.ravel().take(self.index)
-        for fraction in reversed(self.fractions):  # along the last axis first: pairs of neighbours
-            values = values[0::2] + fraction * (values[1::2] - values[0::2])
-        return values[0]
+        return self._corner(array.ravel(), 0, 0)
+
+    def _corner(self, flat: np.ndarray, axis: int, offset: int) -> np.ndarray:
+        """The interpolation along axes ``axis`` onwards, from the corner ``offset`` elements on (depth first)."""
+        if axis == self.dim:
+            return flat[offset:].take(self.index)
+        low = self._corner(flat, axis + 1, offset)
+        high = self._corner(flat, axis + 1, offset + self.strides[axis])
+        return low + self.fractions[axis] * (high - low)
 
 
 def _regrid(field: np.ndarray, source: sitk.Image, target: sitk.Image) -> np.ndarray:
