@@ -206,7 +206,7 @@ class NonrigidConfig:
     method: Literal["bspline", "demons"] = "demons"
     shrink_factors: tuple[int, ...] = (2, 1)
     smoothing_sigmas: tuple[float, ...] = (0.0, 0.0)
-    iterations: int | tuple[int, ...] = (50, 5)
+    iterations: int | tuple[int, ...] = (50, 10)
     grid_spacing: float = 6.0
     metric: Literal["ncc", "mse", "mattes", "ants_ncc"] = "ncc"
     sampling_percentage: float = 0.25
