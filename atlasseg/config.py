@@ -47,7 +47,8 @@ def _check_pyramid(stage) -> None:
     per_level = isinstance(stage.iterations, tuple)
     _require(not per_level or len(stage.iterations) == len(stage.shrink_factors), "iterations",
              "one number for every level, or a list with one entry per level")
-    _require(all(i >= 1 for i in (stage.iterations if per_level else (stage.iterations,))), "iterations", "must be >= 1")
+    counts = stage.iterations if per_level else (stage.iterations,)
+    _require(all(i >= 1 for i in counts), "iterations", "must be >= 1")
     _require(0 < stage.sampling_percentage <= 1, "sampling_percentage", "must be in (0, 1]")
 
 

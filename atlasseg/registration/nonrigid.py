@@ -443,10 +443,10 @@ def register_demons(
     The moving image is first resampled through ``initial`` onto the fixed grid, padded by two
     voxels of the coarsest level; each level then runs diffeomorphic demons (or additive
     symmetric-forces demons) on the smoothed, shrunk pair, starting from the previous level's
-    field (see :func:`_demons_level`; in numpy: ITK's demons filters took about three times as
-    long per update on 40³-voxel images). Demons compares intensities
-    directly: for same-contrast images only. It takes no masks and no seed (it uses every
-    voxel); they are accepted for a common signature.
+    field (see :func:`_demons_level`; in numpy: ITK's demons filters took three to four times as
+    long per update on 40³-voxel images). Demons compares intensities directly: for same-contrast
+    images only. It takes no masks and no seed (it uses every voxel); they are accepted for a
+    common signature.
 
     Returns ``initial`` ∘ displacement field as a composite, and the per-level record.
     """
@@ -472,7 +472,8 @@ def register_demons(
             u = np.zeros((dim,) + f_array.shape, np.float32)
         else:
             u = _regrid(state["field"], state["grid"], f)
-        offset = (direction.T @ (np.asarray(f.GetOrigin()) - np.asarray(m.GetOrigin())) / np.asarray(m.GetSpacing()))[::-1]
+        shift = direction.T @ (np.asarray(f.GetOrigin()) - np.asarray(m.GetOrigin()))  # mm along the axes, x first
+        offset = (shift / np.asarray(m.GetSpacing()))[::-1]
         state["field"], info = _demons_level(
             f_array, sitk.GetArrayFromImage(m), u, spacing=np.asarray(f.GetSpacing())[::-1], voxels=voxels,
             config=config, iterations=config.iterations_at(level), offset=offset,
