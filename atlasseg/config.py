@@ -45,7 +45,11 @@ def _check_pyramid(stage) -> None:
     _require(len(stage.shrink_factors) >= 1, "shrink_factors", "at least one level is needed")
     _require(all(s >= 1 for s in stage.shrink_factors), "shrink_factors", "must be >= 1")
     _require(all(s >= 0 for s in stage.smoothing_sigmas), "smoothing_sigmas", "must be >= 0 (mm)")
-    _require(stage.iterations >= 1, "iterations", "must be >= 1")
+    per_level = isinstance(stage.iterations, tuple)
+    _require(not per_level or len(stage.iterations) == len(stage.shrink_factors), "iterations",
+             "one number for every level, or a list with one entry per level")
+    counts = stage.iterations if per_level else (stage.iterations,)
+    _require(all(i >= 1 for i in counts), "iterations", "must be >= 1")
     _require(0 < stage.sampling_percentage <= 1, "sampling_percentage", "must be in (0, 1]")
 
 
@@ -137,11 +141,11 @@ class AffineConfig:
     """
 
     initialization: Literal["geometry", "moments", "landmarks", "none"] = "geometry"
-    stages: tuple[str, ...] = ("rigid", "affine")
+    stages: tuple[str, ...] = ("affine",)
     metric: Literal["mattes", "ncc", "mse", "ants_ncc"] = "ncc"
     optimizer: Literal["regular_step", "gradient_descent", "lbfgsb"] = "regular_step"
     shrink_factors: tuple[int, ...] = (4, 2)
-    smoothing_sigmas: tuple[float, ...] = (2.0, 1.0)
+    smoothing_sigmas: tuple[float, ...] = (1.0, 0.0)
     iterations: int = 50
     learning_rate: float = 1.0
     sampling_strategy: Literal["random", "regular", "none"] = "random"
@@ -169,8 +173,10 @@ class NonrigidConfig:
         displacement field; same-contrast images only, often faster).
     shrink_factors, smoothing_sigmas : list
         Pyramid, coarse to fine (sigmas in mm).
-    iterations : int
-        Maximum iterations per level (L-BFGS-B for ``bspline``, demons updates for ``demons``).
+    iterations : int or list of int
+        Iterations per level (most L-BFGS-B iterations for ``bspline``, demons updates for
+        ``demons``): one number for every level, or one per level, coarse to fine (as ANTs'
+        ``100x70x50``): the finest level costs the most per iteration and needs the fewest.
     grid_spacing : float, mm
         ``bspline``: control-point spacing at the finest level; the grid is refined by 2
         between levels, so the coarsest level's spacing is ``grid_spacing * 2**(levels-1)``.
@@ -187,25 +193,29 @@ class NonrigidConfig:
     ncc_radius : int, voxels
         ``ants_ncc``: window radius.
     demons_variant : str
-        ``diffeomorphic`` (diffeomorphic demons) or ``symmetric`` (fast symmetric forces).
+        ``diffeomorphic`` (each step composed onto the field) or ``symmetric`` (each step added:
+        cheaper, but folds thick-slice images); both use symmetric forces.
     field_sigma : float, mm
-        ``demons``: Gaussian smoothing of the displacement field after each update (elastic regularisation).
+        ``demons``: Gaussian smoothing of the displacement field after each update (elastic
+        regularisation): mm along the image's finest axis, and the same number of voxels along the
+        others (on 8 mm slices a field smoothed by 1 mm across slices folds); coarser levels keep
+        its width in voxels.
     update_sigma : float, mm
-        ``demons``: Gaussian smoothing of each update (fluid regularisation); 0 turns it off.
+        ``demons``: Gaussian smoothing of each update (fluid regularisation), like ``field_sigma``; 0 turns it off.
     """
 
     enabled: bool = True
     method: Literal["bspline", "demons"] = "demons"
     shrink_factors: tuple[int, ...] = (2, 1)
-    smoothing_sigmas: tuple[float, ...] = (1.0, 0.0)
-    iterations: int = 30
+    smoothing_sigmas: tuple[float, ...] = (0.0, 0.0)
+    iterations: int | tuple[int, ...] = (50, 10)
     grid_spacing: float = 6.0
     metric: Literal["ncc", "mse", "mattes", "ants_ncc"] = "ncc"
     sampling_percentage: float = 0.25
     regularization: float = 0.1
     ncc_radius: int = 2
     demons_variant: Literal["diffeomorphic", "symmetric"] = "diffeomorphic"
-    field_sigma: float = 1.0
+    field_sigma: float = 1.25
     update_sigma: float = 0.0
 
     def __post_init__(self):
@@ -215,6 +225,10 @@ class NonrigidConfig:
         _require(self.field_sigma >= 0, "field_sigma", "must be >= 0 (mm)")
         _require(self.update_sigma >= 0, "update_sigma", "must be >= 0 (mm)")
         _check_pyramid(self)
+
+    def iterations_at(self, level: int) -> int:
+        """The iterations of pyramid level ``level`` (0 = coarsest)."""
+        return self.iterations[level] if isinstance(self.iterations, tuple) else self.iterations
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from atlasseg.config import Config, load_config, preset_path
+from atlasseg.config import AffineConfig, Config, load_config, preset_path
 from atlasseg.errors import ConfigError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -23,7 +23,7 @@ def test_presets_load_and_resolve_by_name():
     assert preset_path("demo").name == "demo.yaml"
     demo = load_config("demo")
     assert demo.selection.k == 5
-    assert demo.registration.affine.stages == ("rigid", "affine")  # untouched keys keep the defaults
+    assert demo.registration.affine.stages == AffineConfig().stages  # untouched keys keep the defaults
     baseline = load_config("baseline")
     assert baseline.registration.affine.stages == () and not baseline.registration.nonrigid.enabled
     assert baseline.registration.affine.initialization == "none" and baseline.fusion.method == "majority"
@@ -56,6 +56,9 @@ def test_unknown_key_names_key_path_and_file(tmp_path, text, key):
         ("selection: {threshold: high}", "selection.threshold"),
         ("registration: {affine: {iterations: 0}}", "registration.affine.iterations"),
         ("registration: {nonrigid: {iterations: 0}}", "registration.nonrigid.iterations"),
+        ("registration: {nonrigid: {iterations: [30, 0]}}", "registration.nonrigid.iterations"),
+        ("registration: {nonrigid: {iterations: [30, 10, 5]}}", "registration.nonrigid.iterations"),
+        ("registration: {affine: {iterations: [30, 10]}}", "registration.affine.iterations"),
         ("fusion: {staple_iterations: 0}", "fusion.staple_iterations"),
         ("registration: {affine: {stages: [affine, rigid]}}", "registration.affine.stages"),
         ("registration: {affine: {metric: nmi}}", "registration.affine.metric"),

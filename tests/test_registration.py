@@ -41,14 +41,16 @@ def known_affine(dim: int) -> sitk.AffineTransform:
     return truth
 
 
-def test_known_affine_is_recovered(dim):
+@pytest.mark.parametrize("stages", [AffineConfig().stages, ("rigid", "affine")], ids=["default", "chained"])
+def test_known_affine_is_recovered(dim, stages):
     fixed, _ = phantom(dim=dim, size=48, spacing=1.5)
     truth = known_affine(dim)
     moving = warp(fixed, truth.GetInverse())  # moving(truth(x)) == fixed(x)
-    found, record = register_affine(fixed, moving, config=AffineConfig(), seed=1)
+    config = AffineConfig(stages=stages)
+    found, record = register_affine(fixed, moving, config=config, seed=1)
     assert max_point_error(found, truth, dim) < 0.75  # half a voxel
     assert record["metric_after"] < record["metric_before"]
-    assert [s["stage"] for s in record["stages"]] == ["rigid", "affine"]
+    assert [s["stage"] for s in record["stages"]] == list(config.stages)
     assert all(level["iterations"] >= 1 for s in record["stages"] for level in s["levels"])
 
 
@@ -183,6 +185,51 @@ def test_iterations_and_learning_rate_take_effect():
     tiny = AffineConfig(optimizer="gradient_descent", learning_rate=1e-9, stages=("rigid",), iterations=5)
     found, _ = register_affine(fixed, moving, config=tiny, seed=1)
     np.testing.assert_allclose(found.GetParameters(), sitk.Euler2DTransform().GetParameters(), atol=1e-6)
+
+
+def test_nonrigid_iterations_per_level_take_effect():
+    fixed, labels, deformation, _ = textured_pair(2)
+    nonrigid = NonrigidConfig(iterations=(7, 2), shrink_factors=(2, 1), smoothing_sigmas=(0.0, 0.0))
+    for method in ("demons", "bspline"):
+        config = RegistrationConfig(affine=NO_AFFINE, nonrigid=replace(nonrigid, method=method))
+        _, record = register(fixed, warp(fixed, deformation), config=config)
+        assert [level["iterations"] <= cap for level, cap in zip(record["nonrigid"]["levels"], (7, 2))] == [True] * 2
+        if method == "demons":  # demons runs every update it is given
+            assert [level["iterations"] for level in record["nonrigid"]["levels"]] == [7, 2]
+
+
+def test_demons_interpolation_matches_scipy_and_marks_points_off_the_grid():
+    from scipy import ndimage
+
+    from atlasseg.registration.nonrigid import _Linear
+
+    rng = np.random.default_rng(0)
+    for shape in [(9, 7), (5, 6, 4), (1, 6, 5)]:  # a one-voxel axis too
+        volume = rng.random(shape).astype(np.float32)
+        coords = (rng.random((len(shape), 50)) * (np.array(shape)[:, None] + 2) - 1).astype(np.float32)
+        coords[np.array(shape) == 1] = 0.0  # on the one-voxel axis's only voxel
+        interpolate = _Linear(coords, shape)
+        expected = ndimage.map_coordinates(volume, coords, order=1, mode="nearest")
+        np.testing.assert_allclose(interpolate(volume), expected, atol=1e-5)
+        np.testing.assert_allclose(interpolate(np.stack([volume, 2 * volume])), [expected, 2 * expected], atol=1e-5)
+        off_grid = ((coords < 0) | (coords > np.array(shape)[:, None] - 1)).any(axis=0)
+        assert (interpolate.outside == off_grid).all() and off_grid.any() and not off_grid.all()
+
+
+def test_demons_on_thick_slices_neither_folds_nor_overshoots():
+    """Steps of at most half the smallest voxel: on 2 × 2 × 8 mm voxels a step of half the mean
+    voxel (as ITK's demons take) is a whole in-plane voxel, and folded voxels appeared."""
+    fixed, labels = texture(dim=3, size=32)
+    for image in (fixed, labels):
+        image.SetSpacing((2.0, 2.0, 8.0))
+    deformation = smooth_deformation(fixed, amplitude=4.0)
+    moving = warp(fixed, deformation)
+    points = [fixed.TransformIndexToPhysicalPoint([int(i) for i in idx[::-1]])
+              for idx in (np.argwhere(np.ones((20, 20, 20))) + 6)[::13]]
+    found, record = register(fixed, moving, config=RegistrationConfig(affine=NO_AFFINE))
+    assert record["nonrigid"]["folded_voxels"] == 0
+    before = landmark_error(sitk.Transform(3, sitk.sitkIdentity), deformation, points)
+    assert landmark_error(found, deformation, points) < 0.65 * before
 
 
 def test_mutual_information_aligns_an_intensity_inverted_twin():

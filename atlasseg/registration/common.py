@@ -60,6 +60,10 @@ def new_method(
     except KeyError:
         raise RegistrationError(f"unknown metric {metric!r} (known: {', '.join(METRICS)})") from None
     method.SetInterpolator(sitk.sitkLinear)
+    # Image gradients only at the sampled points, not as whole gradient images filtered at every level
+    # and before every metric evaluation: faster, and no less accurate on the tuning data.
+    method.SetMetricUseFixedImageGradientFilter(False)
+    method.SetMetricUseMovingImageGradientFilter(False)
     # ANTs neighbourhood correlation needs whole neighbourhoods: it always uses every voxel.
     if sampling_strategy != "none" and sampling_percentage < 1.0 and metric != "ants_ncc":
         method.SetMetricSamplingStrategy(_SAMPLING[sampling_strategy])
@@ -82,23 +86,6 @@ def quiet_itk():
         yield
     finally:
         sitk.ProcessObject.SetGlobalWarningDisplay(shown)
-
-
-def metric_value(
-    fixed: sitk.Image, moving: sitk.Image, transform: sitk.Transform, *, metric: str, masks: Masks | None = None
-) -> float:
-    """The metric of ``moving`` mapped through ``transform`` against ``fixed`` (all voxels, full resolution).
-
-    NaN when no voxel overlaps (ITK then warns and returns the largest double); the caller judges it.
-    """
-    method = new_method(metric=metric, sampling_percentage=1.0, seed=0, masks=masks)
-    method.SetInitialTransform(transform, inPlace=False)
-    try:
-        with quiet_itk():
-            value = float(method.MetricEvaluate(fixed, moving))
-    except RuntimeError:
-        return math.nan
-    return value if abs(value) < 1e300 else math.nan
 
 
 def itk_reason(err: RuntimeError) -> str:
@@ -159,6 +146,8 @@ def transform_is_finite(transform: sitk.Transform) -> bool:
     """False when any parameter of ``transform`` (or of a composite's parts) is NaN or infinite."""
     if isinstance(transform, sitk.CompositeTransform):
         return all(transform_is_finite(transform.GetNthTransform(i)) for i in range(transform.GetNumberOfTransforms()))
+    if isinstance(transform, sitk.DisplacementFieldTransform):  # its parameters are the field: read them as an array
+        return bool(np.isfinite(sitk.GetArrayViewFromImage(transform.GetDisplacementField())).all())
     return bool(np.isfinite(transform.GetParameters()).all() and np.isfinite(transform.GetFixedParameters()).all())
 
 
