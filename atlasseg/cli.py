@@ -177,7 +177,8 @@ def cmd_select(args) -> int:
     atlases = manifest.atlases_for(target)
     ranking = rank_atlases(target, atlases, config)
     sel = config.selection
-    region = {"none": "whole image", "labels": f"atlas labels' box + {sel.roi_margin:g} mm"}[sel.roi]
+    region = {"none": "whole image", "near_labels": f"within {sel.roi_margin:g} mm of the atlas's labels",
+              "labels": f"atlas labels' box + {sel.roi_margin:g} mm"}[sel.roi]
     if target.mask is not None:
         region += ", inside the target's mask"
     print(f"target {target.id}: {len(ranking.ranked)} atlases ranked by {sel.metric} on a {sel.grid_spacing:g} mm grid "

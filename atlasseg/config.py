@@ -52,7 +52,7 @@ def _check_pyramid(stage) -> None:
 class SelectionConfig:
     """Atlas ranking against the target.
 
-    Every atlas is scored after the affine stage, in target space, on a coarse grid;
+    Every atlas is scored after the affine stage, in target space, on an isotropic grid;
     a higher score is better for every metric.
 
     Parameters
@@ -71,24 +71,26 @@ class SelectionConfig:
         32-bin joint histogram, nats) or ``mse`` (mean squared intensity difference,
         negated so that higher is better).
     roi : str
-        Where the score is computed: ``none`` (the target's whole field of view) or
-        ``labels`` (the bounding box, along the target's axes, of the atlas's labels
-        mapped through its affine transform, grown by ``roi_margin``). A target with a
-        ``mask`` in the manifest is scored only inside its mask as well.
+        Where the score is computed: ``none`` (the target's whole field of view),
+        ``near_labels`` (the voxels within ``roi_margin`` of the atlas's labels mapped
+        through its affine transform) or ``labels`` (the bounding box, along the target's
+        axes, of those mapped labels, grown by ``roi_margin``). A target with a ``mask``
+        in the manifest is scored only inside its mask as well.
     roi_margin : float, mm
-        Margin added on every side of the ``labels`` bounding box.
+        Margin around the mapped labels (``near_labels``), or added on every side of
+        their bounding box (``labels``).
     grid_spacing : float, mm
-        Spacing of the coarse isotropic grid, in target space, on which atlases
-        are compared after the affine stage.
+        Spacing of the isotropic grid, in target space, on which atlases are compared
+        after the affine stage (never finer than the target's own voxels).
     """
 
     k: Union[int, Literal["all"]] = "all"
     threshold: Optional[float] = None
     min_atlases: int = 1
     metric: Literal["ncc", "mi", "mse"] = "ncc"
-    roi: Literal["none", "labels"] = "none"
-    roi_margin: float = 10.0
-    grid_spacing: float = 3.0
+    roi: Literal["none", "near_labels", "labels"] = "near_labels"
+    roi_margin: float = 2.0
+    grid_spacing: float = 1.0
 
     def __post_init__(self):
         _require(self.k == "all" or self.k >= 1, "k", f"must be >= 1 or 'all', got {self.k}")

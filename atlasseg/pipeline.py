@@ -229,7 +229,7 @@ def _affine_job(target: Target, atlas: Atlas, reg: RegistrationConfig, selection
     except RegistrationError as err:
         return atlas.id, None, None, _failure(err)
     start = time.perf_counter()
-    labels = read_labels(atlas.labels) if selection.roi == "labels" else None
+    labels = read_labels(atlas.labels) if selection.roi != "none" else None
     mask = read_labels(target.mask) if target.mask is not None else None
     score = score_atlas(fixed, moving, transform, config=selection, labels=labels, mask=mask)
     record["selection_seconds"] = round(time.perf_counter() - start, 3)
@@ -394,7 +394,7 @@ def segment_target(target: Target, atlases: list[Atlas], config: Config, *, out_
     reference = read_image(target.image)
     truth = read_labels(target.labels, like=reference, like_path=target.image) if target.labels is not None else None
 
-    # Affine stage for every atlas, scored on a coarse grid for selection.
+    # Affine stage for every atlas, scored for selection.
     ranking = rank_atlases(target, atlases, config)
     seconds = dict(ranking.seconds)
 
