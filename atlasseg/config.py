@@ -289,7 +289,9 @@ class FusionConfig:
     sigma : float, mm
         Gaussian window of ``local_weighted``.
     patch_radius : int, voxels
-        ``jlf``: radius of the patch whose intensity differences give the weights.
+        ``jlf``: radius of the patch whose intensity differences give the weights, in voxels
+        of the finest axis; along a coarser axis, about the same extent in mm, in whole
+        voxels (rounded half up, so possibly 0).
     alpha : float
         ``jlf``: ridge added to the error matrix (larger is closer to an equal vote).
     beta : float
@@ -297,7 +299,8 @@ class FusionConfig:
     search_radius : int, voxels
         ``jlf``: each atlas's label and patch come from its best-matching patch (least
         squared intensity difference to the target's patch) within this radius of the
-        voxel (Wang et al. 2013's local search); 0 takes the patch at the voxel itself.
+        voxel (Wang et al. 2013's local search; counted like ``patch_radius``); 0 takes
+        the patch at the voxel itself.
     patch_normalization : bool
         ``jlf``: compare patches scaled to zero mean and unit variance (as ANTs does), so
         local contrast differences between atlas and target do not count as errors.
