@@ -75,17 +75,35 @@ class _Vote:
 
     def result(self) -> sitk.Image:
         """The fused label map on the target grid (the candidates' integer type), post-processed
-        as configured (``keep_largest_component``, ``fill_holes``; ``probabilities`` are not)."""
-        fused = self._fused()
-        probabilities = self.probabilities() if self._config.keep_largest_component else None
+        as configured (``keep_largest_component``, ``fill_holes``; ``probabilities`` are not).
+        With ``probability_sigma``, the arg-max of the smoothed :meth:`probabilities`."""
+        smooth = self._config.probability_sigma > 0
+        probabilities = self.probabilities() if smooth or self._config.keep_largest_component else None
+        if smooth:
+            values = sorted(probabilities)
+            fused = self._winner(values, np.stack([sitk.GetArrayViewFromImage(probabilities[v]) for v in values]))
+        else:
+            fused = self._fused()
         return postprocess(fused, config=self._config, probabilities=probabilities)
 
     def _fused(self) -> sitk.Image:
-        values, stack = self._stack()
-        winner = np.asarray(values)[np.argmax(stack, axis=0)]  # argmax takes the first: the smallest value
-        return self._image(winner, self._pixel_id)
+        return self._winner(*self._stack())
+
+    def _winner(self, values: list[int], stack: np.ndarray) -> sitk.Image:
+        """The label of most weight at each voxel (argmax takes the first: the smallest value)."""
+        return self._image(np.asarray(values)[np.argmax(stack, axis=0)], self._pixel_id)
 
     def probabilities(self) -> dict[int, sitk.Image]:
+        """Per label value, its probability at each voxel (they sum to 1): see the method's
+        ``_probabilities``, smoothed by a Gaussian of ``probability_sigma`` mm when set."""
+        maps = self._probabilities()
+        if self._config.probability_sigma > 0:
+            sigma = self._config.probability_sigma / np.asarray(self._reference.GetSpacing())[::-1]  # voxels, array order
+            maps = {v: self._image(ndimage.gaussian_filter(sitk.GetArrayViewFromImage(m), sigma), sitk.sitkFloat32)
+                    for v, m in maps.items()}
+        return maps
+
+    def _probabilities(self) -> dict[int, sitk.Image]:
         """Per label value, its share of the vote weight at each voxel (the shares sum to 1)."""
         values, stack = self._stack()
         total = stack.sum(axis=0)
@@ -136,9 +154,9 @@ class JointLabelFusion(_Vote):
     at x + o_i, where the offset o_i (within the search window; 0 without search) is the one
     whose patch best matches the target's patch at x (least sum of squared differences; with
     ``patch_normalization``, of the patches scaled to zero mean and unit variance, i.e. the
-    highest correlation; a tie goes to the offset nearer in mm, the voxel itself first). With the absolute differences
-    d_i(p) = |A_i(x + o_i + p) − T(x + p)| over the patch offsets p (of the normalised
-    patches, or else of the intensities scaled by their mean over all atlases and voxels),
+    highest correlation; a tie goes to the offset nearer in mm, the voxel itself first). With
+    the absolute differences d_i(p) = |A_i(x + o_i + p) − T(x + p)| over the patch offsets p
+    (of the normalised patches, or else of the intensities scaled by their mean over all atlases and voxels),
     M[i, j] = (mean_p d_i(p)·d_j(p))^beta, and the weights are (M + alpha·I)⁻¹ 1, normalised to
     sum to 1: atlases that err in the same way share their weight. Beyond the image, patches
     repeat the border voxels.
@@ -476,7 +494,7 @@ class Staple(_Vote):
             winner[voxels] = self.label_values[np.argmax(w, axis=1)]  # a tie: the first, smallest value
         return self._image(winner.reshape(self._target.shape), self._pixel_id)
 
-    def probabilities(self) -> dict[int, sitk.Image]:
+    def _probabilities(self) -> dict[int, sitk.Image]:
         """Per label value, its posterior probability (1 for the consensus label where all agree)."""
         self.fit()
         maps = {

@@ -197,17 +197,40 @@ def test_jlf_patch_voting_probabilities_cover_every_voxel_once(voting):
     np.testing.assert_array_equal(winner, sitk.GetArrayFromImage(fuser.result()))
 
 
+@pytest.mark.parametrize("method", ["majority", "staple"])
+def test_probability_sigma_smooths_away_a_one_voxel_hole_but_not_the_square(method):
+    """Two of three candidates have a one-voxel hole in a 12 × 12 square: the vote keeps the
+    hole; smoothed probabilities (sigma 1.5 voxels) fill it and keep the square's sides (its
+    four corner voxels are rounded off)."""
+    square = np.zeros((24, 24), np.uint8)
+    square[6:18, 6:18] = 1
+    holed = square.copy()
+    holed[12, 12] = 0
+    image = lambda a: sitk.GetImageFromArray(a)  # noqa: E731  (1 mm voxels)
+    found = {}
+    for sigma in (0.0, 1.5):
+        fuser = make_fuser(image(square.astype(np.float32)), config=FusionConfig(method=method, probability_sigma=sigma))
+        for candidate in (holed, holed, square):
+            fuser.add(image(candidate))
+        found[sigma] = sitk.GetArrayFromImage(fuser.result())
+    np.testing.assert_array_equal(found[0.0], holed)
+    corners = np.zeros_like(square, dtype=bool)
+    corners[[6, 6, 17, 17], [6, 17, 6, 17]] = True
+    np.testing.assert_array_equal(found[1.5], np.where(corners, 0, square))
+
+
 def test_weighted_fusion_needs_intensities():
     fuser = WeightedVote(intensities(np.zeros((3, 3))), config=FusionConfig(method="local_weighted"))
     with pytest.raises(AtlassegError, match="needs the warped atlas intensities"):
         fuser.add(labels(np.zeros((3, 3))))
 
 
+@pytest.mark.parametrize("sigma", [0.0, 1.0])
 @pytest.mark.parametrize("method", ["majority", "global_weighted", "local_weighted", "jlf", "staple"])
-def test_probabilities_sum_to_one(method):
+def test_probabilities_sum_to_one(method, sigma):
     rng = np.random.default_rng(1)
     target = rng.uniform(size=(6, 6))
-    fuser = make_fuser(intensities(target), config=FusionConfig(method=method))
+    fuser = make_fuser(intensities(target), config=FusionConfig(method=method, probability_sigma=sigma))
     for _ in range(5):
         fuser.add(labels(rng.integers(0, 4, size=(6, 6))), intensities(rng.uniform(size=(6, 6))))
     maps = fuser.probabilities()
