@@ -42,7 +42,8 @@ times / parallel jobs) + propagation (k's share) + that fusion; `fusion s`: the 
 `peak MB`: peak of memory allocated during the fusion, by tracemalloc (numpy and Python: all
 of atlasseg's fusion) and, for ANTs, the rise of the process's peak resident memory
 (/proc/self/clear_refs; tracemalloc does not see C++). Writes benchmarks/results/fusion.json.
-The default run took 19 to 28 minutes on 2 cores (28 with the machine shared, load ~3.4).
+The default run took 15 minutes on 2 cores shared with another benchmark (earlier runs 19 to
+28 minutes, on a machine shared with other work).
 """
 
 from __future__ import annotations
