@@ -135,9 +135,11 @@ def _check_label_map(entry: Atlas | Target, manifest: Manifest) -> None:
 # Rough peak bytes per voxel of the largest image: one registration job (two float32 images, their
 # normalised and smoothed copies, gradients, and the non-rigid stage's displacement fields: float64 per axis;
 # `atlasseg register` with the default config peaked at 261 bytes per voxel on a 128^3 demo pair), and the
-# fusion (a float32 vote per label, plus the weights and the intensities of one candidate).
+# fusion (a float32 vote per label, plus the weights and the intensities of one candidate; joint label
+# fusion also keeps every candidate: float32 intensities and labels of up to 2 bytes).
 _JOB_BYTES_PER_VOXEL = {2: 160, 3: 256}
 _FUSION_BYTES_PER_VOXEL_AND_LABEL = 4
+_JLF_BYTES_PER_VOXEL_AND_CANDIDATE = 6
 MEMORY_LIMIT_ENV = "ATLASSEG_MEMORY_LIMIT"
 
 
@@ -168,6 +170,9 @@ def estimate_memory(geometry: Geometry, config: Config, *, n_tasks: int, n_label
     jobs, _ = thread_budget(config.parallel, max(1, n_tasks))
     per_job = voxels * _JOB_BYTES_PER_VOXEL[geometry.dimension]
     fusion = voxels * _FUSION_BYTES_PER_VOXEL_AND_LABEL * (n_labels + 4)
+    if config.fusion.method == "jlf":
+        k = config.selection.k
+        fusion += voxels * _JLF_BYTES_PER_VOXEL_AND_CANDIDATE * (n_tasks if k == "all" else min(k, n_tasks))
     return jobs * per_job + fusion, per_job, jobs
 
 
