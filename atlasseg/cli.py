@@ -248,11 +248,12 @@ def cmd_select(args) -> int:
     with session(config.parallel):
         ranking = rank_atlases(target, atlases, config)
     sel = config.selection
-    region = {"none": "whole image", "labels": f"atlas labels' box + {sel.roi_margin:g} mm"}[sel.roi]
+    region = {"none": "whole image", "near_labels": f"within {sel.roi_margin:g} mm of the atlas's labels",
+              "labels": f"atlas labels' box + {sel.roi_margin:g} mm"}[sel.roi]
     if target.mask is not None:
         region += ", inside the target's mask"
-    print(f"target {target.id}: {len(ranking.ranked)} atlases ranked by {sel.metric} on a {sel.grid_spacing:g} mm grid "
-          f"({region}; higher is better)")
+    print(f"target {target.id}: {len(ranking.ranked)} atlases ranked by {sel.metric} on a {sel.grid_spacing:g} mm grid, "
+          f"or the target's voxels where coarser ({region}; higher is better)")
     rows = [[i, aid, f"{ranking.scores[aid]:.4f}", "yes" if aid in ranking.selected else "no"]
             for i, aid in enumerate(ranking.ranked, 1)]
     print(format_rows(["rank", "atlas", sel.metric, "selected"], rows, left=2))

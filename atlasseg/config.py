@@ -57,7 +57,7 @@ def _check_pyramid(stage) -> None:
 class SelectionConfig:
     """Atlas ranking against the target.
 
-    Every atlas is scored after the affine stage, in target space, on a coarse grid;
+    Every atlas is scored after the affine stage, in target space, on an isotropic grid;
     a higher score is better for every metric.
 
     Parameters
@@ -76,24 +76,26 @@ class SelectionConfig:
         32-bin joint histogram, nats) or ``mse`` (mean squared intensity difference,
         negated so that higher is better).
     roi : str
-        Where the score is computed: ``none`` (the target's whole field of view) or
-        ``labels`` (the bounding box, along the target's axes, of the atlas's labels
-        mapped through its affine transform, grown by ``roi_margin``). A target with a
-        ``mask`` in the manifest is scored only inside its mask as well.
+        Where the score is computed: ``none`` (the target's whole field of view),
+        ``near_labels`` (the voxels within ``roi_margin`` of the atlas's labels mapped
+        through its affine transform) or ``labels`` (the bounding box, along the target's
+        axes, of those mapped labels, grown by ``roi_margin``). A target with a ``mask``
+        in the manifest is scored only inside its mask as well.
     roi_margin : float, mm
-        Margin added on every side of the ``labels`` bounding box.
+        Margin around the mapped labels (``near_labels``), or added on every side of
+        their bounding box (``labels``).
     grid_spacing : float, mm
-        Spacing of the coarse isotropic grid, in target space, on which atlases
-        are compared after the affine stage.
+        Spacing of the isotropic grid, in target space, on which atlases are compared
+        after the affine stage (never finer than the target's own voxels).
     """
 
     k: Union[int, Literal["all"]] = "all"
     threshold: Optional[float] = None
     min_atlases: int = 1
     metric: Literal["ncc", "mi", "mse"] = "ncc"
-    roi: Literal["none", "labels"] = "none"
-    roi_margin: float = 10.0
-    grid_spacing: float = 3.0
+    roi: Literal["none", "near_labels", "labels"] = "near_labels"
+    roi_margin: float = 2.0
+    grid_spacing: float = 1.0
 
     def __post_init__(self):
         _require(self.k == "all" or self.k >= 1, "k", f"must be >= 1 or 'all', got {self.k}")
@@ -292,8 +294,9 @@ class FusionConfig:
         ``majority`` (every candidate weighs 1), ``global_weighted`` (one weight per
         candidate: inverse mean squared intensity difference to the target),
         ``local_weighted`` (a weight per voxel: that difference averaged in a
-        Gaussian window; the default, best on MSD hippocampus and the demo),
-        ``jlf`` (joint label fusion, Wang et al. 2013) or ``staple`` (STAPLE,
+        Gaussian window), ``jlf`` (joint label fusion, Wang et al. 2013; the default,
+        with ``search_radius`` 3: the best of these on MSD hippocampus and MS-CMRSeg
+        cardiac, and as good as local_weighted on the demo) or ``staple`` (STAPLE,
         Warfield et al. 2004: each atlas's confusion matrix estimated by EM where
         the atlases disagree; labels only). A tie goes to the smallest label value.
     gain : float
@@ -302,7 +305,9 @@ class FusionConfig:
     sigma : float, mm
         Gaussian window of ``local_weighted``.
     patch_radius : int, voxels
-        ``jlf``: radius of the patch whose intensity differences give the weights.
+        ``jlf``: radius of the patch whose intensity differences give the weights, in voxels
+        of the finest axis; along a coarser axis, about the same extent in mm, in whole
+        voxels (rounded half up, so possibly 0).
     alpha : float
         ``jlf``: ridge added to the error matrix (larger is closer to an equal vote).
     beta : float
@@ -310,7 +315,8 @@ class FusionConfig:
     search_radius : int, voxels
         ``jlf``: each atlas's label and patch come from its best-matching patch (least
         squared intensity difference to the target's patch) within this radius of the
-        voxel (Wang et al. 2013's local search); 0 takes the patch at the voxel itself.
+        voxel (Wang et al. 2013's local search; counted like ``patch_radius``); 0 takes
+        the patch at the voxel itself.
     patch_normalization : bool
         ``jlf``: compare patches scaled to zero mean and unit variance (as ANTs does), so
         local contrast differences between atlas and target do not count as errors.
@@ -322,6 +328,13 @@ class FusionConfig:
         ``staple``: most EM iterations.
     staple_tolerance : float
         ``staple``: EM stops once no confusion-matrix entry changes by this much.
+    probability_sigma : float, mm
+        When above 0, each label's probability map (its share of the vote; STAPLE's
+        posterior) is smoothed by a Gaussian of this sigma and the label map is their
+        arg-max, a prior that boundaries are smooth; the probability maps written are the
+        smoothed ones. It helps large structures on coarse grids (MS-CMRSeg cardiac at
+        2.5 mm in-plane, ``jlf``: mean Dice +0.012 with 3 mm) and erodes small or thin ones
+        (MSD hippocampus at 1 mm: −0.011 with 1 mm); choose it with ``atlasseg crossval``.
     keep_largest_component : bool
         After fusion, each label keeps only its largest connected component
         (26-connected in 3D, 8 in 2D); the voxels cut off go to the next most
@@ -331,17 +344,18 @@ class FusionConfig:
         label (6-connected in 3D, 4 in 2D) becomes that label.
     """
 
-    method: Literal["majority", "global_weighted", "local_weighted", "jlf", "staple"] = "local_weighted"
+    method: Literal["majority", "global_weighted", "local_weighted", "jlf", "staple"] = "jlf"
     gain: float = 1.0
     sigma: float = 2.0
     patch_radius: int = 2
     alpha: float = 0.1
     beta: float = 2.0
-    search_radius: int = 0
+    search_radius: int = 3
     patch_normalization: bool = True
     patch_voting: bool = True
     staple_iterations: int = 50
     staple_tolerance: float = 1e-5
+    probability_sigma: float = 0.0
     keep_largest_component: bool = False
     fill_holes: bool = False
 
@@ -354,6 +368,7 @@ class FusionConfig:
         _require(self.sigma > 0, "sigma", "must be > 0 (mm)")
         _require(self.staple_iterations >= 1, "staple_iterations", "must be >= 1")
         _require(self.staple_tolerance >= 0, "staple_tolerance", "must be >= 0")
+        _require(self.probability_sigma >= 0, "probability_sigma", "must be >= 0 (mm)")
 
 
 @dataclass(frozen=True)

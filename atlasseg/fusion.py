@@ -75,17 +75,35 @@ class _Vote:
 
     def result(self) -> sitk.Image:
         """The fused label map on the target grid (the candidates' integer type), post-processed
-        as configured (``keep_largest_component``, ``fill_holes``; ``probabilities`` are not)."""
-        fused = self._fused()
-        probabilities = self.probabilities() if self._config.keep_largest_component else None
+        as configured (``keep_largest_component``, ``fill_holes``; ``probabilities`` are not).
+        With ``probability_sigma``, the arg-max of the smoothed :meth:`probabilities`."""
+        smooth = self._config.probability_sigma > 0
+        probabilities = self.probabilities() if smooth or self._config.keep_largest_component else None
+        if smooth:
+            values = sorted(probabilities)
+            fused = self._winner(values, np.stack([sitk.GetArrayViewFromImage(probabilities[v]) for v in values]))
+        else:
+            fused = self._fused()
         return postprocess(fused, config=self._config, probabilities=probabilities)
 
     def _fused(self) -> sitk.Image:
-        values, stack = self._stack()
-        winner = np.asarray(values)[np.argmax(stack, axis=0)]  # argmax takes the first: the smallest value
-        return self._image(winner, self._pixel_id)
+        return self._winner(*self._stack())
+
+    def _winner(self, values: list[int], stack: np.ndarray) -> sitk.Image:
+        """The label of most weight at each voxel (argmax takes the first: the smallest value)."""
+        return self._image(np.asarray(values)[np.argmax(stack, axis=0)], self._pixel_id)
 
     def probabilities(self) -> dict[int, sitk.Image]:
+        """Per label value, its probability at each voxel (they sum to 1): see the method's
+        ``_probabilities``, smoothed by a Gaussian of ``probability_sigma`` mm when set."""
+        maps = self._probabilities()
+        if self._config.probability_sigma > 0:
+            sigma = self._config.probability_sigma / np.asarray(self._reference.GetSpacing())[::-1]  # voxels, array order
+            maps = {v: self._image(ndimage.gaussian_filter(sitk.GetArrayViewFromImage(m), sigma), sitk.sitkFloat32)
+                    for v, m in maps.items()}
+        return maps
+
+    def _probabilities(self) -> dict[int, sitk.Image]:
         """Per label value, its share of the vote weight at each voxel (the shares sum to 1)."""
         values, stack = self._stack()
         total = stack.sum(axis=0)
@@ -129,13 +147,16 @@ class WeightedVote(_Vote):
 class JointLabelFusion(_Vote):
     """Joint label fusion (Wang et al. 2013): weights that minimise the atlases' expected joint error.
 
-    At each voxel x, every atlas i contributes the patch at x + o_i, where the offset o_i
-    (within ``search_radius`` voxels; 0 without search) is the one whose patch best matches
-    the target's patch at x (least sum of squared differences; with ``patch_normalization``,
-    of the patches scaled to zero mean and unit variance, i.e. the highest correlation; a tie
-    goes to the nearer offset, the voxel itself first). With the absolute differences
-    d_i(p) = |A_i(x + o_i + p) − T(x + p)| over the patch offsets p (of the normalised
-    patches, or else of the intensities scaled by their mean over all atlases and voxels),
+    Patches and the search window are boxes of ``patch_radius`` and ``search_radius`` voxels
+    along the finest axis and about as many mm along the others (see :func:`_radii`: on
+    2.5 × 2.5 × 8 mm voxels, radius 2 is 2 × 2 × 1 voxels), so a thick-slice image is not
+    compared over several slices' depth. At each voxel x, every atlas i contributes the patch
+    at x + o_i, where the offset o_i (within the search window; 0 without search) is the one
+    whose patch best matches the target's patch at x (least sum of squared differences; with
+    ``patch_normalization``, of the patches scaled to zero mean and unit variance, i.e. the
+    highest correlation; a tie goes to the offset nearer in mm, the voxel itself first). With
+    the absolute differences d_i(p) = |A_i(x + o_i + p) − T(x + p)| over the patch offsets p
+    (of the normalised patches, or else of the intensities scaled by their mean over all atlases and voxels),
     M[i, j] = (mean_p d_i(p)·d_j(p))^beta, and the weights are (M + alpha·I)⁻¹ 1, normalised to
     sum to 1: atlases that err in the same way share their weight. Beyond the image, patches
     repeat the border voxels.
@@ -157,7 +178,10 @@ class JointLabelFusion(_Vote):
 
     def __init__(self, reference: sitk.Image, *, config: FusionConfig):
         super().__init__(reference, config=config)
-        self._pad = config.search_radius + config.patch_radius
+        spacing = np.asarray(reference.GetSpacing())[::-1]  # array order
+        self._search = _radii(config.search_radius, spacing)
+        self._patch = _radii(config.patch_radius, spacing)
+        self._pad = tuple((int(r), int(r)) for r in self._search + self._patch)
         self._labels: list[np.ndarray] = []  # padded
         self._intensities: list[np.ndarray] = []  # padded
         self._low = self._high = None  # per voxel, the smallest and largest label in any candidate's search window
@@ -169,8 +193,8 @@ class JointLabelFusion(_Vote):
         warped = sitk.GetArrayFromImage(intensities).astype(np.float32)
         self._difference += float(np.abs(warped - self._target).mean(dtype=np.float64))
         low = high = labels.astype(np.int64)
-        if self._config.search_radius:
-            window = 2 * self._config.search_radius + 1
+        if self._search.any():
+            window = tuple(2 * self._search + 1)
             low = ndimage.minimum_filter(low, size=window, mode="nearest")
             high = ndimage.maximum_filter(high, size=window, mode="nearest")
         self._low = low if self._low is None else np.minimum(self._low, low)
@@ -190,15 +214,15 @@ class JointLabelFusion(_Vote):
             self._accumulator(value)[(self._low == value) & ~undecided] = 1.0
         centres = undecided
         if config.patch_voting:
-            centres = ndimage.maximum_filter(undecided, size=2 * config.patch_radius + 1, mode="constant")
+            centres = ndimage.maximum_filter(undecided, size=tuple(2 * self._patch + 1), mode="constant")
         voxels = np.argwhere(centres)
         if voxels.size:
             target = np.pad(self._target, self._pad, mode="edge")
             strides = np.asarray(np.cumprod((target.shape + (1,))[:0:-1])[::-1])  # flat step per axis
-            search = _cube(target.ndim, config.search_radius)
-            patch = _cube(target.ndim, config.patch_radius)
+            spacing = np.asarray(self._reference.GetSpacing())[::-1]
+            search, patch = _box(self._search, spacing), _box(self._patch, spacing)
             best = self._best_offsets(target, voxels.min(axis=0), voxels.max(axis=0) + 1, search, centres)
-            base = (voxels + self._pad) @ strides
+            base = (voxels + self._search + self._patch) @ strides
             self._covered = np.zeros(self._target.shape, dtype=np.float32)  # patches voting at each voxel
             step = max(1, self._CHUNK // (len(self._labels) * len(patch)))
             for start in range(0, len(voxels), step):
@@ -218,12 +242,13 @@ class JointLabelFusion(_Vote):
         best matches the target's; None for every candidate without search."""
         if len(search) == 1:
             return [None] * len(self._labels)
-        r, pad = self._config.patch_radius, self._pad
-        size = 2 * r + 1
+        r, pad = self._patch.tolist(), (self._search + self._patch).tolist()
+        size = tuple(2 * self._patch + 1)
         wanted = centres[tuple(slice(a, b) for a, b in zip(lo, hi))]
-        box = lambda shift: tuple(slice(a + pad - r + o, b + pad + r + o) for a, b, o in zip(lo, hi, shift))  # noqa: E731
+        box = lambda shift: tuple(slice(a + p - q + o, b + p + q + o)  # noqa: E731
+                                  for a, b, p, q, o in zip(lo, hi, pad, r, shift))
         fixed = target[box([0] * target.ndim)]
-        inner = tuple(slice(r, r + b - a) for a, b in zip(lo, hi))
+        inner = tuple(slice(q, q + b - a) for a, b, q in zip(lo, hi, r))
         if self._config.patch_normalization:
             fixed_mean, fixed_std = _local_moments(fixed, size)
         best = []
@@ -294,12 +319,19 @@ def _local_moments(array: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray
     return mean, np.sqrt(np.maximum(variance, 1e-8))
 
 
-def _cube(ndim: int, radius: int) -> np.ndarray:
-    """Offsets (rows, array axis order) of a cube of ``radius``, nearest to the centre first
-    (by squared length, then in index order): the centre is row 0."""
-    axes = np.meshgrid(*[np.arange(-radius, radius + 1)] * ndim, indexing="ij")
+def _radii(radius: int, spacing: np.ndarray) -> np.ndarray:
+    """Per axis, ``radius`` voxels of the finest axis in whole voxels of that axis (half up): about
+    the same extent in mm along every axis (0 along an axis whose voxels are more than 2 × ``radius``
+    times as large as the finest)."""
+    return np.floor(radius * spacing.min() / spacing + 0.5).astype(int)
+
+
+def _box(radii: np.ndarray, spacing: np.ndarray) -> np.ndarray:
+    """Offsets (rows, array axis order) of a box of ``radii`` voxels per axis, nearest to the
+    centre in mm first (ties in index order): the centre is row 0."""
+    axes = np.meshgrid(*[np.arange(-r, r + 1) for r in radii.tolist()], indexing="ij")
     offsets = np.stack([a.reshape(-1) for a in axes], axis=1)
-    return offsets[np.argsort((offsets**2).sum(axis=1), kind="stable")]
+    return offsets[np.argsort(((offsets * spacing) ** 2).sum(axis=1), kind="stable")]
 
 
 class Staple(_Vote):
@@ -462,7 +494,7 @@ class Staple(_Vote):
             winner[voxels] = self.label_values[np.argmax(w, axis=1)]  # a tie: the first, smallest value
         return self._image(winner.reshape(self._target.shape), self._pixel_id)
 
-    def probabilities(self) -> dict[int, sitk.Image]:
+    def _probabilities(self) -> dict[int, sitk.Image]:
         """Per label value, its posterior probability (1 for the consensus label where all agree)."""
         self.fit()
         maps = {

@@ -127,9 +127,11 @@ def _check_label_map(entry: Atlas | Target, manifest: Manifest) -> None:
 # Rough peak bytes per voxel of the largest image: one registration job (two float32 images, their
 # normalised and smoothed copies, gradients, and the non-rigid stage's displacement fields: float64 per axis;
 # `atlasseg register` with the default config peaked at 261 bytes per voxel on a 128^3 demo pair), and the
-# fusion (a float32 vote per label, plus the weights and the intensities of one candidate).
+# fusion (a float32 vote per label, plus the weights and the intensities of one candidate; joint label
+# fusion also keeps every candidate: float32 intensities and labels of up to 2 bytes).
 _JOB_BYTES_PER_VOXEL = {2: 160, 3: 256}
 _FUSION_BYTES_PER_VOXEL_AND_LABEL = 4
+_JLF_BYTES_PER_VOXEL_AND_CANDIDATE = 6
 MEMORY_LIMIT_ENV = "ATLASSEG_MEMORY_LIMIT"
 
 
@@ -160,6 +162,9 @@ def estimate_memory(geometry: Geometry, config: Config, *, n_tasks: int, n_label
     jobs, _ = thread_budget(config.parallel, max(1, n_tasks))
     per_job = voxels * _JOB_BYTES_PER_VOXEL[geometry.dimension]
     fusion = voxels * _FUSION_BYTES_PER_VOXEL_AND_LABEL * (n_labels + 4)
+    if config.fusion.method == "jlf":
+        k = config.selection.k
+        fusion += voxels * _JLF_BYTES_PER_VOXEL_AND_CANDIDATE * (n_tasks if k == "all" else min(k, n_tasks))
     return jobs * per_job + fusion, per_job, jobs
 
 
@@ -234,7 +239,7 @@ def _cache_key(stage: str, target: Target, atlas: Atlas, config: Config) -> str:
         return entry_key(stage, files=files, settings=registration)
     del registration["nonrigid"]
     sel = config.selection
-    if sel.roi == "labels":
+    if sel.roi != "none":
         files["atlas_labels"] = atlas.labels
     scoring = {"metric": sel.metric, "roi": sel.roi, "roi_margin": sel.roi_margin, "grid_spacing": sel.grid_spacing}
     return entry_key(stage, files=files, settings={"registration": registration, "scoring": scoring})
@@ -265,7 +270,7 @@ def _affine_job(target: Target, atlas: Atlas, config: Config, cache: Cache, key:
     if given is not None:
         record["transform_file"] = str(given)
     start = time.perf_counter()
-    labels = read_labels(atlas.labels) if config.selection.roi == "labels" else None
+    labels = read_labels(atlas.labels) if config.selection.roi != "none" else None
     mask = read_labels(target.mask) if target.mask is not None else None
     score = score_atlas(fixed, moving, transform, config=config.selection, labels=labels, mask=mask)
     record["selection_seconds"] = round(time.perf_counter() - start, 3)
@@ -476,7 +481,7 @@ def segment_target(target: Target, atlases: list[Atlas], config: Config, *, out_
     reference = read_image(target.image)
     truth = read_labels(target.labels, like=reference, like_path=target.image) if target.labels is not None else None
 
-    # Affine stage for every atlas, scored on a coarse grid for selection.
+    # Affine stage for every atlas, scored for selection.
     ranking = rank_atlases(target, atlases, config, cache=cache)
     seconds = dict(ranking.seconds)
     memory = {"affine_and_scoring": _peak_mb()}

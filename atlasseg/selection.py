@@ -1,12 +1,19 @@
 """Atlas selection: rank affinely aligned atlases by similarity to the target, keep the best.
 
-Scores are computed in target space on a coarse isotropic grid (``grid_spacing``),
-both images smoothed to it first; higher is better for every metric (``ncc``, ``mi``,
-``mse`` negated; see :mod:`atlasseg.similarity`). The region scored is the target's
-whole field of view, optionally narrowed to the bounding box of the atlas's labels
-mapped through its affine transform plus a margin (``roi: labels``) and to the
-target's mask. An atlas whose region is empty (its labels map outside the target)
+Scores are computed in target space on a grid of ``grid_spacing`` (along an axis where
+the target's voxels are coarser, theirs), both images smoothed to it first; higher is
+better for every metric (``ncc``, ``mi``, ``mse`` negated; see :mod:`atlasseg.similarity`).
+The region scored is the target's whole field of view (``roi: none``), or narrowed to
+where the atlas's labels land through its affine transform: the voxels within a margin
+of them (``roi: near_labels``, the default) or their bounding box grown by the margin
+(``roi: labels``); and to the target's mask. An atlas whose region is empty (its labels map outside the target)
 scores minus infinity: it ranks last.
+
+Why near the labels, on a fine grid (``benchmarks/selection.py``: MSD hippocampus, 18
+targets × 24 atlases; MS-CMRSeg cardiac, 10 × 10): the rank correlation between an atlas's
+score and the Dice of its labels after non-rigid registration, averaged over targets, was
+0.19 and 0.07 for NCC over the whole image on a 3 mm grid, 0.40 and 0.55 for NCC within
+2 mm of the labels on a 1 mm grid (0.47 and 0.50 on another split of the same data).
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ from typing import Mapping
 
 import numpy as np
 import SimpleITK as sitk
+from scipy import ndimage
 
 from .config import SelectionConfig
 from .similarity import SIMILARITIES
@@ -65,6 +73,17 @@ def label_box(labels: sitk.Image, transform: sitk.Transform, grid: sitk.Image, *
     return box
 
 
+def near_labels(labels: sitk.Image, transform: sitk.Transform, grid: sitk.Image, *, margin: float) -> np.ndarray:
+    """Voxels of ``grid`` (array order) within ``margin`` mm of ``labels``' non-zero voxels mapped
+    through ``transform`` (grid points → label-map points), those included; labelled as in
+    :func:`label_box`. All False when no label maps onto the grid."""
+    support = _indicator(labels, grid, transform) > 0
+    if not support.any() or margin <= 0:
+        return support
+    spacing = np.asarray(grid.GetSpacing())[::-1]
+    return ndimage.distance_transform_edt(~support, sampling=spacing) <= margin
+
+
 def score_atlas(
     target: sitk.Image,
     atlas: sitk.Image,
@@ -74,9 +93,9 @@ def score_atlas(
     labels: sitk.Image | None = None,
     mask: sitk.Image | None = None,
 ) -> float:
-    """Similarity of ``atlas`` mapped through ``transform`` to ``target``, on a coarse grid in target space.
+    """Similarity of ``atlas`` mapped through ``transform`` to ``target``, on the scoring grid in target space.
 
-    ``labels`` (the atlas's label map) is needed for ``roi: labels``; ``mask`` (a binary image
+    ``labels`` (the atlas's label map) is needed unless ``roi`` is ``none``; ``mask`` (a binary image
     in target space, e.g. the target's manifest mask) restricts the score to where it is
     at least one half after linear resampling onto the grid.
     """
@@ -85,15 +104,18 @@ def score_atlas(
     fixed = sitk.GetArrayFromImage(sitk.Resample(_smoothed(target, spacing), grid, sitk.Transform(), sitk.sitkLinear, 0.0))
     moving = sitk.GetArrayFromImage(sitk.Resample(_smoothed(atlas, spacing), grid, transform, sitk.sitkLinear, 0.0))
     region = np.ones(fixed.shape, dtype=bool)
-    if config.roi == "labels":
+    if config.roi != "none":
         if labels is None:
-            raise ValueError("selection.roi 'labels' needs the atlas's label map")
-        region &= label_box(labels, transform, grid, margin=config.roi_margin)
+            raise ValueError(f"selection.roi {config.roi!r} needs the atlas's label map")
+        region &= _REGIONS[config.roi](labels, transform, grid, margin=config.roi_margin)
     if mask is not None:
         region &= _indicator(mask, grid, sitk.Transform()) >= 0.5
     if not region.any():
         return -math.inf
     return SIMILARITIES[config.metric](fixed[region], moving[region])
+
+
+_REGIONS = {"labels": label_box, "near_labels": near_labels}
 
 
 def rank(scores: Mapping[str, float]) -> list[str]:

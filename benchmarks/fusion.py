@@ -1,7 +1,7 @@
 """Fusion methods and k on real data, beside ANTs joint label fusion and random atlas choice.
 
     python benchmarks/fusion.py [--datasets hippocampus cardiac] [--targets 3] [--atlases N]
-        [--ks 3 5 10 20 all] [--draws 5] [--no-ants] [--set section.key=value ...]
+        [--ks 3 5 10 20 all] [--draws 20] [--no-ants] [--set section.key=value ...]
 
 Data: ../shared/data/msd_hippocampus and ../shared/data/mscmrseg19_bssfp, the cardiac stacks
 downsampled in-plane to 128 × 128 voxels (slices kept; image linear, labels nearest; same
@@ -14,14 +14,15 @@ cardiac pair on one core; --atlases 25 takes all the rest). A k that is not belo
 atlases is skipped when `all` is asked for (it is the same setting).
 
 Per target, the cross-validation machinery (atlasseg.pipeline.prepare_case, as in `atlasseg
-crossval`) registers every atlas once with the `default` preset — affine, scored by NCC, then
-non-rigid — and propagates it once; every fusion method and every k then fuses the best k
-of the same candidates (the top k of the NCC ranking). For cardiac, the default run is
-affine only (registration.nonrigid.enabled=false): the default B-spline stage takes about 25 s
-per cardiac pair on one core and failed its folding check on every pair tried, which would
-leave no candidate; --cardiac-nonrigid runs it anyway.
+crossval`) registers every atlas once with the `default` preset — affine, scored for selection
+(`selection` section: by default NCC within 2 mm of the atlas's mapped labels), then non-rigid
+(demons) — and propagates it once; every fusion method and every k then fuses the best k
+of the same candidates (the top k of that ranking; an atlas whose non-rigid stage fails its
+checks is left out).
 
-Beside atlasseg's methods (and `jlf` with fusion.search_radius 3, ANTs' search), on the same candidates:
+Beside atlasseg's methods with the default fusion parameters (`jlf`: search radius 3, as ANTs'
+below), and `jlf` with its probability maps smoothed by fusion.probability_sigma 3 mm before the
+arg-max, on the same candidates:
 - `ants_jlf` (when antspyx is installed): ants.joint_label_fusion(target, mask, warped atlas
   intensities, beta=2, rad=2, label_list=warped labels, rho=0.01, usecor=False, r_search=3,
   nonnegative=False), images converted with ants.from_numpy on the target's geometry, the
@@ -32,7 +33,8 @@ Beside atlasseg's methods (and `jlf` with fusion.search_radius 3, ANTs' search),
   mask), so the label map is taken from its posteriors with background's posterior being
   1 − their sum, as antsJointFusion's own label image does.
 - `random majority`: majority vote over k atlases drawn at random from the registered ones
-  (mean Dice over --draws draws, seeds 0…), against majority vote over the NCC-best k.
+  (mean Dice over --draws draws, seeds 0…; draw d of every target makes one draw of the
+  experiment, whose spread over draws is reported), against majority vote over the best-ranked k.
 
 Columns: mean Dice per label over targets; `s/target`: seconds to segment a target with that
 k — affine stage for every atlas (wall) + non-rigid of the best k (the sum of their measured
@@ -40,7 +42,8 @@ times / parallel jobs) + propagation (k's share) + that fusion; `fusion s`: the 
 `peak MB`: peak of memory allocated during the fusion, by tracemalloc (numpy and Python: all
 of atlasseg's fusion) and, for ANTs, the rise of the process's peak resident memory
 (/proc/self/clear_refs; tracemalloc does not see C++). Writes benchmarks/results/fusion.json.
-The default run took 19 to 28 minutes on 2 cores (28 with the machine shared, load ~3.4).
+The default run took 15 minutes on 2 cores shared with another benchmark (earlier runs 19 to
+28 minutes, on a machine shared with other work).
 """
 
 from __future__ import annotations
@@ -78,6 +81,7 @@ DATASETS = {
                 "in_plane": 128},
 }
 ANTS = {"beta": 2, "rad": 2, "rho": 0.01, "usecor": False, "r_search": 3, "nonnegative": False}
+SMOOTH_MM = 3.0  # fusion.probability_sigma of the smoothed JLF variant
 
 
 def downsample(image: sitk.Image, labels: sitk.Image, size: int) -> tuple[sitk.Image, sitk.Image]:
@@ -166,7 +170,8 @@ def ants_jlf(case, k, labels):
 
 
 def random_majority(case, k, labels, draws, config):
-    """Majority vote over k randomly chosen registered atlases, Dice averaged over ``draws`` seeds."""
+    """Majority vote over k randomly chosen registered atlases, Dice averaged over ``draws`` seeds
+    (``draws``: each draw's mean Dice over labels)."""
     n = len(case.candidates)
     chosen_k = n if k == "all" else min(int(k), n)
     majority = dataclasses.replace(config.fusion, method="majority")
@@ -174,9 +179,10 @@ def random_majority(case, k, labels, draws, config):
     for seed in range(draws):
         pick = np.random.default_rng(seed).choice(n, size=chosen_k, replace=False)
         segmentation = fuse(case.reference, [case.candidates[i][1:] for i in sorted(pick)], config=majority)
-        runs.append({v: s["dice"] for v, s in evaluate(segmentation, case.truth, labels=labels).items()})
+        runs.append({v: s["dice"] for v, s in evaluate(segmentation, case.truth, labels=labels, metrics=("dice",)).items()})
     dice = {v: statistics.fmean(r[v] for r in runs) for v in runs[0]}
-    return {"atlases": chosen_k, "dice": dice, "mean_dice": mean_score(dice), "seconds": math.nan}
+    return {"atlases": chosen_k, "dice": dice, "mean_dice": mean_score(dice), "seconds": math.nan,
+            "draws": [mean_score(r) for r in runs]}
 
 
 def registration_seconds(case, k, config) -> float:
@@ -200,8 +206,8 @@ def run_dataset(name: str, args, tmp: Path, has_ants: bool) -> dict:
     ks = parse_ks(args.ks)
     ks = [k for k in ks if k == "all" or k < len(manifest.atlases) or (k == len(manifest.atlases) and "all" not in ks)]
     variants = [("atlasseg " + m, m, config) for m in METHODS]
-    search = load_config("default", overrides=overrides + [f"fusion.search_radius={ANTS['r_search']}"])
-    variants.append((f"atlasseg jlf search {ANTS['r_search']}", "jlf", search))
+    smooth = load_config("default", overrides=overrides + [f"fusion.probability_sigma={SMOOTH_MM:g}"])
+    variants.append((f"atlasseg jlf, smoothed {SMOOTH_MM:g} mm", "jlf", smooth))
     names = [v[0] for v in variants] + (["ants_jlf"] if has_ants else []) + ["random majority"]
     rows: dict[str, dict[str, list]] = {n: {str(k): [] for k in ks} for n in names}
     per_target = {}
@@ -214,7 +220,7 @@ def run_dataset(name: str, args, tmp: Path, has_ants: bool) -> dict:
         print(f"  {target.id}: {len(case.candidates)} of {len(manifest.atlases)} atlases registered in "
               f"{registered:.0f} s ({len(case.ranking.dropped)} dropped)", flush=True)
         per_target[target.id] = {"registered": [a for a, _, _ in case.candidates], "dropped": case.ranking.dropped,
-                                 "ranking": case.ranking.table("ncc"), "seconds": case.seconds, "settings": {}}
+                                 "ranking": case.ranking.table(config.selection.metric), "seconds": case.seconds, "settings": {}}
         if not case.candidates:
             continue
         for k in ks:
@@ -248,6 +254,9 @@ def print_tables(name: str, rows, labels, label_names) -> dict:
             entry = {"dice": dice, "mean_dice": _nanmean(r["mean_dice"] for r in results), "atlases": mean("atlases"),
                      "seconds_per_target": mean("total"), "fusion_seconds": mean("seconds"),
                      "peak_mb": max(peaks) if peaks else None}
+            if "draws" in results[0]:  # the spread of the random choice: each draw's mean over targets
+                per_draw = np.nanmean([r["draws"] for r in results], axis=0)
+                entry.update(sd_over_draws=float(per_draw.std()), draw_range=[float(per_draw.min()), float(per_draw.max())])
             summary.setdefault(method, {})[k] = entry
             table.append([method, k, f"{entry['atlases']:.0f}", *(f"{dice[v]:.3f}" for v in labels),
                           f"{entry['mean_dice']:.3f}", _number(entry["seconds_per_target"], 1),
@@ -262,10 +271,13 @@ def print_tables(name: str, rows, labels, label_names) -> dict:
         line = [k, f"{best[k][0]:.3f} ({best[k][1][len('atlasseg '):]})"]
         line.append(f"{summary['ants_jlf'][k]['mean_dice']:.3f}" if "ants_jlf" in summary else "-")
         line.append(f"{summary['atlasseg majority'][k]['mean_dice']:.3f}")
-        line.append(f"{summary['random majority'][k]['mean_dice']:.3f}" if k in summary.get("random majority", {}) else "-")
+        random = summary.get("random majority", {}).get(k)
+        line.append("-" if random is None else f"{random['mean_dice']:.3f} ± {random['sd_over_draws']:.3f} "
+                    f"({random['draw_range'][0]:.3f}–{random['draw_range'][1]:.3f})")
         lines.append(line)
-    print(f"\n{name}: best atlasseg method vs ANTs JLF; majority vote over the NCC-best k vs k random atlases")
-    print(format_rows(["k", "best atlasseg", "ants_jlf", "majority (NCC k)", "majority (random k)"], lines))
+    print(f"\n{name}: best atlasseg method vs ANTs JLF; majority vote over the best-ranked k vs k random atlases "
+          "(mean ± sd over draws of the draw's mean over targets, and its range)")
+    print(format_rows(["k", "best atlasseg", "ants_jlf", "majority (ranked k)", "majority (random k)"], lines))
     return summary
 
 
@@ -284,7 +296,7 @@ def main() -> int:
     parser.add_argument("--targets", type=int, default=3)
     parser.add_argument("--atlases", type=int, help="atlases per dataset (default: hippocampus 24, cardiac 10)")
     parser.add_argument("--ks", nargs="+", default=["3", "5", "10", "20", "all"])
-    parser.add_argument("--draws", type=int, default=5, help="random draws per k for the random-atlas majority vote")
+    parser.add_argument("--draws", type=int, default=20, help="random draws per k for the random-atlas majority vote")
     parser.add_argument("--no-ants", action="store_true", help="leave ANTs joint label fusion out")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     args = parser.parse_args()

@@ -211,8 +211,14 @@ def test_memory_estimate_of_a_large_scan_exceeds_a_small_machine(monkeypatch):
     from atlasseg.pipeline import available_memory, estimate_memory
 
     scan = Geometry((512, 512, 400), (0.5, 0.5, 0.6), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
-    total, per_job, jobs = estimate_memory(scan, load_config("default", overrides=["parallel.n_jobs=1"]), n_tasks=10, n_labels=5)
+    config = load_config("default", overrides=["parallel.n_jobs=1", "fusion.method=majority"])
+    total, per_job, jobs = estimate_memory(scan, config, n_tasks=10, n_labels=5)
     assert jobs == 1 and 20 * 2**30 < per_job <= total < 30 * 2**30  # 25 GiB: more than most workstations
+    # joint label fusion holds every candidate (intensities and labels): 6 bytes per voxel each
+    jlf = load_config("default", overrides=["parallel.n_jobs=1", "fusion.method=jlf"])
+    assert estimate_memory(scan, jlf, n_tasks=10, n_labels=5)[0] - total == 6 * 10 * 512 * 512 * 400
+    best3 = load_config("default", overrides=["parallel.n_jobs=1", "fusion.method=jlf", "selection.k=3"])
+    assert estimate_memory(scan, best3, n_tasks=10, n_labels=5)[0] - total == 6 * 3 * 512 * 512 * 400
     monkeypatch.delenv("ATLASSEG_MEMORY_LIMIT", raising=False)
     assert 0 < available_memory()
     monkeypatch.setenv("ATLASSEG_MEMORY_LIMIT", "1.5T")

@@ -5,7 +5,7 @@ from scipy import ndimage
 
 from atlasseg.errors import AtlassegError, ConfigError
 from atlasseg.config import FusionConfig, load_config
-from atlasseg.fusion import WeightedVote, fill_holes, keep_largest_component, make_fuser
+from atlasseg.fusion import WeightedVote, _box, _radii, fill_holes, keep_largest_component, make_fuser
 from atlasseg.propagation import propagate_labels
 from conftest import phantom, rigid
 
@@ -124,11 +124,13 @@ def test_jlf_follows_the_atlas_identical_to_the_target(shape):
     np.testing.assert_array_equal(sitk.GetArrayFromImage(majority.result()), wrong)
 
 
-@pytest.mark.parametrize("shape", [(32, 32), (12, 16, 16)])
-def test_jlf_search_finds_the_good_atlas_shifted_by_one_voxel(shape):
+@pytest.mark.parametrize("shape, spacing", [((32, 32), (1.0, 1.0)), ((12, 16, 16), (1.0, 1.0, 1.0)),
+                                            ((12, 16, 16), (1.0, 1.0, 5.0))])
+def test_jlf_search_finds_the_good_atlas_shifted_by_one_voxel(shape, spacing):
     """One atlas is the target shifted by one voxel (labels too); three others have wrong
     labels and noisy intensities. Without search, JLF follows the good atlas's shifted labels;
-    with search_radius 1, its best patches are the unshifted ones: the target's own labels."""
+    with search_radius 1, its best patches are the unshifted ones: the target's own labels.
+    With 5 mm slices the patch and search stay within a slice, and the shift is still found."""
     rng = np.random.default_rng(5)
     target = ndimage.gaussian_filter(rng.normal(size=shape), 1.5)
     target = ((target - target.min()) / np.ptp(target)).astype(np.float32)
@@ -138,12 +140,27 @@ def test_jlf_search_finds_the_good_atlas_shifted_by_one_voxel(shape):
     inner = (slice(1, -1),) * len(shape)  # np.roll wraps one border around
     accuracy = {}
     for radius in (0, 1):
-        fuser = make_fuser(sitk.GetImageFromArray(target), config=FusionConfig(method="jlf", search_radius=radius))
+        def spaced(array):
+            out = sitk.GetImageFromArray(array)
+            out.SetSpacing(spacing)
+            return out
+
+        fuser = make_fuser(spaced(target), config=FusionConfig(method="jlf", search_radius=radius))
         for labels_array, intensity in candidates:
-            fuser.add(sitk.GetImageFromArray(labels_array), sitk.GetImageFromArray(intensity))
+            fuser.add(spaced(labels_array), spaced(intensity))
         accuracy[radius] = (sitk.GetArrayFromImage(fuser.result()) == truth)[inner].mean()
     assert accuracy[1] >= 0.97
     assert accuracy[0] < accuracy[1] - 0.2
+
+
+def test_jlf_radii_count_voxels_of_the_finest_axis_and_the_search_goes_nearest_in_mm_first():
+    thick = np.array([8.0, 2.5, 2.5])  # array order: 8 mm slices
+    assert _radii(2, thick).tolist() == [1, 2, 2]  # 5 mm in-plane; 1 slice (8 mm) is the nearest
+    assert _radii(1, thick).tolist() == [0, 1, 1]
+    assert _radii(3, np.array([1.0, 1.0])).tolist() == [3, 3]
+    box = _box(np.array([1, 1, 1]), thick)
+    assert len(box) == 27 and box[0].tolist() == [0, 0, 0]
+    assert not box[1:9, 0].any() and box[9:, 0].all()  # the 8 in-plane neighbours before any other slice
 
 
 def test_jlf_patch_normalization_ignores_a_contrast_change():
@@ -180,17 +197,40 @@ def test_jlf_patch_voting_probabilities_cover_every_voxel_once(voting):
     np.testing.assert_array_equal(winner, sitk.GetArrayFromImage(fuser.result()))
 
 
+@pytest.mark.parametrize("method", ["majority", "staple"])
+def test_probability_sigma_smooths_away_a_one_voxel_hole_but_not_the_square(method):
+    """Two of three candidates have a one-voxel hole in a 12 × 12 square: the vote keeps the
+    hole; smoothed probabilities (sigma 1.5 voxels) fill it and keep the square's sides (its
+    four corner voxels are rounded off)."""
+    square = np.zeros((24, 24), np.uint8)
+    square[6:18, 6:18] = 1
+    holed = square.copy()
+    holed[12, 12] = 0
+    image = lambda a: sitk.GetImageFromArray(a)  # noqa: E731  (1 mm voxels)
+    found = {}
+    for sigma in (0.0, 1.5):
+        fuser = make_fuser(image(square.astype(np.float32)), config=FusionConfig(method=method, probability_sigma=sigma))
+        for candidate in (holed, holed, square):
+            fuser.add(image(candidate))
+        found[sigma] = sitk.GetArrayFromImage(fuser.result())
+    np.testing.assert_array_equal(found[0.0], holed)
+    corners = np.zeros_like(square, dtype=bool)
+    corners[[6, 6, 17, 17], [6, 17, 6, 17]] = True
+    np.testing.assert_array_equal(found[1.5], np.where(corners, 0, square))
+
+
 def test_weighted_fusion_needs_intensities():
     fuser = WeightedVote(intensities(np.zeros((3, 3))), config=FusionConfig(method="local_weighted"))
     with pytest.raises(AtlassegError, match="needs the warped atlas intensities"):
         fuser.add(labels(np.zeros((3, 3))))
 
 
+@pytest.mark.parametrize("sigma", [0.0, 1.0])
 @pytest.mark.parametrize("method", ["majority", "global_weighted", "local_weighted", "jlf", "staple"])
-def test_probabilities_sum_to_one(method):
+def test_probabilities_sum_to_one(method, sigma):
     rng = np.random.default_rng(1)
     target = rng.uniform(size=(6, 6))
-    fuser = make_fuser(intensities(target), config=FusionConfig(method=method))
+    fuser = make_fuser(intensities(target), config=FusionConfig(method=method, probability_sigma=sigma))
     for _ in range(5):
         fuser.add(labels(rng.integers(0, 4, size=(6, 6))), intensities(rng.uniform(size=(6, 6))))
     maps = fuser.probabilities()

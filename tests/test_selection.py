@@ -7,7 +7,7 @@ import pytest
 import SimpleITK as sitk
 
 from atlasseg.config import SelectionConfig
-from atlasseg.selection import label_box, rank, score_atlas, select
+from atlasseg.selection import label_box, near_labels, rank, score_atlas, select
 from atlasseg.similarity import SIMILARITIES, mutual_information, ncc, negative_mse
 from conftest import _with_geometry, phantom, rigid, texture, warp
 
@@ -24,7 +24,7 @@ def test_an_identical_atlas_ranks_first_for_every_metric(dim, metric):
         "a_same": target,
         "d_unrelated": texture(dim=dim, size=32, seed=1)[0],
     }
-    config = SelectionConfig(metric=metric, grid_spacing=4.0)
+    config = SelectionConfig(metric=metric, grid_spacing=4.0, roi="none")
     scores = {name: score_atlas(target, image, sitk.Transform(dim, sitk.sitkIdentity), config=config)
               for name, image in atlases.items()}
     assert rank(scores)[0] == "a_same"
@@ -59,6 +59,41 @@ def test_label_box_is_the_mapped_labels_bounding_box_plus_the_margin_in_mm():
     assert not label_box(labels, sitk.TranslationTransform(2, (500.0, 0.0)), labels, margin=4.0).any()
 
 
+def test_near_labels_is_within_the_margin_in_mm_of_the_mapped_labels():
+    array = np.zeros((40, 50), np.uint8)
+    array[20, 10] = 3
+    labels = _with_geometry(array, 1.0, (0.0, 0.0))
+    labels.SetSpacing((1.0, 2.0))  # rows 2 mm apart
+    shift = sitk.TranslationTransform(2, (5.0, 0.0))  # grid point x ↦ label point x + 5 mm
+    region = near_labels(labels, shift, labels, margin=4.0)
+    rows, cols = np.nonzero(region)
+    distance = np.hypot((rows - 20) * 2.0, (cols - 5) * 1.0)  # mm from the voxel the label moved to
+    assert distance.max() <= 4.0
+    assert region.sum() == sum(1 for r in range(40) for c in range(50) if math.hypot((r - 20) * 2.0, c - 5) <= 4.0)
+    assert np.argwhere(near_labels(labels, shift, labels, margin=0.0)).tolist() == [[20, 5]]
+    assert not near_labels(labels, sitk.TranslationTransform(2, (500.0, 0.0)), labels, margin=4.0).any()
+
+
+def test_near_labels_scores_where_the_labels_are_not_their_whole_box():
+    """A thin diagonal structure: atlas ``near`` matches the target along it, atlas ``box``
+    over the rest of its bounding box; only ``near_labels`` prefers the first."""
+    target, _ = texture(dim=2, size=64, seed=3)
+    t = sitk.GetArrayFromImage(target)
+    other = sitk.GetArrayFromImage(texture(dim=2, size=64, seed=4)[0])
+    rows, cols = np.indices(t.shape)
+    line = (np.abs(rows - cols) <= 1) & (rows >= 12) & (rows < 52)
+    close = np.abs(rows - cols) <= 4
+    near = _with_geometry(np.where(close, t, other), 2.0, None)
+    box = _with_geometry(np.where(close, other, t), 2.0, None)
+    labels = _with_geometry(line.astype(np.uint8), 2.0, None)
+    identity = sitk.Transform(2, sitk.sitkIdentity)
+    for roi, best in (("near_labels", "near"), ("labels", "box")):
+        config = SelectionConfig(grid_spacing=2.0, roi=roi, roi_margin=2.0)
+        scores = {name: score_atlas(target, image, identity, config=config, labels=labels)
+                  for name, image in (("near", near), ("box", box))}
+        assert rank(scores)[0] == best, roi
+
+
 def _local_match_case():
     """A textured target with a labelled square in the middle; atlas ``near`` equals the target
     around the square only, atlas ``far`` everywhere but there."""
@@ -74,10 +109,10 @@ def _local_match_case():
     return target, near, far, _with_geometry(square, 2.0, None), _with_geometry(inside.astype(np.uint8), 2.0, None)
 
 
-@pytest.mark.parametrize("region", ["none", "labels", "mask"])
+@pytest.mark.parametrize("region", ["none", "labels", "near_labels", "mask"])
 def test_a_region_of_interest_ranks_the_locally_matching_atlas_first(region):
     target, near, far, labels, mask = _local_match_case()
-    config = SelectionConfig(grid_spacing=2.0, roi="labels" if region == "labels" else "none", roi_margin=8.0)
+    config = SelectionConfig(grid_spacing=2.0, roi="none" if region == "mask" else region, roi_margin=8.0)
     identity = sitk.Transform(2, sitk.sitkIdentity)
     scores = {name: score_atlas(target, image, identity, config=config, labels=labels,
                                 mask=mask if region == "mask" else None)
@@ -85,14 +120,15 @@ def test_a_region_of_interest_ranks_the_locally_matching_atlas_first(region):
     assert rank(scores)[0] == ("far" if region == "none" else "near")
 
 
-def test_an_atlas_whose_labels_miss_the_target_ranks_last():
+@pytest.mark.parametrize("roi", ["labels", "near_labels"])
+def test_an_atlas_whose_labels_miss_the_target_ranks_last(roi):
     target, near, _, labels, _ = _local_match_case()
     away = sitk.TranslationTransform(2, (1000.0, 0.0))
-    score = score_atlas(target, near, away, config=SelectionConfig(roi="labels"), labels=labels)
+    score = score_atlas(target, near, away, config=SelectionConfig(roi=roi), labels=labels)
     assert score == -math.inf
     assert rank({"x": score, "y": -5.0}) == ["y", "x"]
     with pytest.raises(ValueError, match="label map"):
-        score_atlas(target, near, away, config=SelectionConfig(roi="labels"))
+        score_atlas(target, near, away, config=SelectionConfig(roi=roi))
 
 
 SCORES = {"a": 0.9, "b": 0.5, "c": 0.7, "d": 0.1}
