@@ -19,11 +19,15 @@ expectation-maximisation and takes the most probable true label (Warfield et al.
 
 Fusers take candidates one by one: ``add`` each candidate, then ``result``. The
 voting methods stream, so their memory does not grow with the number of atlases;
-joint label fusion needs all candidates together, and STAPLE keeps each candidate
-only where the candidates disagree.
+joint label fusion needs all candidates together, so it keeps them on disk and reads
+them back a slab at a time, and STAPLE keeps each candidate only where the candidates
+disagree.
 """
 
 from __future__ import annotations
+
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
@@ -169,12 +173,18 @@ class JointLabelFusion(_Vote):
     A voxel where every atlas shows the same label in the whole search window gets that
     label (every weighting gives it): only the others are voted on, from weights solved at
     them (and, with ``patch_voting``, at the voxels within the patch radius of them), in
-    chunks of at most ``_CHUNK`` candidate × voxel × patch values. Memory: every candidate is
-    kept, padded by the search and patch radii (one label map and one float32 image each),
-    plus per candidate a small-integer best-offset list over those voxels when searching.
+    chunks of at most ``_CHUNK`` candidate × voxel × patch (or candidate × candidate × voxel) values.
+
+    Memory does not grow with the number of candidates: each candidate, padded by the search
+    and patch radii, is written to a temporary folder (``TMPDIR``) as it is added, and the
+    voting reads them back in slabs of whole rows of the first array axis, every candidate's
+    slab (with the rows its patches and search reach) together taking at most about
+    ``_SLAB_BYTES``. The result does not depend on the slab size. What stays in memory is a
+    few target-sized arrays: the target, the vote maps, and the per-voxel label range.
     """
 
     _CHUNK = 1 << 22
+    _SLAB_BYTES = 1 << 28
 
     def __init__(self, reference: sitk.Image, *, config: FusionConfig):
         super().__init__(reference, config=config)
@@ -182,8 +192,9 @@ class JointLabelFusion(_Vote):
         self._search = _radii(config.search_radius, spacing)
         self._patch = _radii(config.patch_radius, spacing)
         self._pad = tuple((int(r), int(r)) for r in self._search + self._patch)
-        self._labels: list[np.ndarray] = []  # padded
-        self._intensities: list[np.ndarray] = []  # padded
+        self._store: tempfile.TemporaryDirectory | None = None  # the candidates, padded, on disk
+        self._labels: list[np.ndarray] = []  # read-only memory maps of those files
+        self._intensities: list[np.ndarray] = []
         self._low = self._high = None  # per voxel, the smallest and largest label in any candidate's search window
         self._difference = 0.0  # sum over candidates of the mean |A − T|
 
@@ -199,8 +210,16 @@ class JointLabelFusion(_Vote):
             high = ndimage.maximum_filter(high, size=window, mode="nearest")
         self._low = low if self._low is None else np.minimum(self._low, low)
         self._high = high if self._high is None else np.maximum(self._high, high)
-        self._labels.append(np.pad(labels, self._pad, mode="edge"))
-        self._intensities.append(np.pad(warped, self._pad, mode="edge"))
+        self._labels.append(self._spill(np.pad(labels, self._pad, mode="edge"), "labels"))
+        self._intensities.append(self._spill(np.pad(warped, self._pad, mode="edge"), "intensities"))
+
+    def _spill(self, array: np.ndarray, kind: str) -> np.ndarray:
+        """``array`` written to the temporary folder, and mapped back read-only."""
+        if self._store is None:
+            self._store = tempfile.TemporaryDirectory(prefix="atlasseg-jlf-")
+        path = Path(self._store.name) / f"{self.n_candidates}-{kind}.npy"
+        np.save(path, array)
+        return np.load(path, mmap_mode="r")
 
     def _stack(self):
         if self._labels:
@@ -215,33 +234,52 @@ class JointLabelFusion(_Vote):
         centres = undecided
         if config.patch_voting:
             centres = ndimage.maximum_filter(undecided, size=tuple(2 * self._patch + 1), mode="constant")
-        voxels = np.argwhere(centres)
-        if voxels.size:
-            target = np.pad(self._target, self._pad, mode="edge")
-            strides = np.asarray(np.cumprod((target.shape + (1,))[:0:-1])[::-1])  # flat step per axis
-            spacing = np.asarray(self._reference.GetSpacing())[::-1]
-            search, patch = _box(self._search, spacing), _box(self._patch, spacing)
-            best = self._best_offsets(target, voxels.min(axis=0), voxels.max(axis=0) + 1, search, centres)
-            base = (voxels + self._search + self._patch) @ strides
-            self._covered = np.zeros(self._target.shape, dtype=np.float32)  # patches voting at each voxel
-            step = max(1, self._CHUNK // (len(self._labels) * len(patch)))
-            for start in range(0, len(voxels), step):
-                chunk = slice(start, start + step)
-                offsets = [None if b is None else search[b[chunk]] @ strides for b in best]
-                self._solve(target.reshape(-1), base[chunk], offsets, patch, strides, voxels[chunk], undecided)
-            if config.patch_voting:
-                covered = np.maximum(self._covered[undecided], 1.0)
-                for votes in self._votes.values():
-                    votes[undecided] /= covered
+        self._covered = np.zeros(self._target.shape, dtype=np.float32)  # patches voting at each voxel
+        target = np.pad(self._target, self._pad, mode="edge")
+        halo = self._pad[0][0]  # rows a slab's patches and search reach beyond it, each side
+        row_bytes = sum(a[0].nbytes for a in self._labels + self._intensities)
+        rows = max(1, self._SLAB_BYTES // max(row_bytes, 1) - 2 * halo)
+        for start in range(0, self._target.shape[0], rows):
+            window = slice(start, start + rows + 2 * halo)  # the slab's rows, padded coordinates
+            self._fuse_slab(target[window], [np.array(a[window]) for a in self._labels],
+                            [np.array(a[window]) for a in self._intensities],
+                            centres[start:start + rows], start, undecided)
+        if config.patch_voting:
+            covered = np.maximum(self._covered[undecided], 1.0)
+            for votes in self._votes.values():
+                votes[undecided] /= covered
         self._labels.clear()
         self._intensities.clear()
-        self._low = self._high = None
+        self._store.cleanup()
+        self._store = self._low = self._high = None
 
-    def _best_offsets(self, target: np.ndarray, lo: np.ndarray, hi: np.ndarray, search: np.ndarray, centres) -> list:
+    def _fuse_slab(self, target, labels, intensities, centres, start: int, undecided) -> None:
+        """Weights and votes at the ``centres`` of the slab whose first row is ``start``;
+        ``target``, ``labels`` and ``intensities``: the slab's rows of the padded arrays."""
+        voxels = np.argwhere(centres)
+        if not voxels.size:
+            return
+        strides = np.asarray(np.cumprod((target.shape + (1,))[:0:-1])[::-1])  # flat step per axis
+        spacing = np.asarray(self._reference.GetSpacing())[::-1]
+        search, patch = _box(self._search, spacing), _box(self._patch, spacing)
+        best = self._best_offsets(target, intensities, voxels.min(axis=0), voxels.max(axis=0) + 1, search, centres)
+        base = (voxels + self._search + self._patch) @ strides
+        voxels[:, 0] += start
+        n = len(labels)
+        step = max(1, self._CHUNK // (n * max(len(patch), 8 * n)))  # per voxel: n × patch differences (float32),
+        # and n × n float64 weight matrices, some copies
+        for first in range(0, len(voxels), step):
+            chunk = slice(first, first + step)
+            offsets = [None if b is None else search[b[chunk]] @ strides for b in best]
+            self._solve(target.reshape(-1), labels, intensities, base[chunk], offsets, patch, strides,
+                        voxels[chunk], undecided)
+
+    def _best_offsets(self, target: np.ndarray, intensities: list, lo: np.ndarray, hi: np.ndarray,
+                      search: np.ndarray, centres) -> list:
         """Per candidate and centre voxel (in ``argwhere`` order), the row of ``search`` whose patch
         best matches the target's; None for every candidate without search."""
         if len(search) == 1:
-            return [None] * len(self._labels)
+            return [None] * len(intensities)
         r, pad = self._patch.tolist(), (self._search + self._patch).tolist()
         size = tuple(2 * self._patch + 1)
         wanted = centres[tuple(slice(a, b) for a, b in zip(lo, hi))]
@@ -252,7 +290,7 @@ class JointLabelFusion(_Vote):
         if self._config.patch_normalization:
             fixed_mean, fixed_std = _local_moments(fixed, size)
         best = []
-        for warped in self._intensities:
+        for warped in intensities:
             lowest = np.full(int(wanted.sum()), np.inf, dtype=np.float32)
             index = np.zeros(lowest.size, dtype=np.min_scalar_type(len(search) - 1))
             if self._config.patch_normalization:
@@ -272,25 +310,29 @@ class JointLabelFusion(_Vote):
             best.append(index)
         return best
 
-    def _solve(self, target, base, offsets, patch, strides, voxels, undecided) -> None:
-        """Weights at the centre voxels ``voxels`` (padded flat indices ``base``) and their votes;
-        ``offsets``: per candidate, the flat offset of its best patch (None: the voxel itself)."""
+    def _solve(self, target, labels, intensities, base, offsets, patch, strides, voxels, undecided) -> None:
+        """Weights at the centre voxels ``voxels`` (flat indices ``base`` into the slab's padded
+        arrays) and their votes; ``offsets``: per candidate, the flat offset of its best patch
+        (None: the voxel itself)."""
         config = self._config
-        n, steps = len(self._labels), patch @ strides
+        n, steps = len(labels), patch @ strides
         fixed = np.take(target, base[:, None] + steps)
         if config.patch_normalization:
             fixed = _standardised(fixed)
         differences = np.empty((len(base), n, len(steps)), dtype=np.float32)
         centres = [base if offset is None else base + offset for offset in offsets]
-        for i, (warped, centre) in enumerate(zip(self._intensities, centres)):
+        for i, (warped, centre) in enumerate(zip(intensities, centres)):
             moved = np.take(warped.reshape(-1), centre[:, None] + steps)
             if config.patch_normalization:
                 moved = _standardised(moved)
             np.abs(moved - fixed, out=differences[:, i])
         if not config.patch_normalization:
             differences /= max(self._difference / n, 1e-6)
-        m = np.matmul(differences, differences.transpose(0, 2, 1)).astype(np.float64) / len(steps)
-        m = m ** config.beta + config.alpha * np.eye(n)
+        m = np.matmul(differences, differences.transpose(0, 2, 1)).astype(np.float64)
+        del differences
+        m /= len(steps)
+        np.power(m, config.beta, out=m)
+        m[:, np.arange(n), np.arange(n)] += config.alpha
         w = np.linalg.solve(m, np.ones((len(base), n, 1)))[..., 0]
         w /= w.sum(axis=1, keepdims=True)
         shape = np.asarray(self._target.shape)
@@ -300,7 +342,7 @@ class JointLabelFusion(_Vote):
             flat = np.ravel_multi_index(tuple(np.clip(at, 0, shape - 1).T), self._target.shape)
             keep = inside & undecided.reshape(-1)[flat]
             flat = flat[keep]  # distinct: one offset maps distinct centres to distinct voxels
-            shown = np.stack([np.take(labels.reshape(-1), c[keep] + step) for labels, c in zip(self._labels, centres)], 1)
+            shown = np.stack([np.take(a.reshape(-1), c[keep] + step) for a, c in zip(labels, centres)], 1)
             for value in np.unique(shown).tolist():
                 self._accumulator(value).reshape(-1)[flat] += np.where(shown == value, w[keep], 0.0).sum(axis=1)
             self._covered.reshape(-1)[flat] += 1.0

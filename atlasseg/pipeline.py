@@ -25,7 +25,7 @@ from .cache import Cache, entry_key, open_cache, settings
 from .config import Config, RegistrationConfig, SelectionConfig
 from .errors import AtlassegError, ImageError, RegistrationError
 from .evaluation import evaluate, header, mean_score, rows
-from .fusion import make_fuser
+from .fusion import JointLabelFusion, make_fuser
 from .imageio import (
     Geometry,
     atomic_write_text,
@@ -128,10 +128,12 @@ def _check_label_map(entry: Atlas | Target, manifest: Manifest) -> None:
 # normalised and smoothed copies, gradients, and the non-rigid stage's displacement fields: float64 per axis;
 # `atlasseg register` with the default config peaked at 261 bytes per voxel on a 128^3 demo pair), and the
 # fusion (a float32 vote per label, plus the weights and the intensities of one candidate; joint label
-# fusion also keeps every candidate: float32 intensities and labels of up to 2 bytes).
+# fusion keeps its candidates on disk and reads them back in slabs of bounded size, and keeps the
+# padded target and each voxel's label range, int64).
 _JOB_BYTES_PER_VOXEL = {2: 160, 3: 256}
 _FUSION_BYTES_PER_VOXEL_AND_LABEL = 4
-_JLF_BYTES_PER_VOXEL_AND_CANDIDATE = 6
+_JLF_BYTES_PER_VOXEL = 24
+_JLF_BYTES_PER_VOXEL_AND_CANDIDATE = 6  # float32 intensities, labels of up to 2 bytes
 MEMORY_LIMIT_ENV = "ATLASSEG_MEMORY_LIMIT"
 
 
@@ -164,7 +166,8 @@ def estimate_memory(geometry: Geometry, config: Config, *, n_tasks: int, n_label
     fusion = voxels * _FUSION_BYTES_PER_VOXEL_AND_LABEL * (n_labels + 4)
     if config.fusion.method == "jlf":
         k = config.selection.k
-        fusion += voxels * _JLF_BYTES_PER_VOXEL_AND_CANDIDATE * (n_tasks if k == "all" else min(k, n_tasks))
+        candidates = voxels * _JLF_BYTES_PER_VOXEL_AND_CANDIDATE * (n_tasks if k == "all" else min(k, n_tasks))
+        fusion += voxels * _JLF_BYTES_PER_VOXEL + min(candidates, JointLabelFusion._SLAB_BYTES)
     return jobs * per_job + fusion, per_job, jobs
 
 

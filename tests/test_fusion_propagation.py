@@ -5,7 +5,7 @@ from scipy import ndimage
 
 from atlasseg.errors import AtlassegError, ConfigError
 from atlasseg.config import FusionConfig, load_config
-from atlasseg.fusion import WeightedVote, _box, _radii, fill_holes, keep_largest_component, make_fuser
+from atlasseg.fusion import JointLabelFusion, WeightedVote, _box, _radii, fill_holes, keep_largest_component, make_fuser
 from atlasseg.propagation import propagate_labels
 from conftest import phantom, rigid
 
@@ -250,6 +250,70 @@ def test_fusion_memory_does_not_grow_with_the_number_of_candidates():
         fuser = WeightedVote(target, config=FusionConfig(method="local_weighted"))
         for _ in range(n):
             fuser.add(labels(rng.integers(0, 3, size=(64, 64))), intensities(rng.uniform(size=(64, 64))))
+        fuser.result()
+        _, top = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        return top
+
+    assert peak(40) < 1.2 * peak(4)
+
+
+def _jlf_case(rng, n: int, shape=(18, 22, 20)):
+    """A random target and ``n`` noisy candidates on an anisotropic 3D grid."""
+    def image(array):
+        out = sitk.GetImageFromArray(array)
+        out.SetSpacing((1.0, 1.3, 2.5))
+        return out
+
+    target = rng.uniform(size=shape).astype(np.float32)
+    candidates = [(image(rng.integers(0, 3, size=shape).astype(np.uint8)),
+                   image((target + rng.normal(0, 0.3, size=shape)).astype(np.float32))) for _ in range(n)]
+    return image(target), candidates
+
+
+@pytest.mark.parametrize("voting", [True, False])
+def test_jlf_gives_the_same_answer_whatever_its_slab_size(monkeypatch, voting):
+    """Slabs of one row (every patch and search window crossing slab borders) and one slab
+    for the whole grid give identical labels, and probabilities equal up to float rounding."""
+    config = FusionConfig(method="jlf", search_radius=2, patch_voting=voting)
+    results = []
+    for slab_bytes in (1, 1 << 30):
+        monkeypatch.setattr(JointLabelFusion, "_SLAB_BYTES", slab_bytes)
+        target, candidates = _jlf_case(np.random.default_rng(4), 5)
+        fuser = make_fuser(target, config=config)
+        for candidate in candidates:
+            fuser.add(*candidate)
+        maps = fuser.probabilities()
+        results.append((sitk.GetArrayFromImage(fuser.result()), [sitk.GetArrayFromImage(maps[v]) for v in sorted(maps)]))
+    (labels_a, maps_a), (labels_b, maps_b) = results
+    np.testing.assert_array_equal(labels_a, labels_b)
+    np.testing.assert_allclose(np.stack(maps_a), np.stack(maps_b), rtol=1e-5, atol=1e-6)
+
+
+def test_jlf_memory_does_not_grow_with_the_number_of_candidates(monkeypatch):
+    """Candidates wait on disk and are read back in slabs (of about 2 MB here), and the
+    weights are solved in chunks of bounded size (made small here, so that 4 candidates fill
+    them too): 40 candidates (that disagree on an 8³ block of a 48³ grid) take no more memory
+    than 4; held in memory they would take about 28 MB more."""
+    import tracemalloc
+
+    monkeypatch.setattr(JointLabelFusion, "_SLAB_BYTES", 2_000_000)
+    monkeypatch.setattr(JointLabelFusion, "_CHUNK", 1 << 18)
+
+    def peak(n: int) -> int:
+        rng = np.random.default_rng(6)
+        target, _ = _jlf_case(rng, 0, shape=(48, 48, 48))
+        block = (slice(20, 28),) * 3
+        tracemalloc.start()
+        fuser = make_fuser(target, config=FusionConfig(method="jlf", search_radius=1))
+        for _ in range(n):
+            labels = np.ones((48, 48, 48), np.uint8)
+            labels[block] = rng.integers(0, 3, size=(8, 8, 8))
+            intensities = sitk.GetArrayFromImage(target) + rng.normal(0, 0.3, size=(48, 48, 48)).astype(np.float32)
+            candidate = [sitk.GetImageFromArray(a) for a in (labels, intensities)]
+            for image in candidate:
+                image.CopyInformation(target)
+            fuser.add(*candidate)
         fuser.result()
         _, top = tracemalloc.get_traced_memory()
         tracemalloc.stop()
