@@ -27,6 +27,7 @@ disagree.
 from __future__ import annotations
 
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +37,7 @@ from scipy import ndimage
 from .config import FusionConfig
 from .errors import AtlassegError
 from .imageio import same_grid
+from .parallel import available_cores
 
 _EPSILON = 1e-4  # floor of a squared intensity difference (intensities normalised to [0, 1])
 
@@ -277,38 +279,46 @@ class JointLabelFusion(_Vote):
     def _best_offsets(self, target: np.ndarray, intensities: list, lo: np.ndarray, hi: np.ndarray,
                       search: np.ndarray, centres) -> list:
         """Per candidate and centre voxel (in ``argwhere`` order), the row of ``search`` whose patch
-        best matches the target's; None for every candidate without search."""
+        best matches the target's; None for every candidate without search. The candidates are
+        searched in parallel threads (scipy's filters release the GIL)."""
         if len(search) == 1:
             return [None] * len(intensities)
         r, pad = self._patch.tolist(), (self._search + self._patch).tolist()
         size = tuple(2 * self._patch + 1)
-        wanted = centres[tuple(slice(a, b) for a, b in zip(lo, hi))]
         box = lambda shift: tuple(slice(a + p - q + o, b + p + q + o)  # noqa: E731
                                   for a, b, p, q, o in zip(lo, hi, pad, r, shift))
         fixed = target[box([0] * target.ndim)]
-        inner = tuple(slice(q, q + b - a) for a, b, q in zip(lo, hi, r))
-        if self._config.patch_normalization:
-            fixed_mean, fixed_std = _local_moments(fixed, size)
-        best = []
-        for warped in intensities:
-            lowest = np.full(int(wanted.sum()), np.inf, dtype=np.float32)
+        inside = np.argwhere(centres[tuple(slice(a, b) for a, b in zip(lo, hi))])  # from lo
+        at_box = np.ravel_multi_index(tuple((inside + r).T), fixed.shape)  # the centres in box arrays
+        at_slab = np.ravel_multi_index(tuple((inside + lo + pad).T), target.shape)  # and in the slab's
+        shifts = search @ np.asarray(np.cumprod((target.shape + (1,))[:0:-1])[::-1])
+        normalized = self._config.patch_normalization
+        if normalized:
+            fixed_mean, fixed_std = (m.reshape(-1)[at_box] for m in _local_moments(fixed, size))
+
+        def search_one(warped: np.ndarray) -> np.ndarray:
+            lowest = np.full(len(inside), np.inf, dtype=np.float32)
             index = np.zeros(lowest.size, dtype=np.min_scalar_type(len(search) - 1))
-            if self._config.patch_normalization:
-                mean, std = _local_moments(warped, size)
+            if normalized:
+                mean, std = (m.reshape(-1) for m in _local_moments(warped, size))
             for k, offset in enumerate(search.tolist()):
                 moved = warped[box(offset)]
-                if self._config.patch_normalization:  # minus the correlation of the two patches
-                    cross = ndimage.uniform_filter(moved * fixed, size=size, mode="nearest")
-                    where = box(offset)
-                    cost = (fixed_mean * mean[where] - cross) / (fixed_std * std[where])
+                if normalized:  # minus the correlation of the two patches
+                    cross = ndimage.uniform_filter(moved * fixed, size=size, mode="nearest").reshape(-1)[at_box]
+                    at = at_slab + shifts[k]
+                    cost = (fixed_mean * mean[at] - cross) / (fixed_std * std[at])
                 else:
-                    cost = ndimage.uniform_filter((moved - fixed) ** 2, size=size, mode="nearest")
-                cost = cost[inner][wanted]
+                    cost = ndimage.uniform_filter((moved - fixed) ** 2, size=size, mode="nearest").reshape(-1)[at_box]
                 better = cost < lowest
                 lowest[better] = cost[better]
                 index[better] = k
-            best.append(index)
-        return best
+            return index
+
+        threads = min(len(intensities), available_cores())
+        if threads < 2:
+            return [search_one(warped) for warped in intensities]
+        with ThreadPoolExecutor(threads) as pool:
+            return list(pool.map(search_one, intensities))
 
     def _solve(self, target, labels, intensities, base, offsets, patch, strides, voxels, undecided) -> None:
         """Weights at the centre voxels ``voxels`` (flat indices ``base`` into the slab's padded
