@@ -8,9 +8,8 @@ downsampled in-plane to 128 × 128 voxels (slices kept; image linear, labels nea
 origin and direction), written to a temporary folder.
 
 Split (fixed, not leave-one-out): of a dataset's ids, sorted, the first --targets are the
-targets and the next --atlases the atlases (default: hippocampus 24; cardiac 10, to keep the
-default run near 20 minutes on 2 cores: the default affine stage alone takes about 20 s per
-cardiac pair on one core; --atlases 25 takes all the rest). A k that is not below the number of
+targets and the next --atlases the atlases (default: hippocampus 24; cardiac 10, which keeps
+ANTs' fusion of all of them under half a minute a target; --atlases 25 takes all the rest). A k that is not below the number of
 atlases is skipped when `all` is asked for (it is the same setting).
 
 Per target, the cross-validation machinery (atlasseg.pipeline.prepare_case, as in `atlasseg
@@ -47,8 +46,8 @@ times / parallel jobs) + propagation (k's share) + that fusion; `fusion s`: the 
 `peak MB`: peak of memory allocated during the fusion, by tracemalloc (numpy and Python: all
 of atlasseg's fusion; JLF's candidates wait in temporary files) and, for ANTs, the rise of the process's peak resident memory
 (/proc/self/clear_refs; tracemalloc does not see C++). Writes benchmarks/results/fusion.json.
-The default run took 15 minutes on 2 cores shared with another benchmark (earlier runs 19 to
-28 minutes, on a machine shared with other work).
+The default run took 6.5 minutes on 2 cores (2026-11-29, numpy demons; 15 to 28 minutes with
+ITK's demons).
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ non-rigid stage: NCC of the warped atlas with the target within 2 mm of the warp
   atlases; `random`: of k atlases drawn at random (mean over --draws draws; the spread is
   the standard deviation of the draws' means over targets); `oracle`: of the k atlases
   with the best Dice.
-Writes benchmarks/results/selection.json. The default run took 15 minutes on 2 cores.
+Writes benchmarks/results/selection.json. The default run took 5 minutes on 2 cores (15 with ITK's demons).
 """
 
 from __future__ import annotations
