@@ -63,7 +63,10 @@ class SelectionConfig:
     Parameters
     ----------
     k : int or "all"
-        Most best-ranked atlases kept for non-rigid registration.
+        Most best-ranked atlases kept for non-rigid registration. The default, 10, is
+        as accurate as all of them with joint label fusion on real data
+        (``benchmarks/fusion.py``: hippocampus 0.871 with 10 of 24 atlases, 0.869 with
+        all), and keeps the time per target bounded however many atlases there are.
     threshold : float or None
         When set, only atlases scoring at least this are kept (of the best ``k``).
     min_atlases : int
@@ -89,7 +92,7 @@ class SelectionConfig:
         after the affine stage (never finer than the target's own voxels).
     """
 
-    k: Union[int, Literal["all"]] = "all"
+    k: Union[int, Literal["all"]] = 10
     threshold: Optional[float] = None
     min_atlases: int = 1
     metric: Literal["ncc", "mi", "mse"] = "ncc"

@@ -96,9 +96,10 @@ def check_inputs(manifest: Manifest, config: Config | None = None) -> None:
         raise ImageError(f"{manifest.path}: output.format mgz holds 3D images only, these are 2D (use nii.gz)")
     if config is not None:
         k = config.selection.k
-        if k != "all" and k > len(manifest.atlases):
-            log.warning("selection.k is %d but %s lists %d atlases: all of them are used", k, manifest.path,
-                        len(manifest.atlases))
+        if k != "all" and k > len(manifest.atlases):  # the default k asks for no warning
+            level = logging.INFO if k == SelectionConfig.k else logging.WARNING
+            log.log(level, "selection.k is %d but %s lists %d atlases: all of them are used", k, manifest.path,
+                    len(manifest.atlases))
         check_memory(largest, config, n_tasks=len(manifest.atlases), n_labels=len(manifest.label_names) + 1)
     for entry in entries:  # then every voxel, once
         check_intensities(entry.image, read_voxels(entry.image))

@@ -176,6 +176,13 @@ def test_suspicious_input_is_validated_with_a_warning(data, caplog, make, needle
     assert needle in caplog.text
 
 
+def test_the_default_k_above_the_atlas_count_is_no_warning(data, caplog):
+    with caplog.at_level(logging.INFO, logger="atlasseg"):
+        assert main(["validate", "default", "--manifest", str(data / "data_manifest.yaml")]) == 0
+    said = [r for r in caplog.records if "selection.k is 10 but" in r.getMessage()]
+    assert [r.levelno for r in said] == [logging.INFO]
+
+
 def test_grid_noise_is_snapped_and_the_run_completes(data, caplog, tmp_path):
     _noise(data)  # an atlas's labels, and the target's ground truth:
     truth = sitk.ReadImage(str(data / "labels/case_003.nii.gz"))

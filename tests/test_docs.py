@@ -73,7 +73,7 @@ def test_reference_lists_every_key_with_its_default():
 
     leaves(Config().to_dict())
     assert len(keys) > 40 and all(f"| `{key}` |" in text for key in keys)
-    assert "| `selection.k` | int or 'all' | `all` |" in text
+    assert "| `selection.k` | int or 'all' | `10` |" in text
     assert "| `registration.affine.smoothing_sigmas` | list of float | `[1.0, 0.0]` | mm |" in text
 
 
