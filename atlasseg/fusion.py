@@ -217,11 +217,17 @@ class JointLabelFusion(_Vote):
 
     def _spill(self, array: np.ndarray, kind: str) -> np.ndarray:
         """``array`` written to the temporary folder, and mapped back read-only."""
-        if self._store is None:
-            self._store = tempfile.TemporaryDirectory(prefix="atlasseg-jlf-")
-        path = Path(self._store.name) / f"{self.n_candidates}-{kind}.npy"
-        np.save(path, array)
-        return np.load(path, mmap_mode="r")
+        try:
+            if self._store is None:
+                self._store = tempfile.TemporaryDirectory(prefix="atlasseg-jlf-")
+            path = Path(self._store.name) / f"{self.n_candidates}-{kind}.npy"
+            np.save(path, array)
+            return np.load(path, mmap_mode="r")
+        except OSError as err:
+            place = self._store.name if self._store is not None else tempfile.gettempdir()
+            raise AtlassegError(f"joint label fusion: cannot keep its candidates in {place} ({err.strerror or err}): "
+                                f"set TMPDIR to a folder with room (about {array.size * 5 / 2**20:.0f} MiB "
+                                "per atlas)") from None
 
     def _stack(self):
         if self._labels:

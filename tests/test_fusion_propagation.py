@@ -290,6 +290,16 @@ def test_jlf_gives_the_same_answer_whatever_its_slab_size(monkeypatch, voting):
     np.testing.assert_allclose(np.stack(maps_a), np.stack(maps_b), rtol=1e-5, atol=1e-6)
 
 
+def test_jlf_without_room_for_its_candidates_names_the_folder(monkeypatch, tmp_path):
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "gone"))
+    target, candidates = _jlf_case(np.random.default_rng(1), 1)
+    fuser = make_fuser(target, config=FusionConfig(method="jlf"))
+    with pytest.raises(AtlassegError, match=f"cannot keep its candidates in {tmp_path / 'gone'} .*set TMPDIR"):
+        fuser.add(*candidates[0])
+
+
 def test_jlf_memory_does_not_grow_with_the_number_of_candidates(monkeypatch):
     """Candidates wait on disk and are read back in slabs (of about 2 MB here), and the
     weights are solved in chunks of bounded size (made small here, so that 4 candidates fill
