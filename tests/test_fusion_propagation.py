@@ -259,10 +259,10 @@ def test_fusion_memory_does_not_grow_with_the_number_of_candidates():
 
 
 def _jlf_case(rng, n: int, shape=(18, 22, 20)):
-    """A random target and ``n`` noisy candidates on an anisotropic 3D grid."""
+    """A random target and ``n`` noisy candidates on an anisotropic grid."""
     def image(array):
         out = sitk.GetImageFromArray(array)
-        out.SetSpacing((1.0, 1.3, 2.5))
+        out.SetSpacing((1.0, 1.3, 2.5)[:array.ndim])
         return out
 
     target = rng.uniform(size=shape).astype(np.float32)
@@ -271,15 +271,16 @@ def _jlf_case(rng, n: int, shape=(18, 22, 20)):
     return image(target), candidates
 
 
+@pytest.mark.parametrize("shape", [(18, 22, 20), (30, 26)])
 @pytest.mark.parametrize("voting", [True, False])
-def test_jlf_gives_the_same_answer_whatever_its_slab_size(monkeypatch, voting):
+def test_jlf_gives_the_same_answer_whatever_its_slab_size(monkeypatch, voting, shape):
     """Slabs of one row (every patch and search window crossing slab borders) and one slab
     for the whole grid give identical labels, and probabilities equal up to float rounding."""
     config = FusionConfig(method="jlf", search_radius=2, patch_voting=voting)
     results = []
     for slab_bytes in (1, 1 << 30):
         monkeypatch.setattr(JointLabelFusion, "_SLAB_BYTES", slab_bytes)
-        target, candidates = _jlf_case(np.random.default_rng(4), 5)
+        target, candidates = _jlf_case(np.random.default_rng(4), 5, shape=shape)
         fuser = make_fuser(target, config=config)
         for candidate in candidates:
             fuser.add(*candidate)
