@@ -14,6 +14,8 @@ import logging
 import math
 import os
 import platform
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,7 +71,8 @@ def check_inputs(manifest: Manifest, config: Config | None = None) -> None:
     snapped, with a warning), an atlas's not empty; masks on their image's grid. Warns about declared
     labels an atlas lacks and labels the manifest does not declare. With ``config``: every entry has the
     landmarks its initialisation needs, ``selection.k`` is compared with the atlas count (larger: a
-    warning, all atlases are used) and the run's memory is estimated (:func:`check_memory`)."""
+    warning, all atlases are used), the run's memory is estimated (:func:`check_memory`), and joint
+    label fusion's temporary files are checked against the free space (:func:`check_disk`)."""
     entries = (*manifest.atlases, *manifest.targets)
     needs_landmarks = config is not None and config.registration.affine.initialization == "landmarks"
     dims: dict[int, str] = {}
@@ -101,6 +104,7 @@ def check_inputs(manifest: Manifest, config: Config | None = None) -> None:
             log.log(level, "selection.k is %d but %s lists %d atlases: all of them are used", k, manifest.path,
                     len(manifest.atlases))
         check_memory(largest, config, n_tasks=len(manifest.atlases), n_labels=len(manifest.label_names) + 1)
+        check_disk(largest, config, n_tasks=len(manifest.atlases))
     for entry in entries:  # then every voxel, once
         check_intensities(entry.image, read_voxels(entry.image))
         if entry.labels is not None:
@@ -166,10 +170,29 @@ def estimate_memory(geometry: Geometry, config: Config, *, n_tasks: int, n_label
     per_job = voxels * _JOB_BYTES_PER_VOXEL[geometry.dimension]
     fusion = voxels * _FUSION_BYTES_PER_VOXEL_AND_LABEL * (n_labels + 4)
     if config.fusion.method == "jlf":
-        k = config.selection.k
-        candidates = voxels * _JLF_BYTES_PER_VOXEL_AND_CANDIDATE * (n_tasks if k == "all" else min(k, n_tasks))
+        candidates = _jlf_candidate_bytes(geometry, config, n_tasks=n_tasks)
         fusion += voxels * _JLF_BYTES_PER_VOXEL + min(candidates, JointLabelFusion._SLAB_BYTES)
     return jobs * per_job + fusion, per_job, jobs
+
+
+def _jlf_candidate_bytes(geometry: Geometry, config: Config, *, n_tasks: int) -> int:
+    """What joint label fusion's candidates take, in its temporary folder."""
+    k = config.selection.k
+    return math.prod(geometry.size) * _JLF_BYTES_PER_VOXEL_AND_CANDIDATE * (n_tasks if k == "all" else min(k, n_tasks))
+
+
+def check_disk(geometry: Geometry | None, config: Config, *, n_tasks: int) -> None:
+    """Refuse, before any work, a joint label fusion whose candidates would not fit in ``TMPDIR``."""
+    if geometry is None or config.fusion.method != "jlf":
+        return
+    folder = tempfile.gettempdir()
+    need, free = _jlf_candidate_bytes(geometry, config, n_tasks=n_tasks), shutil.disk_usage(folder).free
+    if need > free:
+        raise ImageError(
+            f"joint label fusion keeps its candidates in {folder}: about {_size(need)} for images of "
+            f"{' x '.join(map(str, geometry.size))} voxels, but {_size(free)} are free there: set TMPDIR to a "
+            "folder with room, or lower selection.k, or choose another fusion.method"
+        )
 
 
 def check_memory(geometry: Geometry | None, config: Config, *, n_tasks: int, n_labels: int) -> None:

@@ -212,6 +212,20 @@ def test_a_run_that_would_exceed_memory_is_refused_with_the_estimate(data, capsy
     assert "case_003.nii.gz: truncated or corrupt NIfTI file" in capsys.readouterr().err
 
 
+def test_jlf_without_room_for_its_candidates_is_refused_before_any_work(data, capsys, monkeypatch, tmp_path):
+    import shutil
+    import tempfile
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: SimpleNamespace(free=1000))
+    assert main(["validate", "demo", "--manifest", str(data / "data_manifest.yaml"), "--set", "fusion.method=jlf"]) == 2
+    err = capsys.readouterr().err
+    assert f"joint label fusion keeps its candidates in {tmp_path}: about" in err and "set TMPDIR" in err
+    assert err.count("\n") == 1
+    assert main(["validate", "demo", "--manifest", str(data / "data_manifest.yaml"), "--set", "fusion.method=majority"]) == 0
+
+
 def test_memory_estimate_of_a_large_scan_exceeds_a_small_machine(monkeypatch):
     from atlasseg.config import load_config
     from atlasseg.imageio import Geometry
