@@ -177,12 +177,13 @@ class JointLabelFusion(_Vote):
     them (and, with ``patch_voting``, at the voxels within the patch radius of them), in
     chunks of at most ``_CHUNK`` candidate × voxel × patch (or candidate × candidate × voxel) values.
 
-    Memory does not grow with the number of candidates: each candidate, padded by the search
-    and patch radii, is written to a temporary folder (``TMPDIR``) as it is added, and the
-    voting reads them back in slabs of whole rows of the first array axis, every candidate's
-    slab (with the rows its patches and search reach) together taking at most about
-    ``_SLAB_BYTES``. The result does not depend on the slab size. What stays in memory is a
-    few target-sized arrays: the target, the vote maps, and the per-voxel label range.
+    Memory does not grow with the number of candidates: the candidates, padded by the search
+    and patch radii, are kept in memory while together they take at most ``_SLAB_BYTES``;
+    beyond that they are written to a temporary folder (``TMPDIR``), and the voting reads them
+    back in slabs of whole rows of the first array axis, every candidate's slab (with the rows
+    its patches and search reach) together taking at most about ``_SLAB_BYTES``. The result
+    does not depend on the slab size. What else stays in memory is a few target-sized arrays:
+    the target, the vote maps, and the per-voxel label range.
     """
 
     _CHUNK = 1 << 22
@@ -194,8 +195,8 @@ class JointLabelFusion(_Vote):
         self._search = _radii(config.search_radius, spacing)
         self._patch = _radii(config.patch_radius, spacing)
         self._pad = tuple((int(r), int(r)) for r in self._search + self._patch)
-        self._store: tempfile.TemporaryDirectory | None = None  # the candidates, padded, on disk
-        self._labels: list[np.ndarray] = []  # read-only memory maps of those files
+        self._store: tempfile.TemporaryDirectory | None = None  # the candidates, padded, once on disk
+        self._labels: list[np.ndarray] = []  # in memory, or then read-only memory maps of those files
         self._intensities: list[np.ndarray] = []
         self._low = self._high = None  # per voxel, the smallest and largest label in any candidate's search window
         self._difference = 0.0  # sum over candidates of the mean |A − T|
@@ -212,15 +213,18 @@ class JointLabelFusion(_Vote):
             high = ndimage.maximum_filter(high, size=window, mode="nearest")
         self._low = low if self._low is None else np.minimum(self._low, low)
         self._high = high if self._high is None else np.maximum(self._high, high)
-        self._labels.append(self._spill(np.pad(labels, self._pad, mode="edge"), "labels"))
-        self._intensities.append(self._spill(np.pad(warped, self._pad, mode="edge"), "intensities"))
+        self._labels.append(np.pad(labels, self._pad, mode="edge"))
+        self._intensities.append(np.pad(warped, self._pad, mode="edge"))
+        if self._store is not None or sum(a.nbytes for a in self._labels + self._intensities) > self._SLAB_BYTES:
+            for kind, arrays in (("labels", self._labels), ("intensities", self._intensities)):
+                arrays[:] = [a if isinstance(a, np.memmap) else self._spill(a, f"{i}-{kind}") for i, a in enumerate(arrays)]
 
-    def _spill(self, array: np.ndarray, kind: str) -> np.ndarray:
+    def _spill(self, array: np.ndarray, name: str) -> np.memmap:
         """``array`` written to the temporary folder, and mapped back read-only."""
         try:
             if self._store is None:
                 self._store = tempfile.TemporaryDirectory(prefix="atlasseg-jlf-")
-            path = Path(self._store.name) / f"{self.n_candidates}-{kind}.npy"
+            path = Path(self._store.name) / f"{name}.npy"
             np.save(path, array)
             return np.load(path, mmap_mode="r")
         except OSError as err:
@@ -249,16 +253,16 @@ class JointLabelFusion(_Vote):
         rows = max(1, self._SLAB_BYTES // max(row_bytes, 1) - 2 * halo)
         for start in range(0, self._target.shape[0], rows):
             window = slice(start, start + rows + 2 * halo)  # the slab's rows, padded coordinates
-            self._fuse_slab(target[window], [np.array(a[window]) for a in self._labels],
-                            [np.array(a[window]) for a in self._intensities],
-                            centres[start:start + rows], start, undecided)
+            self._fuse_slab(target[window], [_read(a[window]) for a in self._labels],
+                            [_read(a[window]) for a in self._intensities], centres[start:start + rows], start, undecided)
         if config.patch_voting:
             covered = np.maximum(self._covered[undecided], 1.0)
             for votes in self._votes.values():
                 votes[undecided] /= covered
         self._labels.clear()
         self._intensities.clear()
-        self._store.cleanup()
+        if self._store is not None:
+            self._store.cleanup()
         self._store = self._low = self._high = None
 
     def _fuse_slab(self, target, labels, intensities, centres, start: int, undecided) -> None:
@@ -362,6 +366,11 @@ class JointLabelFusion(_Vote):
             for value in np.unique(shown).tolist():
                 self._accumulator(value).reshape(-1)[flat] += np.where(shown == value, w[keep], 0.0).sum(axis=1)
             self._covered.reshape(-1)[flat] += 1.0
+
+
+def _read(rows: np.ndarray) -> np.ndarray:
+    """Rows of a candidate: read into memory from its file, or (in memory already) as they are."""
+    return np.array(rows) if isinstance(rows, np.memmap) else rows
 
 
 def _standardised(patches: np.ndarray) -> np.ndarray:

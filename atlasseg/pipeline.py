@@ -182,11 +182,15 @@ def _jlf_candidate_bytes(geometry: Geometry, config: Config, *, n_tasks: int) ->
 
 
 def check_disk(geometry: Geometry | None, config: Config, *, n_tasks: int) -> None:
-    """Refuse, before any work, a joint label fusion whose candidates would not fit in ``TMPDIR``."""
+    """Refuse, before any work, a joint label fusion whose candidates are too many to keep in memory
+    (see :class:`~atlasseg.fusion.JointLabelFusion`) and would not fit in ``TMPDIR`` either."""
     if geometry is None or config.fusion.method != "jlf":
         return
+    need = _jlf_candidate_bytes(geometry, config, n_tasks=n_tasks)
+    if need <= JointLabelFusion._SLAB_BYTES:
+        return
     folder = tempfile.gettempdir()
-    need, free = _jlf_candidate_bytes(geometry, config, n_tasks=n_tasks), shutil.disk_usage(folder).free
+    free = shutil.disk_usage(folder).free
     if need > free:
         raise ImageError(
             f"joint label fusion keeps its candidates in {folder}: about {_size(need)} for images of "

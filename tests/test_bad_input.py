@@ -217,6 +217,9 @@ def test_jlf_without_room_for_its_candidates_is_refused_before_any_work(data, ca
     import tempfile
     from types import SimpleNamespace
 
+    from atlasseg.fusion import JointLabelFusion
+
+    monkeypatch.setattr(JointLabelFusion, "_SLAB_BYTES", 1000)  # too many to keep in memory
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     monkeypatch.setattr(shutil, "disk_usage", lambda path: SimpleNamespace(free=1000))
     assert main(["validate", "demo", "--manifest", str(data / "data_manifest.yaml"), "--set", "fusion.method=jlf"]) == 2
@@ -224,6 +227,8 @@ def test_jlf_without_room_for_its_candidates_is_refused_before_any_work(data, ca
     assert f"joint label fusion keeps its candidates in {tmp_path}: about" in err and "set TMPDIR" in err
     assert err.count("\n") == 1
     assert main(["validate", "demo", "--manifest", str(data / "data_manifest.yaml"), "--set", "fusion.method=majority"]) == 0
+    monkeypatch.setattr(JointLabelFusion, "_SLAB_BYTES", 2**28)  # candidates that fit in memory need no disk
+    assert main(["validate", "demo", "--manifest", str(data / "data_manifest.yaml"), "--set", "fusion.method=jlf"]) == 0
 
 
 def test_memory_estimate_of_a_large_scan_exceeds_a_small_machine(monkeypatch):

@@ -291,14 +291,21 @@ def test_jlf_gives_the_same_answer_whatever_its_slab_size(monkeypatch, voting, s
     np.testing.assert_allclose(np.stack(maps_a), np.stack(maps_b), rtol=1e-5, atol=1e-6)
 
 
-def test_jlf_without_room_for_its_candidates_names_the_folder(monkeypatch, tmp_path):
+def test_jlf_keeps_candidates_in_memory_while_they_fit_and_then_needs_room_on_disk(monkeypatch, tmp_path):
     import tempfile
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "gone"))
-    target, candidates = _jlf_case(np.random.default_rng(1), 1)
-    fuser = make_fuser(target, config=FusionConfig(method="jlf"))
+    target, candidates = _jlf_case(np.random.default_rng(1), 3)
+    config = FusionConfig(method="jlf")
+    fuser = make_fuser(target, config=config)
+    for candidate in candidates:  # about 60 kB: no file written
+        fuser.add(*candidate)
+    assert fuser.result().GetSize() == target.GetSize()
+    monkeypatch.setattr(JointLabelFusion, "_SLAB_BYTES", 100_000)
+    fuser = make_fuser(target, config=config)
+    fuser.add(*candidates[0])
     with pytest.raises(AtlassegError, match=f"cannot keep its candidates in {tmp_path / 'gone'} .*set TMPDIR"):
-        fuser.add(*candidates[0])
+        fuser.add(*candidates[1])
 
 
 def test_jlf_memory_does_not_grow_with_the_number_of_candidates(monkeypatch):
