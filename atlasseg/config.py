@@ -196,10 +196,17 @@ class NonrigidConfig:
         ``bspline``: weight of the membrane energy (mean squared strain between
         neighbouring control points, dimensionless) added to the metric; larger is smoother.
     ncc_radius : int, voxels
-        ``ants_ncc``: window radius.
+        ``ants_ncc`` and ``demons_force: lncc``: window radius (along every axis).
     demons_variant : str
         ``diffeomorphic`` (each step composed onto the field) or ``symmetric`` (each step added:
         cheaper, but folds thick-slice images); both use symmetric forces.
+    demons_force : str
+        ``demons``: ``ssd`` (Thirion's demons forces on the intensity differences: for intensities
+        that match once normalised) or ``lncc`` (the gradient of the local normalised cross-correlation
+        in a window of ``ncc_radius`` voxels, as Greedy's and ANTs' ``CC`` metric: robust to slowly
+        varying intensity biases; give it some ``update_sigma``, e.g. 1.7 mm); each ``lncc`` update (after
+        ``update_sigma``) is scaled so that its 95th percentile step is half the smallest voxel, longer
+        steps cut to that, the bound of the ``ssd`` steps.
     field_sigma : float, mm
         ``demons``: Gaussian smoothing of the displacement field after each update (elastic
         regularisation): mm along the image's finest axis, and the same number of voxels along the
@@ -220,6 +227,7 @@ class NonrigidConfig:
     regularization: float = 0.1
     ncc_radius: int = 2
     demons_variant: Literal["diffeomorphic", "symmetric"] = "diffeomorphic"
+    demons_force: Literal["ssd", "lncc"] = "ssd"
     field_sigma: float = 1.25
     update_sigma: float = 0.0
 

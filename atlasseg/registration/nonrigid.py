@@ -386,6 +386,56 @@ def _smoother(sigma: np.ndarray):
     return lambda field: ndimage.gaussian_filter(field, [0.0, *sigma], mode="nearest", truncate=3.0)
 
 
+LNCC_STEP_QUANTILE = 0.95
+
+
+def _scale_step(step: np.ndarray, cap: float) -> np.ndarray:
+    """An LNCC update (components first) scaled so that its ``LNCC_STEP_QUANTILE`` quantile of step
+    lengths is ``cap``, longer steps cut to ``cap``. (Scaling the longest step to ``cap``, as Greedy
+    does, left most of the field nearly still: 0.03 to 0.09 lower Dice on cardiac pairs.)"""
+    norm = np.sqrt((step * step).sum(axis=0))
+    typical = float(np.quantile(norm, LNCC_STEP_QUANTILE))
+    if typical <= 0:
+        typical = float(norm.max())
+        if typical <= 0:
+            return step
+    scaled = norm * (cap / typical)
+    return step * ((cap / typical) * np.minimum(1.0, cap / np.maximum(scaled, 1e-30)))
+
+
+class _BoxMeans:
+    """Local normalised cross-correlation (LNCC) of a fixed image ``f`` with warped moving images, in a
+    box of ``radius`` voxels along every axis, and its derivative with respect to the moving intensities.
+
+    With box means ⟨·⟩, A = ⟨f m⟩ − ⟨f⟩⟨m⟩, B = ⟨f f⟩ − ⟨f⟩², C = ⟨m m⟩ − ⟨m⟩², the metric is
+    A² / (B C) per voxel; its derivative with respect to m at a voxel is taken, as ANTs and Greedy take
+    it (Avants et al. 2008), as 2A / (B C) · ((f − ⟨f⟩) − A / C (m − ⟨m⟩)). Where B C is negligible
+    (flat windows; below 1e-6 of the product of the images' global variances) there is no force.
+    """
+
+    def __init__(self, f: np.ndarray, radius: int):
+        self.size = 2 * radius + 1
+        self.f = f
+        self.mean_f = self._mean(f)
+        self.var_f = np.maximum(self._mean(f * f) - self.mean_f * self.mean_f, 0.0)
+        self.global_var_f = float(f.var())
+
+    def _mean(self, x: np.ndarray) -> np.ndarray:
+        return ndimage.uniform_filter(x, size=self.size, mode="nearest")
+
+    def force(self, m: np.ndarray, outside: np.ndarray) -> tuple[np.ndarray, float]:
+        """d(A²/(BC))/dm per voxel (zero at ``outside`` voxels) and the mean LNCC."""
+        mean_m = self._mean(m)
+        a = self._mean(self.f * m) - self.mean_f * mean_m
+        c = np.maximum(self._mean(m * m) - mean_m * mean_m, 0.0)
+        bc = self.var_f * c
+        valid = (bc > 1e-6 * self.global_var_f * float(m.var()) + 1e-30) & ~outside
+        ratio = np.divide(a, bc, out=np.zeros_like(a), where=valid)
+        over_c = np.divide(a, c, out=np.zeros_like(a), where=valid)
+        force = 2.0 * ratio * ((self.f - self.mean_f) - over_c * (m - mean_m))
+        return force, float(np.mean(ratio * a)) if valid.any() else np.nan
+
+
 def _demons_level(f: np.ndarray, m: np.ndarray, u: np.ndarray, *, spacing: np.ndarray, voxels: np.ndarray,
                   config: NonrigidConfig, iterations: int, offset: np.ndarray) -> tuple[np.ndarray, dict]:
     """``iterations`` demons updates of the field ``u`` registering ``m`` to ``f`` on one pyramid level.
@@ -400,7 +450,9 @@ def _demons_level(f: np.ndarray, m: np.ndarray, u: np.ndarray, *, spacing: np.nd
     ``diffeomorphic`` composes each step onto the field (φ ← φ ∘ (x + step)), ``symmetric`` adds it;
     the step is smoothed by ``update_sigma`` and the field by ``field_sigma``, both in mm at full
     resolution measured in units of ``voxels`` (mm per voxel, numpy order), so each keeps its width
-    in voxels on every level.
+    in voxels on every level. ``demons_force: lncc`` replaces the SSD step by the gradient of the local
+    normalised cross-correlation (:class:`_BoxMeans`) times the warped image's gradient, smoothed, then
+    scaled by :func:`_scale_step` to the same bound of half the smallest voxel.
     """
     dim = f.ndim
     grid = np.indices(f.shape, dtype=f.dtype)
@@ -410,16 +462,27 @@ def _demons_level(f: np.ndarray, m: np.ndarray, u: np.ndarray, *, spacing: np.nd
     smooth_update = _smoother(config.update_sigma / voxels)
     smooth_field = _smoother(config.field_sigma / voxels)
     metric = np.nan
+    lncc = config.demons_force == "lncc"
+    if lncc:
+        window = _BoxMeans(f, config.ncc_radius)
+        cap = 0.5 * float(np.min(spacing))  # the SSD forces' bound: half the smallest voxel
     for _ in range(iterations):
         warp = _Linear(grid + u / scale + offset.reshape(scale.shape).astype(f.dtype), m.shape)
         warped = warp(m)
-        diff = np.where(warp.outside, 0.0, f - warped)  # no force where the atlas was not sampled
-        metric = float(np.mean(diff * diff))
-        gradient = 0.5 * (grad_f + np.stack(_derivatives(warped, spacing)))
-        denominator = (gradient * gradient).sum(axis=0) + diff * diff / normalizer
-        step = np.divide(diff, denominator, out=np.zeros_like(diff), where=denominator > 1e-9) * gradient
-        if smooth_update:
-            step = smooth_update(step)
+        if lncc:
+            force, metric = window.force(warped, warp.outside)
+            step = force * np.stack(_derivatives(warped, spacing))
+            if smooth_update:
+                step = smooth_update(step)
+            step = _scale_step(step, cap)
+        else:
+            diff = np.where(warp.outside, 0.0, f - warped)  # no force where the atlas was not sampled
+            metric = float(np.mean(diff * diff))
+            gradient = 0.5 * (grad_f + np.stack(_derivatives(warped, spacing)))
+            denominator = (gradient * gradient).sum(axis=0) + diff * diff / normalizer
+            step = np.divide(diff, denominator, out=np.zeros_like(diff), where=denominator > 1e-9) * gradient
+            if smooth_update:
+                step = smooth_update(step)
         if config.demons_variant == "diffeomorphic":
             u = step + _Linear(grid + step / scale, f.shape)(u)
         else:
@@ -444,8 +507,8 @@ def register_demons(
     voxels of the coarsest level; each level then runs diffeomorphic demons (or additive
     symmetric-forces demons) on the smoothed, shrunk pair, starting from the previous level's
     field (see :func:`_demons_level`; in numpy: ITK's demons filters took three to four times as
-    long per update on 40³-voxel images). Demons compares intensities directly: for same-contrast
-    images only. It takes no masks and no seed (it uses every voxel); they are accepted for a
+    long per update on 40³-voxel images). Demons compares intensities directly (``demons_force: ssd``)
+    or locally correlates them (``lncc``): for same-contrast images only. It takes no masks and no seed (it uses every voxel); they are accepted for a
     common signature.
 
     Returns ``initial`` ∘ displacement field as a composite, and the per-level record.
