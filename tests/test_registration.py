@@ -286,6 +286,28 @@ def test_nonrigid_undoes_a_known_deformation(nonrigid, dims, reduction):
         assert record["nonrigid"]["status"] == "ok"  # folding within max_folded_fraction
 
 
+@pytest.mark.parametrize("dim, floor", [(2, 0.97), (3, 0.87)])
+def test_lncc_demons_see_through_an_intensity_bias_that_misleads_ssd(dim, floor):
+    """A known smooth deformation of the phantom, the moving image then multiplied by a ramp from 0.4 to
+    1.6 along x: the SSD forces chase the bias, the local correlation does not (measured, both with
+    update_sigma 3.4 mm: mean Dice 0.893 SSD vs 0.981 LNCC in 2D, 0.817 vs 0.887 in 3D; 0.901 and
+    0.843 before registration)."""
+    fixed, labels = phantom(dim=dim, size=64 if dim == 2 else 32, spacing=2.0)
+    deformation = smooth_deformation(fixed, amplitude=4.0)
+    moving, moving_labels = warp(fixed, deformation), warp(labels, deformation, labels=True)
+    array = sitk.GetArrayFromImage(moving)
+    biased = sitk.GetImageFromArray((array * np.linspace(0.4, 1.6, array.shape[-1])).astype(np.float32))
+    biased.CopyInformation(moving)
+    dice = {}
+    for force in ("ssd", "lncc"):
+        nonrigid = NonrigidConfig(demons_force=force, update_sigma=3.4)
+        found, record = register(fixed, biased, config=RegistrationConfig(affine=NO_AFFINE, nonrigid=nonrigid))
+        dice[force] = mean_score(dice_per_label(propagate_labels(moving_labels, found, fixed), labels, labels=[1, 2, 3, 4]))
+        assert record["nonrigid"]["folded_voxels"] == 0
+    assert dice["lncc"] > floor
+    assert dice["lncc"] > dice["ssd"] + 0.03
+
+
 def test_landmarks_recover_a_rotation_intensities_alone_miss(tmp_path):
     fixed, _ = phantom(dim=3, size=32)
     truth = sitk.Euler3DTransform((0.0, 0.0, 0.0), 0.3, -0.2, np.deg2rad(120.0), (4.0, -2.0, 3.0))
