@@ -452,7 +452,8 @@ def _demons_level(f: np.ndarray, m: np.ndarray, u: np.ndarray, *, spacing: np.nd
     resolution measured in units of ``voxels`` (mm per voxel, numpy order), so each keeps its width
     in voxels on every level. ``demons_force: lncc`` replaces the SSD step by the gradient of the local
     normalised cross-correlation (:class:`_BoxMeans`) times the warped image's gradient, smoothed, then
-    scaled by :func:`_scale_step` to the same bound of half the smallest voxel.
+    scaled by :func:`_scale_step` to the same bound of half the smallest voxel. The record's ``metric`` is
+    the last update's mean squared difference (``ssd``; lower is better) or mean LNCC (``lncc``; higher is better).
     """
     dim = f.ndim
     grid = np.indices(f.shape, dtype=f.dtype)
