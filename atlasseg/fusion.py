@@ -19,9 +19,9 @@ expectation-maximisation and takes the most probable true label (Warfield et al.
 
 Fusers take candidates one by one: ``add`` each candidate, then ``result``. The
 voting methods stream, so their memory does not grow with the number of atlases;
-joint label fusion needs all candidates together, so it keeps them on disk and reads
-them back a slab at a time, and STAPLE keeps each candidate only where the candidates
-disagree.
+joint label fusion needs all candidates together, so beyond a memory budget it keeps
+them on disk and reads them back a slab at a time, and STAPLE keeps each candidate only
+where the candidates disagree.
 """
 
 from __future__ import annotations
@@ -271,15 +271,15 @@ class JointLabelFusion(_Vote):
         voxels = np.argwhere(centres)
         if not voxels.size:
             return
-        strides = np.asarray(np.cumprod((target.shape + (1,))[:0:-1])[::-1])  # flat step per axis
+        strides = _strides(target.shape)
         spacing = np.asarray(self._reference.GetSpacing())[::-1]
         search, patch = _box(self._search, spacing), _box(self._patch, spacing)
         best = self._best_offsets(target, intensities, voxels.min(axis=0), voxels.max(axis=0) + 1, search, centres)
         base = (voxels + self._search + self._patch) @ strides
         voxels[:, 0] += start
+        # Voxels per chunk: each takes n × patch float32 differences and n × n float64 weights (some copies).
         n = len(labels)
-        step = max(1, self._CHUNK // (n * max(len(patch), 8 * n)))  # per voxel: n × patch differences (float32),
-        # and n × n float64 weight matrices, some copies
+        step = max(1, self._CHUNK // (n * max(len(patch), 8 * n)))
         for first in range(0, len(voxels), step):
             chunk = slice(first, first + step)
             offsets = [None if b is None else search[b[chunk]] @ strides for b in best]
@@ -301,7 +301,7 @@ class JointLabelFusion(_Vote):
         inside = np.argwhere(centres[tuple(slice(a, b) for a, b in zip(lo, hi))])  # from lo
         at_box = np.ravel_multi_index(tuple((inside + r).T), fixed.shape)  # the centres in box arrays
         at_slab = np.ravel_multi_index(tuple((inside + lo + pad).T), target.shape)  # and in the slab's
-        shifts = search @ np.asarray(np.cumprod((target.shape + (1,))[:0:-1])[::-1])
+        shifts = search @ _strides(target.shape)
         normalized = self._config.patch_normalization
         if normalized:
             fixed_mean, fixed_std = (m.reshape(-1)[at_box] for m in _local_moments(fixed, size))
@@ -366,6 +366,11 @@ class JointLabelFusion(_Vote):
             for value in np.unique(shown).tolist():
                 self._accumulator(value).reshape(-1)[flat] += np.where(shown == value, w[keep], 0.0).sum(axis=1)
             self._covered.reshape(-1)[flat] += 1.0
+
+
+def _strides(shape: tuple[int, ...]) -> np.ndarray:
+    """The step in a C-order flat index per unit step along each axis."""
+    return np.asarray(np.cumprod((tuple(shape) + (1,))[:0:-1])[::-1])
 
 
 def _read(rows: np.ndarray) -> np.ndarray:
