@@ -66,7 +66,8 @@ class SelectionConfig:
         Most best-ranked atlases kept for non-rigid registration. The default, 10, is
         as accurate as all of them with joint label fusion on real data
         (``benchmarks/fusion.py``: hippocampus 0.871 with 10 of 24 atlases, 0.869 with
-        all), and keeps the time per target bounded however many atlases there are.
+        all), and keeps the non-rigid and fusion time per target bounded however many
+        atlases there are (the affine stage still scores every atlas).
     threshold : float or None
         When set, only atlases scoring at least this are kept (of the best ``k``).
     min_atlases : int
@@ -344,8 +345,9 @@ class FusionConfig:
         posterior) is smoothed by a Gaussian of this sigma and the label map is their
         arg-max, a prior that boundaries are smooth; the probability maps written are the
         smoothed ones. It helps large structures on coarse grids (MS-CMRSeg cardiac at
-        2.5 mm in-plane, ``jlf``: mean Dice +0.012 with 3 mm) and erodes small or thin ones
-        (MSD hippocampus at 1 mm: −0.011 with 1 mm); choose it with ``atlasseg crossval``.
+        2.5 mm in-plane, ``jlf``: mean Dice +0.005 to +0.009 with 3 mm) and erodes small or
+        thin ones (MSD hippocampus at 1 mm: −0.007 to −0.014 with 1 mm; ``benchmarks/fusion.py``);
+        choose it with ``atlasseg crossval``.
     keep_largest_component : bool
         After fusion, each label keeps only its largest connected component
         (26-connected in 3D, 8 in 2D); the voxels cut off go to the next most
