@@ -32,10 +32,10 @@ def propagate_labels(
     Voxels mapped outside the atlas get background (0). The pixel type is kept.
     """
     try:
-        resample = _LABEL_INTERPOLATORS[interpolator]
+        resample = LABEL_INTERPOLATORS[interpolator]
     except KeyError:
         raise AtlassegError(
-            f"unknown label interpolator {interpolator!r} (known: {', '.join(_LABEL_INTERPOLATORS)})"
+            f"unknown label interpolator {interpolator!r} (known: {', '.join(LABEL_INTERPOLATORS)})"
         ) from None
     return resample(labels, transform, reference)
 
@@ -71,7 +71,7 @@ def _one_hot_linear(labels: sitk.Image, transform: sitk.Transform, reference: si
     return out
 
 
-_LABEL_INTERPOLATORS = {"nearest": _nearest, "linear": _one_hot_linear, "gaussian": _label_gaussian}
+LABEL_INTERPOLATORS = {"nearest": _nearest, "linear": _one_hot_linear, "gaussian": _label_gaussian}
 
 
 _INTENSITY_INTERPOLATORS = {"linear": sitk.sitkLinear, "bspline": sitk.sitkBSpline}

@@ -87,30 +87,38 @@ def initial_transform(fixed: sitk.Image, moving: sitk.Image, *, initialization: 
         raise RegistrationError(f"{initialization} initialisation failed: {str(err).strip().splitlines()[-1]}") from None
 
 
-def _set_optimizer(method: sitk.ImageRegistrationMethod, config: AffineConfig) -> None:
-    """The configured optimiser, with the configured step and iterations really in effect."""
-    if config.optimizer == "regular_step":
-        method.SetOptimizerAsRegularStepGradientDescent(
-            learningRate=config.learning_rate,
-            minStep=1e-3 * config.learning_rate,
-            numberOfIterations=config.iterations,
-            # The step shrinks by 0.8 at each reversal of the gradient. ITK's 0.5 shrank it to minStep within
-            # ~10 reversals, which sampling noise brings fast: a lone affine stage stopped up to a voxel short.
-            relaxationFactor=0.8,
-            gradientMagnitudeTolerance=1e-8,
-        )
-    elif config.optimizer == "gradient_descent":
-        method.SetOptimizerAsGradientDescentLineSearch(
-            learningRate=config.learning_rate,
-            numberOfIterations=config.iterations,
-            convergenceMinimumValue=1e-6,
-            convergenceWindowSize=10,
-            estimateLearningRate=method.Never,  # SimpleITK's default (Once) would override learning_rate
-        )
-    else:
-        method.SetOptimizerAsLBFGSB(gradientConvergenceTolerance=1e-6, numberOfIterations=config.iterations)
-        return  # ITK's L-BFGS-B takes no parameter scales
+def _regular_step(method: sitk.ImageRegistrationMethod, config: AffineConfig) -> None:
+    method.SetOptimizerAsRegularStepGradientDescent(
+        learningRate=config.learning_rate,
+        minStep=1e-3 * config.learning_rate,
+        numberOfIterations=config.iterations,
+        # The step shrinks by 0.8 at each reversal of the gradient. ITK's 0.5 shrank it to minStep within
+        # ~10 reversals, which sampling noise brings fast: a lone affine stage stopped up to a voxel short.
+        relaxationFactor=0.8,
+        gradientMagnitudeTolerance=1e-8,
+    )
     method.SetOptimizerScalesFromPhysicalShift()
+
+
+def _gradient_descent(method: sitk.ImageRegistrationMethod, config: AffineConfig) -> None:
+    method.SetOptimizerAsGradientDescentLineSearch(
+        learningRate=config.learning_rate,
+        numberOfIterations=config.iterations,
+        convergenceMinimumValue=1e-6,
+        convergenceWindowSize=10,
+        estimateLearningRate=method.Never,  # SimpleITK's default (Once) would override learning_rate
+    )
+    method.SetOptimizerScalesFromPhysicalShift()
+
+
+def _lbfgsb(method: sitk.ImageRegistrationMethod, config: AffineConfig) -> None:
+    # ITK's L-BFGS-B takes no parameter scales
+    method.SetOptimizerAsLBFGSB(gradientConvergenceTolerance=1e-6, numberOfIterations=config.iterations)
+
+
+# The configured optimiser, with the configured step and iterations really in effect; keyed by
+# ``registration.affine.optimizer``.
+OPTIMIZERS = {"regular_step": _regular_step, "gradient_descent": _gradient_descent, "lbfgsb": _lbfgsb}
 
 
 def register_affine(
@@ -152,7 +160,7 @@ def register_affine(
             metric=config.metric, sampling_percentage=config.sampling_percentage, seed=seed,
             sampling_strategy=config.sampling_strategy, masks=masks,
         )
-        _set_optimizer(method, config)
+        OPTIMIZERS[config.optimizer](method, config)
         if kind == "translation":
             _frozen_rotation(method, transform, dim)
         method.SetInitialTransform(transform, inPlace=True)
