@@ -458,8 +458,11 @@ class OutputConfig:
         ``atlasseg cache info|clear`` shows and frees them.
     report : bool
         Also write the QC report: ``<target>/qc.png`` (the segmentation's contours, and the ground
-        truth's, over the target on three orthogonal slices) and ``index.html`` (metrics, pictures,
-        atlas rankings, registration records); ``atlasseg report`` rewrites it from ``run.json``.
+        truth's, over the target on three orthogonal slices), ``index.html`` (metrics, pictures, an
+        interactive view per target, atlas rankings, registration records), the view's volumes
+        (``<target>/viewer.js``) and viewer (``viewer/``), and ``<target>/disagreement.<format>``: the
+        share of the candidates that vote against the most voted label, voxel by voxel (0–1);
+        ``atlasseg report`` rewrites the report from ``run.json``.
     """
 
     dir: str = "atlasseg-out"

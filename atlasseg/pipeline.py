@@ -59,6 +59,7 @@ from .registration import (
     save_displacement_field,
     save_transform,
 )
+from .report import Disagreement
 from .selection import rank, score_atlas, select
 
 log = logging.getLogger("atlasseg")
@@ -538,6 +539,7 @@ def segment_target(target: Target, atlases: list[Atlas], config: Config, *, out_
 
     # Propagate and fuse, one candidate at a time.
     fuser = make_fuser(normalize_intensity(reference, method=config.registration.normalization), config=config.fusion)
+    spread = Disagreement() if config.output.report else None  # the QC report's heat map
     seconds["propagation"] = seconds["fusion"] = 0.0
     for aid in used:
         clock = time.perf_counter()
@@ -546,6 +548,8 @@ def segment_target(target: Target, atlases: list[Atlas], config: Config, *, out_
         seconds["propagation"] += time.perf_counter() - clock
         clock = time.perf_counter()
         fuser.add(candidate, intensities)
+        if spread is not None:
+            spread.add(candidate)
         seconds["fusion"] += time.perf_counter() - clock
     clock = time.perf_counter()
     segmentation = fuser.result()
@@ -568,6 +572,8 @@ def segment_target(target: Target, atlases: list[Atlas], config: Config, *, out_
     for value, probability in probabilities.items():
         if value:
             write_image(probability, target_dir / f"probability_{value}.{config.output.format}")
+    if spread is not None:
+        write_image(spread.result(), target_dir / f"disagreement.{config.output.format}")
     if config.output.save_transforms:
         for aid in used:
             save_transform(transforms[aid], target_dir / "transforms" / f"{aid}.h5")
@@ -576,6 +582,7 @@ def segment_target(target: Target, atlases: list[Atlas], config: Config, *, out_
     record = {
         "image": str(target.image),
         "segmentation": seg_path.name,
+        **({"disagreement": f"disagreement.{config.output.format}"} if spread is not None else {}),
         "ranking": ranking.table(config.selection.metric),
         "selected": used,
         "dropped": dropped,
