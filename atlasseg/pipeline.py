@@ -44,6 +44,7 @@ from .imageio import (
     remove_temporaries,
     write_image,
 )
+from .layout import LAYOUTS
 from .manifest import Atlas, Manifest, Target
 from .parallel import available_cores, log_above_bars, parallel_map, progress, session, thread_budget
 from .propagation import propagate_intensities, propagate_labels
@@ -567,11 +568,12 @@ def segment_target(target: Target, atlases: list[Atlas], config: Config, *, out_
 
     clock = time.perf_counter()
     target_dir = out_dir / target.id
-    seg_path = target_dir / f"segmentation.{config.output.format}"
+    layout = LAYOUTS[config.output.layout]
+    seg_path = layout.segmentation(out_dir, target.id, config.output.format)
     write_image(segmentation, seg_path)
     for value, probability in probabilities.items():
         if value:
-            write_image(probability, target_dir / f"probability_{value}.{config.output.format}")
+            write_image(probability, layout.probability(out_dir, target.id, value, label_names, config.output.format))
     if spread is not None:
         write_image(spread.result(), target_dir / f"disagreement.{config.output.format}")
     if config.output.save_transforms:
@@ -581,7 +583,7 @@ def segment_target(target: Target, atlases: list[Atlas], config: Config, *, out_
 
     record = {
         "image": str(target.image),
-        "segmentation": seg_path.name,
+        "segmentation": Path(os.path.relpath(seg_path, target_dir)).as_posix(),  # from the target's folder
         **({"disagreement": f"disagreement.{config.output.format}"} if spread is not None else {}),
         "ranking": ranking.table(config.selection.metric),
         "selected": used,
@@ -620,7 +622,7 @@ def finished_target(target: Target, atlases: list[Atlas], config: Config, out_di
         record = document["record"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    segmentation = folder / f"segmentation.{config.output.format}"
+    segmentation = LAYOUTS[config.output.layout].segmentation(out_dir, target.id, config.output.format)
     if not segmentation.is_file():
         return None
     scores = None
@@ -796,6 +798,8 @@ def run(config: Config, manifest: Manifest, *, out_dir: str | Path | None = None
     if not targets:
         raise AtlassegError(f"{manifest.path}: no targets to segment")
     check_inputs(manifest, config)
+    layout = LAYOUTS[config.output.layout]
+    layout.check([t.id for t in targets])
     check_output_dir(out, config, manifest, force=force)
     cache = open_cache(config, force=force)
     start = time.perf_counter()
@@ -823,6 +827,7 @@ def run(config: Config, manifest: Manifest, *, out_dir: str | Path | None = None
             run_record["targets"][target.id] = result.record
             write_json(out / "run.json", run_record)  # after every target: how far a long run has come
     write_metrics(out / "metrics.csv", results, manifest.label_names, evaluation_metrics(config))
+    layout.finish(out, manifest.label_names)
     failed = [r.target_id for r in results if r.error is not None]
     run_record.update(status="failed" if failed else "complete", failed_targets=failed,
                       seconds_total=round(time.perf_counter() - start, 3), peak_memory_mb=_peak_mb())
