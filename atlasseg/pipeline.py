@@ -71,8 +71,8 @@ def check_inputs(manifest: Manifest, config: Config | None = None) -> None:
     dimensionality across the manifest (the atlases' initial transforms too); intensities finite and
     not constant; label maps whole, non-negative numbers on their image's grid (floating-point noise is
     snapped, with a warning), an atlas's not empty; masks on their image's grid. Warns about declared
-    labels an atlas lacks and labels the manifest does not declare. With ``config``: every entry has the
-    landmarks its initialisation needs, ``selection.k`` is compared with the atlas count (larger: a
+    labels an atlas lacks and labels the manifest does not declare. With ``config``: the targets' ids suit
+    ``output.layout``, every entry has the landmarks its initialisation needs, ``selection.k`` is compared with the atlas count (larger: a
     warning, all atlases are used), the run's memory is estimated (:func:`check_memory`), and joint
     label fusion's temporary files are checked against the free space (:func:`check_disk`)."""
     entries = (*manifest.atlases, *manifest.targets)
@@ -99,6 +99,8 @@ def check_inputs(manifest: Manifest, config: Config | None = None) -> None:
             raise RegistrationError(f"{file}: a {dimension}D transform, for {min(dims)}D images")
     if config is not None and config.output.format == "mgz" and 2 in dims:
         raise ImageError(f"{manifest.path}: output.format mgz holds 3D images only, these are 2D (use nii.gz)")
+    if config is not None:
+        LAYOUTS[config.output.layout].check([t.id for t in manifest.targets])
     if config is not None:
         k = config.selection.k
         if k != "all" and k > len(manifest.atlases):  # the default k asks for no warning
@@ -139,6 +141,7 @@ def _check_label_map(entry: Atlas | Target, manifest: Manifest) -> None:
 # padded target and each voxel's label range, int64).
 _JOB_BYTES_PER_VOXEL = {2: 160, 3: 256}
 _FUSION_BYTES_PER_VOXEL_AND_LABEL = 4
+_REPORT_BYTES_PER_VOXEL_AND_LABEL = 2  # the candidates' disagreement: a uint16 vote count per label
 _JLF_BYTES_PER_VOXEL = 24
 _JLF_BYTES_PER_VOXEL_AND_CANDIDATE = 6  # float32 intensities, labels of up to 2 bytes
 MEMORY_LIMIT_ENV = "ATLASSEG_MEMORY_LIMIT"
@@ -171,6 +174,8 @@ def estimate_memory(geometry: Geometry, config: Config, *, n_tasks: int, n_label
     jobs, _ = thread_budget(config.parallel, max(1, n_tasks))
     per_job = voxels * _JOB_BYTES_PER_VOXEL[geometry.dimension]
     fusion = voxels * _FUSION_BYTES_PER_VOXEL_AND_LABEL * (n_labels + 4)
+    if config.output.report:
+        fusion += voxels * _REPORT_BYTES_PER_VOXEL_AND_LABEL * n_labels
     if config.fusion.method == "jlf":
         candidates = _jlf_candidate_bytes(geometry, config, n_tasks=n_tasks)
         fusion += voxels * _JLF_BYTES_PER_VOXEL + min(candidates, JointLabelFusion._SLAB_BYTES)
@@ -798,8 +803,6 @@ def run(config: Config, manifest: Manifest, *, out_dir: str | Path | None = None
     if not targets:
         raise AtlassegError(f"{manifest.path}: no targets to segment")
     check_inputs(manifest, config)
-    layout = LAYOUTS[config.output.layout]
-    layout.check([t.id for t in targets])
     check_output_dir(out, config, manifest, force=force)
     cache = open_cache(config, force=force)
     start = time.perf_counter()
@@ -827,7 +830,7 @@ def run(config: Config, manifest: Manifest, *, out_dir: str | Path | None = None
             run_record["targets"][target.id] = result.record
             write_json(out / "run.json", run_record)  # after every target: how far a long run has come
     write_metrics(out / "metrics.csv", results, manifest.label_names, evaluation_metrics(config))
-    layout.finish(out, manifest.label_names)
+    LAYOUTS[config.output.layout].finish(out, manifest.label_names)
     failed = [r.target_id for r in results if r.error is not None]
     run_record.update(status="failed" if failed else "complete", failed_targets=failed,
                       seconds_total=round(time.perf_counter() - start, 3), peak_memory_mb=_peak_mb())

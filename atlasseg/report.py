@@ -287,7 +287,11 @@ def write_viewer_data(path: str | Path, target_id: str, image: sitk.Image, segme
     """Write one target's volumes for the page's interactive view (``<target>/viewer.js``, atomically):
     a script that hands them, as base64 NIfTI, to ``atlassegViewer.add``."""
     volumes = {"image": _nifti_base64(_grey(image)), "segmentation": _nifti_base64(_label_volume(segmentation))}
-    data = {"dimension": image.GetDimension(), "volumes": volumes}
+    dim = image.GetDimension()
+    index = _centre(tuple(reversed(image.GetSize())), sitk.GetArrayViewFromImage(segmentation))[::-1]
+    point = image.TransformIndexToPhysicalPoint([int(i) for i in index])
+    centre = [-point[0], -point[1], point[2] if dim == 3 else 0.0]  # LPS to NiiVue's RAS, mm
+    data = {"dimension": dim, "centre": centre, "volumes": volumes}  # the cross starts where the labels are
     if disagreement is not None:
         percent = sitk.Cast(sitk.Clamp(disagreement * 100.0 + 0.5, lowerBound=0, upperBound=100), sitk.sitkUInt8)
         volumes["disagreement"] = _nifti_base64(percent)
@@ -645,6 +649,7 @@ const atlassegViewer = (() => {
     const planes = {multiplanar: nv.sliceTypeMultiplanar, axial: nv.sliceTypeAxial,
                     coronal: nv.sliceTypeCoronal, sagittal: nv.sliceTypeSagittal};
     const layout = box.querySelector("select.layout");
+    nv.scene.crosshairPos = nv.mm2frac(d.centre);
     nv.setSliceType(d.dimension === 2 ? nv.sliceTypeAxial : planes[layout ? layout.value : "multiplanar"]);
     if (layout) layout.onchange = () => nv.setSliceType(planes[layout.value]);
     for (const slider of box.querySelectorAll("input.opacity")) {

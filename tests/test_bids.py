@@ -100,9 +100,13 @@ def test_bids_layout_writes_a_derivatives_dataset_and_resumes(bids, tmp_path):
     assert all(r.record.get("seconds") == f.record.get("seconds") for r, f in zip(again, first))  # reused
 
 
-def test_bids_layout_refuses_ids_that_are_not_bids_names_before_any_work(tmp_path):
-    manifest = load_manifest(make_demo_dataset(tmp_path / "data", dim=2, n_atlases=2, n_targets=1, size=32, seed=1))
+def test_bids_layout_refuses_ids_that_are_not_bids_names_before_any_work(tmp_path, capsys):
+    path = make_demo_dataset(tmp_path / "data", dim=2, n_atlases=2, n_targets=1, size=32, seed=1)
+    manifest = load_manifest(path)
     config = load_config("baseline", overrides=["output.layout=bids"])
-    with pytest.raises(ManifestError, match=f"target id '{manifest.targets[0].id}' is not a BIDS name"):
+    message = f"target id '{manifest.targets[0].id}' is not a BIDS name"
+    with pytest.raises(ManifestError, match=message):
         run(config, manifest, out_dir=tmp_path / "out")
     assert not (tmp_path / "out").exists()
+    assert main(["validate", "baseline", "--manifest", str(path), "--set", "output.layout=bids"]) == 2
+    assert message in capsys.readouterr().err
