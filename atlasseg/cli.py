@@ -111,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_register)
 
     p = sub.add_parser("manifest", help="write a data_manifest.yaml from a dataset on disk")
-    kinds = p.add_subparsers(dest="source", required=True, metavar="{from-msd,from-folders}")
+    kinds = p.add_subparsers(dest="source", required=True, metavar="{from-msd,from-folders,from-bids}")
     q = kinds.add_parser("from-msd", help="from a Decathlon / nnU-Net raw dataset: training cases become atlases, "
                          "test images targets")
     q.add_argument("dataset_json", metavar="DATASET_JSON", help="the dataset's dataset.json (or its folder)")
@@ -128,6 +128,18 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--labels", dest="names", nargs="+", metavar="VALUE=NAME", help="label names, e.g. 1=anterior")
     _add_manifest_args(q)
     q.set_defaults(func=cmd_manifest_folders)
+    q = kinds.add_parser("from-bids", help="from a BIDS dataset: cases with a _dseg label map in a derivative become "
+                         "atlases, the others targets; ids are BIDS names (for output.layout: bids)")
+    q.add_argument("bids_dir", metavar="BIDS_DIR", help="the BIDS dataset's folder (holding dataset_description.json)")
+    q.add_argument("--labels", metavar="DIR", help="derivative folder of the label maps (default: the one folder "
+                   "under derivatives/ holding _dseg files)")
+    q.add_argument("--suffix", default="T1w", help="suffix of the images used (default: %(default)s)")
+    q.add_argument("--datatype", default="anat", help="datatype folder of images and label maps (default: %(default)s)")
+    q.add_argument("--desc", help="the desc- entity of the label maps used, where a case has several")
+    q.add_argument("--targets", nargs="+", default=[], metavar="ID", help="cases to segment although they have "
+                   "label maps (their ground truth): ids such as sub-01_ses-A, or sub-01 for all its sessions")
+    _add_manifest_args(q)
+    q.set_defaults(func=cmd_manifest_bids)
 
     p = sub.add_parser("evaluate", help="score a segmentation against ground truth")
     p.add_argument("prediction", help="segmentation (label map)")
@@ -394,6 +406,14 @@ def cmd_manifest_folders(args) -> int:
     return _imported(from_folders(args.images, args.labels, out=args.out, targets=args.targets,
                                   target_labels=args.target_labels, channel=args.channel,
                                   label_names=_label_args(args.names), force=args.force))
+
+
+def cmd_manifest_bids(args) -> int:
+    from .dataset import from_bids
+
+    return _imported(from_bids(args.bids_dir, out=args.out, labels=args.labels, suffix=args.suffix,
+                               datatype=args.datatype, desc=args.desc, targets=tuple(args.targets),
+                               channel=args.channel, force=args.force))
 
 
 def _imported(imported) -> int:

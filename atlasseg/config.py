@@ -456,10 +456,21 @@ class OutputConfig:
         The cache folder; unset: ``$ATLASSEG_CACHE_DIR``, else ``~/.cache/atlasseg``.
         A run reads and writes entries of a few times an image's size per registration;
         ``atlasseg cache info|clear`` shows and frees them.
+    layout : str
+        Where the segmentations go: ``default`` (``<target>/segmentation.<format>``, and
+        ``<target>/probability_<label>.<format>``) or ``bids``, for targets whose ids are BIDS
+        names (``sub-<label>[_ses-<label>]``, as ``atlasseg manifest from-bids`` writes them): the
+        output folder becomes a BIDS derivatives dataset, with
+        ``sub-<label>/[ses-<label>/]anat/<id>_desc-atlasseg_dseg.<format>`` (and
+        ``<id>_label-<name>_desc-atlasseg_probseg.<format>``), ``dseg.tsv`` (the label names),
+        ``dataset_description.json`` and a ``.bidsignore`` for atlasseg's other files.
     report : bool
         Also write the QC report: ``<target>/qc.png`` (the segmentation's contours, and the ground
-        truth's, over the target on three orthogonal slices) and ``index.html`` (metrics, pictures,
-        atlas rankings, registration records); ``atlasseg report`` rewrites it from ``run.json``.
+        truth's, over the target on three orthogonal slices), ``index.html`` (metrics, pictures, an
+        interactive view per target, atlas rankings, registration records), the view's volumes
+        (``<target>/viewer.js``) and viewer (``viewer/``), and ``<target>/disagreement.<format>``: the
+        share of the candidates that vote against the most voted label, voxel by voxel (0–1);
+        ``atlasseg report`` rewrites the report from ``run.json``.
     """
 
     dir: str = "atlasseg-out"
@@ -468,6 +479,7 @@ class OutputConfig:
     probability_maps: bool = False
     cache: bool = True
     cache_dir: Optional[str] = None
+    layout: Literal["default", "bids"] = "default"
     report: bool = True
 
 

@@ -1,4 +1,5 @@
-"""Writing a ``data_manifest.yaml`` from a dataset on disk: a Decathlon / nnU-Net raw folder, or two folders.
+"""Writing a ``data_manifest.yaml`` from a dataset on disk: a Decathlon / nnU-Net raw folder, a BIDS
+dataset (:func:`from_bids`), or two folders.
 
 Cases are paired by file name: the name without its extension (``.nii.gz``, ``.nrrd``, ...),
 without an nnU-Net channel suffix on images (``case_0000``: channel 0) and without a
@@ -16,6 +17,7 @@ would read it, and every file as :func:`atlasseg.pipeline.check_inputs` reads it
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import os
@@ -25,6 +27,7 @@ from pathlib import Path
 
 import SimpleITK as sitk
 
+from . import layout
 from .errors import ManifestError
 from .imageio import read_geometry, write_image
 from .manifest import Manifest, write_manifest
@@ -382,3 +385,110 @@ def from_msd(dataset_json: str | Path, *, out: str | Path = "data_manifest.yaml"
     return write_cases(out, label_names, atlases, chosen, channel=channel, channel_names=channel_names, found=found,
                        command=f"atlasseg manifest from-msd {path}" + (f" --targets {targets}" if targets else ""),
                        force=force)
+
+
+# --------------------------------------------------------------------------- BIDS
+
+# Entities a derivative adds to its source's name (space, resolution, description, ...): not part of a case.
+_DERIVATIVE_ENTITIES = ("space", "res", "den", "label", "desc", "seg")
+
+
+def _bids_files(root: Path, suffix: str, datatype: str) -> dict[tuple, tuple[dict[str, str], Path]]:
+    """(case entities as a tuple) → (entities, path) of the ``sub-*/[ses-*/]<datatype>/*_<suffix>.<ext>`` files of
+    ``root`` (file names that are not BIDS names, or whose sub/ses disagree with their folders, are skipped)."""
+    found: dict[tuple, tuple[dict[str, str], Path]] = {}
+    for folder in sorted([*root.glob(f"sub-*/{datatype}"), *root.glob(f"sub-*/ses-*/{datatype}")]):
+        for path in sorted(folder.iterdir()):
+            stem = _stem(path)
+            parsed = None if stem is None else layout.parse_name(stem)
+            if parsed is None or parsed[1] != suffix:
+                continue
+            entities = parsed[0]
+            session = folder.parent.name if folder.parent.name.startswith("ses-") else None
+            if f"sub-{entities['sub']}" not in folder.parts or (session and entities.get("ses") != session[4:]):
+                continue
+            found[tuple(entities.items())] = (entities, path)
+    return found
+
+
+def _dseg_names(folder: Path, label_files: list[Path], desc: str | None) -> dict[int, str]:
+    """Label names from a ``dseg.tsv`` (columns ``index``, ``name``): beside the first label map, else
+    ``desc-<desc>_dseg.tsv`` or ``dseg.tsv`` at the derivative's root. None found: no names."""
+    candidates = [label_files[0].with_name(_stem(label_files[0]) + ".tsv")] if label_files else []
+    candidates += [folder / f"desc-{desc}_dseg.tsv"] if desc else []
+    candidates.append(folder / "dseg.tsv")
+    path = next((c for c in candidates if c.is_file()), None)
+    if path is None:
+        return {}
+    try:
+        rows = list(csv.DictReader(path.read_text(encoding="utf-8").splitlines(), delimiter="\t"))
+    except (OSError, UnicodeDecodeError, csv.Error) as err:
+        raise ManifestError(f"{path}: cannot read: {err}") from None
+    names = {}
+    for line, row in enumerate(rows, 2):
+        index, name = (row.get("index") or "").strip(), (row.get("name") or "").strip()
+        if not index.isdigit() or not name:
+            raise ManifestError(f"{path}: line {line}: expected a label value in 'index' and its 'name', got {row!r}")
+        if int(index) > 0:
+            names[int(index)] = name
+    return names
+
+
+def _labels_derivative(root: Path, labels: Path | None) -> Path:
+    """The derivative holding the label maps: ``labels``, else the one folder under ``derivatives/`` with ``_dseg`` files."""
+    if labels is not None:
+        if not labels.is_dir():
+            raise ManifestError(f"{labels}: not a folder (--labels names the derivative with the label maps)")
+        return labels
+    found = [d for d in sorted((root / "derivatives").glob("*")) if d.is_dir() and next(d.rglob("sub-*_dseg.*"), None)]
+    if len(found) != 1:
+        where = ", ".join(str(f) for f in found) if found else f"none under {root / 'derivatives'}"
+        raise ManifestError(f"{root}: needs one derivative folder with _dseg label maps ({where}); name it with --labels")
+    return found[0]
+
+
+def from_bids(bids_dir: str | Path, *, out: str | Path = "data_manifest.yaml", labels: str | Path | None = None,
+              suffix: str = "T1w", datatype: str = "anat", desc: str | None = None, targets: tuple[str, ...] = (),
+              channel: int = 0, force: bool = False) -> Imported:
+    """Write a manifest from a BIDS dataset: every ``sub-*/[ses-*/]<datatype>/*_<suffix>`` image is a case,
+    named by its entities (``sub-01_ses-A``: the ids ``output.layout: bids`` writes by). A case whose
+    label map (a ``_dseg`` file of the same entities, plus any of space, res, den, label, desc) is in the
+    labels derivative (``labels``, else the one folder under ``derivatives/`` holding ``_dseg`` files) is an
+    atlas, and the others are targets; ``targets`` (ids, or ``sub-<label>`` for all of a subject's
+    sessions) makes cases with label maps targets too, their label maps the ground truth. ``desc`` picks
+    among several label maps per case. Label names come from the derivative's ``dseg.tsv``.
+    """
+    root = Path(bids_dir).expanduser().absolute()
+    if not (root / "dataset_description.json").is_file():
+        raise ManifestError(f"{root}: not a BIDS dataset (no dataset_description.json)")
+    images = _bids_files(root, suffix, datatype)
+    if not images:
+        raise ManifestError(f"{root}: holds no sub-*/[ses-*/]{datatype}/*_{suffix} images (--suffix, --datatype)")
+    derivative = _labels_derivative(root, None if labels is None else Path(labels).expanduser().absolute())
+    maps: dict[str, list[Path]] = {}
+    for entities, path in _bids_files(derivative, "dseg", datatype).values():
+        if desc is None or entities.get("desc") == desc:
+            case = {k: v for k, v in entities.items() if k not in _DERIVATIVE_ENTITIES}
+            maps.setdefault(layout.case_name(case), []).append(path)
+    cases = {layout.case_name(entities): path for entities, path in images.values()}
+    for case, found in maps.items():
+        if len(found) > 1:
+            raise ManifestError(f"{derivative}: {case} has {len(found)} label maps ({_listing(found)}); pick one with --desc")
+        if case not in cases:
+            raise ManifestError(f"{found[0]}: a label map without a {suffix} image ({case}) in {root}")
+    chosen = set()
+    for name in targets:
+        matched = {c for c in cases if c == name or c.startswith(name + "_")}
+        if not matched:
+            raise ManifestError(f"{root}: --targets {name}: no such case (cases: {', '.join(sorted(cases)[:_SHOWN])} ...)")
+        chosen |= matched
+    atlases = [Case(c, path, maps[c][0]) for c, path in cases.items() if c in maps and c not in chosen]
+    to_segment = [Case(c, path, maps[c][0] if c in maps else None) for c, path in cases.items()
+                  if c not in maps or c in chosen]
+    if not atlases:
+        raise ManifestError(f"{derivative}: no {suffix} image of {root} has a _dseg label map there: no atlases")
+    names = _dseg_names(derivative, [paths[0] for paths in maps.values()], desc)
+    options = "".join(f" --{key} {value}" for key, value in (("labels", labels), ("desc", desc)) if value is not None)
+    options += "".join(f" --targets {t}" for t in targets)
+    return write_cases(out, names, atlases, to_segment, channel=channel, channel_names={}, found=(),
+                       command=f"atlasseg manifest from-bids {root}{options}", force=force)

@@ -44,6 +44,7 @@ from .imageio import (
     remove_temporaries,
     write_image,
 )
+from .layout import LAYOUTS
 from .manifest import Atlas, Manifest, Target
 from .parallel import available_cores, log_above_bars, parallel_map, progress, session, thread_budget
 from .propagation import propagate_intensities, propagate_labels
@@ -59,6 +60,7 @@ from .registration import (
     save_displacement_field,
     save_transform,
 )
+from .report import Disagreement
 from .selection import rank, score_atlas, select
 
 log = logging.getLogger("atlasseg")
@@ -69,8 +71,8 @@ def check_inputs(manifest: Manifest, config: Config | None = None) -> None:
     dimensionality across the manifest (the atlases' initial transforms too); intensities finite and
     not constant; label maps whole, non-negative numbers on their image's grid (floating-point noise is
     snapped, with a warning), an atlas's not empty; masks on their image's grid. Warns about declared
-    labels an atlas lacks and labels the manifest does not declare. With ``config``: every entry has the
-    landmarks its initialisation needs, ``selection.k`` is compared with the atlas count (larger: a
+    labels an atlas lacks and labels the manifest does not declare. With ``config``: the targets' ids suit
+    ``output.layout``, every entry has the landmarks its initialisation needs, ``selection.k`` is compared with the atlas count (larger: a
     warning, all atlases are used), the run's memory is estimated (:func:`check_memory`), and joint
     label fusion's temporary files are checked against the free space (:func:`check_disk`)."""
     entries = (*manifest.atlases, *manifest.targets)
@@ -97,6 +99,8 @@ def check_inputs(manifest: Manifest, config: Config | None = None) -> None:
             raise RegistrationError(f"{file}: a {dimension}D transform, for {min(dims)}D images")
     if config is not None and config.output.format == "mgz" and 2 in dims:
         raise ImageError(f"{manifest.path}: output.format mgz holds 3D images only, these are 2D (use nii.gz)")
+    if config is not None:
+        LAYOUTS[config.output.layout].check([t.id for t in manifest.targets])
     if config is not None:
         k = config.selection.k
         if k != "all" and k > len(manifest.atlases):  # the default k asks for no warning
@@ -137,6 +141,7 @@ def _check_label_map(entry: Atlas | Target, manifest: Manifest) -> None:
 # padded target and each voxel's label range, int64).
 _JOB_BYTES_PER_VOXEL = {2: 160, 3: 256}
 _FUSION_BYTES_PER_VOXEL_AND_LABEL = 4
+_REPORT_BYTES_PER_VOXEL_AND_LABEL = 2  # the candidates' disagreement: a uint16 vote count per label
 _JLF_BYTES_PER_VOXEL = 24
 _JLF_BYTES_PER_VOXEL_AND_CANDIDATE = 6  # float32 intensities, labels of up to 2 bytes
 MEMORY_LIMIT_ENV = "ATLASSEG_MEMORY_LIMIT"
@@ -169,6 +174,8 @@ def estimate_memory(geometry: Geometry, config: Config, *, n_tasks: int, n_label
     jobs, _ = thread_budget(config.parallel, max(1, n_tasks))
     per_job = voxels * _JOB_BYTES_PER_VOXEL[geometry.dimension]
     fusion = voxels * _FUSION_BYTES_PER_VOXEL_AND_LABEL * (n_labels + 4)
+    if config.output.report:
+        fusion += voxels * _REPORT_BYTES_PER_VOXEL_AND_LABEL * n_labels
     if config.fusion.method == "jlf":
         candidates = _jlf_candidate_bytes(geometry, config, n_tasks=n_tasks)
         fusion += voxels * _JLF_BYTES_PER_VOXEL + min(candidates, JointLabelFusion._SLAB_BYTES)
@@ -538,6 +545,7 @@ def segment_target(target: Target, atlases: list[Atlas], config: Config, *, out_
 
     # Propagate and fuse, one candidate at a time.
     fuser = make_fuser(normalize_intensity(reference, method=config.registration.normalization), config=config.fusion)
+    spread = Disagreement() if config.output.report else None  # the QC report's heat map
     seconds["propagation"] = seconds["fusion"] = 0.0
     for aid in used:
         clock = time.perf_counter()
@@ -546,6 +554,8 @@ def segment_target(target: Target, atlases: list[Atlas], config: Config, *, out_
         seconds["propagation"] += time.perf_counter() - clock
         clock = time.perf_counter()
         fuser.add(candidate, intensities)
+        if spread is not None:
+            spread.add(candidate)
         seconds["fusion"] += time.perf_counter() - clock
     clock = time.perf_counter()
     segmentation = fuser.result()
@@ -563,11 +573,14 @@ def segment_target(target: Target, atlases: list[Atlas], config: Config, *, out_
 
     clock = time.perf_counter()
     target_dir = out_dir / target.id
-    seg_path = target_dir / f"segmentation.{config.output.format}"
+    layout = LAYOUTS[config.output.layout]
+    seg_path = layout.segmentation(out_dir, target.id, config.output.format)
     write_image(segmentation, seg_path)
     for value, probability in probabilities.items():
         if value:
-            write_image(probability, target_dir / f"probability_{value}.{config.output.format}")
+            write_image(probability, layout.probability(out_dir, target.id, value, label_names, config.output.format))
+    if spread is not None:
+        write_image(spread.result(), target_dir / f"disagreement.{config.output.format}")
     if config.output.save_transforms:
         for aid in used:
             save_transform(transforms[aid], target_dir / "transforms" / f"{aid}.h5")
@@ -575,7 +588,8 @@ def segment_target(target: Target, atlases: list[Atlas], config: Config, *, out_
 
     record = {
         "image": str(target.image),
-        "segmentation": seg_path.name,
+        "segmentation": Path(os.path.relpath(seg_path, target_dir)).as_posix(),  # from the target's folder
+        **({"disagreement": f"disagreement.{config.output.format}"} if spread is not None else {}),
         "ranking": ranking.table(config.selection.metric),
         "selected": used,
         "dropped": dropped,
@@ -613,7 +627,7 @@ def finished_target(target: Target, atlases: list[Atlas], config: Config, out_di
         record = document["record"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    segmentation = folder / f"segmentation.{config.output.format}"
+    segmentation = LAYOUTS[config.output.layout].segmentation(out_dir, target.id, config.output.format)
     if not segmentation.is_file():
         return None
     scores = None
@@ -816,6 +830,7 @@ def run(config: Config, manifest: Manifest, *, out_dir: str | Path | None = None
             run_record["targets"][target.id] = result.record
             write_json(out / "run.json", run_record)  # after every target: how far a long run has come
     write_metrics(out / "metrics.csv", results, manifest.label_names, evaluation_metrics(config))
+    LAYOUTS[config.output.layout].finish(out, manifest.label_names)
     failed = [r.target_id for r in results if r.error is not None]
     run_record.update(status="failed" if failed else "complete", failed_targets=failed,
                       seconds_total=round(time.perf_counter() - start, 3), peak_memory_mb=_peak_mb())

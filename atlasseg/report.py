@@ -13,16 +13,27 @@ oblique image is shown on that nearest grid, its rotation not undone (the pictur
 2D image is shown on its voxel grid, first axis to the right, second axis down. Pixels are drawn at
 their physical size in mm, so anisotropic voxels keep the anatomy's proportions.
 
-The page holds the run's summary, the metrics table, and per target its picture, its atlas ranking
-(selected and dropped atlases, with reasons) and its registration records. It needs no server: the
-pictures are linked relative to ``index.html``. Every text from the run is HTML-escaped.
+The page holds the run's summary, the metrics table, and per target its picture, an interactive view,
+its atlas ranking (selected and dropped atlases, with reasons) and its registration records. It needs
+no server: the pictures are linked relative to ``index.html``. Every text from the run is HTML-escaped.
+
+The interactive view is NiiVue (``atlasseg/viewer/niivue.umd.js``, the npm package's built file, with
+its licence beside it), copied to ``<out>/viewer/``. A browser refuses ``fetch()`` of a ``file://``
+URL but runs a classic ``<script src>``: so each target's volumes are written as base64 NIfTI into
+``<out>/<target>/viewer.js``, and the page loads that file (and NiiVue) when the view is opened. The
+volumes: the target image (its grey window, 0.5th–99.5th percentile, on 0–255), the segmentation, the
+candidates' disagreement (:class:`Disagreement`, in percent) when the run wrote it, and the ground
+truth. One view is open at a time (a browser holds few WebGL contexts).
 """
 
 from __future__ import annotations
 
+import base64
 import html
 import json
 import math
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
@@ -185,15 +196,117 @@ def qc_figure(image: sitk.Image, segmentation: sitk.Image, truth: sitk.Image | N
     return figure
 
 
+def _read_target(image_path: str | Path, segmentation_path: str | Path, truth_path: str | Path | None):
+    """(image, segmentation, truth or None) of one target; the label maps checked against the image's grid."""
+    image = read_image(image_path)
+    segmentation = read_labels(segmentation_path, like=image, like_path=image_path)
+    truth = None if truth_path is None else read_labels(truth_path, like=image, like_path=image_path)
+    return image, segmentation, truth
+
+
+def _save_picture(path: str | Path, figure) -> None:
+    atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=_DPI), what="QC picture")
+
+
 def write_qc_picture(path: str | Path, image_path: str | Path, segmentation_path: str | Path,
                      truth_path: str | Path | None = None, *, label_names: dict[int, str] | None = None,
                      title: str = "") -> None:
     """Write ``path`` (PNG, atomically): :func:`qc_figure` of the files; label maps checked against the image's grid."""
-    image = read_image(image_path)
-    segmentation = read_labels(segmentation_path, like=image, like_path=image_path)
-    truth = None if truth_path is None else read_labels(truth_path, like=image, like_path=image_path)
-    figure = qc_figure(image, segmentation, truth, label_names=label_names, title=title)
-    atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=_DPI), what="QC picture")
+    image, segmentation, truth = _read_target(image_path, segmentation_path, truth_path)
+    _save_picture(path, qc_figure(image, segmentation, truth, label_names=label_names, title=title))
+
+
+# --------------------------------------------------------------------------- the interactive view
+
+class Disagreement:
+    """The candidates' disagreement, voxel by voxel: the share of them that vote against the most
+    voted label (0: all agree; at most 1 - 1/n for n candidates). A running quantity: a vote count
+    per label value seen (uint16), never the candidates themselves.
+    """
+
+    def __init__(self) -> None:
+        self._votes: dict[int, np.ndarray] = {}
+        self._geometry: tuple | None = None  # origin, spacing, direction of the candidates' grid
+        self.n_candidates = 0
+
+    def add(self, labels: sitk.Image) -> None:
+        """Count one candidate's labels (all candidates on one grid)."""
+        values = sitk.GetArrayViewFromImage(labels)
+        for value in np.unique(values).tolist():
+            votes = self._votes.setdefault(value, np.zeros(values.shape, np.uint16))
+            votes += values == value
+        self._geometry = labels.GetOrigin(), labels.GetSpacing(), labels.GetDirection()
+        self.n_candidates += 1
+
+    def result(self) -> sitk.Image:
+        """The disagreement (float32, 0–1) on the candidates' grid."""
+        if not self.n_candidates:
+            raise AtlassegError("no candidates: their disagreement is undefined")
+        most = np.zeros(next(iter(self._votes.values())).shape, np.uint16)
+        for votes in self._votes.values():
+            np.maximum(most, votes, out=most)
+        image = sitk.GetImageFromArray((1.0 - most / np.float32(self.n_candidates)).astype(np.float32))
+        origin, spacing, direction = self._geometry
+        image.SetOrigin(origin)
+        image.SetSpacing(spacing)
+        image.SetDirection(direction)
+        return image
+
+
+_VIEWER_ASSETS = ("niivue.umd.js", "LICENSE-niivue.txt")
+_VIEWER_DIR = "viewer"  # in the package and in the output folder
+_VIEWER_DATA = "viewer.js"  # per target
+
+
+def _nifti_base64(image: sitk.Image) -> str:
+    """``image`` as gzipped NIfTI bytes (its geometry kept), in base64."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "volume.nii.gz"
+        sitk.WriteImage(image, str(path), useCompression=True)
+        return base64.b64encode(path.read_bytes()).decode("ascii")
+
+
+def _grey(image: sitk.Image) -> sitk.Image:
+    """The image on its QC grey window (0.5th–99.5th percentile) as uint8 0–255: a quarter of float32's bytes."""
+    values = sitk.GetArrayViewFromImage(image)
+    low, high = np.percentile(values, _WINDOW_PERCENTILES)
+    scaled = np.clip((values - low) / (high - low if high > low else 1.0), 0, 1) * 255
+    grey = sitk.GetImageFromArray(np.round(scaled).astype(np.uint8))
+    grey.CopyInformation(image)
+    return grey
+
+
+def _label_volume(labels: sitk.Image) -> sitk.Image:
+    """A label map in the narrowest unsigned type that holds its values (NiiVue's label colours index them)."""
+    high = int(sitk.GetArrayViewFromImage(labels).max(initial=0))
+    return sitk.Cast(labels, sitk.sitkUInt8 if high < 256 else sitk.sitkUInt16)
+
+
+def write_viewer_data(path: str | Path, target_id: str, image: sitk.Image, segmentation: sitk.Image,
+                      truth: sitk.Image | None = None, disagreement: sitk.Image | None = None) -> None:
+    """Write one target's volumes for the page's interactive view (``<target>/viewer.js``, atomically):
+    a script that hands them, as base64 NIfTI, to ``atlassegViewer.add``."""
+    volumes = {"image": _nifti_base64(_grey(image)), "segmentation": _nifti_base64(_label_volume(segmentation))}
+    dim = image.GetDimension()
+    index = _centre(tuple(reversed(image.GetSize())), sitk.GetArrayViewFromImage(segmentation))[::-1]
+    point = image.TransformIndexToPhysicalPoint([int(i) for i in index])
+    centre = [-point[0], -point[1], point[2] if dim == 3 else 0.0]  # LPS to NiiVue's RAS, mm
+    data = {"dimension": dim, "centre": centre, "volumes": volumes}  # the cross starts where the labels are
+    if disagreement is not None:
+        percent = sitk.Cast(sitk.Clamp(disagreement * 100.0 + 0.5, lowerBound=0, upperBound=100), sitk.sitkUInt8)
+        volumes["disagreement"] = _nifti_base64(percent)
+        data["disagreement_max"] = int(sitk.GetArrayViewFromImage(percent).max())  # the heat map's top colour
+    if truth is not None:
+        volumes["reference"] = _nifti_base64(_label_volume(truth))
+    atomic_write_text(path, f"atlassegViewer.add({json.dumps(target_id)}, {json.dumps(data)});\n")
+
+
+def copy_viewer(out_dir: str | Path) -> None:
+    """Copy the vendored NiiVue build and its licence into ``<out_dir>/viewer/`` (atomically, each)."""
+    source = Path(__file__).with_name(_VIEWER_DIR)
+    for name in _VIEWER_ASSETS:
+        atomic_write(Path(out_dir) / _VIEWER_DIR / name, lambda tmp, src=source / name: shutil.copyfile(src, tmp),
+                     what="viewer file")
 
 
 # --------------------------------------------------------------------------- the page
@@ -223,7 +336,8 @@ def report_folder(out_dir: str | Path, manifest_path: str | Path | None = None) 
 
 
 def write_report(out_dir: str | Path, run_record: dict, manifest: Manifest | None = None) -> Path:
-    """Write a QC picture per segmented target and ``index.html`` into ``out_dir``; return the page's path.
+    """Write a QC picture and the interactive view's volumes per segmented target, the viewer, and
+    ``index.html`` into ``out_dir``; return the page's path.
 
     ``run_record`` is the run's ``run.json`` document; ``manifest`` gives each target's ground truth
     (drawn beside the segmentation) and the label names.
@@ -231,7 +345,7 @@ def write_report(out_dir: str | Path, run_record: dict, manifest: Manifest | Non
     out = Path(out_dir)
     names = manifest.label_names if manifest is not None else {}
     truths = {t.id: t.labels for t in manifest.targets} if manifest is not None else {}
-    pictures = {}
+    pictures, views = {}, {}
     for target_id, record in run_record.get("targets", {}).items():
         segmentation = out / target_id / record.get("segmentation", "")  # none for a failed target
         if not segmentation.is_file():
@@ -239,10 +353,17 @@ def write_report(out_dir: str | Path, run_record: dict, manifest: Manifest | Non
         mean = record.get("mean_dice")
         title = target_id + ("" if mean is None else f"   mean Dice {mean:.3f}")
         pictures[target_id] = out / target_id / "qc.png"
-        write_qc_picture(pictures[target_id], record["image"], segmentation, truths.get(target_id),
-                         label_names=names, title=title)
+        image, labels, truth = _read_target(record["image"], segmentation, truths.get(target_id))
+        _save_picture(pictures[target_id], qc_figure(image, labels, truth, label_names=names, title=title))
+        disagreement = out / target_id / record.get("disagreement", "")
+        disagreement = read_image(disagreement) if record.get("disagreement") and disagreement.is_file() else None
+        write_viewer_data(out / target_id / _VIEWER_DATA, target_id, image, labels, truth, disagreement)
+        present = {v for m in (labels, truth) if m is not None for v in np.unique(sitk.GetArrayViewFromImage(m)).tolist()}
+        views[target_id] = _ViewLayers(image.GetDimension(), sorted(present - {0}), disagreement is not None, truth is not None)
+    if pictures:
+        copy_viewer(out)
     page = out / "index.html"
-    atomic_write_text(page, _page(run_record, names, {t: p.relative_to(out) for t, p in pictures.items()}))
+    atomic_write_text(page, _page(run_record, names, {t: p.relative_to(out) for t, p in pictures.items()}, views))
     return page
 
 
@@ -256,6 +377,10 @@ td.n { text-align: right; font-variant-numeric: tabular-nums; white-space: nowra
 tr.mean td { font-weight: bold; background: #f6f6f6; }
 tr.dropped td { color: #a00; } tr.unused td { color: #888; }
 img { max-width: 100%; border: 1px solid #ccc; }
+.viewer .controls { display: flex; flex-wrap: wrap; gap: 0.3em 1.2em; align-items: center; font-size: 0.9em; margin: 0.4em 0; }
+.viewer .canvas { height: 460px; background: #000; } .viewer canvas { width: 100%; height: 100%; }
+.viewer .swatch { display: inline-block; width: 0.8em; height: 0.8em; margin: 0 0.3em; vertical-align: middle; }
+.viewer .hint { font-size: 0.8em; color: #555; }
 pre { background: #f6f6f6; padding: 0.6em; overflow: auto; font-size: 0.8em; }
 summary { cursor: pointer; margin: 0.4em 0; }
 .fail { color: #a00; font-weight: bold; }
@@ -397,13 +522,16 @@ def _registrations(record: dict) -> str:
     return f"<details><summary>{_e(summary)}</summary>{table}{_details('Raw records', records)}</details>"
 
 
-def _target(index: int, tid: str, record: dict, picture: Path | None) -> str:
+def _target(index: int, tid: str, record: dict, picture: Path | None, view: "_ViewLayers | None",
+            names: dict[int, str]) -> str:
     parts = [f'<section id="target-{index}"><h2>{_e(tid)}</h2>']
     if picture is None:
         parts.append('<p class="fail">No segmentation was written for this target.</p>')
     else:
         src = _e(quote(picture.as_posix()))
         parts.append(f'<p><a href="{src}"><img src="{src}" alt="QC picture of {_e(tid)}"></a></p>')
+    if picture is not None and view is not None:
+        parts.append(_view(index, tid, picture.parent, view, names))
     facts = _scalars(record)
     if "fusion" in record:
         fusion = record["fusion"]
@@ -414,10 +542,163 @@ def _target(index: int, tid: str, record: dict, picture: Path | None) -> str:
     return "".join(parts)
 
 
-def _page(run: dict, names: dict[int, str], pictures: dict[str, Path]) -> str:
+@dataclass(frozen=True)
+class _ViewLayers:
+    """What one target's interactive view holds besides the image and the segmentation."""
+
+    dimension: int
+    values: list[int]  # label values in the segmentation or the ground truth
+    disagreement: bool
+    reference: bool
+
+
+# The view's layers: (name, its opacity slider's initial value in percent).
+_LAYERS = (("segmentation", 60), ("disagreement", 0), ("reference", 0))
+
+
+def _view(index: int, tid: str, folder: Path, view: _ViewLayers, names: dict[int, str]) -> str:
+    """One target's interactive view: a button that opens it, its controls and its canvas."""
+    shown = {"segmentation": True, "disagreement": view.disagreement, "reference": view.reference}
+    sliders = "".join(
+        f'<label>{name} <input type="range" class="opacity" data-layer="{name}" min="0" max="100" value="{value}"></label>'
+        for name, value in _LAYERS if shown[name])
+    toggles = "".join(
+        f'<label><input type="checkbox" class="label" value="{v}" checked><span class="swatch" '
+        f'style="background:{label_colour(v)}"></span>{_e(v)}{" " + _e(names[v]) if names.get(v) else ""}</label>'
+        for v in view.values)
+    planes = "".join(f'<option value="{p}">{p}</option>' for p in ("multiplanar", "axial", "coronal", "sagittal"))
+    layout = f'<label>planes <select class="layout">{planes}</select></label>'
+    hint = ("Scroll over a plane to move through its slices; click to move the cross; drag with the right button "
+            "to change the grey window. The disagreement is the share of candidates that vote against the most "
+            "voted label (warm colours: more).")
+    src = _e(quote((folder / _VIEWER_DATA).as_posix()))
+    return (f'<div class="viewer" id="viewer-{index}" data-target="{_e(tid)}" data-src="{src}">'
+            '<button type="button" class="open">Open the interactive view</button>'
+            f'<div class="panel" hidden><div class="controls">{layout if view.dimension == 3 else ""}{sliders}{toggles}'
+            '<span class="location"></span></div><div class="canvas"><canvas></canvas></div>'
+            f'<p class="hint">{_e(hint)}</p></div></div>')
+
+
+_SCRIPT = """
+const atlassegViewer = (() => {
+  const settings = JSON.parse(document.getElementById("atlasseg-viewer-settings").textContent);
+  const data = {};
+  let current = null;
+  const load = (src) => new Promise((resolve, reject) => {
+    const script = document.createElement("script");
+    script.src = src;
+    script.onload = resolve;
+    script.onerror = () => reject(new Error("cannot load " + src));
+    document.head.appendChild(script);
+  });
+  const colormapLabel = (values, hidden) => {
+    const cm = {R: [0], G: [0], B: [0], A: [0], I: [0]};
+    for (const v of values) {
+      const hex = settings.colours[v];
+      cm.R.push(parseInt(hex.slice(1, 3), 16)); cm.G.push(parseInt(hex.slice(3, 5), 16));
+      cm.B.push(parseInt(hex.slice(5, 7), 16)); cm.A.push(hidden.has(v) ? 0 : 255); cm.I.push(v);
+    }
+    return cm;
+  };
+  const close = () => {
+    if (!current) return;
+    const lose = current.nv.gl && current.nv.gl.getExtension("WEBGL_lose_context");
+    if (lose) lose.loseContext();
+    const box = current.box;
+    box.querySelector("canvas").replaceWith(document.createElement("canvas"));  // a lost context stays lost
+    box.querySelector(".panel").hidden = true;
+    box.querySelector(".open").hidden = false;
+    box.dataset.state = "closed";
+    current = null;
+  };
+  const open = async (box) => {
+    close();
+    box.dataset.state = "loading";
+    const id = box.dataset.target;
+    if (!window.niivue) await load(settings.viewer);
+    if (!data[id]) await load(box.dataset.src);
+    const d = data[id];
+    box.querySelector(".open").hidden = true;
+    box.querySelector(".panel").hidden = false;
+    const opacity = (name) => {
+      const slider = box.querySelector(`input.opacity[data-layer="${name}"]`);
+      return slider ? slider.value / 100 : 1;
+    };
+    const nv = new niivue.Niivue({backColor: [0, 0, 0, 1], crosshairColor: [1, 1, 1, 0.5], crosshairWidth: 1,
+                                  isColorbar: opacity("disagreement") > 0, logLevel: "error"});
+    current = {nv, box};
+    await nv.attachToCanvas(box.querySelector("canvas"));
+    nv.setInterpolation(true);  // nearest neighbour: every voxel as it is, as in the pictures
+    const values = Array.from(box.querySelectorAll("input.label"), (c) => Number(c.value));
+    const hidden = new Set();
+    const layers = {};
+    const options = {
+      image: {colormap: "gray", cal_min: 0, cal_max: 255},
+      segmentation: {}, reference: {},
+      disagreement: {colormap: "warm", cal_min: 1, cal_max: Math.max(d.disagreement_max, 2)},
+    };
+    for (const name of ["image", "segmentation", "disagreement", "reference"]) {
+      if (!d.volumes[name]) continue;
+      const volume = await niivue.NVImage.loadFromBase64({
+        base64: d.volumes[name], name: name + ".nii.gz", opacity: name === "image" ? 1 : opacity(name),
+        trustCalMinMax: true, colorbarVisible: name === "disagreement", ...options[name]});
+      if (name === "segmentation" || name === "reference") volume.setColormapLabel(colormapLabel(values, hidden));
+      nv.addVolume(volume);
+      layers[name] = nv.volumes.length - 1;
+    }
+    const planes = {multiplanar: nv.sliceTypeMultiplanar, axial: nv.sliceTypeAxial,
+                    coronal: nv.sliceTypeCoronal, sagittal: nv.sliceTypeSagittal};
+    const layout = box.querySelector("select.layout");
+    nv.scene.crosshairPos = nv.mm2frac(d.centre);
+    nv.setSliceType(d.dimension === 2 ? nv.sliceTypeAxial : planes[layout ? layout.value : "multiplanar"]);
+    if (layout) layout.onchange = () => nv.setSliceType(planes[layout.value]);
+    for (const slider of box.querySelectorAll("input.opacity")) {
+      slider.oninput = () => {
+        if (!(slider.dataset.layer in layers)) return;
+        if (slider.dataset.layer === "disagreement") nv.opts.isColorbar = slider.value > 0;  // its colour scale
+        nv.setOpacity(layers[slider.dataset.layer], slider.value / 100);
+      };
+    }
+    for (const check of box.querySelectorAll("input.label")) {
+      check.onchange = () => {
+        const v = Number(check.value);
+        if (check.checked) hidden.delete(v); else hidden.add(v);
+        for (const name of ["segmentation", "reference"]) {
+          if (name in layers) nv.volumes[layers[name]].setColormapLabel(colormapLabel(values, hidden));
+        }
+        nv.updateGLVolume();
+      };
+    }
+    const where = box.querySelector(".location");
+    nv.onLocationChange = (location) => { where.textContent = location.string; };
+    box.dataset.state = "ready";
+  };
+  for (const box of document.querySelectorAll(".viewer")) {
+    box.querySelector(".open").onclick = () => open(box).catch((err) => {
+      box.dataset.state = "failed";
+      box.querySelector(".panel").hidden = false;
+      box.querySelector(".hint").textContent = "The interactive view could not open: " + err.message;
+    });
+  }
+  return {add: (id, d) => { data[id] = d; }};
+})();
+"""
+
+
+def _script_json(value) -> str:
+    """JSON that is safe inside a ``<script>`` element (no ``</script>``, no ``<!--``)."""
+    return json.dumps(value).replace("<", "\\u003c")
+
+
+def _page(run: dict, names: dict[int, str], pictures: dict[str, Path], views: dict[str, _ViewLayers] | None = None) -> str:
     targets = run.get("targets", {})
     status = run.get("status", "unknown")
     css = "" if status == "complete" else ' class="fail"'
+    views = views or {}
+    values = sorted({v for view in views.values() for v in view.values})
+    settings = {"viewer": f"{_VIEWER_DIR}/niivue.umd.js", "colours": {v: label_colour(v) for v in values}}
+    script = ("" if not views else f'<script type="application/json" id="atlasseg-viewer-settings">{_script_json(settings)}'
+              f"</script><script>{_SCRIPT}</script>")
     return "\n".join([
         "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
         f"<title>atlasseg report: {_e(status)}, {len(targets)} target(s)</title><style>{_STYLE}</style></head><body>",
@@ -425,5 +706,5 @@ def _page(run: dict, names: dict[int, str], pictures: dict[str, Path]) -> str:
         f"{_number(run.get('seconds_total'))} s.</p>",
         _summary(run), "<h2>Targets</h2>", _overview(targets) if targets else "<p>No target finished.</p>",
         "<h2>Metrics</h2>", _metrics(targets, names),
-        *(_target(i, tid, record, pictures.get(tid)) for i, (tid, record) in enumerate(targets.items())),
-        "</body></html>", ""])
+        *(_target(i, tid, record, pictures.get(tid), views.get(tid), names) for i, (tid, record) in enumerate(targets.items())),
+        script, "</body></html>", ""])

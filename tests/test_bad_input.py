@@ -277,7 +277,8 @@ def test_disk_full_mid_write_fails_cleanly_and_keeps_previous_outputs(source, tm
     assert _run(source, out) == 0
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     assert {p.name for p in before} == {"segmentation.nii.gz", "target.json", "metrics.csv", "run.json", "qc.png",
-                                        "index.html"}
+                                        "index.html", "disagreement.nii.gz", "viewer.js", "niivue.umd.js",
+                                        "LICENSE-niivue.txt"}
     capsys.readouterr()
 
     def full(*args, **kwargs):
