@@ -25,7 +25,8 @@ from .errors import ImageError
 _LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])  # its own inverse
 MGH_SUFFIXES = (".mgh", ".mgz")
 
-_ORTHONORMAL_TOLERANCE = 1e-4
+#: Largest deviation of a direction matrix's DᵀD from the identity still taken as orthonormal (float32 headers).
+ORTHONORMAL_TOLERANCE = 1e-4
 
 
 def affine_from_grid(spacing, origin, direction) -> np.ndarray:
@@ -49,7 +50,7 @@ def grid_from_affine(affine, dimension: int = 3) -> tuple[tuple[float, ...], tup
     if not np.all(spacing > 0):
         raise ValueError(f"the affine gives an axis zero length (voxel sizes {spacing.round(6).tolist()})")
     direction = axes / spacing
-    if np.abs(direction.T @ direction - np.eye(dimension)).max() > _ORTHONORMAL_TOLERANCE:
+    if np.abs(direction.T @ direction - np.eye(dimension)).max() > ORTHONORMAL_TOLERANCE:
         raise ValueError("the affine shears the voxel axes (not orthogonal); resample the image onto an orthogonal grid")
     return tuple(spacing.tolist()), tuple(lps[:dimension, 3].tolist()), tuple(direction.ravel().tolist())
 
@@ -121,6 +122,33 @@ def mgh_grid(path: str | Path) -> tuple[tuple[int, ...], tuple, tuple, tuple, in
         return (tuple(int(s) for s in image.shape[:3]), *grid_from_affine(image.affine, 3), components)
     except ValueError as err:
         raise ImageError(f"{path}: cannot read MGH image ({err})") from None
+
+
+def stored_spacing(path: str | Path) -> tuple[str, tuple[float, ...]] | None:
+    """(header field, voxel sizes as the file stores them) of a NIfTI or MGH file, else None (also for a header too
+    damaged to parse: the readers then say why).
+
+    The readers replace what is not physical behind the caller's back: ITK's NIfTI reader (niftilib) takes a zero
+    or NaN ``pixdim`` as 1 mm and a negative one as its absolute value with the axis mirrored, and nibabel's NIfTI
+    header check does the same; a negative MGH ``delta`` becomes a mirrored axis of the affine.
+    """
+    import nibabel
+    from nibabel.openers import ImageOpener
+
+    path = Path(path)
+    try:
+        if is_mgh(path):
+            return "delta", tuple(float(v) for v in nibabel.load(str(path)).header["delta"])
+        with ImageOpener(str(path)) as fobj:
+            first = fobj.read(4)
+            fobj.seek(0)
+            kind = nibabel.Nifti2Header if 540 in (int.from_bytes(first, "little"), int.from_bytes(first, "big")) \
+                else nibabel.Nifti1Header
+            header = kind.from_fileobj(fobj, check=False)
+    except Exception:  # damaged: reported by the readers
+        return None
+    axes = int(np.clip(header["dim"][0], 1, 3))
+    return "pixdim", tuple(float(v) for v in header["pixdim"][1:1 + axes])
 
 
 def write_mgh(image: sitk.Image, path: str | Path) -> None:
