@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import reprlib
 import types
 import typing
@@ -276,6 +277,7 @@ class RegistrationConfig:
     nonrigid: NonrigidConfig = field(default_factory=NonrigidConfig)
 
     def __post_init__(self):
+        _require(self.seed >= 0, "seed", "must be >= 0 (an unsigned 32-bit seed)")
         _require(0 <= self.min_overlap <= 1, "min_overlap", "must be in [0, 1]")
         _require(0 <= self.max_folded_fraction <= 1, "max_folded_fraction", "must be in [0, 1]")
 
@@ -667,9 +669,15 @@ def _coerce(tp, value, key: str):
             return value
         raise bad
     if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        raise bad
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise bad
+        try:
+            number = float(value)
+        except OverflowError:  # an integer beyond float's range
+            number = math.inf
+        if not math.isfinite(number):  # no key has a use for NaN or infinity; ITK and numpy fail on them late
+            raise _FieldError(key, f"must be a finite number, got {short_repr(value)}")
+        return number
     if tp is str:
         if isinstance(value, str):
             return value

@@ -233,6 +233,17 @@ def test_an_integer_of_20_digits_is_refused_in_validate(data, capsys, key):
     assert f"{key}: must be <=" in err and "got 123456789012345678901" in err
 
 
+@pytest.mark.parametrize("override, needle", [
+    ("registration.seed=-1", "registration.seed: must be >= 0"),
+    ("registration.nonrigid.field_sigma=.inf", "registration.nonrigid.field_sigma: must be a finite number, got inf"),
+    ("registration.affine.learning_rate=.nan", "learning_rate: must be a finite number"),
+    (f"fusion.alpha={10 ** 400}", "fusion.alpha: must be a finite number"),
+])
+def test_numbers_the_engine_cannot_take_are_refused_in_validate(data, capsys, override, needle):
+    assert _validate(data, "--set", override) == 2
+    assert needle in _one_line(capsys)
+
+
 def test_a_list_entry_beyond_its_bound_names_the_key(data, capsys):
     assert _validate(data, "--set", "registration.nonrigid.iterations=[50, 99999999999]") == 2
     assert "registration.nonrigid.iterations: must be <= 100000" in _one_line(capsys)
