@@ -15,6 +15,9 @@ FreeSurfer MGH/MGZ files (which ITK cannot read) are read and written through th
 
 from __future__ import annotations
 
+import gzip
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -130,25 +133,30 @@ def stored_spacing(path: str | Path) -> tuple[str, tuple[float, ...]] | None:
 
     The readers replace what is not physical behind the caller's back: ITK's NIfTI reader (niftilib) takes a zero
     or NaN ``pixdim`` as 1 mm and a negative one as its absolute value with the axis mirrored, and nibabel's NIfTI
-    header check does the same; a negative MGH ``delta`` becomes a mirrored axis of the affine.
+    header check does the same; a negative MGH ``delta`` becomes a mirrored axis of the affine. So the bytes are
+    read here: NIfTI-1 and -2 (``dim`` and ``pixdim`` at their fixed offsets, either byte order), MGH (big-endian
+    ``delta`` after the dimensions, type, dof and RAS flag).
     """
-    import nibabel
-    from nibabel.openers import ImageOpener
-
     path = Path(path)
+    opener = gzip.open if path.name.lower().endswith((".gz", ".mgz")) else open
     try:
+        with opener(path, "rb") as fh:
+            head = fh.read(max(_NIFTI_LAYOUTS))  # the longer (NIfTI-2) header
         if is_mgh(path):
-            return "delta", tuple(float(v) for v in nibabel.load(str(path)).header["delta"])
-        with ImageOpener(str(path)) as fobj:
-            first = fobj.read(4)
-            fobj.seek(0)
-            kind = nibabel.Nifti2Header if 540 in (int.from_bytes(first, "little"), int.from_bytes(first, "big")) \
-                else nibabel.Nifti1Header
-            header = kind.from_fileobj(fobj, check=False)
-    except Exception:  # damaged: reported by the readers
+            return "delta", struct.unpack_from(">3f", head, 30)
+        for size, (dims_at, dim_type, pixdim_at, pixdim_type) in _NIFTI_LAYOUTS.items():
+            for order in "<>":
+                if struct.unpack_from(order + "i", head, 0)[0] == size:
+                    axes = min(max(struct.unpack_from(order + dim_type, head, dims_at)[0], 1), 3)
+                    first = pixdim_at + struct.calcsize(pixdim_type)  # pixdim[1]: pixdim[0] is qfac
+                    return "pixdim", struct.unpack_from(f"{order}{axes}{pixdim_type}", head, first)
+    except (OSError, EOFError, struct.error, zlib.error):  # damaged: reported by the readers
         return None
-    axes = int(np.clip(header["dim"][0], 1, 3))
-    return "pixdim", tuple(float(v) for v in header["pixdim"][1:1 + axes])
+    return None
+
+
+# NIfTI header size → (offset of dim[0], its type, offset of pixdim[0], its type).
+_NIFTI_LAYOUTS = {348: (40, "h", 76, "f"), 540: (16, "q", 104, "d")}
 
 
 def write_mgh(image: sitk.Image, path: str | Path) -> None:
