@@ -35,7 +35,7 @@ from .imageio import (
     check_label_values,
     check_scalar,
     check_same_grid,
-    content_digest,
+    same_voxels,
     normalize_intensity,
     read_geometry,
     read_checked_image,
@@ -43,6 +43,7 @@ from .imageio import (
     read_labels,
     read_voxels,
     remove_temporaries,
+    voxel_fingerprint,
     write_image,
 )
 from .manifest import Atlas, Manifest, Target
@@ -117,11 +118,11 @@ def check_inputs(manifest: Manifest, config: Config | None = None, *, leave_one_
         check_memory(largest, config, n_tasks=len(manifest.atlases), n_labels=len(manifest.label_names) + 1)
         check_disk(largest, config, n_tasks=len(manifest.atlases))
     labels = set(manifest.label_names)
-    digests: dict[str, list[Atlas | Target]] = {}
+    fingerprints: dict[tuple, list[Atlas | Target]] = {}
     for entry in entries:  # then every voxel, once
         values = read_voxels(entry.image)
         check_intensities(entry.image, values)
-        digests.setdefault(content_digest(entry.image, values), []).append(entry)
+        fingerprints.setdefault(voxel_fingerprint(entry.image, values), []).append(entry)
         del values
         if entry.labels is not None:
             present = _check_label_map(entry, manifest)
@@ -129,9 +130,22 @@ def check_inputs(manifest: Manifest, config: Config | None = None, *, leave_one_
                 labels |= present
         if entry.mask is not None:
             check_label_values(entry.mask, read_voxels(entry.mask))
-    _check_same_images(manifest, list(digests.values()), leave_one_out=leave_one_out)
+    groups = [group for alike in fingerprints.values() if len(alike) > 1 for group in _equal_images(alike)]
+    _check_same_images(manifest, groups, leave_one_out=leave_one_out)
     if config is not None and len(labels) > len(manifest.label_names):
         check_memory(largest, config, n_tasks=len(manifest.atlases), n_labels=len(labels) + 1)
+
+
+def _equal_images(entries: list[Atlas | Target]) -> list[list[Atlas | Target]]:
+    """``entries`` (whose images share a fingerprint) split into groups of equal voxels."""
+    groups: list[list[Atlas | Target]] = []
+    for entry in entries:
+        group = next((g for g in groups if same_voxels(g[0].image, entry.image)), None)
+        if group is None:
+            groups.append([entry])
+        else:
+            group.append(entry)
+    return groups
 
 
 def _check_same_images(manifest: Manifest, groups: list[list[Atlas | Target]], *, leave_one_out: bool) -> None:

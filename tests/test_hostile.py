@@ -308,6 +308,15 @@ def test_the_same_image_in_another_format_and_type_is_recognised(data, caplog):
     assert "same image as atlas case_002" in caplog.text and "case_001" not in caplog.text
 
 
+def test_an_image_differing_in_one_voxel_is_not_the_same_image(data, caplog):
+    image = sitk.ReadImage(str(data / "images/case_001.nii.gz"))
+    image[1, 0, 0] = image[1, 0, 0] + 0.5  # array index 1: not one of the fingerprint's 64 places
+    sitk.WriteImage(image, str(_retarget(data, "near.nii.gz")))
+    with caplog.at_level(logging.WARNING, logger="atlasseg"):
+        assert _validate(data) == 0
+    assert "same image" not in caplog.text
+
+
 def test_crossval_refuses_two_atlases_that_are_the_same_image(data, capsys, tmp_path):
     manifest = data / "data_manifest.yaml"
     image = sitk.ReadImage(str(data / "images/case_001.nii.gz"))
