@@ -35,7 +35,6 @@ from .imageio import (
     check_label_values,
     check_scalar,
     check_same_grid,
-    same_voxels,
     normalize_intensity,
     read_geometry,
     read_checked_image,
@@ -43,6 +42,7 @@ from .imageio import (
     read_labels,
     read_voxels,
     remove_temporaries,
+    same_voxels,
     voxel_fingerprint,
     write_image,
 )
