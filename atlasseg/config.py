@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
+import reprlib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -275,6 +277,7 @@ class RegistrationConfig:
     nonrigid: NonrigidConfig = field(default_factory=NonrigidConfig)
 
     def __post_init__(self):
+        _require(self.seed >= 0, "seed", "must be >= 0 (an unsigned 32-bit seed)")
         _require(0 <= self.min_overlap <= 1, "min_overlap", "must be in [0, 1]")
         _require(0 <= self.max_folded_fraction <= 1, "max_folded_fraction", "must be in [0, 1]")
 
@@ -508,7 +511,110 @@ def _plain(value):
     return value
 
 
+# Upper bound of every integer key (and of each entry of a list of integers), by section class and key: far
+# above any useful value, and below what SimpleITK's C++ types (32-bit iteration counts, unsigned seeds) or the
+# memory a window or a pyramid needs can hold. The lower bounds are the sections' own checks.
+INT_LIMITS: dict[type, dict[str, int]] = {
+    SelectionConfig: {"k": 100_000, "min_atlases": 100_000},
+    AffineConfig: {"shrink_factors": 1024, "iterations": 100_000},
+    NonrigidConfig: {"shrink_factors": 1024, "iterations": 100_000, "ncc_radius": 50},
+    RegistrationConfig: {"seed": 2**32 - 1},
+    FusionConfig: {"patch_radius": 50, "search_radius": 50, "staple_iterations": 100_000},
+    ParallelConfig: {"n_jobs": 4096, "itk_threads": 4096},
+}
+
+
+def _check_limit(cls, name: str, value, key: str) -> None:
+    limit = INT_LIMITS.get(cls, {}).get(name)
+    for number in value if isinstance(value, tuple) else (value,):
+        if limit is not None and isinstance(number, int) and not isinstance(number, bool) and number > limit:
+            raise _FieldError(key, f"must be <= {limit}, got {short_repr(number)}")
+
+
 # --------------------------------------------------------------------------- loading
+
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = _REPR.maxlong = 60
+_REPR.maxlevel, _REPR.maxlist, _REPR.maxtuple, _REPR.maxdict = 2, 4, 4, 4
+
+
+def short_repr(value) -> str:
+    """``repr(value)`` cut to a readable length however large or deeply nested ``value`` is (for messages)."""
+    try:
+        return _REPR.repr(value)
+    except ValueError:  # an integer too long for Python to print
+        return "<a number too long to show>"
+
+
+#: Nodes a YAML document may gain through aliases (``*name``): an "alias bomb" (a few lines whose aliases nest
+#: into billions of nodes) is refused; real configs and manifests use none or a handful.
+ALIAS_BUDGET = 10_000
+
+
+class YAMLRefused(yaml.YAMLError):
+    """A YAML document refused before it is built: aliases expanding beyond :data:`ALIAS_BUDGET`, a recursive
+    alias, nesting too deep, or a value its constructor rejects (e.g. an integer of thousands of digits)."""
+
+    def __init__(self, problem: str, mark=None):
+        super().__init__(problem)
+        self.problem = problem
+        self.problem_mark = mark
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing documents that :func:`_check_expansion` finds too large once expanded."""
+
+    def construct_document(self, node):
+        _check_expansion(node)
+        return super().construct_document(node)
+
+
+def _check_expansion(root) -> None:
+    """Count the nodes of ``root`` with every alias expanded, each node once (memoised), and stop as soon as a
+    subtree exceeds the distinct nodes seen by more than :data:`ALIAS_BUDGET`."""
+    sizes: dict[int, int | None] = {}  # id(node) → expanded size; None while being counted (a cycle if met)
+
+    def size(node) -> int:
+        if id(node) in sizes:
+            if sizes[id(node)] is None:
+                raise YAMLRefused("a recursive alias (a node that contains itself)", node.start_mark)
+            return sizes[id(node)]
+        sizes[id(node)] = None
+        children = node.value if isinstance(node, yaml.SequenceNode) else (
+            [n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode) else [])
+        total = 1 + sum(size(child) for child in children)
+        if total > len(sizes) + ALIAS_BUDGET:
+            raise YAMLRefused(f"aliases expand to more than {ALIAS_BUDGET} extra nodes (an alias bomb?); "
+                              "write the values out", node.start_mark)
+        sizes[id(node)] = total
+        return total
+
+    size(root)
+
+
+def load_yaml(text: str):
+    """The one YAML loader for what atlasseg reads (configs, manifests, ``--set`` values): safe (plain data only)
+    and bounded (see :class:`YAMLRefused`); raises ``yaml.YAMLError``."""
+    try:
+        return yaml.load(text, Loader=_BoundedLoader)
+    except RecursionError:
+        raise YAMLRefused("nested too deeply") from None
+    except (ValueError, OverflowError) as err:  # constructors: an integer of > 4300 digits, a date "2001-13-45"
+        raise YAMLRefused(f"cannot read a value ({str(err)[:100]})") from None
+
+
+def read_yaml(file: Path, *, error: type[Exception], what: str):
+    """:func:`load_yaml` of a file; unreadable files and invalid YAML raise ``error`` naming the file and
+    (where known) the line."""
+    try:
+        return load_yaml(file.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise error(f"{file}: invalid YAML{where}: {getattr(err, 'problem', None) or err}") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise error(f"{file}: cannot read {what}: {err}") from None
+
 
 def _type_name(tp) -> str:
     origin = typing.get_origin(tp)
@@ -525,10 +631,25 @@ def _type_name(tp) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+class _Mismatch(_FieldError):
+    """A value of the wrong type; its message is built only when shown, from a :func:`short_repr` of the value."""
+
+    def __init__(self, tp, value, key: str):
+        ConfigError.__init__(self, key)
+        self.name, self._tp, self._value = key, tp, value
+
+    @property
+    def message(self) -> str:
+        return f"expected {_type_name(self._tp)}, got {short_repr(self._value)}"
+
+    def __str__(self) -> str:
+        return f"{self.name}: {self.message}"
+
+
 def _coerce(tp, value, key: str):
     """Check ``value`` against annotation ``tp``; return it in canonical form or raise ``_FieldError``."""
     origin = typing.get_origin(tp)
-    bad = _FieldError(key, f"expected {_type_name(tp)}, got {value!r}")
+    bad = _Mismatch(tp, value, key)
     if dataclasses.is_dataclass(tp):
         return _build(tp, value, key)
     if origin is Literal:
@@ -560,9 +681,15 @@ def _coerce(tp, value, key: str):
             return value
         raise bad
     if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        raise bad
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise bad
+        try:
+            number = float(value)
+        except OverflowError:  # an integer beyond float's range
+            number = math.inf
+        if not math.isfinite(number):  # no key has a use for NaN or infinity; ITK and numpy fail on them late
+            raise _FieldError(key, f"must be a finite number, got {short_repr(value)}")
+        return number
     if tp is str:
         if isinstance(value, str):
             return value
@@ -575,14 +702,16 @@ def _build(cls, data, prefix: str = ""):
         data = {}
     where = prefix or "the top level"
     if not isinstance(data, dict):
-        raise _FieldError(prefix or "config", f"expected a mapping, got {data!r}")
+        raise _FieldError(prefix or "config", f"expected a mapping, got {short_repr(data)}")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     for key in data:
         if key not in names:
             full = f"{prefix}.{key}" if prefix else str(key)
-            raise _FieldError(full, f"unknown key in {where} (known: {', '.join(names)})")
+            raise _FieldError(full if len(full) <= 80 else full[:80] + "...", f"unknown key in {where} (known: {', '.join(names)})")
     kwargs = {k: _coerce(hints[k], v, f"{prefix}.{k}" if prefix else k) for k, v in data.items()}
+    for k, v in kwargs.items():
+        _check_limit(cls, k, v, f"{prefix}.{k}" if prefix else k)
     try:
         return cls(**kwargs)
     except _FieldError as err:
@@ -612,7 +741,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not sep or not key.strip():
         raise ConfigError(f"--set {text!r}: expected section.key=value")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = load_yaml(raw) if raw.strip() else ""
     except yaml.YAMLError:
         raise ConfigError(f"--set {text!r}: value is not valid YAML") from None
     return key.strip().split("."), value
@@ -662,14 +791,7 @@ def load_config(path: str | Path | None = None, *, overrides: typing.Sequence[st
         source = str(file)
         if file.is_dir():
             raise ConfigError(f"{file}: is a directory, expected a YAML config file")
-        try:
-            data = yaml.safe_load(file.read_text()) or {}
-        except yaml.YAMLError as err:
-            mark = getattr(err, "problem_mark", None)
-            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-            raise ConfigError(f"{file}: invalid YAML{where}: {getattr(err, 'problem', err)}") from None
-        except (OSError, UnicodeDecodeError) as err:
-            raise ConfigError(f"{file}: cannot read config: {err}") from None
+        data = read_yaml(file, error=ConfigError, what="config") or {}
         if not isinstance(data, dict):
             raise ConfigError(f"{file}: expected a mapping of sections at the top level")
     return config_from_dict(data, source=source, overrides=overrides)

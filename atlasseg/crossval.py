@@ -83,7 +83,7 @@ def crossval(
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ConfigError(f"unknown fusion method {unknown[0]!r} (known: {', '.join(METHODS)})")
-    check_inputs(manifest, config)
+    check_inputs(manifest, config, leave_one_out=True)
     labels = sorted(manifest.label_names) or None
     start = time.perf_counter()
     targets: dict[str, dict] = {}

@@ -29,12 +29,17 @@ _INTEGER_TYPES = {
 def _read(path: Path) -> sitk.Image:
     path = Path(path)
     source = _source(path)
+    if not isinstance(source, list):  # a DICOM series' grid is checked on the image: its header is many files
+        read_geometry(path)  # the header's grid, before the reader turns a bad spacing into a plausible one
     if nibabel_io.is_mgh(path):
         return nibabel_io.read_mgh(path)
     try:
-        return sitk.ReadImage(source)
+        image = sitk.ReadImage(source)
     except RuntimeError as err:
         raise _read_error(path, err) from None
+    if isinstance(source, list):
+        check_geometry(Geometry.of(image), path)
+    return image
 
 
 def _source(path: Path) -> str | list[str]:
@@ -90,6 +95,9 @@ def _read_error(path: Path, err: RuntimeError) -> ImageError:
     """SimpleITK's multi-line exception as one line naming the file."""
     reason = str(err).strip().splitlines()
     detail = next((line for line in reason if "Exception" not in line and line.strip()), "unreadable")
+    if "orthonormal direction cosines" in detail:
+        return ImageError(f"{path}: header fields sform and qform give no orthonormal direction (the voxel axes are "
+                          "sheared); resample the image onto an orthogonal grid")
     if "Unable to determine ImageIO reader" in detail:
         return ImageError(f"{path}: cannot read image (no reader recognises it: damaged, not an image, or a wrong extension; "
                           "use .nii.gz, .nrrd, .mha, .mgz or a DICOM folder)")
@@ -132,6 +140,28 @@ def read_voxels(path: str | Path) -> np.ndarray:
     except Exception as err:  # nibabel raises OSError, EOFError, zlib.error, ValueError, ... on damaged files
         detail = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
         raise ImageError(f"{path}: truncated or corrupt NIfTI file ({detail}); re-export or re-download it") from None
+
+
+def voxel_fingerprint(path: str | Path, values: np.ndarray) -> tuple:
+    """A cheap fingerprint of an image's voxel values, given as :func:`read_voxels` returns them: its shape, least
+    and largest value and 64 values at fixed places, in SimpleITK's array order (so the same for one image stored
+    in any format or voxel type). Equal images have equal fingerprints; :func:`same_voxels` settles the rest."""
+    array = np.asarray(values)
+    if _is_nifti(Path(path)):  # nibabel's index order [i, j, k(, 1)]
+        while array.ndim > 3 and array.shape[-1] == 1:
+            array = array[..., 0]
+        array = array.T
+    places = np.unravel_index(np.linspace(0, array.size - 1, 64).astype(np.int64), array.shape)
+    return array.shape, float(array.min()), float(array.max()), tuple(array[places].astype(np.float64).tolist())
+
+
+def same_voxels(a: str | Path, b: str | Path) -> bool:
+    """True when two image files hold the same voxel values on the same array shape (as float32)."""
+    if Path(a) == Path(b):
+        return True
+    images = [read_image(path) for path in (a, b)]  # held while their array views are compared
+    first, second = (sitk.GetArrayViewFromImage(image) for image in images)
+    return first.shape == second.shape and bool(np.array_equal(first, second))
 
 
 def check_intensities(path: str | Path, values: np.ndarray) -> None:
@@ -219,14 +249,63 @@ class Geometry:
 
 
 def read_geometry(path: str | Path) -> Geometry:
-    """Geometry of an image file (or DICOM series) from its header alone (the voxels are not read)."""
+    """Geometry of an image file (or DICOM series) from its header alone (the voxels are not read), after
+    :func:`check_geometry`."""
     path = Path(path)
     source = _source(path)
+    stored = nibabel_io.stored_spacing(path) if _is_nifti(path) or nibabel_io.is_mgh(path) else None
+    if stored is not None:
+        _check_spacing(stored[1], path, stored[0])
     if nibabel_io.is_mgh(path):
-        return Geometry(*nibabel_io.mgh_grid(path))
-    if isinstance(source, list):
-        return _series_geometry(path, source)
-    return Geometry.of(_header(path, source))
+        geometry = Geometry(*nibabel_io.mgh_grid(path))
+    elif isinstance(source, list):
+        geometry = _series_geometry(path, source)
+    else:
+        geometry = Geometry.of(_header(path, source))
+    check_geometry(geometry, path)
+    return geometry
+
+
+# The header fields that hold (voxel spacing, direction cosines), by file name ending.
+_HEADER_FIELDS = {
+    (".nii", ".nii.gz"): ("pixdim", "sform/qform"),
+    (".mha", ".mhd"): ("ElementSpacing", "TransformMatrix"),
+    (".nrrd", ".nhdr"): ("space directions (or spacings)", "space directions"),
+    nibabel_io.MGH_SUFFIXES: ("delta", "Mdc"),
+}
+
+
+def _header_fields(path: Path) -> tuple[str, str]:
+    name = path.name.lower()
+    found = next((fields for endings, fields in _HEADER_FIELDS.items() if name.endswith(endings)), None)
+    if found is None and (path.is_dir() or names_dicom_series(path)):
+        return "PixelSpacing (or the slice positions)", "ImageOrientationPatient"
+    return found or ("spacing", "direction")
+
+
+def _check_spacing(spacing, path: Path, field: str) -> None:
+    values = np.asarray(spacing, float)
+    bad = ~(np.isfinite(values) & (values > 0))
+    if bad.any():
+        axis = int(np.argmax(bad))
+        raise ImageError(f"{path}: header field {field} gives voxel spacing {values[axis]:g} along axis {axis} "
+                         f"(spacing {_fmt(values)}); every spacing must be a positive number of mm: fix the header "
+                         "(e.g. with SimpleITK's SetSpacing) or re-export the image")
+
+
+def check_geometry(geometry: "Geometry", path: str | Path) -> None:
+    """Refuse a grid that is not physical: a voxel spacing that is zero, negative or not finite, or direction
+    cosines that are not an orthonormal matrix (sheared or scaled axes), naming the file and its header field."""
+    path = Path(path)
+    spacing_field, direction_field = _header_fields(path)
+    _check_spacing(geometry.spacing, path, spacing_field)
+    n = geometry.dimension
+    direction = np.asarray(geometry.direction, float).reshape(n, n)
+    if not np.isfinite(direction).all() or \
+            np.abs(direction.T @ direction - np.eye(n)).max() > nibabel_io.ORTHONORMAL_TOLERANCE:
+        raise ImageError(f"{path}: header field {direction_field} holds direction cosines that are not orthonormal "
+                         f"({_fmt(direction.ravel())}: the voxel axes are sheared or not unit length); fix the "
+                         "header or resample the image onto an orthogonal grid")
 
 
 def _header(path: Path, file: str) -> sitk.ImageFileReader:

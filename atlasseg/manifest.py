@@ -37,13 +37,19 @@ from typing import Callable
 
 import yaml
 
+from .config import load_yaml, read_yaml, short_repr
 from .errors import ImageError, ManifestError
 from .imageio import atomic_write_text, dicom_files, names_dicom_series
 
-_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
+#: What runs write at the top of their output folder, beside one folder per target id: no id may take these names
+#: (compared without case, as macOS and Windows file systems do).
+RESERVED_IDS = ("run.json", "metrics.csv", "index.html", "viewer", "crossval.csv", "crossval.json", "dseg.tsv",
+                "dataset_description.json", ".bidsignore")
 _TOP_KEYS = ("labels", "atlases", "targets")
 _FILE_KEYS = ("image", "labels", "mask", "landmarks")
 _IMAGE_KEYS = ("image", "labels", "mask")  # may be DICOM series
+_NAME_LENGTH = 200  # a label's name: it heads tables and report columns
 _KEYS = {"atlases": ("id", *_FILE_KEYS, "transform"), "targets": ("id", *_FILE_KEYS)}
 
 
@@ -114,14 +120,7 @@ def _load_yaml(path: Path):
         raise ManifestError(f"{path}: manifest not found")
     if path.is_dir():
         raise ManifestError(f"{path}: is a directory, expected a data_manifest.yaml file")
-    try:
-        return yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise ManifestError(f"{path}: invalid YAML{where}: {getattr(err, 'problem', err)}") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise ManifestError(f"{path}: cannot read manifest: {err}") from None
+    return read_yaml(path, error=ManifestError, what="manifest")
 
 
 def _file(path: Path, entry: str, key: str, value, *, required: bool) -> Path | None:
@@ -130,7 +129,7 @@ def _file(path: Path, entry: str, key: str, value, *, required: bool) -> Path | 
             raise ManifestError(f"{path}: {entry} has no '{key}'")
         return None
     if not isinstance(value, str) or not value.strip():
-        raise ManifestError(f"{path}: {entry}: '{key}' must be a file path, got {value!r}")
+        raise ManifestError(f"{path}: {entry}: '{key}' must be a file path, got {short_repr(value)}")
     file = Path(value).expanduser()
     if not file.is_absolute():
         file = path.parent / file
@@ -154,7 +153,7 @@ def _transforms(path: Path, entry: str, value, target_ids: list[str]) -> tuple[t
     if not isinstance(value, dict):
         file = _file(path, entry, "transform", value, required=True)
         return tuple((t, file) for t in target_ids)
-    return tuple((str(t), _file(path, f"{entry}: transform for {t!r}", "transform", f, required=True))
+    return tuple((str(t), _file(path, f"{entry}: transform for {short_repr(t)}", "transform", f, required=True))
                  for t, f in value.items())
 
 
@@ -175,11 +174,12 @@ def _entries(path: Path, doc: dict, section: str, *, labels_required: bool, targ
         ident = item.get("id")
         if ident is None:
             raise ManifestError(f"{path}: {entry} has no 'id'")
-        ident = str(ident)
-        if not _ID.match(ident):
-            raise ManifestError(
-                f"{path}: {entry}: id {ident!r} may only hold letters, digits, '.', '_' and '-' (it names output files)"
-            )
+        if isinstance(ident, (dict, list)) or not _ID.match(ident := str(ident)):
+            raise ManifestError(f"{path}: {entry}: id {short_repr(ident)} may only hold letters, digits, '.', '_' "
+                                "and '-', at most 200 (it names output files)")
+        if ident.lower() in RESERVED_IDS:
+            raise ManifestError(f"{path}: {entry}: id {ident!r} is the name of a file runs write beside the targets' "
+                                f"folders ({', '.join(RESERVED_IDS)}); rename the entry")
         entry = f"{singular} {ident!r}"
         for key in item:
             if key not in keys:
@@ -215,8 +215,12 @@ def manifest_from_dict(doc, path: str | Path) -> Manifest:
     names: dict[int, str] = {}
     for value, name in raw_names.items():
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise ManifestError(f"{path}: labels: {value!r} is not a positive integer label value (0 is background)")
-        names[value] = str(name)
+            raise ManifestError(f"{path}: labels: {short_repr(value)} is not a positive integer label value "
+                                "(0 is background)")
+        if isinstance(name, (dict, list)) or len(name := str(name)) > _NAME_LENGTH:
+            raise ManifestError(f"{path}: labels: the name of label {value} must be a text of at most {_NAME_LENGTH} "
+                                f"characters, got {short_repr(name)}")
+        names[value] = name
     targets = tuple(Target(**e) for e in _entries(path, doc, "targets", labels_required=False))
     atlases = tuple(Atlas(**e) for e in _entries(path, doc, "atlases", labels_required=True,
                                                  target_ids=[t.id for t in targets]))
@@ -226,7 +230,7 @@ def manifest_from_dict(doc, path: str | Path) -> Manifest:
     for atlas in atlases:
         unknown = [t for t, _ in atlas.transforms if t not in known]
         if unknown:
-            raise ManifestError(f"{path}: atlas {atlas.id!r}: transform for {unknown[0]!r}, which is no target or atlas id")
+            raise ManifestError(f"{path}: atlas {atlas.id!r}: transform for {short_repr(unknown[0])}, which is no target or atlas id")
     return Manifest(path=path, label_names=dict(sorted(names.items())), atlases=atlases, targets=targets)
 
 
@@ -246,7 +250,7 @@ def write_manifest(path: str | Path, doc: dict, *, comment: str = "", force: boo
     except OSError as err:
         raise ManifestError(f"{path.parent}: cannot create the manifest's folder ({err.strerror or err})") from None
     text = yaml.safe_dump(doc, sort_keys=False, default_flow_style=None, allow_unicode=True, width=1000)
-    manifest = manifest_from_dict(yaml.safe_load(text), path)  # exactly what is written
+    manifest = manifest_from_dict(load_yaml(text), path)  # exactly what is written
     if check is not None:
         check(manifest)
     header = "".join(f"# {line}\n" for line in comment.splitlines())

@@ -15,6 +15,9 @@ FreeSurfer MGH/MGZ files (which ITK cannot read) are read and written through th
 
 from __future__ import annotations
 
+import gzip
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +28,8 @@ from .errors import ImageError
 _LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])  # its own inverse
 MGH_SUFFIXES = (".mgh", ".mgz")
 
-_ORTHONORMAL_TOLERANCE = 1e-4
+#: Largest deviation of a direction matrix's DᵀD from the identity still taken as orthonormal (float32 headers).
+ORTHONORMAL_TOLERANCE = 1e-4
 
 
 def affine_from_grid(spacing, origin, direction) -> np.ndarray:
@@ -49,7 +53,7 @@ def grid_from_affine(affine, dimension: int = 3) -> tuple[tuple[float, ...], tup
     if not np.all(spacing > 0):
         raise ValueError(f"the affine gives an axis zero length (voxel sizes {spacing.round(6).tolist()})")
     direction = axes / spacing
-    if np.abs(direction.T @ direction - np.eye(dimension)).max() > _ORTHONORMAL_TOLERANCE:
+    if np.abs(direction.T @ direction - np.eye(dimension)).max() > ORTHONORMAL_TOLERANCE:
         raise ValueError("the affine shears the voxel axes (not orthogonal); resample the image onto an orthogonal grid")
     return tuple(spacing.tolist()), tuple(lps[:dimension, 3].tolist()), tuple(direction.ravel().tolist())
 
@@ -121,6 +125,38 @@ def mgh_grid(path: str | Path) -> tuple[tuple[int, ...], tuple, tuple, tuple, in
         return (tuple(int(s) for s in image.shape[:3]), *grid_from_affine(image.affine, 3), components)
     except ValueError as err:
         raise ImageError(f"{path}: cannot read MGH image ({err})") from None
+
+
+def stored_spacing(path: str | Path) -> tuple[str, tuple[float, ...]] | None:
+    """(header field, voxel sizes as the file stores them) of a NIfTI or MGH file, else None (also for a header too
+    damaged to parse: the readers then say why).
+
+    The readers replace what is not physical behind the caller's back: ITK's NIfTI reader (niftilib) takes a zero
+    or NaN ``pixdim`` as 1 mm and a negative one as its absolute value with the axis mirrored, and nibabel's NIfTI
+    header check does the same; a negative MGH ``delta`` becomes a mirrored axis of the affine. So the bytes are
+    read here: NIfTI-1 and -2 (``dim`` and ``pixdim`` at their fixed offsets, either byte order), MGH (big-endian
+    ``delta`` after the dimensions, type, dof and RAS flag).
+    """
+    path = Path(path)
+    opener = gzip.open if path.name.lower().endswith((".gz", ".mgz")) else open
+    try:
+        with opener(path, "rb") as fh:
+            head = fh.read(max(_NIFTI_LAYOUTS))  # the longer (NIfTI-2) header
+        if is_mgh(path):
+            return "delta", struct.unpack_from(">3f", head, 30)
+        for size, (dims_at, dim_type, pixdim_at, pixdim_type) in _NIFTI_LAYOUTS.items():
+            for order in "<>":
+                if struct.unpack_from(order + "i", head, 0)[0] == size:
+                    axes = min(max(struct.unpack_from(order + dim_type, head, dims_at)[0], 1), 3)
+                    first = pixdim_at + struct.calcsize(pixdim_type)  # pixdim[1]: pixdim[0] is qfac
+                    return "pixdim", struct.unpack_from(f"{order}{axes}{pixdim_type}", head, first)
+    except (OSError, EOFError, struct.error, zlib.error):  # damaged: reported by the readers
+        return None
+    return None
+
+
+# NIfTI header size → (offset of dim[0], its type, offset of pixdim[0], its type).
+_NIFTI_LAYOUTS = {348: (40, "h", 76, "f"), 540: (16, "q", 104, "d")}
 
 
 def write_mgh(image: sitk.Image, path: str | Path) -> None:

@@ -9,13 +9,17 @@ show a progress bar on a terminal (tqdm), unless turned off (``--quiet``).
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import os
+import signal
 import socket
 import sys
+import threading
+import time
 
 import SimpleITK as sitk
-from joblib import Parallel, delayed
+from joblib import Parallel, delayed, parallel_config
 
 from .config import ParallelConfig
 from .errors import AtlassegError
@@ -116,6 +120,28 @@ def log_above_bars():
     return logging_redirect_tqdm(loggers=[log]) if _show_progress() else contextlib.nullcontext()
 
 
+_PR_SET_PDEATHSIG = 1  # prctl(2) option: the signal this process gets when its parent dies
+
+
+def _exit_with(parent: int) -> None:
+    """Make this worker process (of a process pool run by process ``parent``) end when ``parent`` dies, even
+    when killed with SIGKILL: else it (and so loky's resource tracker, which waits for every worker) lives on
+    for minutes. Linux: the kernel sends SIGKILL (prctl's parent-death signal); elsewhere a thread checks every
+    second whether the parent is gone. The loky pool's worker initializer."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    else:
+        threading.Thread(target=_watch, args=(parent,), daemon=True, name="atlasseg-parent-watch").start()
+    if os.getppid() != parent:  # the parent died before the signal was armed
+        os._exit(1)
+
+
+def _watch(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os._exit(1)
+
+
 def _indexed(index: int, function, args: tuple, threads: int):
     return index, function(*args, threads)
 
@@ -141,7 +167,9 @@ def parallel_map(function, tasks: list[tuple], parallel: ParallelConfig, *, desc
                 results[index] = function(*task, threads)
                 bar.update()
         else:
-            run = Parallel(n_jobs=jobs, backend=parallel.backend, return_as="generator_unordered")
+            workers = {"initializer": _exit_with, "initargs": (os.getpid(),)} if parallel.backend == "loky" else {}
+            with parallel_config(backend=parallel.backend, **workers):
+                run = Parallel(n_jobs=jobs, return_as="generator_unordered")
             for index, result in run(delayed(_indexed)(i, function, task, threads) for i, task in enumerate(tasks)):
                 results[index] = result
                 bar.update()

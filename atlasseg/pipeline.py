@@ -42,6 +42,8 @@ from .imageio import (
     read_labels,
     read_voxels,
     remove_temporaries,
+    same_voxels,
+    voxel_fingerprint,
     write_image,
 )
 from .layout import LAYOUTS
@@ -66,25 +68,33 @@ from .selection import rank, score_atlas, select
 log = logging.getLogger("atlasseg")
 
 
-def check_inputs(manifest: Manifest, config: Config | None = None) -> None:
+def check_inputs(manifest: Manifest, config: Config | None = None, *, leave_one_out: bool = False) -> None:
     """Every listed file read once, before any work: readable and complete, scalar, 2D/3D, one
     dimensionality across the manifest (the atlases' initial transforms too); intensities finite and
     not constant; label maps whole, non-negative numbers on their image's grid (floating-point noise is
     snapped, with a warning), an atlas's not empty; masks on their image's grid. Warns about declared
     labels an atlas lacks and labels the manifest does not declare. With ``config``: the targets' ids suit
-    ``output.layout``, every entry has the landmarks its initialisation needs, ``selection.k`` is compared with the atlas count (larger: a
-    warning, all atlases are used), the run's memory is estimated (:func:`check_memory`), and joint
-    label fusion's temporary files are checked against the free space (:func:`check_disk`)."""
+    ``output.layout``, every entry has the landmarks its initialisation needs, ``selection.k`` is compared with
+    the atlas count (larger: a warning, all atlases are used), every image is large enough for the registration
+    pyramid (:func:`check_pyramid`), the run's memory is estimated (:func:`check_memory`: with the declared
+    labels first, again with the labels the atlases hold once read), and joint label fusion's temporary files
+    are checked against the free space (:func:`check_disk`).
+
+    An atlas holding the same voxels as a target (the same file, or a copy in any format) would hand the
+    target its own labels back: a warning, or with ``leave_one_out`` (cross-validation, where every atlas is a
+    target) an error for any two atlases that are the same image."""
     entries = (*manifest.atlases, *manifest.targets)
     needs_landmarks = config is not None and config.registration.affine.initialization == "landmarks"
     dims: dict[int, str] = {}
     largest = None
+    grids: list[tuple[Path, Geometry]] = []
     for entry in entries:  # headers only: cheap, and they size the run before any voxel is read
         if needs_landmarks and entry.landmarks is None:
             raise ImageError(f"{manifest.path}: {entry.id} has no 'landmarks' file, needed by "
                              "registration.affine.initialization: landmarks")
         geometry = read_geometry(entry.image)
         check_scalar(geometry, entry.image)
+        grids.append((entry.image, geometry))
         dims.setdefault(geometry.dimension, str(entry.image))
         if largest is None or math.prod(geometry.size) > math.prod(largest.size):
             largest = geometry
@@ -101,7 +111,8 @@ def check_inputs(manifest: Manifest, config: Config | None = None) -> None:
         raise ImageError(f"{manifest.path}: output.format mgz holds 3D images only, these are 2D (use nii.gz)")
     if config is not None:
         LAYOUTS[config.output.layout].check([t.id for t in manifest.targets])
-    if config is not None:
+        for path, geometry in grids:
+            check_pyramid(geometry, path, config)
         k = config.selection.k
         if k != "all" and k > len(manifest.atlases):  # the default k asks for no warning
             level = logging.INFO if k == SelectionConfig.k else logging.WARNING
@@ -109,15 +120,61 @@ def check_inputs(manifest: Manifest, config: Config | None = None) -> None:
                     len(manifest.atlases))
         check_memory(largest, config, n_tasks=len(manifest.atlases), n_labels=len(manifest.label_names) + 1)
         check_disk(largest, config, n_tasks=len(manifest.atlases))
+    labels = set(manifest.label_names)
+    fingerprints: dict[tuple, list[Atlas | Target]] = {}
     for entry in entries:  # then every voxel, once
-        check_intensities(entry.image, read_voxels(entry.image))
+        values = read_voxels(entry.image)
+        check_intensities(entry.image, values)
+        fingerprints.setdefault(voxel_fingerprint(entry.image, values), []).append(entry)
+        del values
         if entry.labels is not None:
-            _check_label_map(entry, manifest)
+            present = _check_label_map(entry, manifest)
+            if isinstance(entry, Atlas):  # the labels fusion votes on
+                labels |= present
         if entry.mask is not None:
             check_label_values(entry.mask, read_voxels(entry.mask))
+    groups = [group for alike in fingerprints.values() if len(alike) > 1 for group in _equal_images(alike)]
+    _check_same_images(manifest, groups, leave_one_out=leave_one_out)
+    if config is not None and len(labels) > len(manifest.label_names):
+        check_memory(largest, config, n_tasks=len(manifest.atlases), n_labels=len(labels) + 1)
 
 
-def _check_label_map(entry: Atlas | Target, manifest: Manifest) -> None:
+def _equal_images(entries: list[Atlas | Target]) -> list[list[Atlas | Target]]:
+    """``entries`` (whose images share a fingerprint) split into groups of equal voxels."""
+    groups: list[list[Atlas | Target]] = []
+    for entry in entries:
+        group = next((g for g in groups if same_voxels(g[0].image, entry.image)), None)
+        if group is None:
+            groups.append([entry])
+        else:
+            group.append(entry)
+    return groups
+
+
+def _check_same_images(manifest: Manifest, groups: list[list[Atlas | Target]], *, leave_one_out: bool) -> None:
+    """Warn about an atlas that is one of the targets' images; with ``leave_one_out``, refuse two atlases that are
+    the same image (each would be segmented by the other: its labels handed back)."""
+    for group in groups:
+        atlases = [e for e in group if isinstance(e, Atlas)]
+        if leave_one_out and len(atlases) > 1:
+            raise ImageError(f"{manifest.path}: atlases {_listing([a.id for a in atlases])} are the same image "
+                             f"({atlases[0].image}, {atlases[1].image}): leave-one-out would score each on its own "
+                             "labels; keep one of them")
+        for target in (e for e in group if isinstance(e, Target)) if atlases else ():
+            log.warning("%s: target %r is the same image as atlas %s (%s): that atlas hands the target its own "
+                        "labels, which inflates its scores; leave it out of the atlases (or the target out of the "
+                        "targets)", manifest.path, target.id, _listing([a.id for a in atlases]), target.image)
+
+
+def _listing(values, limit: int = 10) -> str:
+    """Up to ``limit`` values, comma-separated, and how many more (log lines stay readable)."""
+    values = list(values)
+    more = f" and {len(values) - limit} more" if len(values) > limit else ""
+    return ", ".join(map(str, values[:limit])) + more
+
+
+def _check_label_map(entry: Atlas | Target, manifest: Manifest) -> set[int]:
+    """Check one label map (see :func:`check_inputs`); returns the labels it holds, background left out."""
     path, declared = entry.labels, set(manifest.label_names)
     present = set(check_label_values(path, read_voxels(path)).tolist()) - {0}
     is_atlas = isinstance(entry, Atlas)
@@ -126,11 +183,45 @@ def _check_label_map(entry: Atlas | Target, manifest: Manifest) -> None:
     if not present:
         log.warning("%s: ground truth of target %r is empty (all background): its scores are undefined", path, entry.id)
     if declared and present - declared:
-        log.warning("%s: %s %r holds labels %s not declared in %s: segmented and scored without a name",
-                    path, "atlas" if is_atlas else "target", entry.id, sorted(present - declared), manifest.path)
+        log.warning("%s: %s %r holds labels [%s] not declared in %s: segmented and scored without a name",
+                    path, "atlas" if is_atlas else "target", entry.id, _listing(sorted(present - declared)),
+                    manifest.path)
     if declared and is_atlas and present and declared - present:
         log.warning("%s: atlas %r lacks declared labels %s: it votes background there", path, entry.id,
-                    ", ".join(f"{v} ({manifest.label_names[v]})" for v in sorted(declared - present)))
+                    _listing(f"{v} ({manifest.label_names[v]})" for v in sorted(declared - present)))
+    return present
+
+
+# ITK's recursive Gaussian, which smooths images in the affine pyramid and elsewhere, needs this many voxels
+# along every axis it smooths.
+_MIN_VOXELS = 4
+
+
+def level_shrinks(stage, geometry: Geometry) -> list[tuple[int, ...]]:
+    """The shrink factors an image on ``geometry`` gets at each level of ``stage``'s pyramid (a registration
+    stage's config), one per axis, x first: the pyramid checks ask this, whatever rule the factors follow."""
+    return [(int(shrink),) * geometry.dimension for shrink in stage.shrink_factors]
+
+
+def check_pyramid(geometry: Geometry, path: Path, config: Config) -> None:
+    """Refuse, before any work, an image too thin for the registration: fewer than 4 voxels along an axis, or
+    (non-rigid stage) fewer voxels along an axis than a level's shrink factor; the message says what to do."""
+    size = ", ".join(map(str, geometry.size))
+    for axis, count in enumerate(geometry.size):
+        if count < _MIN_VOXELS:
+            single = " (a single slice: save it as a 2D image)" if count == 1 and geometry.dimension == 3 else ""
+            raise ImageError(f"{path}: {count} voxel(s) along axis {axis} (size {size}); registration smooths every "
+                             f"axis and needs at least {_MIN_VOXELS} voxels along each{single}: resample the image "
+                             "onto more voxels along that axis")
+    nonrigid = config.registration.nonrigid
+    if not nonrigid.enabled:
+        return
+    for level, factors in enumerate(level_shrinks(nonrigid, geometry)):
+        for axis, (count, factor) in enumerate(zip(geometry.size, factors)):
+            if count < factor:
+                raise ImageError(f"{path}: {count} voxels along axis {axis} (size {size}), fewer than the shrink "
+                                 f"factor {factor} of registration.nonrigid level {level}: lower "
+                                 "registration.nonrigid.shrink_factors, or resample the image onto more voxels")
 
 
 # Rough peak bytes per voxel of the largest image: one registration job (two float32 images, their
@@ -145,6 +236,7 @@ _REPORT_BYTES_PER_VOXEL_AND_LABEL = 2  # the candidates' disagreement: a uint16 
 _JLF_BYTES_PER_VOXEL = 24
 _JLF_BYTES_PER_VOXEL_AND_CANDIDATE = 6  # float32 intensities, labels of up to 2 bytes
 MEMORY_LIMIT_ENV = "ATLASSEG_MEMORY_LIMIT"
+_MANY_LABELS = 1000  # beyond this, merging labels is part of the advice
 
 
 def available_memory() -> int:
@@ -217,8 +309,9 @@ def check_memory(geometry: Geometry | None, config: Config, *, n_tasks: int, n_l
     fewer = f", lower parallel.n_jobs (each registration needs about {_size(per_job)})" if jobs > 1 else ""
     raise ImageError(
         f"images of {' x '.join(map(str, geometry.size))} voxels would need about {_size(total)} "
-        f"({jobs} parallel registration(s) and fusion) but {_size(available)} are available: "
-        f"crop or downsample the images{fewer} (or set {MEMORY_LIMIT_ENV})"
+        f"({jobs} parallel registration(s) and fusion) but {_size(available)} are available (fusion keeps a vote "
+        f"per voxel for each of {n_labels} labels, background included): crop or downsample the images{fewer}"
+        f"{', merge labels' if n_labels > _MANY_LABELS else ''} (or set {MEMORY_LIMIT_ENV})"
     )
 
 
