@@ -469,6 +469,62 @@ def propagate(atlas: Atlas, transform: sitk.Transform, reference: sitk.Image, co
 
 
 @dataclass
+class Registered:
+    """One target and its registered atlases: the per-target flow up to fusion, shared by ``run``
+    (:func:`segment_target`) and cross-validation and the benchmarks (:func:`prepare_case`)."""
+
+    target: Target
+    image: sitk.Image  # the target as read
+    truth: sitk.Image | None  # its labels on its grid (floating-point noise snapped), when it has them
+    atlases: dict[str, Atlas]
+    ranking: Ranking
+    transforms: dict[str, sitk.Transform]  # the atlases registered, best-ranked first
+    seconds: dict[str, float]
+    memory: dict[str, float | None]
+
+    def reference(self, config: Config) -> sitk.Image:
+        """The target with its intensities normalised like the atlases' (what fusion compares them with)."""
+        return normalize_intensity(self.image, method=config.registration.normalization)
+
+    def candidates(self, config: Config, *, intensities: bool):
+        """Each registered atlas's candidate, best-ranked first, propagated one at a time: (atlas id, labels,
+        warped intensities or None). The time spent adds to ``seconds['propagation']``."""
+        self.seconds.setdefault("propagation", 0.0)
+        for aid, transform in self.transforms.items():
+            clock = time.perf_counter()
+            labels, warped = propagate(self.atlases[aid], transform, self.image, config, intensities=intensities)
+            self.seconds["propagation"] += time.perf_counter() - clock
+            yield aid, labels, warped
+
+
+def register_target(target: Target, atlases: list[Atlas], config: Config, *, cache: Cache | None = None,
+                    count: int | str = "selected") -> Registered:
+    """Read ``target`` (and its ground truth), rank every atlas (affine stage) and register non-rigidly
+    ``count`` of them: ``"selected"`` (what selection keeps; failed ones replaced by the next-ranked while
+    fewer than ``selection.min_atlases`` succeeded), a number of best-ranked, or ``"all"`` (both with every
+    failed one replaced). Each dropped atlas is logged with its reason."""
+    image = read_image(target.image)
+    truth = read_labels(target.labels, like=image, like_path=target.image) if target.labels is not None else None
+    by_id = {a.id: a for a in atlases}
+    ranking = rank_atlases(target, atlases, config, cache=cache)
+    seconds = dict(ranking.seconds)
+    memory = {"affine_and_scoring": _peak_mb()}
+    if count == "selected":
+        wanted, floor = ranking.selected, config.selection.min_atlases
+    else:
+        wanted = ranking.ranked if count == "all" else ranking.ranked[:count]
+        floor = len(wanted)
+    clock = time.perf_counter()
+    transforms = register_selected(target, by_id, ranking, config, wanted=wanted, floor=floor, cache=cache)
+    if config.registration.nonrigid.enabled and wanted:
+        seconds["nonrigid"] = time.perf_counter() - clock
+        memory["nonrigid"] = _peak_mb()
+    for item in ranking.dropped:
+        log.warning("target %s: atlas %s dropped (%s: %s)", target.id, item["atlas"], item["stage"], item["reason"])
+    return Registered(target, image, truth, by_id, ranking, transforms, seconds, memory)
+
+
+@dataclass
 class Case:
     """One target with its registered atlases' candidates held in memory (cross-validation, benchmarks)."""
 
@@ -480,52 +536,24 @@ class Case:
     seconds: dict[str, float]
 
 
-def prepare_case(target: Target, atlases: list[Atlas], config: Config, *, count: int | None, intensities: bool) -> Case:
-    """Rank every atlas, register the best ``count`` (None: all) non-rigidly — a failed one replaced
-    by the next-ranked — and propagate each registered atlas once (with its warped intensities
-    when ``intensities``): every fusion of them can then reuse the same registrations."""
-    by_id = {a.id: a for a in atlases}
-    ranking = rank_atlases(target, atlases, config)
-    seconds = dict(ranking.seconds)
-    clock = time.perf_counter()
-    wanted = ranking.ranked if count is None else ranking.ranked[:count]
-    transforms = register_selected(target, by_id, ranking, config, wanted=wanted, floor=len(wanted))
-    seconds["nonrigid"] = time.perf_counter() - clock
-    clock = time.perf_counter()
-    reference = read_image(target.image)
-    candidates = [(aid, *propagate(by_id[aid], tx, reference, config, intensities=intensities))
-                  for aid, tx in transforms.items()]
-    seconds["propagation"] = time.perf_counter() - clock
-    truth = None
-    if target.labels is not None:
-        truth = read_labels(target.labels)
-        check_same_grid(reference, truth, image_path=target.image, labels_path=target.labels)
-    normalized = normalize_intensity(reference, method=config.registration.normalization)
-    return Case(target, normalized, truth, ranking, candidates, seconds)
+def prepare_case(target: Target, atlases: list[Atlas], config: Config, *, count: int | None, intensities: bool,
+                 cache: Cache | None = None) -> Case:
+    """:func:`register_target` with the best ``count`` (None: all) and every candidate propagated once (with its
+    warped intensities when ``intensities``): every fusion of them can then reuse the same registrations."""
+    registered = register_target(target, atlases, config, cache=cache, count="all" if count is None else count)
+    candidates = list(registered.candidates(config, intensities=intensities))
+    return Case(target, registered.reference(config), registered.truth, registered.ranking, candidates,
+                registered.seconds)
 
 
 def segment_target(target: Target, atlases: list[Atlas], config: Config, *, out_dir: Path, label_names: dict[int, str],
                    cache: Cache | None = None) -> TargetResult:
     """Segment one target with the given atlases; write ``<out>/<target>/segmentation.<output.format>`` and, last,
     ``<out>/<target>/target.json`` (the target's record: what a resumed run reuses)."""
-    by_id = {a.id: a for a in atlases}
-    reference = read_image(target.image)
-    truth = read_labels(target.labels, like=reference, like_path=target.image) if target.labels is not None else None
-
-    # Affine stage for every atlas, scored for selection.
-    ranking = rank_atlases(target, atlases, config, cache=cache)
-    seconds = dict(ranking.seconds)
-    memory = {"affine_and_scoring": _peak_mb()}
-
-    clock = time.perf_counter()
+    registered = register_target(target, atlases, config, cache=cache)
+    ranking, transforms, seconds, memory = registered.ranking, registered.transforms, registered.seconds, registered.memory
     floor = config.selection.min_atlases
-    transforms = register_selected(target, by_id, ranking, config, wanted=ranking.selected, floor=floor, cache=cache)
-    if config.registration.nonrigid.enabled and ranking.selected:
-        seconds["nonrigid"] = time.perf_counter() - clock
-        memory["nonrigid"] = _peak_mb()
     dropped = ranking.dropped
-    for item in dropped:
-        log.warning("target %s: atlas %s dropped (%s: %s)", target.id, item["atlas"], item["stage"], item["reason"])
     used = list(transforms)
     if len(used) < floor:
         reasons = "; ".join(f"{d['atlas']}: {d['reason']}" for d in dropped) or "none failed"
@@ -537,13 +565,9 @@ def segment_target(target: Target, atlases: list[Atlas], config: Config, *, out_
     records = {aid: ranking.records[aid] for aid in ranking.ranked if aid in tried}
 
     # Propagate and fuse, one candidate at a time.
-    fuser = make_fuser(normalize_intensity(reference, method=config.registration.normalization), config=config.fusion)
+    fuser = make_fuser(registered.reference(config), config=config.fusion)
     seconds["propagation"] = seconds["fusion"] = 0.0
-    for aid in used:
-        clock = time.perf_counter()
-        candidate, intensities = propagate(by_id[aid], transforms[aid], reference, config,
-                                           intensities=fuser.needs_intensities)
-        seconds["propagation"] += time.perf_counter() - clock
+    for _, candidate, intensities in registered.candidates(config, intensities=fuser.needs_intensities):
         clock = time.perf_counter()
         fuser.add(candidate, intensities)
         seconds["fusion"] += time.perf_counter() - clock
@@ -554,11 +578,10 @@ def segment_target(target: Target, atlases: list[Atlas], config: Config, *, out_
     memory["propagation_and_fusion"] = _peak_mb()
 
     scores_out = None
-    if truth is not None:
+    if registered.truth is not None:
         clock = time.perf_counter()
-        check_same_grid(reference, truth, image_path=target.image, labels_path=target.labels)
         labels = sorted(label_names) or None
-        scores_out = evaluate(segmentation, truth, labels=labels, metrics=evaluation_metrics(config))
+        scores_out = evaluate(segmentation, registered.truth, labels=labels, metrics=evaluation_metrics(config))
         seconds["evaluation"] = time.perf_counter() - clock
 
     clock = time.perf_counter()

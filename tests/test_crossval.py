@@ -64,3 +64,19 @@ def test_k_values_are_checked():
     for bad in ("0", "-1", "some"):
         with pytest.raises(ConfigError, match=f"--k '{bad}'"):
             parse_ks([bad])
+
+
+def test_crossval_snaps_ground_truth_a_float_rounding_off_its_image_grid_as_a_run_does(tmp_path, caplog):
+    """One per-target flow: an atlas (here a cross-validation target) whose labels' origin differs from its
+    image's by floating-point noise is snapped with a warning, as in a run, not refused as another grid."""
+    import SimpleITK as sitk
+
+    manifest = load_manifest(make_demo_dataset(tmp_path / "data", dim=2, n_atlases=3, n_targets=0, seed=5))
+    path = manifest.atlases[0].labels
+    labels = sitk.ReadImage(str(path))
+    labels.SetOrigin([o + 1e-5 * s for o, s in zip(labels.GetOrigin(), labels.GetSpacing())])
+    sitk.WriteImage(labels, str(path))
+    config = load_config("demo", overrides=ONE_THREAD)
+    document = crossval(config, manifest, ks=[1], methods=["majority"])
+    assert "snapped" in caplog.text
+    assert document["targets"][manifest.atlases[0].id]["settings"]["majority"]["1"]["mean_dice"] > 0.5
