@@ -55,10 +55,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "another config's outputs")
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("cache", help="show or clear the registration cache")
-    p.add_argument("action", choices=("info", "clear"))
-    p.add_argument("--config", help="config file or preset whose output.cache_dir to use (default: $ATLASSEG_CACHE_DIR, "
-                   "else ~/.cache/atlasseg)")
+    p = sub.add_parser("cache", help="show, prune or clear the registration cache")
+    p.add_argument("action", choices=("info", "prune", "clear"),
+                   help="info: entries and size; prune: remove damaged entries, then the least recently used down to "
+                        "the size cap (never one used in the last 10 minutes); clear: remove every entry")
+    p.add_argument("--config", help="config file or preset whose output.cache_dir and output.cache_max_gb to use "
+                   "(default: $ATLASSEG_CACHE_DIR, else ~/.cache/atlasseg, and the default cap)")
+    p.add_argument("--max-gb", type=float, metavar="GIB", help="prune down to this size instead of output.cache_max_gb")
     p.set_defaults(func=cmd_cache)
 
     p = sub.add_parser("validate", help="check a config and a manifest; runs nothing")
@@ -211,17 +214,29 @@ def _failed_targets(results, out: Path) -> int:
 
 
 def cmd_cache(args) -> int:
-    from .cache import Cache, resolve_dir
+    from .cache import Cache, max_bytes, resolve_dir
     from .config import load_config
 
-    cache = Cache(resolve_dir(load_config(args.config).output.cache_dir if args.config else None))
+    config = load_config(args.config or "default")
+    cache = Cache(resolve_dir(config.output.cache_dir if args.config else None), max_bytes=max_bytes(config))
     if args.action == "clear":
         print(f"removed {cache.clear()} cached registration(s) from {cache.root}")
         return 0
+    if args.action == "prune":
+        if args.max_gb is not None and not args.max_gb >= 0:
+            raise AtlassegError(f"--max-gb {args.max_gb:g}: expected a size >= 0 (GiB)")
+        damaged = cache.check()
+        removed, freed = cache.evict(max_bytes=None if args.max_gb is None else int(args.max_gb * 2**30))
+        print(f"removed {damaged} damaged and {removed} least recently used cached registration(s) "
+              f"({freed / 2**20:.1f} MiB freed) from {cache.root}; {cache.size() / 2**20:.1f} MiB left")
+        return 0
     info = cache.info()
+    cap = "no cap" if info["max_bytes"] is None else f"cap {info['max_bytes'] / 2**30:g} GiB (output.cache_max_gb)"
     print(f"registration cache: {info['dir']}")
-    print(format_rows(["stage", "entries", "MiB"], [[stage, s["entries"], f"{s['bytes'] / 2**20:.1f}"]
-                                                   for stage, s in info["stages"].items()]))
+    rows = [[stage, s["entries"], f"{s['bytes'] / 2**20:.1f}"] for stage, s in info["stages"].items()]
+    rows.append(["total", sum(s["entries"] for s in info["stages"].values()), f"{info['bytes'] / 2**20:.1f}"])
+    print(format_rows(["stage", "entries", "MiB"], rows))
+    print(f"{cap}; least recently used entries are evicted after each target, or with `atlasseg cache prune`")
     return 0
 
 

@@ -455,7 +455,11 @@ class OutputConfig:
     cache_dir : str or None
         The cache folder; unset: ``$ATLASSEG_CACHE_DIR``, else ``~/.cache/atlasseg``.
         A run reads and writes entries of a few times an image's size per registration;
-        ``atlasseg cache info|clear`` shows and frees them.
+        ``atlasseg cache info|prune|clear`` shows and frees them.
+    cache_max_gb : float or None, GiB
+        Size cap of the cache folder: after each target, the least recently used entries are removed
+        until it fits (never one used in the last 10 minutes, or by the target being segmented);
+        ``atlasseg cache prune`` does the same at once. Null: no cap.
     report : bool
         Also write the QC report: ``<target>/qc.png`` (the segmentation's contours, and the ground
         truth's, over the target on three orthogonal slices) and ``index.html`` (metrics, pictures,
@@ -468,7 +472,12 @@ class OutputConfig:
     probability_maps: bool = False
     cache: bool = True
     cache_dir: Optional[str] = None
+    cache_max_gb: Optional[float] = 20.0
     report: bool = True
+
+    def __post_init__(self):
+        _require(self.cache_max_gb is None or self.cache_max_gb > 0, "cache_max_gb",
+                 f"must be > 0 (GiB) or null for no cap, got {self.cache_max_gb}")
 
 
 @dataclass(frozen=True)

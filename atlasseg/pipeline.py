@@ -780,7 +780,8 @@ def check_output_dir(out: Path, config: Config, manifest: Manifest, *, force: bo
 def _comparable(config: dict) -> dict:
     """The config without what does not change the segmentations: where they go, the cache, the parallel
     backend, the report."""
-    output = {k: v for k, v in config.get("output", {}).items() if k not in ("dir", "cache", "cache_dir", "report")}
+    ignored = ("dir", "cache", "cache_dir", "cache_max_gb", "report")
+    output = {k: v for k, v in config.get("output", {}).items() if k not in ignored}
     return {**{k: v for k, v in config.items() if k != "parallel"}, "output": output}
 
 
@@ -820,6 +821,7 @@ def run(config: Config, manifest: Manifest, *, out_dir: str | Path | None = None
                   "cache": str(cache.root) if cache.enabled else None, "status": "running", "targets": {}}
     with session(config.parallel), log_above_bars(), progress(targets, desc="targets", unit="target", leave=True) as bar:
         for target in bar:
+            began = time.time()
             atlases = manifest.atlases_for(target)
             result = None if force else finished_target(target, atlases, config, out)
             if result is not None:
@@ -838,6 +840,7 @@ def run(config: Config, manifest: Manifest, *, out_dir: str | Path | None = None
             results.append(result)
             run_record["targets"][target.id] = result.record
             write_json(out / "run.json", run_record)  # after every target: how far a long run has come
+            cache.evict(in_use_since=began)
     write_metrics(out / "metrics.csv", results, manifest.label_names, evaluation_metrics(config))
     failed = [r.target_id for r in results if r.error is not None]
     run_record.update(status="failed" if failed else "complete", failed_targets=failed,
