@@ -1,7 +1,9 @@
 """Command line: parse, call the library, print, exit code.
 
-Exit codes: 0 success, 2 bad input or a failed stage (one line on stderr; the
-traceback only with ``--debug``).
+Exit codes (:data:`EXIT_CODES`): 0 success, 2 bad input or a failed stage or target (one line on
+stderr; the traceback only with ``--debug``), 3 a run whose targets were all segmented but some
+degraded (they lost more than ``selection.max_dropped_share`` of their atlases; 0 with
+``--allow-degraded``), 130 interrupted.
 """
 
 from __future__ import annotations
@@ -18,6 +20,15 @@ from .config import PRESETS
 from .errors import AtlassegError
 
 log = logging.getLogger("atlasseg")
+
+EXIT_OK, EXIT_ERROR, EXIT_DEGRADED, EXIT_INTERRUPTED = 0, 2, 3, 130
+EXIT_CODES = {
+    EXIT_OK: "success",
+    EXIT_ERROR: "bad input, or a stage or target failed (one line on stderr)",
+    EXIT_DEGRADED: "run/demo: every target segmented, but some degraded (they lost more than "
+                   "selection.max_dropped_share of their atlases); 0 with --allow-degraded",
+    EXIT_INTERRUPTED: "interrupted (Ctrl-C); run the same command again to resume",
+}
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -38,7 +49,9 @@ def _add_manifest_args(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="atlasseg", description="Multi-atlas segmentation of medical images.")
+    parser = argparse.ArgumentParser(
+        prog="atlasseg", description="Multi-atlas segmentation of medical images.",
+        epilog="exit codes: " + "; ".join(f"{code} {meaning}" for code, meaning in EXIT_CODES.items()))
     parser.add_argument("--version", action="version", version=f"atlasseg {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors, no progress bars")
@@ -53,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true",
                    help="recompute everything (no cached registrations, no finished targets reused) and write over "
                         "another config's outputs")
+    p.add_argument("--allow-degraded", action="store_true",
+                   help="exit 0, not 3, when targets are degraded (lost more than selection.max_dropped_share of "
+                        "their atlases)")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("cache", help="show, prune or clear the registration cache")
@@ -200,17 +216,24 @@ def cmd_run(args) -> int:
     print(format_table(results, manifest.label_names))
     done = sum(r.error is None for r in results)
     print(f"\n{done} target(s) segmented in {time.perf_counter() - start:.1f} s; outputs in {out}/")
-    return _failed_targets(results, out)
+    return _exit_code(results, out, allow_degraded=args.allow_degraded)
 
 
-def _failed_targets(results, out: Path) -> int:
-    """Exit code of a finished run: 2, with one line naming them, when some targets failed."""
-    failed = [r.target_id for r in results if r.error is not None]
-    if not failed:
-        return 0
-    print(f"atlasseg: error: {len(failed)} of {len(results)} target(s) failed ({', '.join(failed)}); "
-          f"reasons in {out / 'run.json'}", file=sys.stderr)
-    return 2
+def _exit_code(results, out: Path, *, allow_degraded: bool = False) -> int:
+    """Exit code of a finished run: 2, with one line naming them, when some targets failed; else 3, with one
+    line, when some are degraded (unless ``allow_degraded``)."""
+    failed = [r.target_id for r in results if r.status == "failed"]
+    degraded = [r.target_id for r in results if r.status == "degraded"]
+    if failed:
+        print(f"atlasseg: error: {len(failed)} of {len(results)} target(s) failed ({', '.join(failed)}); "
+              f"reasons in {out / 'run.json'}", file=sys.stderr)
+        return EXIT_ERROR
+    if degraded and not allow_degraded:
+        print(f"atlasseg: error: {len(degraded)} of {len(results)} target(s) degraded ({', '.join(degraded)}): they "
+              f"lost more than selection.max_dropped_share of their atlases (reasons in {out / 'run.json'}); "
+              "--allow-degraded accepts them", file=sys.stderr)
+        return EXIT_DEGRADED
+    return EXIT_OK
 
 
 def cmd_cache(args) -> int:
@@ -255,6 +278,7 @@ def cmd_validate(args) -> int:
 def cmd_select(args) -> int:
     from .parallel import session
     from .pipeline import check_inputs, rank_atlases
+    from .selection import min_atlases
 
     config, manifest = _load(args)
     check_inputs(manifest, config)
@@ -274,7 +298,7 @@ def cmd_select(args) -> int:
     print(format_rows(["rank", "atlas", sel.metric, "selected"], rows, left=2))
     threshold = "none" if sel.threshold is None else f"{sel.threshold:g}"
     print(f"\nselected {len(ranking.selected)} of {len(ranking.ranked)} (k={sel.k}, threshold {threshold}, "
-          f"min_atlases {sel.min_atlases}); affine stage and scoring {ranking.seconds['affine_and_scoring']:.1f} s")
+          f"min_atlases {min_atlases(sel, len(atlases))}); affine stage and scoring {ranking.seconds['affine_and_scoring']:.1f} s")
     for item in ranking.dropped:
         print(f"dropped {item['atlas']} ({item['stage']}: {item['reason']})")
     return 0
@@ -323,7 +347,7 @@ def cmd_demo(args) -> int:
         f"\ndemo ({args.dim}D, {len(manifest.atlases)} atlases, {len(results)} targets) finished in "
         f"{time.perf_counter() - start:.1f} s; data in {manifest_path.parent}/, results in {out / 'results'}/"
     )
-    return _failed_targets(results, out / "results")
+    return _exit_code(results, out / "results")
 
 
 def cmd_register(args) -> int:
@@ -431,7 +455,7 @@ def main(argv=None) -> int:
         if args.debug:
             raise
         print(f"atlasseg: error: {err}", file=sys.stderr)
-        return 2
+        return EXIT_ERROR
     except KeyboardInterrupt:
-        print("atlasseg: interrupted", file=sys.stderr)
-        return 130
+        print("atlasseg: interrupted (run the same command again to resume)", file=sys.stderr)
+        return EXIT_INTERRUPTED

@@ -70,11 +70,16 @@ class SelectionConfig:
         atlases there are (the affine stage still scores every atlas).
     threshold : float or None
         When set, only atlases scoring at least this are kept (of the best ``k``).
-    min_atlases : int
+    min_atlases : int or "auto"
         Fewest atlases a target is segmented with. Selection keeps the best
         ``min_atlases`` even when fewer reach ``threshold``; when non-rigid registrations
         fail, the next-ranked atlases are registered in their place; when still fewer
-        remain, the target fails with an error.
+        remain, the target fails with an error. ``auto``: half of the ``k`` selected (rounded
+        up) and never fewer than 3, or all of them where fewer are selected.
+    max_dropped_share : float
+        A target that loses more than this share of its atlases (failed registrations, over the
+        atlases it was given) is segmented but marked ``status: degraded`` in run.json, and
+        ``atlasseg run`` exits with code 3 unless ``--allow-degraded``.
     metric : str
         Score: ``ncc`` (normalised cross-correlation), ``mi`` (mutual information of a
         32-bin joint histogram, nats) or ``mse`` (mean squared intensity difference,
@@ -95,7 +100,8 @@ class SelectionConfig:
 
     k: Union[int, Literal["all"]] = 10
     threshold: Optional[float] = None
-    min_atlases: int = 1
+    min_atlases: Union[int, Literal["auto"]] = "auto"
+    max_dropped_share: float = 0.25
     metric: Literal["ncc", "mi", "mse"] = "ncc"
     roi: Literal["none", "near_labels", "labels"] = "near_labels"
     roi_margin: float = 2.0
@@ -103,8 +109,11 @@ class SelectionConfig:
 
     def __post_init__(self):
         _require(self.k == "all" or self.k >= 1, "k", f"must be >= 1 or 'all', got {self.k}")
-        _require(self.min_atlases >= 1, "min_atlases", f"must be >= 1, got {self.min_atlases}")
-        _require(self.k == "all" or self.min_atlases <= self.k, "min_atlases", f"must be <= k ({self.k})")
+        if self.min_atlases != "auto":
+            _require(self.min_atlases >= 1, "min_atlases", f"must be >= 1 or 'auto', got {self.min_atlases}")
+            _require(self.k == "all" or self.min_atlases <= self.k, "min_atlases", f"must be <= k ({self.k})")
+        _require(0 <= self.max_dropped_share < 1, "max_dropped_share",
+                 f"must be in [0, 1), got {self.max_dropped_share}")
         _require(self.roi_margin >= 0, "roi_margin", "must be >= 0 (mm)")
         _require(self.grid_spacing > 0, "grid_spacing", "must be > 0 (mm)")
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import SimpleITK as sitk
 
 from . import __version__
-from .cache import Cache, entry_key, open_cache, settings
+from .cache import Cache, entry_key, file_digest, open_cache, settings
 from .config import Config, RegistrationConfig, SelectionConfig
 from .errors import AtlassegError, ImageError, RegistrationError
 from .evaluation import evaluate, header, mean_score, rows
@@ -59,7 +59,7 @@ from .registration import (
     save_displacement_field,
     save_transform,
 )
-from .selection import rank, score_atlas, select
+from .selection import min_atlases, rank, score_atlas, select
 
 log = logging.getLogger("atlasseg")
 
@@ -366,6 +366,12 @@ class TargetResult:
     error: str | None = None  # why the target could not be segmented
 
     @property
+    def status(self) -> str:
+        """``ok``, ``degraded`` (segmented, but it lost more than ``selection.max_dropped_share`` of its atlases)
+        or ``failed``."""
+        return "failed" if self.error is not None else self.record.get("status", "ok")
+
+    @property
     def dice(self) -> dict[int, float] | None:
         return None if self.scores is None else {label: s["dice"] for label, s in self.scores.items()}
 
@@ -479,6 +485,7 @@ class Registered:
     atlases: dict[str, Atlas]
     ranking: Ranking
     transforms: dict[str, sitk.Transform]  # the atlases registered, best-ranked first
+    floor: int  # the fewest atlases it is segmented with (resolved ``selection.min_atlases``)
     seconds: dict[str, float]
     memory: dict[str, float | None]
 
@@ -501,8 +508,8 @@ def register_target(target: Target, atlases: list[Atlas], config: Config, *, cac
                     count: int | str = "selected") -> Registered:
     """Read ``target`` (and its ground truth), rank every atlas (affine stage) and register non-rigidly
     ``count`` of them: ``"selected"`` (what selection keeps; failed ones replaced by the next-ranked while
-    fewer than ``selection.min_atlases`` succeeded), a number of best-ranked, or ``"all"`` (both with every
-    failed one replaced). Each dropped atlas is logged with its reason."""
+    fewer than ``selection.min_atlases`` (see :func:`~atlasseg.selection.min_atlases`) succeeded), a number of
+    best-ranked, or ``"all"`` (both with every failed one replaced). Each dropped atlas is logged with its reason."""
     image = read_image(target.image)
     truth = read_labels(target.labels, like=image, like_path=target.image) if target.labels is not None else None
     by_id = {a.id: a for a in atlases}
@@ -510,7 +517,7 @@ def register_target(target: Target, atlases: list[Atlas], config: Config, *, cac
     seconds = dict(ranking.seconds)
     memory = {"affine_and_scoring": _peak_mb()}
     if count == "selected":
-        wanted, floor = ranking.selected, config.selection.min_atlases
+        wanted, floor = ranking.selected, min_atlases(config.selection, len(atlases))
     else:
         wanted = ranking.ranked if count == "all" else ranking.ranked[:count]
         floor = len(wanted)
@@ -521,7 +528,7 @@ def register_target(target: Target, atlases: list[Atlas], config: Config, *, cac
         memory["nonrigid"] = _peak_mb()
     for item in ranking.dropped:
         log.warning("target %s: atlas %s dropped (%s: %s)", target.id, item["atlas"], item["stage"], item["reason"])
-    return Registered(target, image, truth, by_id, ranking, transforms, seconds, memory)
+    return Registered(target, image, truth, by_id, ranking, transforms, floor, seconds, memory)
 
 
 @dataclass
@@ -552,15 +559,16 @@ def segment_target(target: Target, atlases: list[Atlas], config: Config, *, out_
     ``<out>/<target>/target.json`` (the target's record: what a resumed run reuses)."""
     registered = register_target(target, atlases, config, cache=cache)
     ranking, transforms, seconds, memory = registered.ranking, registered.transforms, registered.seconds, registered.memory
-    floor = config.selection.min_atlases
-    dropped = ranking.dropped
-    used = list(transforms)
+    floor, dropped, used = registered.floor, ranking.dropped, list(transforms)
     if len(used) < floor:
         reasons = "; ".join(f"{d['atlas']}: {d['reason']}" for d in dropped) or "none failed"
         raise RegistrationError(
             f"target {target.id}: only {len(used)} atlas registration(s) succeeded, "
             f"selection.min_atlases is {floor} ({reasons})"
         )
+    degraded = _degraded(len(dropped), len(atlases), config.selection)
+    if degraded is not None:
+        log.warning("target %s: degraded: %s", target.id, degraded)
     tried = set(used) | {d["atlas"] for d in dropped if d["stage"] == "nonrigid"}
     records = {aid: ranking.records[aid] for aid in ranking.ranked if aid in tried}
 
@@ -598,6 +606,8 @@ def segment_target(target: Target, atlases: list[Atlas], config: Config, *, out_
 
     record = {
         "image": str(target.image),
+        "status": "ok" if degraded is None else "degraded",
+        **({} if degraded is None else {"degraded": degraded}),
         "segmentation": seg_path.name,
         "ranking": ranking.table(config.selection.metric),
         "selected": used,
@@ -610,20 +620,64 @@ def segment_target(target: Target, atlases: list[Atlas], config: Config, *, out_
     if scores_out is not None:
         record["scores"] = {str(k): s for k, s in scores_out.items()}
         record["mean_dice"] = mean_score({k: s["dice"] for k, s in scores_out.items()})
-    write_json(target_dir / TARGET_RECORD, {"inputs": inputs_key(target, atlases, config), "record": record})
+    write_json(target_dir / TARGET_RECORD, {"inputs": inputs_key(target, atlases, config),
+                                            "files": input_digests(target, atlases), "record": record})
     return TargetResult(target.id, seg_path, scores_out, record)
+
+
+def _degraded(n_dropped: int, n_atlases: int, config: SelectionConfig) -> str | None:
+    """Why a target that lost ``n_dropped`` of its ``n_atlases`` atlases is degraded, or None when it is not."""
+    if n_dropped <= config.max_dropped_share * n_atlases:
+        return None
+    return (f"{n_dropped} of its {n_atlases} atlases were dropped, more than selection.max_dropped_share "
+            f"({config.max_dropped_share:g}); see their reasons under 'dropped'")
 
 
 TARGET_RECORD = "target.json"
 
 
-def inputs_key(target: Target, atlases: list[Atlas], config: Config) -> str:
-    """What one target's outputs depend on: its files, its atlases' files, the config (as run.json compares it)."""
+def _input_files(target: Target, atlases: list[Atlas]) -> dict[str, Path | None]:
+    """Every file one target's outputs depend on, by ``target|atlas:<id>:<field>``."""
     files = {f"{kind}:{entry.id}:{name}": getattr(entry, name)
              for kind, entries in (("target", [target]), ("atlas", atlases)) for entry in entries
              for name in ("image", "labels", "mask", "landmarks")}
     files.update({f"atlas:{a.id}:transform": a.transform_for(target.id) for a in atlases})
-    return entry_key("target", files=files, settings=_comparable(config.to_dict()))
+    return files
+
+
+def inputs_key(target: Target, atlases: list[Atlas], config: Config) -> str:
+    """What one target's outputs depend on: its files, its atlases' files, the config (as run.json compares it)."""
+    return entry_key("target", files=_input_files(target, atlases), settings=_comparable(config.to_dict()))
+
+
+def input_digests(target: Target, atlases: list[Atlas]) -> dict[str, str]:
+    """The contents (SHA-256) of the files one target's outputs depend on, for saying which of them changed."""
+    return {name: file_digest(path) for name, path in _input_files(target, atlases).items() if path is not None}
+
+
+def check_changed_inputs(out: Path, targets: list[Target], manifest: Manifest, config: Config, *,
+                         force: bool = False) -> None:
+    """Before any work: refuse (unless ``force``) to write over a target's outputs in ``out`` that were made from
+    other inputs (another manifest, or files changed since), naming the targets and the files that differ."""
+    changed = []
+    for target in targets:
+        try:
+            document = json.loads((out / target.id / TARGET_RECORD).read_text())
+            old_key, old_files = document["inputs"], document.get("files", {})
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # not segmented there yet (or a record too damaged to be reused: segmented again)
+        atlases = manifest.atlases_for(target)
+        if old_key == inputs_key(target, atlases, config):
+            continue
+        new_files = input_digests(target, atlases)
+        names = [name for name in dict.fromkeys([*old_files, *new_files]) if old_files.get(name) != new_files.get(name)]
+        changed.append(f"{target.id} ({', '.join(names[:3]) + (', ...' if len(names) > 3 else '') or 'inputs'})")
+    if not changed:
+        return
+    what = f"segmentations of {len(changed)} target(s) made from other inputs: {'; '.join(changed[:5])}"
+    if not force:
+        raise AtlassegError(f"{out}: holds {what}; choose another --out, or --force to write over them")
+    log.warning("%s: holds %s; writing over them (--force)", out, what)
 
 
 def finished_target(target: Target, atlases: list[Atlas], config: Config, out_dir: Path) -> TargetResult | None:
@@ -805,8 +859,10 @@ def run(config: Config, manifest: Manifest, *, out_dir: str | Path | None = None
     Inputs and the output folder are checked first (:func:`check_inputs`, :func:`check_output_dir`).
     Registrations come from the cache when an earlier run made them, and targets an earlier run of the
     same config finished in ``out_dir`` are not segmented again (a stopped run resumes); ``force``
-    recomputes everything and writes over another config's outputs. A target that fails is recorded
-    (``error`` of its result, ``status: failed`` in run.json) and the others still run.
+    recomputes everything and writes over another config's or other inputs' outputs. A target that fails is
+    recorded (``error`` of its result, ``status: failed`` in run.json) and the others still run; one that lost
+    more than ``selection.max_dropped_share`` of its atlases is ``degraded``. Interrupted (Ctrl-C), the run
+    writes ``status: interrupted``, metrics.csv and the report of the targets finished, and re-raises.
     """
     out = Path(out_dir if out_dir is not None else config.output.dir)
     targets = [manifest.target(t) for t in target_ids] if target_ids else list(manifest.targets)
@@ -814,36 +870,64 @@ def run(config: Config, manifest: Manifest, *, out_dir: str | Path | None = None
         raise AtlassegError(f"{manifest.path}: no targets to segment")
     check_inputs(manifest, config)
     check_output_dir(out, config, manifest, force=force)
+    check_changed_inputs(out, targets, manifest, config, force=force)
     cache = open_cache(config, force=force)
     start = time.perf_counter()
     results: list[TargetResult] = []
     run_record = {"versions": versions(), "config": config.to_dict(), "manifest": str(manifest.path),
                   "cache": str(cache.root) if cache.enabled else None, "status": "running", "targets": {}}
-    with session(config.parallel), log_above_bars(), progress(targets, desc="targets", unit="target", leave=True) as bar:
-        for target in bar:
-            began = time.time()
-            atlases = manifest.atlases_for(target)
-            result = None if force else finished_target(target, atlases, config, out)
-            if result is not None:
-                log.info("target %s: finished by an earlier run, reused", target.id)
-            else:
-                log.info("target %s: %d atlases", target.id, len(atlases))
-                try:
-                    result = segment_target(target, atlases, config, out_dir=out, label_names=manifest.label_names,
-                                            cache=cache)
-                except _TARGET_ERRORS as err:
-                    log.error("target %s failed: %s", target.id, err)
-                    result = TargetResult(target.id, None, None, {"image": str(target.image), "status": "failed",
-                                                                  "error": str(err)}, error=str(err))
-            if result.dice is not None:
-                log.info("target %s: mean Dice %.3f", target.id, result.mean_dice)
-            results.append(result)
-            run_record["targets"][target.id] = result.record
-            write_json(out / "run.json", run_record)  # after every target: how far a long run has come
-            cache.evict(in_use_since=began)
+    try:
+        with session(config.parallel), log_above_bars(), progress(targets, desc="targets", unit="target",
+                                                                  leave=True) as bar:
+            for target in bar:
+                results.append(_run_target(target, manifest, config, out=out, cache=cache, force=force))
+                run_record["targets"][target.id] = results[-1].record
+                write_json(out / "run.json", run_record)  # after every target: how far a long run has come
+    except KeyboardInterrupt:
+        _finish(out, run_record, results, manifest, config, start=start, interrupted=True)
+        log.warning("interrupted after %d of %d target(s); run the same command again to resume (finished targets "
+                    "and registrations are kept)", len(results), len(targets))
+        raise
+    _finish(out, run_record, results, manifest, config, start=start)
+    return results
+
+
+def _run_target(target: Target, manifest: Manifest, config: Config, *, out: Path, cache: Cache,
+                force: bool) -> TargetResult:
+    """One target of a run: reused when an earlier run finished it, else segmented (a failure recorded, not raised);
+    then the cache is brought under its cap."""
+    began = time.time()
+    atlases = manifest.atlases_for(target)
+    result = None if force else finished_target(target, atlases, config, out)
+    if result is not None:
+        log.info("target %s: finished by an earlier run, reused", target.id)
+    else:
+        log.info("target %s: %d atlases", target.id, len(atlases))
+        try:
+            result = segment_target(target, atlases, config, out_dir=out, label_names=manifest.label_names,
+                                    cache=cache)
+        except _TARGET_ERRORS as err:
+            log.error("target %s failed: %s", target.id, err)
+            result = TargetResult(target.id, None, None, {"image": str(target.image), "status": "failed",
+                                                          "error": str(err)}, error=str(err))
+    if result.dice is not None:
+        log.info("target %s: mean Dice %.3f", target.id, result.mean_dice)
+    cache.evict(in_use_since=began)
+    return result
+
+
+def _finish(out: Path, run_record: dict, results: list[TargetResult], manifest: Manifest, config: Config, *,
+            start: float, interrupted: bool = False) -> None:
+    """metrics.csv, the final run.json (status ``complete``, ``degraded``, ``failed`` or ``interrupted``) and the
+    report, of the targets finished."""
     write_metrics(out / "metrics.csv", results, manifest.label_names, evaluation_metrics(config))
-    failed = [r.target_id for r in results if r.error is not None]
-    run_record.update(status="failed" if failed else "complete", failed_targets=failed,
+    failed = [r.target_id for r in results if r.status == "failed"]
+    degraded = [r.target_id for r in results if r.status == "degraded"]
+    if degraded and not interrupted:
+        log.warning("%d of %d target(s) degraded (%s): each lost more than selection.max_dropped_share of its "
+                    "atlases; reasons in %s", len(degraded), len(results), ", ".join(degraded), out / "run.json")
+    status = "interrupted" if interrupted else "failed" if failed else "degraded" if degraded else "complete"
+    run_record.update(status=status, failed_targets=failed, degraded_targets=degraded,
                       seconds_total=round(time.perf_counter() - start, 3), peak_memory_mb=_peak_mb())
     write_json(out / "run.json", run_record)
     if config.output.report:
@@ -853,7 +937,6 @@ def run(config: Config, manifest: Manifest, *, out_dir: str | Path | None = None
             write_report(out, run_record, manifest)
         except _TARGET_ERRORS as err:  # the segmentations and run.json are written: a warning, not a failed run
             log.warning("%s: QC report not written (%s)", out / "index.html", err)
-    return results
 
 
 def evaluation_metrics(config: Config) -> tuple[str, ...]:

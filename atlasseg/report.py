@@ -331,12 +331,21 @@ def _summary(run: dict) -> str:
             + _details("Full configuration", config))
 
 
+_STATUS_ORDER = {"failed": 0, "degraded": 1}  # what needs a look first; the others in run order
+
+
+def _ordered(targets: dict) -> dict:
+    """The targets with the failed ones first, then the degraded ones, then the rest, each in run order."""
+    return dict(sorted(targets.items(), key=lambda item: _STATUS_ORDER.get(item[1].get("status"), 2)))
+
+
 def _overview(targets: dict) -> str:
-    body = [[_Html(f'<a href="#target-{i}">{_e(tid)}</a>'), record.get("mean_dice"),
+    body = [[_Html(f'<a href="#target-{i}">{_e(tid)}</a>'), record.get("status", "ok"), record.get("mean_dice"),
              f"{len(record.get('selected', []))} of {len(record.get('ranking', []))}",
              len(record.get("dropped", [])), sum(record.get("seconds", {}).values())]
             for i, (tid, record) in enumerate(targets.items())]
-    return _table(["target", "mean Dice", "atlases used", "dropped", "seconds"], body)
+    classes = ["dropped" if record.get("status") in _STATUS_ORDER else "" for record in targets.values()]
+    return _table(["target", "status", "mean Dice", "atlases used", "dropped", "seconds"], body, row_classes=classes)
 
 
 def _metrics(targets: dict, names: dict[int, str]) -> str:
@@ -415,7 +424,7 @@ def _target(index: int, tid: str, record: dict, picture: Path | None) -> str:
 
 
 def _page(run: dict, names: dict[int, str], pictures: dict[str, Path]) -> str:
-    targets = run.get("targets", {})
+    targets = _ordered(run.get("targets", {}))
     status = run.get("status", "unknown")
     css = "" if status == "complete" else ' class="fail"'
     return "\n".join([
