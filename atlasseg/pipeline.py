@@ -760,7 +760,7 @@ def register_files(
             config=config, masks=masks, landmarks=landmarks,
         )
     except RegistrationDiverged as err:
-        record.update(status="diverged", reason=str(err), registration=err.record)
+        record.update(status=err.record.get("status", "diverged"), reason=str(err), registration=err.record)
         write_json(out_dir / "record.json", record)
         raise
     record["seconds"] = round(time.perf_counter() - start, 3)

@@ -124,7 +124,8 @@ def test_a_diverging_atlas_is_dropped_and_min_atlases_enforced(demo2d, tmp_path)
     dropped = result.record["dropped"]
     assert [d["atlas"] for d in dropped] == ["far"]
     assert dropped[0]["reason"] == ("affine registration diverged: the metric cannot be evaluated (no overlap left); "
-                                    "only 0% of the target's foreground maps inside the atlas (min_overlap 50%)")
+                                    "too little overlap: only 0% of the target's foreground maps inside the atlas "
+                                    "(min_overlap 50%)")
     assert dropped[0]["record"]["status"] == "diverged"
     assert sorted(result.record["selected"]) == [a["id"] for a in atlases[1:]]
     strict = load_config("demo", overrides=["registration.affine.initialization=none"])  # min_atlases auto: 3 of 3

@@ -469,3 +469,22 @@ def test_intensities_resample_linear_or_bspline_through_a_transform():
     assert np.abs(results["linear"] - results["bspline"]).max() > 1e-3  # really another interpolator
     with pytest.raises(ImageError, match="unknown intensity interpolator 'nearest'"):
         propagate_intensities(image, half, image, interpolator="nearest")
+
+
+@pytest.mark.parametrize(
+    "change, status, reason",
+    [
+        ({"overlap": 0.49}, "rejected", "non-rigid registration rejected: too little overlap: only 49%"),
+        ({"folded_fraction": 0.05}, "rejected", "non-rigid registration rejected: too much folding: 5.0%"),
+        ({"metric_after": 0.5, "overlap": 0.49}, "diverged", "non-rigid registration diverged: metric worse"),
+    ],
+)
+def test_diverged_is_said_only_of_a_real_divergence(change, status, reason):
+    """A 49 % overlap against min_overlap 50 % is too little overlap, not a divergence."""
+    from atlasseg.registration.common import check_result
+
+    record = {"metric_before": 0.2, "metric_after": 0.1, "overlap": 1.0, "folded_fraction": 0.0, **change}
+    with pytest.raises(RegistrationDiverged) as caught:
+        check_result("non-rigid", record, min_overlap=0.5, max_folded_fraction=0.01)
+    assert str(caught.value).startswith(reason) and record["status"] == status
+    assert ("diverged" in str(caught.value)) == (status == "diverged")
