@@ -6,6 +6,7 @@ parallel workers read their own images and build their own filters.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import io
@@ -20,6 +21,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import SimpleITK as sitk
 
 from . import __version__
@@ -81,14 +83,17 @@ def check_inputs(manifest: Manifest, config: Config | None = None) -> None:
         if needs_landmarks and entry.landmarks is None:
             raise ImageError(f"{manifest.path}: {entry.id} has no 'landmarks' file, needed by "
                              "registration.affine.initialization: landmarks")
-        geometry = read_geometry(entry.image)
-        check_scalar(geometry, entry.image)
+        with _naming(manifest, entry, "image"):
+            geometry = read_geometry(entry.image)
+            check_scalar(geometry, entry.image)
         dims.setdefault(geometry.dimension, str(entry.image))
         if largest is None or math.prod(geometry.size) > math.prod(largest.size):
             largest = geometry
-        for other in (entry.labels, entry.mask):
-            if other is not None:
-                check_same_grid(geometry, read_geometry(other), image_path=entry.image, labels_path=other)
+        for key in ("labels", "mask"):
+            if getattr(entry, key) is not None:
+                with _naming(manifest, entry, key):
+                    check_same_grid(geometry, read_geometry(getattr(entry, key)), image_path=entry.image,
+                                    labels_path=getattr(entry, key))
     if len(dims) > 1:
         raise ImageError(f"{manifest.path}: mixes 2D images ({dims[2]}) with 3D images ({dims[3]}); use one dimensionality")
     for file in dict.fromkeys(file for atlas in manifest.atlases for _, file in atlas.transforms):
@@ -105,15 +110,70 @@ def check_inputs(manifest: Manifest, config: Config | None = None) -> None:
                     len(manifest.atlases))
         check_memory(largest, config, n_tasks=len(manifest.atlases), n_labels=len(manifest.label_names) + 1)
         check_disk(largest, config, n_tasks=len(manifest.atlases))
-    for entry in entries:  # then every voxel, once
-        check_intensities(entry.image, read_voxels(entry.image))
+    label_values = {}
+    for entry in entries:  # then every voxel, once: the label maps first (an image is compared with them)
         if entry.labels is not None:
-            _check_label_map(entry, manifest)
+            with _naming(manifest, entry, "labels"):
+                label_values[entry.labels] = _check_label_map(entry, manifest)
+    for entry in entries:
+        with _naming(manifest, entry, "image"):
+            voxels = read_voxels(entry.image)
+            check_intensities(entry.image, voxels)
+            _check_not_a_label_map(entry, voxels, label_values)
         if entry.mask is not None:
-            check_label_values(entry.mask, read_voxels(entry.mask))
+            with _naming(manifest, entry, "mask"):
+                check_label_values(entry.mask, read_voxels(entry.mask))
 
 
-def _check_label_map(entry: Atlas | Target, manifest: Manifest) -> None:
+@contextlib.contextmanager
+def _naming(manifest: Manifest, entry: Atlas | Target, key: str):
+    """An input error about one of ``entry``'s files names the manifest, the entry, the field and the paths as
+    the manifest writes them (not as resolved through symlinks)."""
+    try:
+        yield
+    except ImageError as err:
+        message = str(err)
+        own = str(getattr(entry, key))
+        if message.startswith(own + ": "):
+            message = message[len(own) + 2:]
+        for name in ("image", "labels", "mask", "landmarks"):  # other files the message names
+            if getattr(entry, name) is not None:
+                message = message.replace(str(getattr(entry, name)), manifest.as_written(entry, name))
+        kind = "atlas" if isinstance(entry, Atlas) else "target"
+        raise ImageError(f"{manifest.path}: {kind} {entry.id!r}: {key} {manifest.as_written(entry, key)}: "
+                         f"{message}") from None
+
+
+# An image whose voxels hold at most this many distinct values, all whole numbers, is a label map given as an image.
+_LABEL_LIKE_VALUES = 16
+_LABEL_MAP_MOST_VALUES = 1024  # beyond: an image (compared with the label maps' values only below it)
+
+
+def _check_not_a_label_map(entry: Atlas | Target, voxels, label_values: dict[Path, set]) -> None:
+    """Refuse an image that is a label map: few distinct whole-number values, the values of one of the manifest's
+    label maps, or the same voxels as the entry's own labels."""
+    sample = np.unique(voxels.ravel()[:: max(1, voxels.size // 100_000)])  # most images stop here
+    if sample.size > _LABEL_MAP_MOST_VALUES or not np.array_equal(sample, np.round(sample)):
+        return
+    distinct = np.unique(voxels)
+    if distinct.size > _LABEL_MAP_MOST_VALUES or not np.array_equal(distinct, np.round(distinct)):
+        return
+    present = set(distinct.tolist()) - {0}
+    same_values = next((path for path, values in label_values.items() if values == present), None)
+    if entry.labels is not None and np.array_equal(voxels, read_voxels(entry.labels)):
+        why = "the same voxels as its own labels file"
+    elif same_values is not None:
+        why = f"the label values of {same_values}"
+    elif distinct.size <= _LABEL_LIKE_VALUES:
+        why = f"an image has more than {_LABEL_LIKE_VALUES}"
+    else:
+        return
+    raise ImageError(f"{entry.image}: looks like a label map, not an image: {distinct.size} distinct whole-number "
+                     f"values ({why}); point 'image:' at the intensity image")
+
+
+def _check_label_map(entry: Atlas | Target, manifest: Manifest) -> set:
+    """Check an entry's label map (see :func:`check_inputs`); returns the labels it holds, background aside."""
     path, declared = entry.labels, set(manifest.label_names)
     present = set(check_label_values(path, read_voxels(path)).tolist()) - {0}
     is_atlas = isinstance(entry, Atlas)
@@ -127,6 +187,7 @@ def _check_label_map(entry: Atlas | Target, manifest: Manifest) -> None:
     if declared and is_atlas and present and declared - present:
         log.warning("%s: atlas %r lacks declared labels %s: it votes background there", path, entry.id,
                     ", ".join(f"{v} ({manifest.label_names[v]})" for v in sorted(declared - present)))
+    return present
 
 
 # Rough peak bytes per voxel of the largest image: one registration job (two float32 images, their
@@ -912,6 +973,7 @@ def _run_target(target: Target, manifest: Manifest, config: Config, *, out: Path
                                                           "error": str(err)}, error=str(err))
     if result.dice is not None:
         log.info("target %s: mean Dice %.3f", target.id, result.mean_dice)
+    result.record["manifest_image"] = manifest.as_written(target, "image")  # what the report shows
     cache.evict(in_use_since=began)
     return result
 

@@ -413,7 +413,7 @@ def _target(index: int, tid: str, record: dict, picture: Path | None) -> str:
     else:
         src = _e(quote(picture.as_posix()))
         parts.append(f'<p><a href="{src}"><img src="{src}" alt="QC picture of {_e(tid)}"></a></p>')
-    facts = _scalars(record)
+    facts = _scalars(record, skip=("image",) if "manifest_image" in record else ())  # the path as the user wrote it
     if "fusion" in record:
         fusion = record["fusion"]
         facts.append(["fusion", f"{fusion.get('method')} of {fusion.get('candidates')} candidate(s)"])
