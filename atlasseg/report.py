@@ -402,7 +402,8 @@ def _registrations(record: dict) -> str:
         return ""
     table = _table(["atlas", "stage", "method", "metric", "before", "after", "iterations", "seconds",
                     "Jacobian min", "Jacobian max", "folded voxels", "overlap", "status"], body)
-    summary = f"Registration records ({len(records)} atlases; metric values as the optimiser sees them, lower is better)"
+    summary = (f"Registration records ({len(records)} atlases; metric values, per level too, as atlasseg scores "
+               "them: lower is better, 1 − NCC for ncc, −MI for mattes, mean squared difference for mse)")
     return f"<details><summary>{_e(summary)}</summary>{table}{_details('Raw records', records)}</details>"
 
 
