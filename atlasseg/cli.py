@@ -153,6 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("truth", help="ground-truth label map on the same grid")
     p.add_argument("--labels", nargs="+", metavar="VALUE[=NAME]", help="labels to score (default: all non-zero values)")
     p.add_argument("--out", help="also write metrics.csv and metrics.json into this folder")
+    p.add_argument("--id", dest="case_id", metavar="ID", help="the target column of metrics.csv (default: the "
+                   "prediction's file name without its extension; for atlasseg's <target>/segmentation.*, <target>)")
     p.set_defaults(func=cmd_evaluate)
     return parser
 
@@ -386,11 +388,23 @@ def cmd_evaluate(args) -> int:
         print("  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
     if args.out:
         out = Path(args.out)
-        write_table(out / "metrics.csv", header(metrics), rows(Path(args.prediction).name, scores, names, metrics))
-        document = {"prediction": str(args.prediction), "truth": str(args.truth), "scores": {str(v): s for v, s in scores.items()}}
+        case_id = args.case_id or _case_id(Path(args.prediction))
+        write_table(out / "metrics.csv", header(metrics), rows(case_id, scores, names, metrics))
+        document = {"id": case_id, "prediction": str(args.prediction), "truth": str(args.truth),
+                    "scores": {str(v): s for v, s in scores.items()}}
         write_json(out / "metrics.json", document)
         print(f"\nwritten {out / 'metrics.csv'} and {out / 'metrics.json'}")
     return 0
+
+
+def _case_id(prediction: Path) -> str:
+    """What names a scored segmentation: its file name without the image extension, or the folder of a run's
+    ``<target>/segmentation.<format>``."""
+    from .dataset import IMAGE_SUFFIXES
+
+    name = prediction.name
+    stem = next((name[: -len(s)] for s in IMAGE_SUFFIXES if name.lower().endswith(s)), prediction.stem)
+    return prediction.resolve().parent.name if stem == "segmentation" else stem
 
 
 def _set_up_logging(args) -> None:
