@@ -636,14 +636,18 @@ def segment_target(target: Target, atlases: list[Atlas], config: Config, *, out_
     # Propagate and fuse, one candidate at a time.
     fuser = make_fuser(registered.reference(config), config=config.fusion)
     seconds["propagation"] = seconds["fusion"] = 0.0
-    for _, candidate, intensities in registered.candidates(config, intensities=fuser.needs_intensities):
+    # One step per candidate, and a last one for the fusion's own work (joint label fusion's weights, STAPLE's EM).
+    with progress(total=len(used) + 1, desc=f"{target.id}: propagation and fusion", unit="step") as bar:
+        for _, candidate, intensities in registered.candidates(config, intensities=fuser.needs_intensities):
+            clock = time.perf_counter()
+            fuser.add(candidate, intensities)
+            seconds["fusion"] += time.perf_counter() - clock
+            bar.update()
         clock = time.perf_counter()
-        fuser.add(candidate, intensities)
+        segmentation = fuser.result()
+        probabilities = fuser.probabilities() if config.output.probability_maps else {}
         seconds["fusion"] += time.perf_counter() - clock
-    clock = time.perf_counter()
-    segmentation = fuser.result()
-    probabilities = fuser.probabilities() if config.output.probability_maps else {}
-    seconds["fusion"] += time.perf_counter() - clock
+        bar.update()
     memory["propagation_and_fusion"] = _peak_mb()
 
     scores_out = None
