@@ -114,9 +114,12 @@ class Cache:
         outcome = document["outcome"]
         try:
             transform = sitk.ReadTransform(str(h5_path)) if outcome["ok"] else None
-            os.utime(json_path)  # the use stamp least-recently-used eviction goes by
         except (OSError, RuntimeError):  # removed by another process since the check: computed again
             return None
+        try:
+            os.utime(json_path)  # the use stamp least-recently-used eviction goes by
+        except OSError:  # a cache this user may read but not write: used all the same
+            pass
         return transform, outcome
 
     def _verified(self, json_path: Path, h5_path: Path) -> dict | None:
@@ -211,7 +214,7 @@ class Cache:
         protected_after = recent if in_use_since is None else min(recent, in_use_since)
         freed = self._remove_strays(protected_after)
         total, removed = self.size(), 0
-        for used, size, json_path, h5_path in self.entries():
+        for used, size, json_path, h5_path in self.entries() if total > limit else ():
             if total <= limit:
                 break
             if used >= protected_after:

@@ -25,8 +25,8 @@ EXIT_OK, EXIT_ERROR, EXIT_DEGRADED, EXIT_INTERRUPTED = 0, 2, 3, 130
 EXIT_CODES = {
     EXIT_OK: "success",
     EXIT_ERROR: "bad input, or a stage or target failed (one line on stderr)",
-    EXIT_DEGRADED: "run/demo: every target segmented, but some degraded (they lost more than "
-                   "selection.max_dropped_share of their atlases); 0 with --allow-degraded",
+    EXIT_DEGRADED: "every target segmented, but some degraded: they lost more than selection.max_dropped_share "
+                   "of their atlases (run --allow-degraded exits 0 instead)",
     EXIT_INTERRUPTED: "interrupted (Ctrl-C); run the same command again to resume",
 }
 
