@@ -235,7 +235,8 @@ class Cache:
         for stage in STAGES:
             folder = self.root / stage
             for path in list(folder.iterdir()) if folder.is_dir() else ():
-                stray = path.name.startswith(TMP_PREFIX) or (path.suffix == ".h5" and not path.with_suffix(".json").exists())
+                orphan = path.suffix == ".h5" and not path.with_suffix(".json").exists()
+                stray = orphan or path.name.startswith(TMP_PREFIX)
                 try:
                     if stray and path.stat().st_mtime < older_than:
                         freed += path.stat().st_size

@@ -300,7 +300,8 @@ def cmd_select(args) -> int:
     print(format_rows(["rank", "atlas", sel.metric, "selected"], rows, left=2))
     threshold = "none" if sel.threshold is None else f"{sel.threshold:g}"
     print(f"\nselected {len(ranking.selected)} of {len(ranking.ranked)} (k={sel.k}, threshold {threshold}, "
-          f"min_atlases {min_atlases(sel, len(atlases))}); affine stage and scoring {ranking.seconds['affine_and_scoring']:.1f} s")
+          f"min_atlases {min_atlases(sel, len(atlases))}); "
+          f"affine stage and scoring {ranking.seconds['affine_and_scoring']:.1f} s")
     for item in ranking.dropped:
         print(f"dropped {item['atlas']} ({item['stage']}: {item['reason']})")
     return 0

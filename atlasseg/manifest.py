@@ -235,7 +235,8 @@ def manifest_from_dict(doc, path: str | Path) -> Manifest:
         unknown = [t for t, _ in atlas.transforms if t not in known]
         if unknown:
             raise ManifestError(f"{path}: atlas {atlas.id!r}: transform for {unknown[0]!r}, which is no target or atlas id")
-    written = {(kind, str(item.get("id")), key): item[key] for section, kind in (("atlases", "atlas"), ("targets", "target"))
+    written = {(kind, str(item.get("id")), key): item[key]
+               for section, kind in (("atlases", "atlas"), ("targets", "target"))
                for item in doc.get(section) or () for key in _FILE_KEYS if isinstance(item.get(key), str)}
     return Manifest(path=path, label_names=dict(sorted(names.items())), atlases=atlases, targets=targets,
                     written=written)

@@ -619,7 +619,8 @@ def segment_target(target: Target, atlases: list[Atlas], config: Config, *, out_
     """Segment one target with the given atlases; write ``<out>/<target>/segmentation.<output.format>`` and, last,
     ``<out>/<target>/target.json`` (the target's record: what a resumed run reuses)."""
     registered = register_target(target, atlases, config, cache=cache)
-    ranking, transforms, seconds, memory = registered.ranking, registered.transforms, registered.seconds, registered.memory
+    ranking, transforms = registered.ranking, registered.transforms
+    seconds, memory = registered.seconds, registered.memory
     floor, dropped, used = registered.floor, ranking.dropped, list(transforms)
     if len(used) < floor:
         reasons = "; ".join(f"{d['atlas']}: {d['reason']}" for d in dropped) or "none failed"

@@ -56,7 +56,8 @@ def test_nine_of_ten_atlases_failing_is_a_degraded_target_and_a_distinct_exit_co
 def test_with_the_default_floor_most_atlases_failing_fails_the_target(ten, tmp_path, nine_of_ten_fail, capsys):
     assert _run(ten, tmp_path / "a", "--target", "case_011") == EXIT_ERROR
     record = json.loads((tmp_path / "a" / "run.json").read_text())
-    assert "only 1 atlas registration(s) succeeded, selection.min_atlases is 5" in record["targets"]["case_011"]["error"]
+    error = record["targets"]["case_011"]["error"]
+    assert "only 1 atlas registration(s) succeeded, selection.min_atlases is 5" in error
 
 
 def test_the_report_lists_degraded_targets_first(ten, tmp_path, monkeypatch):
