@@ -134,7 +134,9 @@ class Cache:
         problem = _damage(document, h5_path)
         if problem is None:
             return document
-        log.warning("%s: cached registration %s; it is computed again", json_path, problem)
+        older = isinstance(document, dict) and document.get("format") != _FORMAT  # expected once after an upgrade
+        log.log(logging.INFO if older else logging.WARNING, "%s: cached registration %s; it is computed again",
+                json_path, problem)
         self._remove(json_path, h5_path)
         return None
 
@@ -286,7 +288,7 @@ def _damage(document, h5_path: Path) -> str | None:
     """Why a cache entry cannot be trusted (its JSON ``document``, its transform file), or None when it is intact."""
     if not isinstance(document, dict):
         return "is unreadable"
-    if document.get("format") != _FORMAT:
+    if document.get("format") != _FORMAT:  # entries of atlasseg before checksums
         return "was written by another atlasseg (no checksums)"
     if not isinstance(document.get("outcome"), dict):
         return "is unreadable"

@@ -1,6 +1,7 @@
 """The registration cache is not trusted: checksums on every read, a private folder, a size cap with LRU eviction."""
 
 import json
+import logging
 import os
 import stat
 import time
@@ -163,6 +164,7 @@ def test_cache_prune_and_info_cli(tmp_path, monkeypatch, capsys):
 
 
 def test_an_entry_of_an_older_format_is_not_used(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="atlasseg")
     cache = Cache(tmp_path / "cache")
     folder = cache.root / "affine"
     folder.mkdir(parents=True)
