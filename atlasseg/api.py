@@ -195,7 +195,8 @@ def segment(
     overrides
         ``section.key=value`` strings applied to ``config``, e.g. ``["selection.k=5"]``.
     truth
-        Ground truth of ``target``: the record then holds ``scores`` (metric per label) and ``mean_dice``.
+        Ground truth of ``target``: the record then holds ``scores`` (label value, an int as in :func:`evaluate`
+        → metric → value) and ``mean_dice``.
     label_names
         Label value → name (labels scored; warnings name them).
     target_id
@@ -240,6 +241,7 @@ def segment(
         result = segment_target(target_, list(manifest.atlases), config, out_dir=out, label_names=manifest.label_names)
         segmentation = sitk.ReadImage(str(result.segmentation))
     record = {**result.record, "image": _describe(target),
+              **({"scores": result.scores} if result.scores is not None else {}),  # int label keys, as evaluate's
               "atlases": {aid: [_describe(part) for part in _pair(item, aid)] for aid, item in items},
               "config": config.to_dict(), "versions": versions()}
     return Segmentation(segmentation, record)

@@ -8,15 +8,24 @@ selection settings that shape the score) and the atlasseg version. So another fu
 another ``k`` or other evaluation settings find the registrations of an earlier run, and a
 run that was killed finds what it finished before. Both files are written atomically, the
 JSON last: an entry without its JSON does not exist (a write killed midway leaves only a
-``.tmp-*`` file, which ``clear`` removes).
+``.tmp-*`` file, which ``clear`` and ``prune`` remove).
+
+Contents are not trusted: the JSON carries a SHA-256 of its outcome and of the transform file's
+bytes, checked on every read before the transform is parsed; an entry that does not match
+(garbled, truncated, edited) is a warning, is removed and is computed again. The folder is
+private to the user (0700). Its size is capped (``output.cache_max_gb``): after each target the
+least recently used entries are removed until it fits, never one in use (used in the last
+``IN_USE_SECONDS``, or since the target being segmented began).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
+import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -29,6 +38,10 @@ from .registration import save_transform
 
 CACHE_ENV = "ATLASSEG_CACHE_DIR"
 STAGES = ("affine", "nonrigid")
+IN_USE_SECONDS = 600  # an entry read or written this recently may be held by a run: never evicted
+_FORMAT = 2  # entries carry checksums
+
+log = logging.getLogger("atlasseg")
 
 
 def default_dir() -> Path:
@@ -75,48 +88,175 @@ def entry_key(stage: str, *, files: dict[str, Path | None], settings: dict) -> s
 class Cache:
     """Registration results under ``root/<stage>/<key>.{h5,json}``.
 
-    ``refresh`` (``--force``) ignores what is there and writes over it; ``enabled=False`` neither reads nor writes.
+    ``refresh`` (``--force``) ignores what is there and writes over it; ``enabled=False`` neither reads nor writes;
+    ``max_bytes`` (None: no cap) is what :meth:`evict` brings the folder down to.
     """
 
-    def __init__(self, root: str | Path, *, enabled: bool = True, refresh: bool = False):
+    def __init__(self, root: str | Path, *, enabled: bool = True, refresh: bool = False, max_bytes: int | None = None):
         self.root = Path(root)
         self.enabled = enabled
         self.refresh = refresh
+        self.max_bytes = max_bytes
 
     def path(self, stage: str, key: str) -> Path:
         return self.root / stage / key
 
     def load(self, stage: str, key: str) -> tuple[sitk.Transform | None, dict] | None:
-        """(transform or None for a failed registration, outcome) of a finished entry, else None."""
+        """(transform or None for a failed registration, outcome) of a finished, intact entry, else None.
+        A damaged entry (its checksums do not match) is removed with a warning; a used one is stamped as used."""
         if not self.enabled or self.refresh:
             return None
         base = self.path(stage, key)
-        try:
-            outcome = json.loads(base.with_suffix(".json").read_text())
-            transform = sitk.ReadTransform(str(base.with_suffix(".h5"))) if outcome["ok"] else None
-        except (OSError, ValueError, KeyError, RuntimeError):  # absent, or damaged: computed again
+        json_path, h5_path = base.with_suffix(".json"), base.with_suffix(".h5")
+        document = self._verified(json_path, h5_path)
+        if document is None:
             return None
+        outcome = document["outcome"]
+        try:
+            transform = sitk.ReadTransform(str(h5_path)) if outcome["ok"] else None
+        except (OSError, RuntimeError):  # removed by another process since the check: computed again
+            return None
+        try:
+            os.utime(json_path)  # the use stamp least-recently-used eviction goes by
+        except OSError:  # a cache this user may read but not write: used all the same
+            pass
         return transform, outcome
 
+    def _verified(self, json_path: Path, h5_path: Path) -> dict | None:
+        """An entry's JSON document when the entry is intact; None when absent, or damaged (then removed, with a
+        warning: it is computed again)."""
+        try:
+            document = json.loads(json_path.read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError):
+            document = None
+        problem = _damage(document, h5_path)
+        if problem is None:
+            return document
+        older = isinstance(document, dict) and document.get("format") != _FORMAT  # expected once after an upgrade
+        log.log(logging.INFO if older else logging.WARNING, "%s: cached registration %s; it is computed again",
+                json_path, problem)
+        self._remove(json_path, h5_path)
+        return None
+
+    def check(self) -> int:
+        """Verify every entry's checksums and remove the damaged ones (each with a warning); returns how many."""
+        damaged = 0
+        for _, _, json_path, h5_path in self.entries():
+            damaged += json_path.exists() and self._verified(json_path, h5_path) is None
+        return damaged
+
     def store(self, stage: str, key: str, transform: sitk.Transform | None, outcome: dict) -> None:
-        """Write an entry (the transform first, then the JSON that makes it visible); ``outcome['ok']`` says
-        whether the registration succeeded."""
+        """Write an entry (the transform first, then the JSON with both checksums that makes it visible);
+        ``outcome['ok']`` says whether the registration succeeded."""
         if not self.enabled:
             return
+        self._make_folders(stage)
         base = self.path(stage, key)
+        outcome = {"ok": transform is not None, **outcome}
+        transform_sha = None
         if transform is not None:
             save_transform(transform, base.with_suffix(".h5"))
-        atomic_write_text(base.with_suffix(".json"), json.dumps({"ok": transform is not None, **outcome}) + "\n")
+            transform_sha = _sha256_file(base.with_suffix(".h5"))
+        document = {"format": _FORMAT, "outcome": outcome, "outcome_sha256": _sha256_json(outcome),
+                    "transform_sha256": transform_sha}
+        atomic_write_text(base.with_suffix(".json"), json.dumps(document) + "\n")
+
+    def _make_folders(self, stage: str) -> None:
+        """The cache folder and its stage folder, private to the user (0700) whatever the umask."""
+        for folder in (self.root, self.root / stage):
+            if not folder.is_dir():
+                try:
+                    folder.mkdir(parents=True, exist_ok=True)
+                    os.chmod(folder, 0o700)
+                except OSError as err:
+                    raise AtlassegError(f"{folder}: cannot create the cache folder ({err.strerror or err}); "
+                                        "set output.cache_dir or $ATLASSEG_CACHE_DIR") from None
+
+    @staticmethod
+    def _remove(*paths: Path) -> None:
+        for path in paths:  # the JSON first: the entry is gone before its transform
+            try:
+                path.unlink(missing_ok=True)
+            except OSError:
+                pass
+
+    def entries(self) -> list[tuple[float, int, Path, Path]]:
+        """Every entry as (last use, bytes of both files, JSON path, transform path), least recently used first."""
+        found = []
+        for stage in STAGES:
+            folder = self.root / stage
+            for json_path in folder.glob("*.json") if folder.is_dir() else ():
+                if json_path.name.startswith(TMP_PREFIX):
+                    continue
+                h5_path = json_path.with_suffix(".h5")
+                try:
+                    used, size = json_path.stat().st_mtime, json_path.stat().st_size
+                    size += h5_path.stat().st_size if h5_path.exists() else 0
+                except OSError:  # removed meanwhile
+                    continue
+                found.append((used, size, json_path, h5_path))
+        return sorted(found, key=lambda e: (e[0], str(e[2])))
+
+    def size(self) -> int:
+        """Bytes under the stage folders (entries, and any stray or temporary file)."""
+        return sum(f.stat().st_size for stage in STAGES if (self.root / stage).is_dir()
+                   for f in (self.root / stage).iterdir() if f.is_file())
+
+    def evict(self, *, max_bytes: int | None = None, in_use_since: float | None = None) -> tuple[int, int]:
+        """Remove least recently used entries until the folder holds at most ``max_bytes`` (default: the cap);
+        never one used after ``in_use_since`` (a time stamp) nor in the last :data:`IN_USE_SECONDS`.
+        Stray transforms (without their JSON) and temporaries older than that go too.
+        Returns (entries removed, bytes freed)."""
+        limit = self.max_bytes if max_bytes is None else max_bytes
+        if not self.enabled or limit is None:
+            return 0, 0
+        recent = time.time() - IN_USE_SECONDS
+        protected_after = recent if in_use_since is None else min(recent, in_use_since)
+        freed = self._remove_strays(protected_after)
+        total, removed = self.size(), 0
+        for used, size, json_path, h5_path in self.entries() if total > limit else ():
+            if total <= limit:
+                break
+            if used >= protected_after:
+                continue
+            self._remove(json_path, h5_path)
+            total -= size
+            freed += size
+            removed += 1
+        if total > limit:
+            log.warning("%s: the registration cache holds %s, above output.cache_max_gb (%s), in entries in use; "
+                        "they become evictable once unused for %d minutes", self.root, _gib(total), _gib(limit),
+                        IN_USE_SECONDS // 60)
+        return removed, freed
+
+    def _remove_strays(self, older_than: float) -> int:
+        """Delete transforms without a JSON and temporaries last touched before ``older_than``; returns bytes freed."""
+        freed = 0
+        for stage in STAGES:
+            folder = self.root / stage
+            for path in list(folder.iterdir()) if folder.is_dir() else ():
+                orphan = path.suffix == ".h5" and not path.with_suffix(".json").exists()
+                stray = orphan or path.name.startswith(TMP_PREFIX)
+                try:
+                    if stray and path.stat().st_mtime < older_than:
+                        freed += path.stat().st_size
+                        path.unlink()
+                except OSError:
+                    pass
+        return freed
 
     def info(self) -> dict:
-        """Entries and bytes per stage."""
-        summary = {"dir": str(self.root), "stages": {}}
+        """Entries and bytes per stage, the total and the cap."""
+        summary = {"dir": str(self.root), "stages": {}, "max_bytes": self.max_bytes}
         for stage in STAGES:
             folder = self.root / stage
             files = list(folder.iterdir()) if folder.is_dir() else []
             entries = sum(f.suffix == ".json" and not f.name.startswith(TMP_PREFIX) for f in files)
             summary["stages"][stage] = {"entries": entries,
                                         "bytes": sum(f.stat().st_size for f in files)}
+        summary["bytes"] = sum(s["bytes"] for s in summary["stages"].values())
         return summary
 
     def clear(self) -> int:
@@ -132,6 +272,43 @@ class Cache:
         return count
 
 
+def _sha256_json(value) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _damage(document, h5_path: Path) -> str | None:
+    """Why a cache entry cannot be trusted (its JSON ``document``, its transform file), or None when it is intact."""
+    if not isinstance(document, dict):
+        return "is unreadable"
+    if document.get("format") != _FORMAT:  # entries of atlasseg before checksums
+        return "was written by another atlasseg (no checksums)"
+    if not isinstance(document.get("outcome"), dict):
+        return "is unreadable"
+    if document.get("outcome_sha256") != _sha256_json(document["outcome"]):
+        return "record does not match its checksum (edited or damaged)"
+    if not document["outcome"].get("ok"):
+        return None
+    try:
+        actual = _sha256_file(h5_path)
+    except OSError:
+        return f"has no readable transform file {h5_path.name}"
+    if actual != document.get("transform_sha256"):
+        return f"transform {h5_path.name} does not match its checksum (edited, truncated or damaged)"
+    return None
+
+
+def _gib(n_bytes: float) -> str:
+    return f"{n_bytes / 2**30:.2f} GiB"
+
+
 def settings(config) -> dict:
     """A config dataclass as the plain mapping a key is made of."""
     return json.loads(json.dumps(asdict(config), default=str))
@@ -139,4 +316,11 @@ def settings(config) -> dict:
 
 def open_cache(config, *, force: bool = False) -> Cache:
     """The cache a run with ``config`` uses (``force``: recompute, writing over what is there)."""
-    return Cache(resolve_dir(config.output.cache_dir), enabled=config.output.cache, refresh=force)
+    return Cache(resolve_dir(config.output.cache_dir), enabled=config.output.cache, refresh=force,
+                 max_bytes=max_bytes(config))
+
+
+def max_bytes(config) -> int | None:
+    """``output.cache_max_gb`` in bytes (None: no cap)."""
+    cap = config.output.cache_max_gb
+    return None if cap is None else int(cap * 2**30)

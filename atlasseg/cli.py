@@ -1,7 +1,9 @@
 """Command line: parse, call the library, print, exit code.
 
-Exit codes: 0 success, 2 bad input or a failed stage (one line on stderr; the
-traceback only with ``--debug``).
+Exit codes (:data:`EXIT_CODES`): 0 success, 2 bad input or a failed stage or target (one line on
+stderr; the traceback only with ``--debug``), 3 a run whose targets were all segmented but some
+degraded (they lost more than ``selection.max_dropped_share`` of their atlases; 0 with
+``--allow-degraded``), 130 interrupted.
 """
 
 from __future__ import annotations
@@ -18,6 +20,15 @@ from .config import PRESETS
 from .errors import AtlassegError
 
 log = logging.getLogger("atlasseg")
+
+EXIT_OK, EXIT_ERROR, EXIT_DEGRADED, EXIT_INTERRUPTED = 0, 2, 3, 130
+EXIT_CODES = {
+    EXIT_OK: "success",
+    EXIT_ERROR: "bad input, or a stage or target failed (one line on stderr)",
+    EXIT_DEGRADED: "every target segmented, but some degraded: they lost more than selection.max_dropped_share "
+                   "of their atlases (run --allow-degraded exits 0 instead)",
+    EXIT_INTERRUPTED: "interrupted (Ctrl-C); run the same command again to resume",
+}
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -38,7 +49,9 @@ def _add_manifest_args(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="atlasseg", description="Multi-atlas segmentation of medical images.")
+    parser = argparse.ArgumentParser(
+        prog="atlasseg", description="Multi-atlas segmentation of medical images.",
+        epilog="exit codes: " + "; ".join(f"{code} {meaning}" for code, meaning in EXIT_CODES.items()))
     parser.add_argument("--version", action="version", version=f"atlasseg {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors, no progress bars")
@@ -53,12 +66,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true",
                    help="recompute everything (no cached registrations, no finished targets reused) and write over "
                         "another config's outputs")
+    p.add_argument("--allow-degraded", action="store_true",
+                   help="exit 0, not 3, when targets are degraded (lost more than selection.max_dropped_share of "
+                        "their atlases)")
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("cache", help="show or clear the registration cache")
-    p.add_argument("action", choices=("info", "clear"))
-    p.add_argument("--config", help="config file or preset whose output.cache_dir to use (default: $ATLASSEG_CACHE_DIR, "
-                   "else ~/.cache/atlasseg)")
+    p = sub.add_parser("cache", help="show, prune or clear the registration cache")
+    p.add_argument("action", choices=("info", "prune", "clear"),
+                   help="info: entries and size; prune: remove damaged entries, then the least recently used down to "
+                        "the size cap (never one used in the last 10 minutes); clear: remove every entry")
+    p.add_argument("--config", help="config file or preset whose output.cache_dir and output.cache_max_gb to use "
+                   "(default: $ATLASSEG_CACHE_DIR, else ~/.cache/atlasseg, and the default cap)")
+    p.add_argument("--max-gb", type=float, metavar="GIB", help="prune down to this size instead of output.cache_max_gb")
     p.set_defaults(func=cmd_cache)
 
     p = sub.add_parser("validate", help="check a config and a manifest; runs nothing")
@@ -146,6 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("truth", help="ground-truth label map on the same grid")
     p.add_argument("--labels", nargs="+", metavar="VALUE[=NAME]", help="labels to score (default: all non-zero values)")
     p.add_argument("--out", help="also write metrics.csv and metrics.json into this folder")
+    p.add_argument("--id", dest="case_id", metavar="ID", help="the target column of metrics.csv (default: the "
+                   "prediction's file name without its extension; for atlasseg's <target>/segmentation.*, <target>)")
     p.set_defaults(func=cmd_evaluate)
     return parser
 
@@ -209,31 +230,50 @@ def cmd_run(args) -> int:
     print(format_table(results, manifest.label_names))
     done = sum(r.error is None for r in results)
     print(f"\n{done} target(s) segmented in {time.perf_counter() - start:.1f} s; outputs in {out}/")
-    return _failed_targets(results, out)
+    return _exit_code(results, out, allow_degraded=args.allow_degraded)
 
 
-def _failed_targets(results, out: Path) -> int:
-    """Exit code of a finished run: 2, with one line naming them, when some targets failed."""
-    failed = [r.target_id for r in results if r.error is not None]
-    if not failed:
-        return 0
-    print(f"atlasseg: error: {len(failed)} of {len(results)} target(s) failed ({', '.join(failed)}); "
-          f"reasons in {out / 'run.json'}", file=sys.stderr)
-    return 2
+def _exit_code(results, out: Path, *, allow_degraded: bool = False) -> int:
+    """Exit code of a finished run: 2, with one line naming them, when some targets failed; else 3, with one
+    line, when some are degraded (unless ``allow_degraded``)."""
+    failed = [r.target_id for r in results if r.status == "failed"]
+    degraded = [r.target_id for r in results if r.status == "degraded"]
+    if failed:
+        print(f"atlasseg: error: {len(failed)} of {len(results)} target(s) failed ({', '.join(failed)}); "
+              f"reasons in {out / 'run.json'}", file=sys.stderr)
+        return EXIT_ERROR
+    if degraded and not allow_degraded:
+        print(f"atlasseg: error: {len(degraded)} of {len(results)} target(s) degraded ({', '.join(degraded)}): they "
+              f"lost more than selection.max_dropped_share of their atlases (reasons in {out / 'run.json'}); "
+              "--allow-degraded accepts them", file=sys.stderr)
+        return EXIT_DEGRADED
+    return EXIT_OK
 
 
 def cmd_cache(args) -> int:
-    from .cache import Cache, resolve_dir
+    from .cache import Cache, max_bytes, resolve_dir
     from .config import load_config
 
-    cache = Cache(resolve_dir(load_config(args.config).output.cache_dir if args.config else None))
+    config = load_config(args.config or "default")
+    cache = Cache(resolve_dir(config.output.cache_dir if args.config else None), max_bytes=max_bytes(config))
     if args.action == "clear":
         print(f"removed {cache.clear()} cached registration(s) from {cache.root}")
         return 0
+    if args.action == "prune":
+        if args.max_gb is not None and not args.max_gb >= 0:
+            raise AtlassegError(f"--max-gb {args.max_gb:g}: expected a size >= 0 (GiB)")
+        damaged = cache.check()
+        removed, freed = cache.evict(max_bytes=None if args.max_gb is None else int(args.max_gb * 2**30))
+        print(f"removed {damaged} damaged and {removed} least recently used cached registration(s) "
+              f"({freed / 2**20:.1f} MiB freed) from {cache.root}; {cache.size() / 2**20:.1f} MiB left")
+        return 0
     info = cache.info()
+    cap = "no cap" if info["max_bytes"] is None else f"cap {info['max_bytes'] / 2**30:g} GiB (output.cache_max_gb)"
     print(f"registration cache: {info['dir']}")
-    print(format_rows(["stage", "entries", "MiB"], [[stage, s["entries"], f"{s['bytes'] / 2**20:.1f}"]
-                                                   for stage, s in info["stages"].items()]))
+    rows = [[stage, s["entries"], f"{s['bytes'] / 2**20:.1f}"] for stage, s in info["stages"].items()]
+    rows.append(["total", sum(s["entries"] for s in info["stages"].values()), f"{info['bytes'] / 2**20:.1f}"])
+    print(format_rows(["stage", "entries", "MiB"], rows))
+    print(f"{cap}; least recently used entries are evicted after each target, or with `atlasseg cache prune`")
     return 0
 
 
@@ -252,6 +292,7 @@ def cmd_validate(args) -> int:
 def cmd_select(args) -> int:
     from .parallel import session
     from .pipeline import check_inputs, rank_atlases
+    from .selection import min_atlases
 
     config, manifest = _load(args)
     check_inputs(manifest, config)
@@ -271,7 +312,8 @@ def cmd_select(args) -> int:
     print(format_rows(["rank", "atlas", sel.metric, "selected"], rows, left=2))
     threshold = "none" if sel.threshold is None else f"{sel.threshold:g}"
     print(f"\nselected {len(ranking.selected)} of {len(ranking.ranked)} (k={sel.k}, threshold {threshold}, "
-          f"min_atlases {sel.min_atlases}); affine stage and scoring {ranking.seconds['affine_and_scoring']:.1f} s")
+          f"min_atlases {min_atlases(sel, len(atlases))}); "
+          f"affine stage and scoring {ranking.seconds['affine_and_scoring']:.1f} s")
     for item in ranking.dropped:
         print(f"dropped {item['atlas']} ({item['stage']}: {item['reason']})")
     return 0
@@ -320,7 +362,7 @@ def cmd_demo(args) -> int:
         f"\ndemo ({args.dim}D, {len(manifest.atlases)} atlases, {len(results)} targets) finished in "
         f"{time.perf_counter() - start:.1f} s; data in {manifest_path.parent}/, results in {out / 'results'}/"
     )
-    return _failed_targets(results, out / "results")
+    return _exit_code(results, out / "results")
 
 
 def cmd_register(args) -> int:
@@ -359,11 +401,23 @@ def cmd_evaluate(args) -> int:
         print("  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
     if args.out:
         out = Path(args.out)
-        write_table(out / "metrics.csv", header(metrics), rows(Path(args.prediction).name, scores, names, metrics))
-        document = {"prediction": str(args.prediction), "truth": str(args.truth), "scores": {str(v): s for v, s in scores.items()}}
+        case_id = args.case_id or _case_id(Path(args.prediction))
+        write_table(out / "metrics.csv", header(metrics), rows(case_id, scores, names, metrics))
+        document = {"id": case_id, "prediction": str(args.prediction), "truth": str(args.truth),
+                    "scores": {str(v): s for v, s in scores.items()}}
         write_json(out / "metrics.json", document)
         print(f"\nwritten {out / 'metrics.csv'} and {out / 'metrics.json'}")
     return 0
+
+
+def _case_id(prediction: Path) -> str:
+    """What names a scored segmentation: its file name without the image extension, or the folder of a run's
+    ``<target>/segmentation.<format>``."""
+    from .dataset import IMAGE_SUFFIXES
+
+    name = prediction.name
+    stem = next((name[: -len(s)] for s in IMAGE_SUFFIXES if name.lower().endswith(s)), prediction.stem)
+    return prediction.resolve().parent.name if stem == "segmentation" else stem
 
 
 def _set_up_logging(args) -> None:
@@ -436,7 +490,7 @@ def main(argv=None) -> int:
         if args.debug:
             raise
         print(f"atlasseg: error: {err}", file=sys.stderr)
-        return 2
+        return EXIT_ERROR
     except KeyboardInterrupt:
-        print("atlasseg: interrupted", file=sys.stderr)
-        return 130
+        print("atlasseg: interrupted (run the same command again to resume)", file=sys.stderr)
+        return EXIT_INTERRUPTED

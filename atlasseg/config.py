@@ -72,11 +72,16 @@ class SelectionConfig:
         atlases there are (the affine stage still scores every atlas).
     threshold : float or None
         When set, only atlases scoring at least this are kept (of the best ``k``).
-    min_atlases : int
+    min_atlases : int or "auto"
         Fewest atlases a target is segmented with. Selection keeps the best
         ``min_atlases`` even when fewer reach ``threshold``; when non-rigid registrations
         fail, the next-ranked atlases are registered in their place; when still fewer
-        remain, the target fails with an error.
+        remain, the target fails with an error. ``auto``: half of the ``k`` selected (rounded
+        up) and never fewer than 3, or all of them where fewer are selected.
+    max_dropped_share : float
+        A target that loses more than this share of its atlases (failed registrations, over the
+        atlases it was given) is segmented but marked ``status: degraded`` in run.json, and
+        ``atlasseg run`` exits with code 3 unless ``--allow-degraded``.
     metric : str
         Score: ``ncc`` (normalised cross-correlation), ``mi`` (mutual information of a
         32-bin joint histogram, nats) or ``mse`` (mean squared intensity difference,
@@ -97,7 +102,8 @@ class SelectionConfig:
 
     k: Union[int, Literal["all"]] = 10
     threshold: Optional[float] = None
-    min_atlases: int = 1
+    min_atlases: Union[int, Literal["auto"]] = "auto"
+    max_dropped_share: float = 0.25
     metric: Literal["ncc", "mi", "mse"] = "ncc"
     roi: Literal["none", "near_labels", "labels"] = "near_labels"
     roi_margin: float = 2.0
@@ -105,8 +111,11 @@ class SelectionConfig:
 
     def __post_init__(self):
         _require(self.k == "all" or self.k >= 1, "k", f"must be >= 1 or 'all', got {self.k}")
-        _require(self.min_atlases >= 1, "min_atlases", f"must be >= 1, got {self.min_atlases}")
-        _require(self.k == "all" or self.min_atlases <= self.k, "min_atlases", f"must be <= k ({self.k})")
+        if self.min_atlases != "auto":
+            _require(self.min_atlases >= 1, "min_atlases", f"must be >= 1 or 'auto', got {self.min_atlases}")
+            _require(self.k == "all" or self.min_atlases <= self.k, "min_atlases", f"must be <= k ({self.k})")
+        _require(0 <= self.max_dropped_share < 1, "max_dropped_share",
+                 f"must be in [0, 1), got {self.max_dropped_share}")
         _require(self.roi_margin >= 0, "roi_margin", "must be >= 0 (mm)")
         _require(self.grid_spacing > 0, "grid_spacing", "must be > 0 (mm)")
 
@@ -458,7 +467,11 @@ class OutputConfig:
     cache_dir : str or None
         The cache folder; unset: ``$ATLASSEG_CACHE_DIR``, else ``~/.cache/atlasseg``.
         A run reads and writes entries of a few times an image's size per registration;
-        ``atlasseg cache info|clear`` shows and frees them.
+        ``atlasseg cache info|prune|clear`` shows and frees them.
+    cache_max_gb : float or None, GiB
+        Size cap of the cache folder: after each target, the least recently used entries are removed
+        until it fits (never one used in the last 10 minutes, or by the target being segmented);
+        ``atlasseg cache prune`` does the same at once. Null: no cap.
     layout : str
         Where the segmentations go: ``default`` (``<target>/segmentation.<format>``, and
         ``<target>/probability_<label>.<format>``) or ``bids``, for targets whose ids are BIDS
@@ -482,8 +495,13 @@ class OutputConfig:
     probability_maps: bool = False
     cache: bool = True
     cache_dir: Optional[str] = None
+    cache_max_gb: Optional[float] = 20.0
     layout: Literal["default", "bids"] = "default"
     report: bool = True
+
+    def __post_init__(self):
+        _require(self.cache_max_gb is None or self.cache_max_gb > 0, "cache_max_gb",
+                 f"must be > 0 (GiB) or null for no cap, got {self.cache_max_gb}")
 
 
 @dataclass(frozen=True)

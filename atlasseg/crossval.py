@@ -31,6 +31,7 @@ from .errors import AtlassegError, ConfigError, RegistrationError
 from .evaluation import evaluate, mean_score
 from .fusion import METHODS, fuse, needs_intensities
 from .manifest import Manifest, as_target
+from .cache import open_cache
 from .pipeline import Case, check_inputs, prepare_case, versions, write_json, write_table
 
 log = logging.getLogger("atlasseg")
@@ -87,10 +88,13 @@ def crossval(
     labels = sorted(manifest.label_names) or None
     start = time.perf_counter()
     targets: dict[str, dict] = {}
+    cache = open_cache(config)
     for number, atlas in enumerate(manifest.atlases, 1):
+        began = time.time()
         target = as_target(atlas)
         case = prepare_case(target, manifest.atlases_for(target), config, count=settings_count(ks),
-                            intensities=any(needs_intensities(m) for m in methods))
+                            intensities=any(needs_intensities(m) for m in methods), cache=cache)
+        cache.evict(in_use_since=began)  # this target's registrations are in hand
         record = {
             "ranking": case.ranking.table(config.selection.metric),
             "registered": [aid for aid, _, _ in case.candidates],

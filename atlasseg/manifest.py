@@ -31,7 +31,7 @@ An atlas taken as a target (cross-validation) gets the affine stage unless liste
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -88,6 +88,14 @@ class Manifest:
     label_names: dict[int, str]
     atlases: tuple[Atlas, ...]
     targets: tuple[Target, ...]
+    written: dict[tuple[str, str, str], str] = field(default_factory=dict, compare=False, repr=False)
+    # ("atlas" | "target", id, field) → the path as the manifest writes it (before symlinks are resolved)
+
+    def as_written(self, entry: Atlas | Target, key: str) -> str:
+        """``entry``'s ``key`` file as the manifest writes it (an atlas taken as a target: as its atlas entry)."""
+        kinds = ("atlas",) if isinstance(entry, Atlas) else ("target", "atlas")
+        found = (self.written.get((kind, entry.id, key)) for kind in kinds)
+        return next((w for w in found if w is not None), str(getattr(entry, key)))
 
     def target(self, target_id: str) -> Target:
         for t in self.targets:
@@ -231,7 +239,11 @@ def manifest_from_dict(doc, path: str | Path) -> Manifest:
         unknown = [t for t, _ in atlas.transforms if t not in known]
         if unknown:
             raise ManifestError(f"{path}: atlas {atlas.id!r}: transform for {short_repr(unknown[0])}, which is no target or atlas id")
-    return Manifest(path=path, label_names=dict(sorted(names.items())), atlases=atlases, targets=targets)
+    written = {(kind, str(item.get("id")), key): item[key]
+               for section, kind in (("atlases", "atlas"), ("targets", "target"))
+               for item in doc.get(section) or () for key in _FILE_KEYS if isinstance(item.get(key), str)}
+    return Manifest(path=path, label_names=dict(sorted(names.items())), atlases=atlases, targets=targets,
+                    written=written)
 
 
 

@@ -106,11 +106,20 @@ def _show_progress() -> bool:
 
 
 def progress(iterable=None, *, total: int | None = None, desc: str, unit: str, leave: bool = False):
-    """A tqdm progress bar on stderr (a silent one when bars are off)."""
+    """A tqdm progress bar on stderr (a silent one when bars are off), as wide as the terminal, or 80 columns
+    by 24 lines where the terminal reports no size (0 columns: tqdm would draw nothing)."""
     from tqdm.auto import tqdm
 
-    return tqdm(iterable, total=total, desc=desc, leave=leave, disable=not _show_progress(), unit=unit,
-                dynamic_ncols=True)
+    size = {"dynamic_ncols": True} if _terminal_reports_a_size() else {"ncols": 80, "nrows": 24}
+    return tqdm(iterable, total=total, desc=desc, leave=leave, disable=not _show_progress(), unit=unit, **size)
+
+
+def _terminal_reports_a_size() -> bool:
+    try:
+        columns, lines = os.get_terminal_size(sys.stderr.fileno())
+    except (OSError, ValueError, AttributeError):  # not a terminal, or no file descriptor: tqdm measures none either
+        return True
+    return columns > 1 and lines > 1
 
 
 def log_above_bars():

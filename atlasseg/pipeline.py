@@ -6,6 +6,7 @@ parallel workers read their own images and build their own filters.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import io
@@ -20,10 +21,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import SimpleITK as sitk
 
 from . import __version__
-from .cache import Cache, entry_key, open_cache, settings
+from .cache import Cache, entry_key, file_digest, open_cache, settings
 from .config import Config, RegistrationConfig, SelectionConfig
 from .errors import AtlassegError, ImageError, RegistrationError
 from .evaluation import evaluate, header, mean_score, rows
@@ -63,7 +65,7 @@ from .registration import (
     save_transform,
 )
 from .report import Disagreement
-from .selection import rank, score_atlas, select
+from .selection import min_atlases, rank, score_atlas, select
 
 log = logging.getLogger("atlasseg")
 
@@ -92,15 +94,18 @@ def check_inputs(manifest: Manifest, config: Config | None = None, *, leave_one_
         if needs_landmarks and entry.landmarks is None:
             raise ImageError(f"{manifest.path}: {entry.id} has no 'landmarks' file, needed by "
                              "registration.affine.initialization: landmarks")
-        geometry = read_geometry(entry.image)
-        check_scalar(geometry, entry.image)
+        with _naming(manifest, entry, "image"):
+            geometry = read_geometry(entry.image)
+            check_scalar(geometry, entry.image)
         grids.append((entry.image, geometry))
         dims.setdefault(geometry.dimension, str(entry.image))
         if largest is None or math.prod(geometry.size) > math.prod(largest.size):
             largest = geometry
-        for other in (entry.labels, entry.mask):
-            if other is not None:
-                check_same_grid(geometry, read_geometry(other), image_path=entry.image, labels_path=other)
+        for key in ("labels", "mask"):
+            if getattr(entry, key) is not None:
+                with _naming(manifest, entry, key):
+                    check_same_grid(geometry, read_geometry(getattr(entry, key)), image_path=entry.image,
+                                    labels_path=getattr(entry, key))
     if len(dims) > 1:
         raise ImageError(f"{manifest.path}: mixes 2D images ({dims[2]}) with 3D images ({dims[3]}); use one dimensionality")
     for file in dict.fromkeys(file for atlas in manifest.atlases for _, file in atlas.transforms):
@@ -121,18 +126,24 @@ def check_inputs(manifest: Manifest, config: Config | None = None, *, leave_one_
         check_memory(largest, config, n_tasks=len(manifest.atlases), n_labels=len(manifest.label_names) + 1)
         check_disk(largest, config, n_tasks=len(manifest.atlases))
     labels = set(manifest.label_names)
-    fingerprints: dict[tuple, list[Atlas | Target]] = {}
-    for entry in entries:  # then every voxel, once
-        values = read_voxels(entry.image)
-        check_intensities(entry.image, values)
-        fingerprints.setdefault(voxel_fingerprint(entry.image, values), []).append(entry)
-        del values
+    label_values = {}
+    for entry in entries:  # then every voxel, once: the label maps first (an image is compared with them)
         if entry.labels is not None:
-            present = _check_label_map(entry, manifest)
+            with _naming(manifest, entry, "labels"):
+                label_values[entry.labels] = present = _check_label_map(entry, manifest)
             if isinstance(entry, Atlas):  # the labels fusion votes on
                 labels |= present
+    fingerprints: dict[tuple, list[Atlas | Target]] = {}
+    for entry in entries:
+        with _naming(manifest, entry, "image"):
+            voxels = read_voxels(entry.image)
+            check_intensities(entry.image, voxels)
+            _check_not_a_label_map(entry, voxels, label_values)
+        fingerprints.setdefault(voxel_fingerprint(entry.image, voxels), []).append(entry)
+        del voxels
         if entry.mask is not None:
-            check_label_values(entry.mask, read_voxels(entry.mask))
+            with _naming(manifest, entry, "mask"):
+                check_label_values(entry.mask, read_voxels(entry.mask))
     groups = [group for alike in fingerprints.values() if len(alike) > 1 for group in _equal_images(alike)]
     _check_same_images(manifest, groups, leave_one_out=leave_one_out)
     if config is not None and len(labels) > len(manifest.label_names):
@@ -173,8 +184,55 @@ def _listing(values, limit: int = 10) -> str:
     return ", ".join(map(str, values[:limit])) + more
 
 
+@contextlib.contextmanager
+def _naming(manifest: Manifest, entry: Atlas | Target, key: str):
+    """An input error about one of ``entry``'s files names the manifest, the entry, the field and the paths as
+    the manifest writes them (not as resolved through symlinks)."""
+    try:
+        yield
+    except ImageError as err:
+        message = str(err)
+        own = str(getattr(entry, key))
+        if message.startswith(own + ": "):
+            message = message[len(own) + 2:]
+        for name in ("image", "labels", "mask", "landmarks"):  # other files the message names
+            if getattr(entry, name) is not None:
+                message = message.replace(str(getattr(entry, name)), manifest.as_written(entry, name))
+        kind = "atlas" if isinstance(entry, Atlas) else "target"
+        raise ImageError(f"{manifest.path}: {kind} {entry.id!r}: {key} {manifest.as_written(entry, key)}: "
+                         f"{message}") from None
+
+
+# An image whose voxels hold at most this many distinct values, all whole numbers, is a label map given as an image.
+_LABEL_LIKE_VALUES = 16
+_LABEL_MAP_MOST_VALUES = 1024  # beyond: an image (compared with the label maps' values only below it)
+
+
+def _check_not_a_label_map(entry: Atlas | Target, voxels, label_values: dict[Path, set]) -> None:
+    """Refuse an image that is a label map: few distinct whole-number values, the values of one of the manifest's
+    label maps, or the same voxels as the entry's own labels."""
+    sample = np.unique(voxels.ravel()[:: max(1, voxels.size // 100_000)])  # most images stop here
+    if sample.size > _LABEL_MAP_MOST_VALUES or not np.array_equal(sample, np.round(sample)):
+        return
+    distinct = np.unique(voxels)
+    if distinct.size > _LABEL_MAP_MOST_VALUES or not np.array_equal(distinct, np.round(distinct)):
+        return
+    present = set(distinct.tolist()) - {0}
+    same_values = next((path for path, values in label_values.items() if values == present), None)
+    if entry.labels is not None and np.array_equal(voxels, read_voxels(entry.labels)):
+        why = "the same voxels as its own labels file"
+    elif same_values is not None:
+        why = f"the label values of {same_values}"
+    elif distinct.size <= _LABEL_LIKE_VALUES:
+        why = f"an image has more than {_LABEL_LIKE_VALUES}"
+    else:
+        return
+    raise ImageError(f"{entry.image}: looks like a label map, not an image: {distinct.size} distinct whole-number "
+                     f"values ({why}); point 'image:' at the intensity image")
+
+
 def _check_label_map(entry: Atlas | Target, manifest: Manifest) -> set[int]:
-    """Check one label map (see :func:`check_inputs`); returns the labels it holds, background left out."""
+    """Check an entry's label map (see :func:`check_inputs`); returns the labels it holds, background aside."""
     path, declared = entry.labels, set(manifest.label_names)
     present = set(check_label_values(path, read_voxels(path)).tolist()) - {0}
     is_atlas = isinstance(entry, Atlas)
@@ -466,6 +524,12 @@ class TargetResult:
     error: str | None = None  # why the target could not be segmented
 
     @property
+    def status(self) -> str:
+        """``ok``, ``degraded`` (segmented, but it lost more than ``selection.max_dropped_share`` of its atlases)
+        or ``failed``."""
+        return "failed" if self.error is not None else self.record.get("status", "ok")
+
+    @property
     def dice(self) -> dict[int, float] | None:
         return None if self.scores is None else {label: s["dice"] for label, s in self.scores.items()}
 
@@ -569,6 +633,63 @@ def propagate(atlas: Atlas, transform: sitk.Transform, reference: sitk.Image, co
 
 
 @dataclass
+class Registered:
+    """One target and its registered atlases: the per-target flow up to fusion, shared by ``run``
+    (:func:`segment_target`) and cross-validation and the benchmarks (:func:`prepare_case`)."""
+
+    target: Target
+    image: sitk.Image  # the target as read
+    truth: sitk.Image | None  # its labels on its grid (floating-point noise snapped), when it has them
+    atlases: dict[str, Atlas]
+    ranking: Ranking
+    transforms: dict[str, sitk.Transform]  # the atlases registered, best-ranked first
+    floor: int  # the fewest atlases it is segmented with (resolved ``selection.min_atlases``)
+    seconds: dict[str, float]
+    memory: dict[str, float | None]
+
+    def reference(self, config: Config) -> sitk.Image:
+        """The target with its intensities normalised like the atlases' (what fusion compares them with)."""
+        return normalize_intensity(self.image, method=config.registration.normalization)
+
+    def candidates(self, config: Config, *, intensities: bool):
+        """Each registered atlas's candidate, best-ranked first, propagated one at a time: (atlas id, labels,
+        warped intensities or None). The time spent adds to ``seconds['propagation']``."""
+        self.seconds.setdefault("propagation", 0.0)
+        for aid, transform in self.transforms.items():
+            clock = time.perf_counter()
+            labels, warped = propagate(self.atlases[aid], transform, self.image, config, intensities=intensities)
+            self.seconds["propagation"] += time.perf_counter() - clock
+            yield aid, labels, warped
+
+
+def register_target(target: Target, atlases: list[Atlas], config: Config, *, cache: Cache | None = None,
+                    count: int | str = "selected") -> Registered:
+    """Read ``target`` (and its ground truth), rank every atlas (affine stage) and register non-rigidly
+    ``count`` of them: ``"selected"`` (what selection keeps; failed ones replaced by the next-ranked while
+    fewer than ``selection.min_atlases`` (see :func:`~atlasseg.selection.min_atlases`) succeeded), a number of
+    best-ranked, or ``"all"`` (both with every failed one replaced). Each dropped atlas is logged with its reason."""
+    image = read_image(target.image)
+    truth = read_labels(target.labels, like=image, like_path=target.image) if target.labels is not None else None
+    by_id = {a.id: a for a in atlases}
+    ranking = rank_atlases(target, atlases, config, cache=cache)
+    seconds = dict(ranking.seconds)
+    memory = {"affine_and_scoring": _peak_mb()}
+    if count == "selected":
+        wanted, floor = ranking.selected, min_atlases(config.selection, len(atlases))
+    else:
+        wanted = ranking.ranked if count == "all" else ranking.ranked[:count]
+        floor = len(wanted)
+    clock = time.perf_counter()
+    transforms = register_selected(target, by_id, ranking, config, wanted=wanted, floor=floor, cache=cache)
+    if config.registration.nonrigid.enabled and wanted:
+        seconds["nonrigid"] = time.perf_counter() - clock
+        memory["nonrigid"] = _peak_mb()
+    for item in ranking.dropped:
+        log.warning("target %s: atlas %s dropped (%s: %s)", target.id, item["atlas"], item["stage"], item["reason"])
+    return Registered(target, image, truth, by_id, ranking, transforms, floor, seconds, memory)
+
+
+@dataclass
 class Case:
     """One target with its registered atlases' candidates held in memory (cross-validation, benchmarks)."""
 
@@ -580,88 +701,61 @@ class Case:
     seconds: dict[str, float]
 
 
-def prepare_case(target: Target, atlases: list[Atlas], config: Config, *, count: int | None, intensities: bool) -> Case:
-    """Rank every atlas, register the best ``count`` (None: all) non-rigidly — a failed one replaced
-    by the next-ranked — and propagate each registered atlas once (with its warped intensities
-    when ``intensities``): every fusion of them can then reuse the same registrations."""
-    by_id = {a.id: a for a in atlases}
-    ranking = rank_atlases(target, atlases, config)
-    seconds = dict(ranking.seconds)
-    clock = time.perf_counter()
-    wanted = ranking.ranked if count is None else ranking.ranked[:count]
-    transforms = register_selected(target, by_id, ranking, config, wanted=wanted, floor=len(wanted))
-    seconds["nonrigid"] = time.perf_counter() - clock
-    clock = time.perf_counter()
-    reference = read_image(target.image)
-    candidates = [(aid, *propagate(by_id[aid], tx, reference, config, intensities=intensities))
-                  for aid, tx in transforms.items()]
-    seconds["propagation"] = time.perf_counter() - clock
-    truth = None
-    if target.labels is not None:
-        truth = read_labels(target.labels)
-        check_same_grid(reference, truth, image_path=target.image, labels_path=target.labels)
-    normalized = normalize_intensity(reference, method=config.registration.normalization)
-    return Case(target, normalized, truth, ranking, candidates, seconds)
+def prepare_case(target: Target, atlases: list[Atlas], config: Config, *, count: int | None, intensities: bool,
+                 cache: Cache | None = None) -> Case:
+    """:func:`register_target` with the best ``count`` (None: all) and every candidate propagated once (with its
+    warped intensities when ``intensities``): every fusion of them can then reuse the same registrations."""
+    registered = register_target(target, atlases, config, cache=cache, count="all" if count is None else count)
+    candidates = list(registered.candidates(config, intensities=intensities))
+    return Case(target, registered.reference(config), registered.truth, registered.ranking, candidates,
+                registered.seconds)
 
 
 def segment_target(target: Target, atlases: list[Atlas], config: Config, *, out_dir: Path, label_names: dict[int, str],
                    cache: Cache | None = None) -> TargetResult:
     """Segment one target with the given atlases; write ``<out>/<target>/segmentation.<output.format>`` and, last,
     ``<out>/<target>/target.json`` (the target's record: what a resumed run reuses)."""
-    by_id = {a.id: a for a in atlases}
-    reference = read_image(target.image)
-    truth = read_labels(target.labels, like=reference, like_path=target.image) if target.labels is not None else None
-
-    # Affine stage for every atlas, scored for selection.
-    ranking = rank_atlases(target, atlases, config, cache=cache)
-    seconds = dict(ranking.seconds)
-    memory = {"affine_and_scoring": _peak_mb()}
-
-    clock = time.perf_counter()
-    floor = config.selection.min_atlases
-    transforms = register_selected(target, by_id, ranking, config, wanted=ranking.selected, floor=floor, cache=cache)
-    if config.registration.nonrigid.enabled and ranking.selected:
-        seconds["nonrigid"] = time.perf_counter() - clock
-        memory["nonrigid"] = _peak_mb()
-    dropped = ranking.dropped
-    for item in dropped:
-        log.warning("target %s: atlas %s dropped (%s: %s)", target.id, item["atlas"], item["stage"], item["reason"])
-    used = list(transforms)
+    registered = register_target(target, atlases, config, cache=cache)
+    ranking, transforms = registered.ranking, registered.transforms
+    seconds, memory = registered.seconds, registered.memory
+    floor, dropped, used = registered.floor, ranking.dropped, list(transforms)
     if len(used) < floor:
         reasons = "; ".join(f"{d['atlas']}: {d['reason']}" for d in dropped) or "none failed"
         raise RegistrationError(
             f"target {target.id}: only {len(used)} atlas registration(s) succeeded, "
             f"selection.min_atlases is {floor} ({reasons})"
         )
+    degraded = _degraded(len(dropped), len(atlases), config.selection)
+    if degraded is not None:
+        log.warning("target %s: degraded: %s", target.id, degraded)
     tried = set(used) | {d["atlas"] for d in dropped if d["stage"] == "nonrigid"}
     records = {aid: ranking.records[aid] for aid in ranking.ranked if aid in tried}
 
     # Propagate and fuse, one candidate at a time.
-    fuser = make_fuser(normalize_intensity(reference, method=config.registration.normalization), config=config.fusion)
+    fuser = make_fuser(registered.reference(config), config=config.fusion)
     spread = Disagreement() if config.output.report else None  # the QC report's heat map
     seconds["propagation"] = seconds["fusion"] = 0.0
-    for aid in used:
+    # One step per candidate, and a last one for the fusion's own work (joint label fusion's weights, STAPLE's EM).
+    with progress(total=len(used) + 1, desc=f"{target.id}: propagation and fusion", unit="step") as bar:
+        for _, candidate, intensities in registered.candidates(config, intensities=fuser.needs_intensities):
+            clock = time.perf_counter()
+            fuser.add(candidate, intensities)
+            if spread is not None:
+                spread.add(candidate)
+            seconds["fusion"] += time.perf_counter() - clock
+            bar.update()
         clock = time.perf_counter()
-        candidate, intensities = propagate(by_id[aid], transforms[aid], reference, config,
-                                           intensities=fuser.needs_intensities)
-        seconds["propagation"] += time.perf_counter() - clock
-        clock = time.perf_counter()
-        fuser.add(candidate, intensities)
-        if spread is not None:
-            spread.add(candidate)
+        segmentation = fuser.result()
+        probabilities = fuser.probabilities() if config.output.probability_maps else {}
         seconds["fusion"] += time.perf_counter() - clock
-    clock = time.perf_counter()
-    segmentation = fuser.result()
-    probabilities = fuser.probabilities() if config.output.probability_maps else {}
-    seconds["fusion"] += time.perf_counter() - clock
+        bar.update()
     memory["propagation_and_fusion"] = _peak_mb()
 
     scores_out = None
-    if truth is not None:
+    if registered.truth is not None:
         clock = time.perf_counter()
-        check_same_grid(reference, truth, image_path=target.image, labels_path=target.labels)
         labels = sorted(label_names) or None
-        scores_out = evaluate(segmentation, truth, labels=labels, metrics=evaluation_metrics(config))
+        scores_out = evaluate(segmentation, registered.truth, labels=labels, metrics=evaluation_metrics(config))
         seconds["evaluation"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
@@ -681,6 +775,8 @@ def segment_target(target: Target, atlases: list[Atlas], config: Config, *, out_
 
     record = {
         "image": str(target.image),
+        "status": "ok" if degraded is None else "degraded",
+        **({} if degraded is None else {"degraded": degraded}),
         "segmentation": Path(os.path.relpath(seg_path, target_dir)).as_posix(),  # from the target's folder
         **({"disagreement": f"disagreement.{config.output.format}"} if spread is not None else {}),
         "ranking": ranking.table(config.selection.metric),
@@ -694,20 +790,64 @@ def segment_target(target: Target, atlases: list[Atlas], config: Config, *, out_
     if scores_out is not None:
         record["scores"] = {str(k): s for k, s in scores_out.items()}
         record["mean_dice"] = mean_score({k: s["dice"] for k, s in scores_out.items()})
-    write_json(target_dir / TARGET_RECORD, {"inputs": inputs_key(target, atlases, config), "record": record})
+    write_json(target_dir / TARGET_RECORD, {"inputs": inputs_key(target, atlases, config),
+                                            "files": input_digests(target, atlases), "record": record})
     return TargetResult(target.id, seg_path, scores_out, record)
+
+
+def _degraded(n_dropped: int, n_atlases: int, config: SelectionConfig) -> str | None:
+    """Why a target that lost ``n_dropped`` of its ``n_atlases`` atlases is degraded, or None when it is not."""
+    if n_dropped <= config.max_dropped_share * n_atlases:
+        return None
+    return (f"{n_dropped} of its {n_atlases} atlases were dropped, more than selection.max_dropped_share "
+            f"({config.max_dropped_share:g}); see their reasons under 'dropped'")
 
 
 TARGET_RECORD = "target.json"
 
 
-def inputs_key(target: Target, atlases: list[Atlas], config: Config) -> str:
-    """What one target's outputs depend on: its files, its atlases' files, the config (as run.json compares it)."""
+def _input_files(target: Target, atlases: list[Atlas]) -> dict[str, Path | None]:
+    """Every file one target's outputs depend on, by ``target|atlas:<id>:<field>``."""
     files = {f"{kind}:{entry.id}:{name}": getattr(entry, name)
              for kind, entries in (("target", [target]), ("atlas", atlases)) for entry in entries
              for name in ("image", "labels", "mask", "landmarks")}
     files.update({f"atlas:{a.id}:transform": a.transform_for(target.id) for a in atlases})
-    return entry_key("target", files=files, settings=_comparable(config.to_dict()))
+    return files
+
+
+def inputs_key(target: Target, atlases: list[Atlas], config: Config) -> str:
+    """What one target's outputs depend on: its files, its atlases' files, the config (as run.json compares it)."""
+    return entry_key("target", files=_input_files(target, atlases), settings=_comparable(config.to_dict()))
+
+
+def input_digests(target: Target, atlases: list[Atlas]) -> dict[str, str]:
+    """The contents (SHA-256) of the files one target's outputs depend on, for saying which of them changed."""
+    return {name: file_digest(path) for name, path in _input_files(target, atlases).items() if path is not None}
+
+
+def check_changed_inputs(out: Path, targets: list[Target], manifest: Manifest, config: Config, *,
+                         force: bool = False) -> None:
+    """Before any work: refuse (unless ``force``) to write over a target's outputs in ``out`` that were made from
+    other inputs (another manifest, or files changed since), naming the targets and the files that differ."""
+    changed = []
+    for target in targets:
+        try:
+            document = json.loads((out / target.id / TARGET_RECORD).read_text())
+            old_key, old_files = document["inputs"], document.get("files", {})
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # not segmented there yet (or a record too damaged to be reused: segmented again)
+        atlases = manifest.atlases_for(target)
+        if old_key == inputs_key(target, atlases, config):
+            continue
+        new_files = input_digests(target, atlases)
+        names = [name for name in dict.fromkeys([*old_files, *new_files]) if old_files.get(name) != new_files.get(name)]
+        changed.append(f"{target.id} ({', '.join(names[:3]) + (', ...' if len(names) > 3 else '') or 'inputs'})")
+    if not changed:
+        return
+    what = f"segmentations of {len(changed)} target(s) made from other inputs: {'; '.join(changed[:5])}"
+    if not force:
+        raise AtlassegError(f"{out}: holds {what}; choose another --out, or --force to write over them")
+    log.warning("%s: holds %s; writing over them (--force)", out, what)
 
 
 def finished_target(target: Target, atlases: list[Atlas], config: Config, out_dir: Path) -> TargetResult | None:
@@ -790,7 +930,7 @@ def register_files(
             config=config, masks=masks, landmarks=landmarks,
         )
     except RegistrationDiverged as err:
-        record.update(status="diverged", reason=str(err), registration=err.record)
+        record.update(status=err.record.get("status", "diverged"), reason=str(err), registration=err.record)
         write_json(out_dir / "record.json", record)
         raise
     record["seconds"] = round(time.perf_counter() - start, 3)
@@ -864,7 +1004,8 @@ def check_output_dir(out: Path, config: Config, manifest: Manifest, *, force: bo
 def _comparable(config: dict) -> dict:
     """The config without what does not change the segmentations: where they go, the cache, the parallel
     backend, the report."""
-    output = {k: v for k, v in config.get("output", {}).items() if k not in ("dir", "cache", "cache_dir", "report")}
+    ignored = ("dir", "cache", "cache_dir", "cache_max_gb", "report")
+    output = {k: v for k, v in config.get("output", {}).items() if k not in ignored}
     return {**{k: v for k, v in config.items() if k != "parallel"}, "output": output}
 
 
@@ -888,8 +1029,10 @@ def run(config: Config, manifest: Manifest, *, out_dir: str | Path | None = None
     Inputs and the output folder are checked first (:func:`check_inputs`, :func:`check_output_dir`).
     Registrations come from the cache when an earlier run made them, and targets an earlier run of the
     same config finished in ``out_dir`` are not segmented again (a stopped run resumes); ``force``
-    recomputes everything and writes over another config's outputs. A target that fails is recorded
-    (``error`` of its result, ``status: failed`` in run.json) and the others still run.
+    recomputes everything and writes over another config's or other inputs' outputs. A target that fails is
+    recorded (``error`` of its result, ``status: failed`` in run.json) and the others still run; one that lost
+    more than ``selection.max_dropped_share`` of its atlases is ``degraded``. Interrupted (Ctrl-C), the run
+    writes ``status: interrupted``, metrics.csv and the report of the targets finished, and re-raises.
     """
     out = Path(out_dir if out_dir is not None else config.output.dir)
     targets = [manifest.target(t) for t in target_ids] if target_ids else list(manifest.targets)
@@ -897,35 +1040,66 @@ def run(config: Config, manifest: Manifest, *, out_dir: str | Path | None = None
         raise AtlassegError(f"{manifest.path}: no targets to segment")
     check_inputs(manifest, config)
     check_output_dir(out, config, manifest, force=force)
+    check_changed_inputs(out, targets, manifest, config, force=force)
     cache = open_cache(config, force=force)
     start = time.perf_counter()
     results: list[TargetResult] = []
     run_record = {"versions": versions(), "config": config.to_dict(), "manifest": str(manifest.path),
                   "cache": str(cache.root) if cache.enabled else None, "status": "running", "targets": {}}
-    with session(config.parallel), log_above_bars(), progress(targets, desc="targets", unit="target", leave=True) as bar:
-        for target in bar:
-            atlases = manifest.atlases_for(target)
-            result = None if force else finished_target(target, atlases, config, out)
-            if result is not None:
-                log.info("target %s: finished by an earlier run, reused", target.id)
-            else:
-                log.info("target %s: %d atlases", target.id, len(atlases))
-                try:
-                    result = segment_target(target, atlases, config, out_dir=out, label_names=manifest.label_names,
-                                            cache=cache)
-                except _TARGET_ERRORS as err:
-                    log.error("target %s failed: %s", target.id, err)
-                    result = TargetResult(target.id, None, None, {"image": str(target.image), "status": "failed",
-                                                                  "error": str(err)}, error=str(err))
-            if result.dice is not None:
-                log.info("target %s: mean Dice %.3f", target.id, result.mean_dice)
-            results.append(result)
-            run_record["targets"][target.id] = result.record
-            write_json(out / "run.json", run_record)  # after every target: how far a long run has come
+    try:
+        with session(config.parallel), log_above_bars(), progress(targets, desc="targets", unit="target",
+                                                                  leave=True) as bar:
+            for target in bar:
+                results.append(_run_target(target, manifest, config, out=out, cache=cache, force=force))
+                run_record["targets"][target.id] = results[-1].record
+                write_json(out / "run.json", run_record)  # after every target: how far a long run has come
+    except KeyboardInterrupt:
+        _finish(out, run_record, results, manifest, config, start=start, interrupted=True)
+        log.warning("interrupted after %d of %d target(s); run the same command again to resume (finished targets "
+                    "and registrations are kept)", len(results), len(targets))
+        raise
+    _finish(out, run_record, results, manifest, config, start=start)
+    return results
+
+
+def _run_target(target: Target, manifest: Manifest, config: Config, *, out: Path, cache: Cache,
+                force: bool) -> TargetResult:
+    """One target of a run: reused when an earlier run finished it, else segmented (a failure recorded, not raised);
+    then the cache is brought under its cap."""
+    began = time.time()
+    atlases = manifest.atlases_for(target)
+    result = None if force else finished_target(target, atlases, config, out)
+    if result is not None:
+        log.info("target %s: finished by an earlier run, reused", target.id)
+    else:
+        log.info("target %s: %d atlases", target.id, len(atlases))
+        try:
+            result = segment_target(target, atlases, config, out_dir=out, label_names=manifest.label_names,
+                                    cache=cache)
+        except _TARGET_ERRORS as err:
+            log.error("target %s failed: %s", target.id, err)
+            result = TargetResult(target.id, None, None, {"image": str(target.image), "status": "failed",
+                                                          "error": str(err)}, error=str(err))
+    if result.dice is not None:
+        log.info("target %s: mean Dice %.3f", target.id, result.mean_dice)
+    result.record["manifest_image"] = manifest.as_written(target, "image")  # what the report shows
+    cache.evict(in_use_since=began)
+    return result
+
+
+def _finish(out: Path, run_record: dict, results: list[TargetResult], manifest: Manifest, config: Config, *,
+            start: float, interrupted: bool = False) -> None:
+    """metrics.csv, the final run.json (status ``complete``, ``degraded``, ``failed`` or ``interrupted``) and the
+    report, of the targets finished."""
     write_metrics(out / "metrics.csv", results, manifest.label_names, evaluation_metrics(config))
     LAYOUTS[config.output.layout].finish(out, manifest.label_names)
-    failed = [r.target_id for r in results if r.error is not None]
-    run_record.update(status="failed" if failed else "complete", failed_targets=failed,
+    failed = [r.target_id for r in results if r.status == "failed"]
+    degraded = [r.target_id for r in results if r.status == "degraded"]
+    if degraded and not interrupted:
+        log.warning("%d of %d target(s) degraded (%s): each lost more than selection.max_dropped_share of its "
+                    "atlases; reasons in %s", len(degraded), len(results), ", ".join(degraded), out / "run.json")
+    status = "interrupted" if interrupted else "failed" if failed else "degraded" if degraded else "complete"
+    run_record.update(status=status, failed_targets=failed, degraded_targets=degraded,
                       seconds_total=round(time.perf_counter() - start, 3), peak_memory_mb=_peak_mb())
     write_json(out / "run.json", run_record)
     if config.output.report:
@@ -935,7 +1109,6 @@ def run(config: Config, manifest: Manifest, *, out_dir: str | Path | None = None
             write_report(out, run_record, manifest)
         except _TARGET_ERRORS as err:  # the segmentations and run.json are written: a warning, not a failed run
             log.warning("%s: QC report not written (%s)", out / "index.html", err)
-    return results
 
 
 def evaluation_metrics(config: Config) -> tuple[str, ...]:

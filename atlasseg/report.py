@@ -456,12 +456,21 @@ def _summary(run: dict) -> str:
             + _details("Full configuration", config))
 
 
+_STATUS_ORDER = {"failed": 0, "degraded": 1}  # what needs a look first; the others in run order
+
+
+def _ordered(targets: dict) -> dict:
+    """The targets with the failed ones first, then the degraded ones, then the rest, each in run order."""
+    return dict(sorted(targets.items(), key=lambda item: _STATUS_ORDER.get(item[1].get("status"), 2)))
+
+
 def _overview(targets: dict) -> str:
-    body = [[_Html(f'<a href="#target-{i}">{_e(tid)}</a>'), record.get("mean_dice"),
+    body = [[_Html(f'<a href="#target-{i}">{_e(tid)}</a>'), record.get("status", "ok"), record.get("mean_dice"),
              f"{len(record.get('selected', []))} of {len(record.get('ranking', []))}",
              len(record.get("dropped", [])), sum(record.get("seconds", {}).values())]
             for i, (tid, record) in enumerate(targets.items())]
-    return _table(["target", "mean Dice", "atlases used", "dropped", "seconds"], body)
+    classes = ["dropped" if record.get("status") in _STATUS_ORDER else "" for record in targets.values()]
+    return _table(["target", "status", "mean Dice", "atlases used", "dropped", "seconds"], body, row_classes=classes)
 
 
 def _metrics(targets: dict, names: dict[int, str]) -> str:
@@ -518,7 +527,8 @@ def _registrations(record: dict) -> str:
         return ""
     table = _table(["atlas", "stage", "method", "metric", "before", "after", "iterations", "seconds",
                     "Jacobian min", "Jacobian max", "folded voxels", "overlap", "status"], body)
-    summary = f"Registration records ({len(records)} atlases; metric values as the optimiser sees them, lower is better)"
+    summary = (f"Registration records ({len(records)} atlases; metric values, per level too, as atlasseg scores "
+               "them: lower is better, 1 − NCC for ncc, −MI for mattes, mean squared difference for mse)")
     return f"<details><summary>{_e(summary)}</summary>{table}{_details('Raw records', records)}</details>"
 
 
@@ -532,7 +542,7 @@ def _target(index: int, tid: str, record: dict, picture: Path | None, view: "_Vi
         parts.append(f'<p><a href="{src}"><img src="{src}" alt="QC picture of {_e(tid)}"></a></p>')
     if picture is not None and view is not None:
         parts.append(_view(index, tid, picture.parent, view, names))
-    facts = _scalars(record)
+    facts = _scalars(record, skip=("image",) if "manifest_image" in record else ())  # the path as the user wrote it
     if "fusion" in record:
         fusion = record["fusion"]
         facts.append(["fusion", f"{fusion.get('method')} of {fusion.get('candidates')} candidate(s)"])
@@ -691,7 +701,7 @@ def _script_json(value) -> str:
 
 
 def _page(run: dict, names: dict[int, str], pictures: dict[str, Path], views: dict[str, _ViewLayers] | None = None) -> str:
-    targets = run.get("targets", {})
+    targets = _ordered(run.get("targets", {}))
     status = run.get("status", "unknown")
     css = "" if status == "complete" else ' class="fail"'
     views = views or {}

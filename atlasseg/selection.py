@@ -124,6 +124,15 @@ def rank(scores: Mapping[str, float]) -> list[str]:
     return sorted(scores, key=lambda a: (math.isnan(scores[a]), 0.0 if math.isnan(scores[a]) else -scores[a], a))
 
 
+def min_atlases(config: SelectionConfig, n_atlases: int) -> int:
+    """The fewest atlases a target given ``n_atlases`` is segmented with: ``min_atlases``, or for ``auto`` half of
+    the ``k`` selected (rounded up) and at least 3, but never more than are selected."""
+    if config.min_atlases != "auto":
+        return config.min_atlases
+    k = n_atlases if config.k == "all" else min(config.k, n_atlases)
+    return min(k, max(3, math.ceil(k / 2)))
+
+
 def select(scores: Mapping[str, float], config: SelectionConfig) -> list[str]:
     """The atlases kept, best first: the best ``k``, of them those scoring at least ``threshold``
     (when set), and never fewer than the best ``min_atlases`` (while there are as many)."""
@@ -131,4 +140,5 @@ def select(scores: Mapping[str, float], config: SelectionConfig) -> list[str]:
     kept = ranked if config.k == "all" else ranked[: config.k]
     if config.threshold is not None:
         kept = [a for a in kept if scores[a] >= config.threshold]
-    return kept if len(kept) >= config.min_atlases else ranked[: config.min_atlases]
+    floor = min_atlases(config, len(ranked))
+    return kept if len(kept) >= floor else ranked[:floor]

@@ -52,6 +52,9 @@ def test_segment_gives_the_same_result_from_paths_sitk_and_nibabel_images(manife
     assert in_memory.record["image"] == "<SimpleITK.SimpleITK.Image>" and set(in_memory.record["atlases"]) == {
         a.id for a in manifest.atlases}
     assert "scores" not in nib.record and nib.record["image"].endswith("Nifti1Image>")
+    scored = atlasseg.evaluate(by_path.labels, target.labels)  # one kind of label key in both: the value, an int
+    assert set(record["scores"]) == set(scored) and all(isinstance(v, int) for v in record["scores"])
+    assert record["scores"][1]["dice"] == pytest.approx(scored[1]["dice"])
 
 
 def test_segment_keeps_outputs_when_asked(manifest, tmp_path):

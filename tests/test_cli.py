@@ -66,6 +66,19 @@ def test_evaluate_prints_exact_dice(tmp_path, capsys):
     row = (tmp_path / "ev" / "metrics.csv").read_text().splitlines()[1].split(",")
     assert row[1:5] == ["1", "organ", "0.400000", "0.250000"]
     assert json.loads((tmp_path / "ev" / "metrics.json").read_text())["scores"]["1"]["dice"] == 0.4
+    assert row[0] == "a"  # the prediction's name, not its file name
+
+
+def test_evaluate_names_a_runs_segmentation_by_its_target_or_by_id(tmp_path, capsys):
+    labels = sitk.GetImageFromArray(np.eye(8, dtype=np.uint8))
+    (tmp_path / "new01").mkdir()
+    sitk.WriteImage(labels, str(tmp_path / "new01" / "segmentation.nii.gz"))
+    sitk.WriteImage(labels, str(tmp_path / "truth.nii.gz"))
+    base = ["evaluate", str(tmp_path / "new01" / "segmentation.nii.gz"), str(tmp_path / "truth.nii.gz")]
+    for extra, expected in (([], "new01"), (["--id", "case7"], "case7")):
+        assert main([*base, "--out", str(tmp_path / "ev"), *extra]) == 0
+        rows = (tmp_path / "ev" / "metrics.csv").read_text().splitlines()[1:]
+        assert {r.split(",")[0] for r in rows} == {expected}
 
 
 def test_demo_command_and_module_entry_point(tmp_path):

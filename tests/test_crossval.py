@@ -10,7 +10,7 @@ import atlasseg.pipeline as pipeline
 from atlasseg.config import load_config
 from atlasseg.crossval import crossval, parse_ks
 from atlasseg.demo import make_demo_dataset
-from atlasseg.errors import ConfigError
+from atlasseg.errors import ConfigError, RegistrationError
 from atlasseg.manifest import as_target, load_manifest
 
 ONE_THREAD = ["parallel.n_jobs=1", "parallel.itk_threads=1"]  # in-process (counted) and repeatable
@@ -64,3 +64,35 @@ def test_k_values_are_checked():
     for bad in ("0", "-1", "some"):
         with pytest.raises(ConfigError, match=f"--k '{bad}'"):
             parse_ks([bad])
+
+
+def test_crossval_snaps_ground_truth_a_float_rounding_off_its_image_grid_as_a_run_does(tmp_path, caplog):
+    """One per-target flow: an atlas (here a cross-validation target) whose labels' origin differs from its
+    image's by floating-point noise is snapped with a warning, as in a run, not refused as another grid."""
+    import SimpleITK as sitk
+
+    manifest = load_manifest(make_demo_dataset(tmp_path / "data", dim=2, n_atlases=3, n_targets=0, seed=5))
+    path = manifest.atlases[0].labels
+    labels = sitk.ReadImage(str(path))
+    labels.SetOrigin([o + 1e-5 * s for o, s in zip(labels.GetOrigin(), labels.GetSpacing())])
+    sitk.WriteImage(labels, str(path))
+    config = load_config("demo", overrides=ONE_THREAD)
+    document = crossval(config, manifest, ks=[1], methods=["majority"])
+    assert "snapped" in caplog.text
+    assert document["targets"][manifest.atlases[0].id]["settings"]["majority"]["1"]["mean_dice"] > 0.5
+
+
+def test_crossval_prints_each_dropped_atlas_with_its_reason(tmp_path, monkeypatch, caplog):
+    from atlasseg.registration import RegistrationDiverged
+
+    manifest = load_manifest(make_demo_dataset(tmp_path / "data", dim=2, n_atlases=3, n_targets=0, seed=5))
+
+    def rejected(fixed, moving, **kwargs):
+        raise RegistrationDiverged("non-rigid registration rejected: too little overlap: only 49% (test)", {})
+
+    monkeypatch.setattr(pipeline, "nonrigid_stage", rejected)
+    with pytest.raises(RegistrationError, match="no target had an atlas registered"):
+        crossval(load_config("demo", overrides=ONE_THREAD), manifest, ks=[1], methods=["majority"])
+    drops = [r.getMessage() for r in caplog.records if "dropped (nonrigid" in r.getMessage()]
+    assert len(drops) == 3 * 2  # every (target, atlas) pair, on the console
+    assert all("too little overlap: only 49%" in d for d in drops)

@@ -118,15 +118,17 @@ def test_a_diverging_atlas_is_dropped_and_min_atlases_enforced(demo2d, tmp_path)
     target = demo2d.targets[0]
     doc = {"atlases": atlases, "targets": [{"id": target.id, "image": str(target.image), "labels": str(target.labels)}]}
     manifest.write_text(json.dumps(doc))
-    config = load_config("demo", overrides=["registration.affine.initialization=none"])
+    config = load_config("demo", overrides=["registration.affine.initialization=none", "selection.min_atlases=2"])
     (result,) = run(config, load_manifest(manifest), out_dir=tmp_path / "out")
+    assert result.status == "degraded" and result.record["degraded"].startswith("1 of its 3 atlases were dropped")
     dropped = result.record["dropped"]
     assert [d["atlas"] for d in dropped] == ["far"]
     assert dropped[0]["reason"] == ("affine registration diverged: the metric cannot be evaluated (no overlap left); "
-                                    "only 0% of the target's foreground maps inside the atlas (min_overlap 50%)")
+                                    "too little overlap: only 0% of the target's foreground maps inside the atlas "
+                                    "(min_overlap 50%)")
     assert dropped[0]["record"]["status"] == "diverged"
     assert sorted(result.record["selected"]) == [a["id"] for a in atlases[1:]]
-    strict = load_config("demo", overrides=["registration.affine.initialization=none", "selection.min_atlases=3"])
+    strict = load_config("demo", overrides=["registration.affine.initialization=none"])  # min_atlases auto: 3 of 3
     (failed,) = run(strict, load_manifest(manifest), out_dir=tmp_path / "strict")  # reported, not raised
     assert failed.segmentation is None and "selection.min_atlases is 3" in failed.error
     record = json.loads((tmp_path / "strict" / "run.json").read_text())

@@ -469,3 +469,38 @@ def test_intensities_resample_linear_or_bspline_through_a_transform():
     assert np.abs(results["linear"] - results["bspline"]).max() > 1e-3  # really another interpolator
     with pytest.raises(ImageError, match="unknown intensity interpolator 'nearest'"):
         propagate_intensities(image, half, image, interpolator="nearest")
+
+
+@pytest.mark.parametrize(
+    "change, status, reason",
+    [
+        ({"overlap": 0.49}, "rejected", "non-rigid registration rejected: too little overlap: only 49%"),
+        ({"folded_fraction": 0.05}, "rejected", "non-rigid registration rejected: too much folding: 5.0%"),
+        ({"metric_after": 0.5, "overlap": 0.49}, "diverged", "non-rigid registration diverged: metric worse"),
+    ],
+)
+def test_diverged_is_said_only_of_a_real_divergence(change, status, reason):
+    """A 49 % overlap against min_overlap 50 % is too little overlap, not a divergence."""
+    from atlasseg.registration.common import check_result
+
+    record = {"metric_before": 0.2, "metric_after": 0.1, "overlap": 1.0, "folded_fraction": 0.0, **change}
+    with pytest.raises(RegistrationDiverged) as caught:
+        check_result("non-rigid", record, min_overlap=0.5, max_folded_fraction=0.01)
+    assert str(caught.value).startswith(reason) and record["status"] == status
+    assert ("diverged" in str(caught.value)) == (status == "diverged")
+
+
+def test_per_level_affine_metrics_follow_the_convention_of_metric_before_and_after():
+    """One convention in the record: ITK's per-level correlation (−NCC²) is reported as 1 − |NCC|, as the
+    stage's metric_before/after are, so the last (full-resolution, unsmoothed) level ends near metric_after."""
+    from atlasseg.registration.affine import register_affine
+
+    fixed, _ = texture(dim=2, size=48, seed=1)
+    moving = warp(fixed, rigid(2, angle_deg=4.0, shift=(3.0, -2.0)))
+    config = AffineConfig(metric="ncc", stages=("rigid",), shrink_factors=(2, 1), smoothing_sigmas=(2.0, 0.0),
+                          sampling_strategy="none", sampling_percentage=1.0)
+    _, record = register_affine(fixed, moving, config=config, seed=0)
+    levels = record["stages"][0]["levels"]
+    assert all(0.0 <= level["metric"] <= 1.0 for level in levels)
+    assert levels[-1]["metric"] == pytest.approx(record["metric_after"], abs=0.02)
+    assert record["metric_after"] < record["metric_before"]

@@ -199,3 +199,35 @@ def test_verbose_log_file_holds_each_registrations_levels(data, tmp_path):
                  str(tmp_path / "out"), *(a for s in SERIAL for a in ("--set", s))]) == 0
     text = log_file.read_text()
     assert "non-rigid: metric" in text and "level 1:" in text and "mean Dice" in text
+
+
+class _Terminal:
+    """A stand-in for a terminal's stderr (tqdm measures its width through the file descriptor)."""
+
+    def __init__(self):
+        self.text = ""
+
+    def write(self, text):
+        self.text += text
+
+    def flush(self):
+        pass
+
+    def fileno(self):
+        return 2
+
+    def isatty(self):
+        return True
+
+
+def test_progress_bars_show_fusion_and_still_draw_when_the_terminal_reports_no_width(data, tmp_path, monkeypatch):
+    import atlasseg.parallel as parallel
+
+    terminal = _Terminal()
+    monkeypatch.setattr(os, "get_terminal_size", lambda fd=None: os.terminal_size((0, 0)))
+    monkeypatch.setattr(sys, "stderr", terminal)
+    monkeypatch.setattr(parallel, "progress_bars", True)
+    manifest = load_manifest(data)
+    run(_config(), manifest, out_dir=tmp_path, target_ids=[manifest.targets[0].id])
+    bars = [line for line in terminal.text.replace("\r", "\n").splitlines() if "propagation and fusion:" in line]
+    assert bars and all("/4 [" in line for line in bars)  # 3 candidates and the fusion itself

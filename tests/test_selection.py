@@ -7,7 +7,7 @@ import pytest
 import SimpleITK as sitk
 
 from atlasseg.config import SelectionConfig
-from atlasseg.selection import label_box, near_labels, rank, score_atlas, select
+from atlasseg.selection import label_box, min_atlases, near_labels, rank, score_atlas, select
 from atlasseg.similarity import SIMILARITIES, mutual_information, ncc, negative_mse
 from conftest import _with_geometry, phantom, rigid, texture, warp
 
@@ -139,15 +139,23 @@ SCORES = {"a": 0.9, "b": 0.5, "c": 0.7, "d": 0.1}
     [
         ({}, ["a", "c", "b", "d"]),
         ({"k": 2}, ["a", "c"]),
-        ({"threshold": 0.6}, ["a", "c"]),
+        ({"threshold": 0.6, "min_atlases": 1}, ["a", "c"]),
         ({"k": 1, "threshold": 0.6}, ["a"]),
-        ({"threshold": 0.95}, ["a"]),  # none reach it: the floor of 1
+        ({"threshold": 0.95, "min_atlases": 1}, ["a"]),  # none reach it: the floor of 1
         ({"threshold": 0.95, "min_atlases": 3}, ["a", "c", "b"]),
         ({"k": 3, "threshold": 0.6, "min_atlases": 3}, ["a", "c", "b"]),
+        ({"threshold": 0.95}, ["a", "c", "b"]),  # auto: 3 of the 4 selected
+        ({"k": 2, "threshold": 0.8}, ["a", "c"]),  # auto: never more than k
     ],
 )
 def test_select_keeps_the_best_k_above_the_threshold_but_never_fewer_than_the_floor(settings, kept):
     assert select(SCORES, SelectionConfig(**settings)) == kept
+
+
+@pytest.mark.parametrize("k, n_atlases, floor", [(10, 24, 5), (10, 10, 5), (10, 4, 3), (10, 2, 2), (3, 10, 3),
+                                                   (2, 10, 2), ("all", 24, 12), (20, 30, 10)])
+def test_the_default_floor_is_half_of_the_selected_and_at_least_three(k, n_atlases, floor):
+    assert min_atlases(SelectionConfig(k=k), n_atlases) == floor
 
 
 def test_ranking_ties_go_by_id():

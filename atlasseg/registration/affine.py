@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 
 import numpy as np
@@ -168,9 +169,24 @@ def register_affine(
         _, stage_record = run_pyramid(
             method, fixed, moving, shrink_factors=config.shrink_factors, smoothing_sigmas=config.smoothing_sigmas
         )
+        stage_record["levels"] = _as_loss(stage_record["levels"], config.metric)
         record["stages"].append({"stage": kind, "seconds": round(time.perf_counter() - stage_start, 3), **stage_record})
     if not transform_is_finite(transform):
         raise RegistrationError("affine registration diverged: non-finite transform parameters")
     record["metric_after"] = image_metric(fixed, moving, transform, metric=config.metric, masks=masks)
     record["seconds"] = round(time.perf_counter() - start, 3)
     return transform, record
+
+
+# ITK's value of each metric → atlasseg's loss of the same metric (``metrics.make_loss``, what metric_before and
+# metric_after hold): ITK's correlation is −NCC², atlasseg's 1 − NCC (here 1 − |NCC|: ITK cannot tell the sign);
+# the others share their sign convention.
+_ITK_TO_LOSS = {"ncc": lambda value: 1.0 - math.sqrt(max(0.0, -value))}
+
+
+def _as_loss(levels: list[dict], metric: str) -> list[dict]:
+    """Per-level metric values in the convention of ``metric_before``/``metric_after`` (lower is better)."""
+    convert = _ITK_TO_LOSS.get(metric)
+    if convert is None:
+        return levels
+    return [{**level, "metric": None if level["metric"] is None else convert(level["metric"])} for level in levels]

@@ -224,21 +224,23 @@ def check_result(stage: str, record: dict, *, min_overlap: float, max_folded_fra
 
     ``record`` holds the stage's ``metric_before``/``metric_after`` (lower is better),
     ``overlap`` and ``folded_fraction``; a metric that got worse than its start by more
-    than sampling noise (1 % of its magnitude, at least 1e-3) means the optimiser diverged.
+    than sampling noise (1 % of its magnitude, at least 1e-3), or that cannot be evaluated,
+    means the optimiser diverged (``status: diverged``). A result that converged but overlaps
+    too little or folds too much is ``rejected``, and the reason says which.
     """
     before, after = record["metric_before"], record["metric_after"]
-    reasons = []
+    diverged, rejected = [], []
     if not math.isfinite(after):
-        reasons.append("the metric cannot be evaluated (no overlap left)")
+        diverged.append("the metric cannot be evaluated (no overlap left)")
     elif math.isfinite(before) and after > before + max(1e-3, 0.01 * abs(before)):
-        reasons.append(f"metric worse than at the start ({before:.4g} -> {after:.4g})")
+        diverged.append(f"metric worse than at the start ({before:.4g} -> {after:.4g})")
     if record["overlap"] < min_overlap:
-        reasons.append(f"only {record['overlap']:.0%} of the target's foreground maps inside the atlas "
-                       f"(min_overlap {min_overlap:.0%})")
+        rejected.append(f"too little overlap: only {record['overlap']:.0%} of the target's foreground maps inside "
+                        f"the atlas (min_overlap {min_overlap:.0%})")
     if record["folded_fraction"] > max_folded_fraction:
-        reasons.append(f"{record['folded_fraction']:.1%} of the target's foreground is folded "
-                       f"(max_folded_fraction {max_folded_fraction:.1%})")
-    if reasons:
-        record["status"] = "diverged"
-        raise RegistrationDiverged(f"{stage} registration diverged: {'; '.join(reasons)}", record)
+        rejected.append(f"too much folding: {record['folded_fraction']:.1%} of the target's foreground is folded "
+                        f"(max_folded_fraction {max_folded_fraction:.1%})")
+    if diverged or rejected:
+        record["status"] = "diverged" if diverged else "rejected"
+        raise RegistrationDiverged(f"{stage} registration {record['status']}: {'; '.join(diverged + rejected)}", record)
     record["status"] = "ok"
