@@ -77,8 +77,9 @@ class SelectionConfig:
         remain, the target fails with an error.
     metric : str
         Score: ``ncc`` (normalised cross-correlation), ``mi`` (mutual information of a
-        32-bin joint histogram, nats) or ``mse`` (mean squared intensity difference,
-        negated so that higher is better).
+        32-bin joint histogram, nats), ``mse`` (mean squared intensity difference,
+        negated so that higher is better) or ``nmse`` (the same after each image's scored
+        voxels are standardised to zero mean and unit variance: ``2 ncc - 2``, so it ranks as ``ncc``).
     roi : str
         Where the score is computed: ``none`` (the target's whole field of view),
         ``near_labels`` (the voxels within ``roi_margin`` of the atlas's labels mapped
@@ -96,7 +97,7 @@ class SelectionConfig:
     k: Union[int, Literal["all"]] = 10
     threshold: Optional[float] = None
     min_atlases: int = 1
-    metric: Literal["ncc", "mi", "mse"] = "ncc"
+    metric: Literal["ncc", "mi", "mse", "nmse"] = "ncc"
     roi: Literal["none", "near_labels", "labels"] = "near_labels"
     roi_margin: float = 2.0
     grid_spacing: float = 1.0
@@ -124,7 +125,9 @@ class AffineConfig:
         stage starts from the previous one. Empty: the initialisation only.
     metric : str
         ``mattes`` (Mattes mutual information: for different contrasts), ``ncc``
-        (normalised correlation), ``mse`` (mean squares) or ``ants_ncc`` (ANTs
+        (normalised correlation), ``mse`` (mean squares), ``nmse`` (mean squares of the
+        images standardised first, each to zero mean and unit variance over its whole
+        domain: unchanged by a linear change of either's intensities) or ``ants_ncc`` (ANTs
         neighbourhood correlation). ITK's joint-histogram MI is not offered: its
         gradient is wrong in the SimpleITK releases available (ITK issue 6570).
     optimizer : str
@@ -148,7 +151,7 @@ class AffineConfig:
 
     initialization: Literal["geometry", "moments", "landmarks", "none"] = "geometry"
     stages: tuple[str, ...] = ("affine",)
-    metric: Literal["mattes", "ncc", "mse", "ants_ncc"] = "ncc"
+    metric: Literal["mattes", "ncc", "mse", "nmse", "ants_ncc"] = "ncc"
     optimizer: Literal["regular_step", "gradient_descent", "lbfgsb"] = "regular_step"
     shrink_factors: tuple[int, ...] = (4, 2)
     smoothing_sigmas: tuple[float, ...] = (1.0, 0.0)
@@ -311,6 +314,11 @@ class FusionConfig:
         cardiac, and as good as local_weighted on the demo) or ``staple`` (STAPLE,
         Warfield et al. 2004: each atlas's confusion matrix estimated by EM where
         the atlases disagree; labels only). A tie goes to the smallest label value.
+    metric : str
+        Intensity difference of ``global_weighted`` and ``local_weighted``: ``mse`` (squared
+        difference of the normalised intensities) or ``nmse`` (the same after the target and
+        each warped atlas are standardised to zero mean and unit variance over the whole image:
+        unchanged by a linear change of either's intensities).
     gain : float
         Power applied to the inverse squared difference; larger trusts the
         best-matching atlas more. Weighted methods only.
@@ -358,6 +366,7 @@ class FusionConfig:
     """
 
     method: Literal["majority", "global_weighted", "local_weighted", "jlf", "staple"] = "jlf"
+    metric: Literal["mse", "nmse"] = "mse"
     gain: float = 1.0
     sigma: float = 2.0
     patch_radius: int = 2
