@@ -196,6 +196,7 @@ def segment(
         ``section.key=value`` strings applied to ``config``, e.g. ``["selection.k=5"]``.
     truth
         Ground truth of ``target``: the record then holds ``scores`` (metric per label) and ``mean_dice``.
+        With or without it, ``quality.enabled`` adds each label's predicted Dice (``record["quality"]``).
     label_names
         Label value → name (labels scored; warnings name them).
     target_id
@@ -217,7 +218,9 @@ def segment(
         atlas registrations succeeding (``selection.min_atlases``).
     """
     from .manifest import manifest_from_dict
+    from .cache import open_cache
     from .pipeline import check_inputs, segment_target, versions
+    from .quality import calibrate
 
     config = resolve_config(config, overrides)
     items = list(atlases.items()) if isinstance(atlases, Mapping) else [(f"atlas_{i}", a) for i, a in enumerate(atlases)]
@@ -237,7 +240,9 @@ def segment(
         check_inputs(manifest, config)
         (target_,) = manifest.targets
         out = Path(out_dir) if out_dir is not None else files.folder / "out"
-        result = segment_target(target_, list(manifest.atlases), config, out_dir=out, label_names=manifest.label_names)
+        calibration = calibrate(manifest, config, cache=open_cache(config)) if config.quality.enabled else None
+        result = segment_target(target_, list(manifest.atlases), config, out_dir=out, label_names=manifest.label_names,
+                                calibration=calibration)
         segmentation = sitk.ReadImage(str(result.segmentation))
     record = {**result.record, "image": _describe(target),
               "atlases": {aid: [_describe(part) for part in _pair(item, aid)] for aid, item in items},

@@ -28,7 +28,7 @@ from .imageio import TMP_PREFIX, atomic_write_text
 from .registration import save_transform
 
 CACHE_ENV = "ATLASSEG_CACHE_DIR"
-STAGES = ("affine", "nonrigid")
+STAGES = ("affine", "nonrigid", "quality")  # quality: calibration samples (atlasseg.quality), no transform
 
 
 def default_dir() -> Path:

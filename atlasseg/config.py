@@ -410,6 +410,36 @@ class EvaluationConfig:
 
 
 @dataclass(frozen=True)
+class QualityConfig:
+    """A predicted Dice per target and label, for targets without ground truth (:mod:`atlasseg.quality`).
+
+    Parameters
+    ----------
+    enabled : bool
+        Predict each label's Dice from what the run has (the candidates' agreement with the
+        fused result, the fusion's probabilities at its boundary, the registrations' final
+        metric), with a regression calibrated on atlases segmented by the other atlases
+        with the same config; written to ``metrics.csv`` and ``run.json``. The calibration
+        costs about as much as segmenting ``calibration_atlases`` more targets, once per
+        atlas set and config (its result is cached).
+    calibration_atlases : int
+        Most atlases segmented by the others to calibrate the prediction (chosen evenly
+        over the atlases sorted by id; all of them when there are fewer).
+    review_below : float
+        A label whose predicted Dice is below this gets ``review: true``; the report lists
+        targets with such a label first.
+    """
+
+    enabled: bool = False
+    calibration_atlases: int = 8
+    review_below: float = 0.7
+
+    def __post_init__(self):
+        _require(self.calibration_atlases >= 3, "calibration_atlases", "must be >= 3")
+        _require(0.0 <= self.review_below <= 1.0, "review_below", "must be a Dice, in [0, 1]")
+
+
+@dataclass(frozen=True)
 class ParallelConfig:
     """Parallel registration of the atlases.
 
@@ -489,6 +519,7 @@ class Config:
     propagation: PropagationConfig = field(default_factory=PropagationConfig)
     fusion: FusionConfig = field(default_factory=FusionConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    quality: QualityConfig = field(default_factory=QualityConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
 

@@ -47,6 +47,7 @@ from .imageio import (
 from .manifest import Atlas, Manifest, Target
 from .parallel import available_cores, log_above_bars, parallel_map, progress, session, thread_budget
 from .propagation import propagate_intensities, propagate_labels
+from .quality import Calibration, CandidateVotes, calibrate, registration_metric
 from .registration import (
     Masks,
     RegistrationDiverged,
@@ -505,9 +506,10 @@ def prepare_case(target: Target, atlases: list[Atlas], config: Config, *, count:
 
 
 def segment_target(target: Target, atlases: list[Atlas], config: Config, *, out_dir: Path, label_names: dict[int, str],
-                   cache: Cache | None = None) -> TargetResult:
+                   cache: Cache | None = None, calibration: Calibration | None = None) -> TargetResult:
     """Segment one target with the given atlases; write ``<out>/<target>/segmentation.<output.format>`` and, last,
-    ``<out>/<target>/target.json`` (the target's record: what a resumed run reuses)."""
+    ``<out>/<target>/target.json`` (the target's record: what a resumed run reuses). With ``calibration``
+    (``quality.enabled``), the record holds each label's predicted Dice (:mod:`atlasseg.quality`)."""
     by_id = {a.id: a for a in atlases}
     reference = read_image(target.image)
     truth = read_labels(target.labels, like=reference, like_path=target.image) if target.labels is not None else None
@@ -538,6 +540,7 @@ def segment_target(target: Target, atlases: list[Atlas], config: Config, *, out_
 
     # Propagate and fuse, one candidate at a time.
     fuser = make_fuser(normalize_intensity(reference, method=config.registration.normalization), config=config.fusion)
+    votes = CandidateVotes() if calibration is not None else None
     seconds["propagation"] = seconds["fusion"] = 0.0
     for aid in used:
         clock = time.perf_counter()
@@ -546,6 +549,8 @@ def segment_target(target: Target, atlases: list[Atlas], config: Config, *, out_
         seconds["propagation"] += time.perf_counter() - clock
         clock = time.perf_counter()
         fuser.add(candidate, intensities)
+        if votes is not None:
+            votes.add(candidate)
         seconds["fusion"] += time.perf_counter() - clock
     clock = time.perf_counter()
     segmentation = fuser.result()
@@ -587,6 +592,11 @@ def segment_target(target: Target, atlases: list[Atlas], config: Config, *, out_
     if scores_out is not None:
         record["scores"] = {str(k): s for k, s in scores_out.items()}
         record["mean_dice"] = mean_score({k: s["dice"] for k, s in scores_out.items()})
+    if calibration is not None:
+        clock = time.perf_counter()
+        record["quality"] = calibration.assess(votes, segmentation, fuser, labels=sorted(label_names),
+                                               registration_metric=registration_metric(records, used))
+        record["seconds"]["quality"] = round(time.perf_counter() - clock, 3)
     write_json(target_dir / TARGET_RECORD, {"inputs": inputs_key(target, atlases, config), "record": record})
     return TargetResult(target.id, seg_path, scores_out, record)
 
@@ -795,7 +805,12 @@ def run(config: Config, manifest: Manifest, *, out_dir: str | Path | None = None
     results: list[TargetResult] = []
     run_record = {"versions": versions(), "config": config.to_dict(), "manifest": str(manifest.path),
                   "cache": str(cache.root) if cache.enabled else None, "status": "running", "targets": {}}
+    calibration = None
     with session(config.parallel), log_above_bars(), progress(targets, desc="targets", unit="target", leave=True) as bar:
+        if config.quality.enabled:
+            clock = time.perf_counter()
+            calibration = calibrate(manifest, config, cache=cache)
+            run_record["quality"] = {**calibration.summary(), "seconds": round(time.perf_counter() - clock, 3)}
         for target in bar:
             atlases = manifest.atlases_for(target)
             result = None if force else finished_target(target, atlases, config, out)
@@ -805,7 +820,7 @@ def run(config: Config, manifest: Manifest, *, out_dir: str | Path | None = None
                 log.info("target %s: %d atlases", target.id, len(atlases))
                 try:
                     result = segment_target(target, atlases, config, out_dir=out, label_names=manifest.label_names,
-                                            cache=cache)
+                                            cache=cache, calibration=calibration)
                 except _TARGET_ERRORS as err:
                     log.error("target %s failed: %s", target.id, err)
                     result = TargetResult(target.id, None, None, {"image": str(target.image), "status": "failed",
@@ -836,9 +851,32 @@ def evaluation_metrics(config: Config) -> tuple[str, ...]:
 
 
 def write_metrics(path: Path, results: list[TargetResult], label_names: dict[int, str], metrics) -> None:
-    """``metrics.csv``: one row per target and label, plus the target's mean."""
-    table = [row for r in results if r.scores is not None for row in rows(r.target_id, r.scores, label_names, metrics)]
-    write_table(path, header(metrics), table)
+    """``metrics.csv``: one row per target and label, plus the target's mean. With predicted Dice
+    (``quality.enabled``) every segmented target has rows, its metrics empty without ground truth, and three
+    more columns: ``predicted_dice``, ``predicted_dice_error`` and ``review`` (the mean row: any label's)."""
+    if not any("quality" in r.record for r in results):
+        table = [row for r in results if r.scores is not None for row in rows(r.target_id, r.scores, label_names, metrics)]
+        write_table(path, header(metrics), table)
+        return
+    table = []
+    for r in results:
+        quality = {int(v): q for v, q in r.record.get("quality", {}).items()}
+        if r.scores is None and not quality:
+            continue
+        scores = r.scores or {v: {m: math.nan for m in metrics} for v in quality}
+        for row in rows(r.target_id, {**{v: {m: math.nan for m in metrics} for v in quality}, **scores},
+                        label_names, metrics):
+            if row[1] == "mean":
+                flagged = [q["review"] for q in quality.values()]
+                predicted = [q["predicted_dice"] for q in quality.values()]
+                row += [mean_score(dict(enumerate(predicted))), math.nan, str(any(flagged)).lower() if flagged else ""]
+            elif row[1] in quality:
+                q = quality[row[1]]
+                row += [float(q["predicted_dice"]), float(q["error"]), str(q["review"]).lower()]
+            else:
+                row += [math.nan, math.nan, ""]
+            table.append(row)
+    write_table(path, [*header(metrics), "predicted_dice", "predicted_dice_error", "review"], table)
 
 
 def write_table(path: Path, head: list[str], table: list[list]) -> None:

@@ -336,7 +336,22 @@ def _overview(targets: dict) -> str:
              f"{len(record.get('selected', []))} of {len(record.get('ranking', []))}",
              len(record.get("dropped", [])), sum(record.get("seconds", {}).values())]
             for i, (tid, record) in enumerate(targets.items())]
-    return _table(["target", "mean Dice", "atlases used", "dropped", "seconds"], body)
+    head = ["target", "mean Dice", "atlases used", "dropped", "seconds"]
+    if any("quality" in record for record in targets.values()):
+        head += ["predicted Dice", "review"]
+        for row, record in zip(body, targets.values()):
+            quality = record.get("quality", {})
+            row += [_quality(quality), ", ".join(v for v, q in quality.items() if q["review"])]
+    return _table(head, body)
+
+
+def _flagged(record: dict) -> bool:
+    """Whether a label of the target's predicted Dice (:mod:`atlasseg.quality`) asks for review."""
+    return any(q["review"] for q in record.get("quality", {}).values())
+
+
+def _quality(quality: dict) -> str:
+    return ", ".join(f"{v}: {q['predicted_dice']:.2f} ± {q['error']:.2f}" for v, q in quality.items())
 
 
 def _metrics(targets: dict, names: dict[int, str]) -> str:
@@ -415,7 +430,7 @@ def _target(index: int, tid: str, record: dict, picture: Path | None) -> str:
 
 
 def _page(run: dict, names: dict[int, str], pictures: dict[str, Path]) -> str:
-    targets = run.get("targets", {})
+    targets = dict(sorted(run.get("targets", {}).items(), key=lambda item: not _flagged(item[1])))  # review first
     status = run.get("status", "unknown")
     css = "" if status == "complete" else ' class="fail"'
     return "\n".join([
