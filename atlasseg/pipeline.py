@@ -47,7 +47,7 @@ from .imageio import (
 from .manifest import Atlas, Manifest, Target
 from .parallel import available_cores, log_above_bars, parallel_map, progress, session, thread_budget
 from .propagation import propagate_intensities, propagate_labels
-from .quality import Calibration, CandidateVotes, calibrate, registration_metric
+from .quality import Calibration, CandidateVotes, calibrate, target_features
 from .registration import (
     Masks,
     RegistrationDiverged,
@@ -595,7 +595,7 @@ def segment_target(target: Target, atlases: list[Atlas], config: Config, *, out_
     if calibration is not None:
         clock = time.perf_counter()
         record["quality"] = calibration.assess(votes, segmentation, fuser, labels=sorted(label_names),
-                                               registration_metric=registration_metric(records, used))
+                                               target=target_features(records, ranking.scores, used))
         record["seconds"]["quality"] = round(time.perf_counter() - clock, 3)
     write_json(target_dir / TARGET_RECORD, {"inputs": inputs_key(target, atlases, config), "record": record})
     return TargetResult(target.id, seg_path, scores_out, record)

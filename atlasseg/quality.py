@@ -36,12 +36,16 @@ from .manifest import Manifest, as_target
 
 log = logging.getLogger("atlasseg")
 
-FEATURES = ("agreement", "agreement_spread", "disagreement", "boundary_probability", "log_volume",
-            "registration_metric")
-"""Per label: the candidates' mean Dice with the fused label and its standard deviation; the share of the
-voxels any candidate gives the label that not every candidate does; the label's mean fusion probability
-on the fused label's boundary voxels; log10 of its fused volume (ml); the mean final metric of the
-candidates' registrations (non-rigid, else affine; lower is better)."""
+LABEL_FEATURES = ("agreement", "agreement_spread", "agreement_max", "consistency", "disagreement",
+                  "boundary_probability", "log_volume")
+"""Per label: the candidates' mean Dice with the fused label, its standard deviation and its maximum; their
+mean Dice with each other (pooled over pairs); the share of the voxels any candidate gives the label that
+not every candidate does; the label's mean fusion probability on the fused label's boundary voxels; log10
+of its fused volume (ml)."""
+TARGET_FEATURES = ("registration_metric", "selection_score")
+"""Per target (:func:`target_features`): the mean final metric of the candidates' registrations (non-rigid,
+else affine; lower is better) and their mean selection score (higher is better)."""
+FEATURES = LABEL_FEATURES + TARGET_FEATURES
 
 _PENALTIES = (0.1, 1.0, 10.0, 100.0)  # ridge penalties tried (standardised features); leave-one-out picks one
 BASELINE = "agreement"  # the regression predicts Dice minus this: with little to learn from, Dice ≈ the agreement
@@ -70,9 +74,11 @@ class CandidateVotes:
         return {v for voxels in self._voxels for v in voxels}
 
     def features(self, segmentation: sitk.Image, probabilities: dict[int, sitk.Image], *, labels,
-                 registration_metric: float) -> dict[int, dict[str, float]]:
+                 target: dict[str, float]) -> dict[int, dict[str, float]]:
         """:data:`FEATURES` of each of ``labels`` in ``segmentation`` (the fused result; ``probabilities``: the
-        fusion's, per label value). A label neither the result nor any candidate has is left out."""
+        fusion's, per label value; ``target``: the :data:`TARGET_FEATURES`). A label neither the result nor
+        any candidate has is left out."""
+        n = len(self._voxels)
         fused = sitk.GetArrayViewFromImage(segmentation)
         voxel_ml = math.prod(segmentation.GetSpacing()) / 1000.0
         out = {}
@@ -85,30 +91,34 @@ class CandidateVotes:
             flat = mask.ravel()
             dice = [2.0 * np.count_nonzero(flat[v]) / (v.size + inside) for v in voxels]
             union, counts = np.unique(np.concatenate(voxels), return_counts=True)
+            pairs = (n - 1) * counts.sum()  # Σ_i |C_i| (n − 1): what Σ_{i≠j} |C_i ∩ C_j| is at full agreement
             boundary = mask & ~ndimage.binary_erosion(mask)
             probability = probabilities.get(value)
             out[value] = {
                 "agreement": float(np.mean(dice)),
                 "agreement_spread": float(np.std(dice)),
-                "disagreement": 1.0 - np.count_nonzero(counts == len(voxels)) / max(1, union.size),
+                "agreement_max": float(np.max(dice)),
+                "consistency": float((counts * (counts - 1)).sum() / pairs) if pairs else math.nan,
+                "disagreement": 1.0 - np.count_nonzero(counts == n) / max(1, union.size),
                 "boundary_probability": (float(sitk.GetArrayViewFromImage(probability)[boundary].mean())
                                          if probability is not None and boundary.any() else 0.0),
                 "log_volume": math.log10(inside * voxel_ml + 1e-3),
-                "registration_metric": registration_metric,
+                **target,
             }
         return out
 
 
-def registration_metric(records: dict[str, dict], used) -> float:
-    """Mean final metric (lower is better) of the ``used`` atlases' registrations: non-rigid, else affine."""
-    values = []
-    for aid in used:
-        stages = records.get(aid, {})
-        record = stages.get("nonrigid") or stages.get("affine") or {}
-        value = record.get("metric_after")
-        if value is not None and math.isfinite(value):
-            values.append(value)
-    return float(np.mean(values)) if values else math.nan
+def target_features(records: dict[str, dict], scores: dict[str, float], used) -> dict[str, float]:
+    """:data:`TARGET_FEATURES` of the ``used`` atlases: their registrations' mean final metric (non-rigid, else
+    affine) from ``records``, and their mean selection score from ``scores``; NaN where none is finite."""
+    metrics = [(records.get(aid, {}).get("nonrigid") or records.get(aid, {}).get("affine") or {}).get("metric_after")
+               for aid in used]
+    return {"registration_metric": _finite_mean(metrics), "selection_score": _finite_mean(scores.get(a) for a in used)}
+
+
+def _finite_mean(values) -> float:
+    kept = [v for v in values if v is not None and math.isfinite(v)]
+    return float(np.mean(kept)) if kept else math.nan
 
 
 @dataclass(frozen=True)
@@ -165,10 +175,11 @@ class Calibration:
     cached: bool = False
 
     def assess(self, votes: CandidateVotes, segmentation: sitk.Image, fuser, *, labels,
-               registration_metric: float) -> dict[str, dict]:
-        """Per label (its value as a string, as in run.json): predicted Dice, its error, review, features."""
+               target: dict[str, float]) -> dict[str, dict]:
+        """Per label (its value as a string, as in run.json): predicted Dice, its error, review, features
+        (``target``: the :data:`TARGET_FEATURES`)."""
         found = votes.features(segmentation, fuser.probabilities(), labels=labels or sorted(votes.values()),
-                               registration_metric=registration_metric)
+                               target=target)
         out = {}
         for value, features in found.items():
             predicted = self.model.predict(features)
@@ -241,7 +252,7 @@ def calibrate(manifest: Manifest, config: Config, *, cache: Cache) -> Calibratio
         segmentation = fuser.result()
         used = [aid for aid, _, _ in case.candidates]
         found = votes.features(segmentation, fuser.probabilities(), labels=labels or sorted(votes.values()),
-                               registration_metric=registration_metric(case.ranking.records, used))
+                               target=target_features(case.ranking.records, case.ranking.scores, used))
         dice = evaluate(segmentation, case.truth, labels=sorted(found), metrics=("dice",))
         samples += [{"atlas": atlas.id, "label": value, "features": features, "dice": dice[value]["dice"]}
                     for value, features in found.items() if math.isfinite(dice[value]["dice"])]

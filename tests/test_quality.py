@@ -35,15 +35,18 @@ def test_features_have_their_known_values():
         votes.add(_image(array))
     fused = _image(squares[1])
     probability = _image(np.where(squares[1] == 1, 0.75, 0.0).astype(np.float32))
-    found = votes.features(fused, {1: probability}, labels=[1, 2], registration_metric=0.25)
+    target = {"registration_metric": 0.25, "selection_score": 0.5}
+    found = votes.features(fused, {1: probability}, labels=[1, 2], target=target)
     assert list(found) == [1]  # label 2: in neither the result nor any candidate
     f = found[1]
     dice = [2 * 12 / 32, 1.0, 2 * 12 / 32]  # a one-column shift keeps 12 of 16 voxels
     assert f["agreement"] == pytest.approx(np.mean(dice)) and f["agreement_spread"] == pytest.approx(np.std(dice))
+    assert f["agreement_max"] == 1.0
     assert f["disagreement"] == pytest.approx(1 - 8 / 24)  # all three share 2 columns of the 6 any has
+    assert f["consistency"] == pytest.approx((3 * 2 * 8 + 2 * 1 * 8) / (2 * 48))  # the pairs' Dice 12/16, 12/16, 8/16
     assert f["boundary_probability"] == pytest.approx(0.75)
     assert f["log_volume"] == pytest.approx(math.log10(16 * 1e-3 + 1e-3))
-    assert f["registration_metric"] == 0.25 and set(f) == set(FEATURES)
+    assert f["registration_metric"] == 0.25 and f["selection_score"] == 0.5 and set(f) == set(FEATURES)
 
 
 def test_a_label_every_candidate_misses_gets_zero_agreement():
@@ -51,7 +54,7 @@ def test_a_label_every_candidate_misses_gets_zero_agreement():
     votes.add(_image(np.zeros((6, 6), np.uint8)))
     fused = np.zeros((6, 6), np.uint8)
     fused[1:3, 1:3] = 4
-    f = votes.features(_image(fused), {}, labels=[4], registration_metric=math.nan)[4]
+    f = votes.features(_image(fused), {}, labels=[4], target={})[4]
     assert f["agreement"] == 0.0 and f["disagreement"] == 1.0 and f["boundary_probability"] == 0.0
 
 
