@@ -595,7 +595,7 @@ def segment_target(target: Target, atlases: list[Atlas], config: Config, *, out_
     if calibration is not None:
         clock = time.perf_counter()
         record["quality"] = calibration.assess(votes, segmentation, fuser, labels=sorted(label_names),
-                                               target=target_features(records, ranking.scores, used))
+                                               target=target_features(records, used))
         record["seconds"]["quality"] = round(time.perf_counter() - clock, 3)
     write_json(target_dir / TARGET_RECORD, {"inputs": inputs_key(target, atlases, config), "record": record})
     return TargetResult(target.id, seg_path, scores_out, record)

@@ -2,8 +2,8 @@
 
 What a run knows about a segmentation it cannot score: how well the candidates (the
 registered atlases' labels) agree with the fused result and with each other, how sure the
-fusion is at the result's boundary, how well the registrations matched the images. Per
-label these give :data:`FEATURES`. Their link to the true Dice is learned per atlas set and
+fusion is at the result's boundary, how well the registrations matched the images and how
+alike the atlases looked to the target. Per label these give :data:`FEATURES`. Their link to the true Dice is learned per atlas set and
 config: a few atlases (``quality.calibration_atlases``, evenly over the atlases sorted by
 id) are each segmented by the other atlases exactly as a target is (affine stage and
 selection, the best ``selection.k`` registered non-rigidly, fused), which gives each of their
@@ -36,18 +36,17 @@ from .manifest import Manifest, as_target
 
 log = logging.getLogger("atlasseg")
 
-LABEL_FEATURES = ("agreement", "agreement_spread", "agreement_max", "consistency", "disagreement",
-                  "boundary_probability", "log_volume")
-"""Per label: the candidates' mean Dice with the fused label, its standard deviation and its maximum; their
-mean Dice with each other (pooled over pairs); the share of the voxels any candidate gives the label that
-not every candidate does; the label's mean fusion probability on the fused label's boundary voxels; log10
-of its fused volume (ml)."""
-TARGET_FEATURES = ("registration_metric", "selection_score")
+LABEL_FEATURES = ("agreement", "consistency", "boundary_probability")
+"""Per label: the candidates' mean Dice with the fused label; their mean Dice with each other (pooled over
+pairs); the label's mean fusion probability on the fused label's boundary voxels. (The spread and the
+maximum of the candidates' Dice, the share of voxels not every candidate gives the label, the volume and
+the selection scores were tried as well: with so few calibration samples they made the predictions worse.)"""
+TARGET_FEATURES = ("registration_metric",)
 """Per target (:func:`target_features`): the mean final metric of the candidates' registrations (non-rigid,
-else affine; lower is better) and their mean selection score (higher is better)."""
+else affine; lower is better)."""
 FEATURES = LABEL_FEATURES + TARGET_FEATURES
 
-_PENALTIES = (0.1, 1.0, 10.0, 100.0)  # ridge penalties tried (standardised features); leave-one-out picks one
+_PENALTIES = (1.0, 10.0, 100.0, 1000.0)  # ridge penalties tried (standardised features); leave-one-out picks one
 BASELINE = "agreement"  # the regression predicts Dice minus this: with little to learn from, Dice ≈ the agreement
 
 
@@ -67,9 +66,6 @@ class CandidateVotes:
         ends = [*starts[1:], order.size]
         self._voxels.append({int(v): index[order[s:e]] for v, s, e in zip(found, starts, ends)})
 
-    def __len__(self) -> int:
-        return len(self._voxels)
-
     def values(self) -> set[int]:
         return {v for voxels in self._voxels for v in voxels}
 
@@ -80,7 +76,6 @@ class CandidateVotes:
         any candidate has is left out."""
         n = len(self._voxels)
         fused = sitk.GetArrayViewFromImage(segmentation)
-        voxel_ml = math.prod(segmentation.GetSpacing()) / 1000.0
         out = {}
         for value in labels:
             mask = fused == value
@@ -90,35 +85,27 @@ class CandidateVotes:
                 continue
             flat = mask.ravel()
             dice = [2.0 * np.count_nonzero(flat[v]) / (v.size + inside) for v in voxels]
-            union, counts = np.unique(np.concatenate(voxels), return_counts=True)
+            counts = np.unique(np.concatenate(voxels), return_counts=True)[1]
             pairs = (n - 1) * counts.sum()  # Σ_i |C_i| (n − 1): what Σ_{i≠j} |C_i ∩ C_j| is at full agreement
             boundary = mask & ~ndimage.binary_erosion(mask)
             probability = probabilities.get(value)
             out[value] = {
                 "agreement": float(np.mean(dice)),
-                "agreement_spread": float(np.std(dice)),
-                "agreement_max": float(np.max(dice)),
                 "consistency": float((counts * (counts - 1)).sum() / pairs) if pairs else math.nan,
-                "disagreement": 1.0 - np.count_nonzero(counts == n) / max(1, union.size),
                 "boundary_probability": (float(sitk.GetArrayViewFromImage(probability)[boundary].mean())
                                          if probability is not None and boundary.any() else 0.0),
-                "log_volume": math.log10(inside * voxel_ml + 1e-3),
                 **target,
             }
         return out
 
 
-def target_features(records: dict[str, dict], scores: dict[str, float], used) -> dict[str, float]:
+def target_features(records: dict[str, dict], used) -> dict[str, float]:
     """:data:`TARGET_FEATURES` of the ``used`` atlases: their registrations' mean final metric (non-rigid, else
-    affine) from ``records``, and their mean selection score from ``scores``; NaN where none is finite."""
+    affine) from ``records``; NaN where none is finite."""
     metrics = [(records.get(aid, {}).get("nonrigid") or records.get(aid, {}).get("affine") or {}).get("metric_after")
                for aid in used]
-    return {"registration_metric": _finite_mean(metrics), "selection_score": _finite_mean(scores.get(a) for a in used)}
-
-
-def _finite_mean(values) -> float:
-    kept = [v for v in values if v is not None and math.isfinite(v)]
-    return float(np.mean(kept)) if kept else math.nan
+    kept = [v for v in metrics if v is not None and math.isfinite(v)]
+    return {"registration_metric": float(np.mean(kept)) if kept else math.nan}
 
 
 @dataclass(frozen=True)
@@ -252,7 +239,7 @@ def calibrate(manifest: Manifest, config: Config, *, cache: Cache) -> Calibratio
         segmentation = fuser.result()
         used = [aid for aid, _, _ in case.candidates]
         found = votes.features(segmentation, fuser.probabilities(), labels=labels or sorted(votes.values()),
-                               target=target_features(case.ranking.records, case.ranking.scores, used))
+                               target=target_features(case.ranking.records, used))
         dice = evaluate(segmentation, case.truth, labels=sorted(found), metrics=("dice",))
         samples += [{"atlas": atlas.id, "label": value, "features": features, "dice": dice[value]["dice"]}
                     for value, features in found.items() if math.isfinite(dice[value]["dice"])]

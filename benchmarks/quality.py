@@ -143,11 +143,11 @@ def main(argv=None) -> int:
                           f"{summary['mean_error_bar']:.3f}", summary["worst"], f"{summary['caught']:.0%}",
                           f"{summary['false_alarms']:.0%}", f"{summary['caught_at_20']:.0%}", summary["seconds"]])
             print(f"{name}: {summary}", file=sys.stderr, flush=True)
+            path = write_json("quality", {"config": config.to_dict(), "datasets": results})  # so far
     print(f"config {args.config} {' '.join(args.overrides)}; review_below {config.quality.review_below}, "
           f"calibration_atlases {config.quality.calibration_atlases}")
     print(format_rows(["dataset", "labels", "pearson", "spearman", "spearman/label", "MAE", "error bar", "worst",
                        "caught", "false alarms", "caught @20% FA", "s"], table))
-    path = write_json("quality", {"config": config.to_dict(), "datasets": results})
     print(f"\nwritten {path}")
     return 0
 
