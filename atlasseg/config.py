@@ -191,7 +191,8 @@ class NonrigidConfig:
         between levels, so the coarsest level's spacing is ``grid_spacing * 2**(levels-1)``.
     metric : str
         ``bspline``: ``ncc`` (normalised cross-correlation), ``mse`` (mean squared
-        difference of the normalised intensities), ``mattes`` (mutual information,
+        difference of the normalised intensities), ``nmse`` (the same after each image is
+        standardised to zero mean and unit variance), ``mattes`` (mutual information,
         for different contrasts) or ``ants_ncc`` (ANTs neighbourhood correlation in
         a window of ``ncc_radius`` voxels; uses every voxel).
     sampling_percentage : float
@@ -226,7 +227,7 @@ class NonrigidConfig:
     smoothing_sigmas: tuple[float, ...] = (0.0, 0.0)
     iterations: int | tuple[int, ...] = (50, 10)
     grid_spacing: float = 6.0
-    metric: Literal["ncc", "mse", "mattes", "ants_ncc"] = "ncc"
+    metric: Literal["ncc", "mse", "nmse", "mattes", "ants_ncc"] = "ncc"
     sampling_percentage: float = 0.25
     regularization: float = 0.1
     ncc_radius: int = 2

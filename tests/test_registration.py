@@ -286,11 +286,13 @@ NO_AFFINE = AffineConfig(stages=())  # the pair shares its geometry: the non-rig
         (BSPLINE, (2, 3), 0.8),
         (replace(BSPLINE, metric="ants_ncc"), (3,), 0.8),
         (replace(BSPLINE, metric="mse"), (2,), 0.5),
+        (replace(BSPLINE, metric="nmse"), (2,), 0.5),
         (replace(BSPLINE, metric="mattes"), (2,), 0.5),
         (NonrigidConfig(method="demons"), (2, 3), 0.5),
         (NonrigidConfig(method="demons", demons_variant="symmetric"), (2,), 0.5),
     ],
-    ids=["bspline-ncc", "bspline-ants_ncc", "bspline-mse", "bspline-mattes", "demons", "demons-symmetric"],
+    ids=["bspline-ncc", "bspline-ants_ncc", "bspline-mse", "bspline-nmse", "bspline-mattes", "demons",
+         "demons-symmetric"],
 )
 def test_nonrigid_undoes_a_known_deformation(nonrigid, dims, reduction):
     for dim in dims:
