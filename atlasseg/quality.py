@@ -2,8 +2,8 @@
 
 What a run knows about a segmentation it cannot score: how well the candidates (the
 registered atlases' labels) agree with the fused result and with each other, how sure the
-fusion is at the result's boundary, how well the registrations matched the images and how
-alike the atlases looked to the target. Per label these give :data:`FEATURES`. Their link to the true Dice is learned per atlas set and
+fusion is at the result's boundary, how well the registrations matched the images. Per
+label these give :data:`FEATURES`. Their link to the true Dice is learned per atlas set and
 config: a few atlases (``quality.calibration_atlases``, evenly over the atlases sorted by
 id) are each segmented by the other atlases exactly as a target is (affine stage and
 selection, the best ``selection.k`` registered non-rigidly, fused), which gives each of their
@@ -134,9 +134,10 @@ def fit(samples: list[dict]) -> Model:
     penalty (of :data:`_PENALTIES`) has the least leave-one-out error (computed exactly from the hat matrix)."""
     x = np.asarray([[s["features"][f] for f in FEATURES] for s in samples], float)
     y = np.asarray([s["dice"] - s["features"][BASELINE] for s in samples], float)
-    finite = np.where(np.isfinite(x), x, np.nan)
-    mean = np.nan_to_num(np.nanmean(finite, axis=0)) if np.isfinite(finite).any() else np.zeros(x.shape[1])
-    scale = np.nan_to_num(np.nanstd(finite, axis=0))
+    finite = np.isfinite(x)
+    count = np.maximum(finite.sum(axis=0), 1)
+    mean = np.where(finite, x, 0.0).sum(axis=0) / count  # over the finite values (0 where none is)
+    scale = np.sqrt(np.where(finite, (x - mean) ** 2, 0.0).sum(axis=0) / count)
     scale[scale == 0] = 1.0
     design = np.hstack([np.ones((len(y), 1)), _standardise(x, mean, scale)])
     best = None
