@@ -197,6 +197,7 @@ def segment(
     truth
         Ground truth of ``target``: the record then holds ``scores`` (label value, an int as in :func:`evaluate`
         → metric → value) and ``mean_dice``.
+        With or without it, ``quality.enabled`` adds each label's predicted Dice (``record["quality"]``).
     label_names
         Label value → name (labels scored; warnings name them).
     target_id
@@ -218,7 +219,9 @@ def segment(
         atlas registrations succeeding (``selection.min_atlases``).
     """
     from .manifest import manifest_from_dict
+    from .cache import open_cache
     from .pipeline import check_inputs, segment_target, versions
+    from .quality import calibrate
 
     config = resolve_config(config, overrides)
     items = list(atlases.items()) if isinstance(atlases, Mapping) else [(f"atlas_{i}", a) for i, a in enumerate(atlases)]
@@ -238,7 +241,9 @@ def segment(
         check_inputs(manifest, config)
         (target_,) = manifest.targets
         out = Path(out_dir) if out_dir is not None else files.folder / "out"
-        result = segment_target(target_, list(manifest.atlases), config, out_dir=out, label_names=manifest.label_names)
+        calibration = calibrate(manifest, config, cache=open_cache(config)) if config.quality.enabled else None
+        result = segment_target(target_, list(manifest.atlases), config, out_dir=out, label_names=manifest.label_names,
+                                calibration=calibration)
         segmentation = sitk.ReadImage(str(result.segmentation))
     record = {**result.record, "image": _describe(target),
               **({"scores": result.scores} if result.scores is not None else {}),  # int label keys, as evaluate's

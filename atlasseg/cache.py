@@ -37,7 +37,7 @@ from .imageio import TMP_PREFIX, atomic_write_text
 from .registration import save_transform
 
 CACHE_ENV = "ATLASSEG_CACHE_DIR"
-STAGES = ("affine", "nonrigid")
+STAGES = ("affine", "nonrigid", "quality")  # quality: calibration samples (atlasseg.quality), no transform
 IN_USE_SECONDS = 600  # an entry read or written this recently may be held by a run: never evicted
 _FORMAT = 2  # entries carry checksums
 

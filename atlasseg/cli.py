@@ -48,18 +48,31 @@ def _add_manifest_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--force", action="store_true", help="replace an existing manifest")
 
 
+def _add_global_args(parser: argparse.ArgumentParser, *, defaults: bool) -> None:
+    """``--debug``, ``-q``, ``-v``, ``--log-file``: on the main parser with their defaults, on every
+    (sub)command without (``SUPPRESS``), so a flag given after the command is kept and one given
+    before it is not reset by the command's parser."""
+    unset = {} if defaults else {"default": argparse.SUPPRESS}
+    group = parser.add_argument_group("global options")
+    group.add_argument("--debug", action="store_true", help="show tracebacks", **unset)
+    group.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors, no progress bars", **unset)
+    group.add_argument("-v", "--verbose", action="store_true", help="also each registration's per-level details",
+                       **unset)
+    group.add_argument("--log-file", metavar="PATH", help="also write the log (with -v's details and times) to PATH",
+                       **unset)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="atlasseg", description="Multi-atlas segmentation of medical images.",
         epilog="exit codes: " + "; ".join(f"{code} {meaning}" for code, meaning in EXIT_CODES.items()))
     parser.add_argument("--version", action="version", version=f"atlasseg {__version__}")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks")
-    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors, no progress bars")
-    parser.add_argument("-v", "--verbose", action="store_true", help="also each registration's per-level details")
-    parser.add_argument("--log-file", metavar="PATH", help="also write the log (with -v's details and times) to PATH")
+    _add_global_args(parser, defaults=True)
+    common = argparse.ArgumentParser(add_help=False)  # the same flags after a (sub)command: git's and pip's habit
+    _add_global_args(common, defaults=False)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("run", help="segment the manifest's targets")
+    p = sub.add_parser("run", parents=[common], help="segment the manifest's targets")
     _add_config_args(p)
     p.add_argument("--out", help="output folder (default: output.dir of the config)")
     p.add_argument("--target", dest="targets", action="append", metavar="ID", help="only this target (repeatable)")
@@ -71,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "their atlases)")
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("cache", help="show, prune or clear the registration cache")
+    p = sub.add_parser("cache", parents=[common], help="show, prune or clear the registration cache")
     p.add_argument("action", choices=("info", "prune", "clear"),
                    help="info: entries and size; prune: remove damaged entries, then the least recently used down to "
                         "the size cap (never one used in the last 10 minutes); clear: remove every entry")
@@ -80,17 +93,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-gb", type=float, metavar="GIB", help="prune down to this size instead of output.cache_max_gb")
     p.set_defaults(func=cmd_cache)
 
-    p = sub.add_parser("validate", help="check a config and a manifest; runs nothing")
+    p = sub.add_parser("validate", parents=[common], help="check a config and a manifest; runs nothing")
     _add_config_args(p)
     p.set_defaults(func=cmd_validate)
 
-    p = sub.add_parser("select", help="rank the atlases for one target (affine stage and scores; no non-rigid stage)")
+    p = sub.add_parser("select", parents=[common],
+                       help="rank the atlases for one target (affine stage and scores; no non-rigid stage)")
     _add_config_args(p)
     p.add_argument("--target", required=True, metavar="ID",
                    help="a target of the manifest, or an atlas (ranked against the other atlases)")
     p.set_defaults(func=cmd_select)
 
-    p = sub.add_parser("crossval", help="leave-one-out over the atlases: Dice per fusion method and k")
+    p = sub.add_parser("crossval", parents=[common],
+                       help="leave-one-out over the atlases: Dice per fusion method and k")
     _add_config_args(p)
     p.add_argument("--k", dest="ks", nargs="+", default=["3", "5", "10", "all"], metavar="K",
                    help="numbers of best-ranked atlases to fuse, or all (default: 3 5 10 all)")
@@ -98,12 +113,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="folder for crossval.csv and crossval.json (default: output.dir of the config)")
     p.set_defaults(func=cmd_crossval)
 
-    p = sub.add_parser("report", help="(re)write the QC report (qc.png per target, index.html) of a finished run")
+    p = sub.add_parser("report", parents=[common],
+                       help="(re)write the QC report (qc.png per target, index.html) of a finished run")
     p.add_argument("out", metavar="OUT_DIR", help="the run's output folder (holding run.json)")
     p.add_argument("--manifest", help="data manifest for ground truth and label names (default: the run's)")
     p.set_defaults(func=cmd_report)
 
-    p = sub.add_parser("demo", help="make a synthetic dataset and segment it")
+    p = sub.add_parser("demo", parents=[common], help="make a synthetic dataset and segment it")
     p.add_argument("--out", default="atlasseg-demo", help="folder for data/ and results/ (default: %(default)s)")
     p.add_argument("--dim", type=int, choices=(2, 3), default=3, help="image dimension (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic data (default: %(default)s)")
@@ -114,7 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("register", help="register one image pair and write the warped image and transform")
+    p = sub.add_parser("register", parents=[common],
+                       help="register one image pair and write the warped image and transform")
     p.add_argument("fixed", help="fixed image (the target space)")
     p.add_argument("moving", help="moving image, mapped onto the fixed one")
     p.add_argument("--labels", help="label map of the moving image, also warped (nearest neighbour)")
@@ -129,16 +146,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--moving-landmarks", help="corresponding landmarks of the moving image; initialises from them")
     p.set_defaults(func=cmd_register)
 
-    p = sub.add_parser("manifest", help="write a data_manifest.yaml from a dataset on disk")
+    p = sub.add_parser("manifest", parents=[common], help="write a data_manifest.yaml from a dataset on disk")
     kinds = p.add_subparsers(dest="source", required=True, metavar="{from-msd,from-folders,from-bids}")
-    q = kinds.add_parser("from-msd", help="from a Decathlon / nnU-Net raw dataset: training cases become atlases, "
+    q = kinds.add_parser("from-msd", parents=[common],
+                         help="from a Decathlon / nnU-Net raw dataset: training cases become atlases, "
                          "test images targets")
     q.add_argument("dataset_json", metavar="DATASET_JSON", help="the dataset's dataset.json (or its folder)")
     q.add_argument("--targets", metavar="DIR", help="folder of target images, relative to the dataset's "
                    "(default: the 'test' list of dataset.json, else imagesTs/ when present)")
     _add_manifest_args(q)
     q.set_defaults(func=cmd_manifest_msd)
-    q = kinds.add_parser("from-folders", help="pair the files of an image folder and a label folder by name")
+    q = kinds.add_parser("from-folders", parents=[common],
+                         help="pair the files of an image folder and a label folder by name")
     q.add_argument("images", metavar="IMAGES", help="folder of atlas images")
     q.add_argument("labels", metavar="LABELS", help="folder of their label maps (case.nii.gz or case_seg.nii.gz "
                    "for the image case.nii.gz or case_0000.nii.gz)")
@@ -160,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_manifest_args(q)
     q.set_defaults(func=cmd_manifest_bids)
 
-    p = sub.add_parser("evaluate", help="score a segmentation against ground truth")
+    p = sub.add_parser("evaluate", parents=[common], help="score a segmentation against ground truth")
     p.add_argument("prediction", help="segmentation (label map)")
     p.add_argument("truth", help="ground-truth label map on the same grid")
     p.add_argument("--labels", nargs="+", metavar="VALUE[=NAME]", help="labels to score (default: all non-zero values)")

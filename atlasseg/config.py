@@ -84,8 +84,9 @@ class SelectionConfig:
         ``atlasseg run`` exits with code 3 unless ``--allow-degraded``.
     metric : str
         Score: ``ncc`` (normalised cross-correlation), ``mi`` (mutual information of a
-        32-bin joint histogram, nats) or ``mse`` (mean squared intensity difference,
-        negated so that higher is better).
+        32-bin joint histogram, nats), ``mse`` (mean squared intensity difference,
+        negated so that higher is better) or ``nmse`` (the same after each image's scored
+        voxels are standardised to zero mean and unit variance: ``2 ncc - 2``, so it ranks as ``ncc``).
     roi : str
         Where the score is computed: ``none`` (the target's whole field of view),
         ``near_labels`` (the voxels within ``roi_margin`` of the atlas's labels mapped
@@ -104,7 +105,7 @@ class SelectionConfig:
     threshold: Optional[float] = None
     min_atlases: Union[int, Literal["auto"]] = "auto"
     max_dropped_share: float = 0.25
-    metric: Literal["ncc", "mi", "mse"] = "ncc"
+    metric: Literal["ncc", "mi", "mse", "nmse"] = "ncc"
     roi: Literal["none", "near_labels", "labels"] = "near_labels"
     roi_margin: float = 2.0
     grid_spacing: float = 1.0
@@ -135,7 +136,9 @@ class AffineConfig:
         stage starts from the previous one. Empty: the initialisation only.
     metric : str
         ``mattes`` (Mattes mutual information: for different contrasts), ``ncc``
-        (normalised correlation), ``mse`` (mean squares) or ``ants_ncc`` (ANTs
+        (normalised correlation), ``mse`` (mean squares), ``nmse`` (mean squares of the
+        images standardised first, each to zero mean and unit variance over its whole
+        domain: unchanged by a linear change of either's intensities) or ``ants_ncc`` (ANTs
         neighbourhood correlation). ITK's joint-histogram MI is not offered: its
         gradient is wrong in the SimpleITK releases available (ITK issue 6570).
     optimizer : str
@@ -159,7 +162,7 @@ class AffineConfig:
 
     initialization: Literal["geometry", "moments", "landmarks", "none"] = "geometry"
     stages: tuple[str, ...] = ("affine",)
-    metric: Literal["mattes", "ncc", "mse", "ants_ncc"] = "ncc"
+    metric: Literal["mattes", "ncc", "mse", "nmse", "ants_ncc"] = "ncc"
     optimizer: Literal["regular_step", "gradient_descent", "lbfgsb"] = "regular_step"
     shrink_factors: tuple[int, ...] = (4, 2)
     smoothing_sigmas: tuple[float, ...] = (1.0, 0.0)
@@ -199,7 +202,8 @@ class NonrigidConfig:
         between levels, so the coarsest level's spacing is ``grid_spacing * 2**(levels-1)``.
     metric : str
         ``bspline``: ``ncc`` (normalised cross-correlation), ``mse`` (mean squared
-        difference of the normalised intensities), ``mattes`` (mutual information,
+        difference of the normalised intensities), ``nmse`` (the same after each image is
+        standardised to zero mean and unit variance), ``mattes`` (mutual information,
         for different contrasts) or ``ants_ncc`` (ANTs neighbourhood correlation in
         a window of ``ncc_radius`` voxels; uses every voxel).
     sampling_percentage : float
@@ -234,7 +238,7 @@ class NonrigidConfig:
     smoothing_sigmas: tuple[float, ...] = (0.0, 0.0)
     iterations: int | tuple[int, ...] = (50, 10)
     grid_spacing: float = 6.0
-    metric: Literal["ncc", "mse", "mattes", "ants_ncc"] = "ncc"
+    metric: Literal["ncc", "mse", "nmse", "mattes", "ants_ncc"] = "ncc"
     sampling_percentage: float = 0.25
     regularization: float = 0.1
     ncc_radius: int = 2
@@ -323,6 +327,11 @@ class FusionConfig:
         cardiac, and as good as local_weighted on the demo) or ``staple`` (STAPLE,
         Warfield et al. 2004: each atlas's confusion matrix estimated by EM where
         the atlases disagree; labels only). A tie goes to the smallest label value.
+    metric : str
+        Intensity difference of ``global_weighted`` and ``local_weighted``: ``mse`` (squared
+        difference of the normalised intensities) or ``nmse`` (the same after the target and
+        each warped atlas are standardised to zero mean and unit variance over the whole image:
+        unchanged by a linear change of either's intensities).
     gain : float
         Power applied to the inverse squared difference; larger trusts the
         best-matching atlas more. Weighted methods only.
@@ -370,6 +379,7 @@ class FusionConfig:
     """
 
     method: Literal["majority", "global_weighted", "local_weighted", "jlf", "staple"] = "jlf"
+    metric: Literal["mse", "nmse"] = "mse"
     gain: float = 1.0
     sigma: float = 2.0
     patch_radius: int = 2
@@ -410,6 +420,36 @@ class EvaluationConfig:
     metrics: tuple[Literal["dice", "jaccard", "hd95", "assd", "volume_difference"], ...] = (
         "dice", "jaccard", "hd95", "assd", "volume_difference",
     )
+
+
+@dataclass(frozen=True)
+class QualityConfig:
+    """A predicted Dice per target and label, for targets without ground truth (:mod:`atlasseg.quality`).
+
+    Parameters
+    ----------
+    enabled : bool
+        Predict each label's Dice from what the run has (the candidates' agreement with the
+        fused result and with each other, the fusion's probabilities at its boundary, the
+        registrations' final metric, the selection scores), with a regression calibrated on atlases segmented by the other atlases
+        with the same config; written to ``metrics.csv`` and ``run.json``. The calibration
+        costs about as much as segmenting ``calibration_atlases`` more targets, once per
+        atlas set and config (its result is cached).
+    calibration_atlases : int
+        Most atlases segmented by the others to calibrate the prediction (chosen evenly
+        over the atlases sorted by id; all of them when there are fewer).
+    review_below : float
+        A label whose predicted Dice is below this gets ``review: true``; the report lists
+        targets with such a label first.
+    """
+
+    enabled: bool = False
+    calibration_atlases: int = 8
+    review_below: float = 0.7
+
+    def __post_init__(self):
+        _require(self.calibration_atlases >= 3, "calibration_atlases", "must be >= 3")
+        _require(0.0 <= self.review_below <= 1.0, "review_below", "must be a Dice, in [0, 1]")
 
 
 @dataclass(frozen=True)
@@ -513,6 +553,7 @@ class Config:
     propagation: PropagationConfig = field(default_factory=PropagationConfig)
     fusion: FusionConfig = field(default_factory=FusionConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    quality: QualityConfig = field(default_factory=QualityConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
 

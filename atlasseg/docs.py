@@ -169,6 +169,8 @@ def cli_reference() -> str:
         f"<!-- Generated from atlasseg/cli.py by `{REGENERATE}` with Python {'.'.join(version)}; do not edit by hand. -->",
         "",
         "Every command prints one line on stderr and exits with 2 on bad input (`--debug` shows the traceback).",
+        "The global options (`--debug`, `-q`, `-v`, `--log-file`) go before or after the command",
+        "(`atlasseg -q run ...` or `atlasseg run ... -q`).",
         "The options of the configuration are in [configuration.md](configuration.md).",
     ]
     saved = os.environ.get("COLUMNS")

@@ -9,7 +9,8 @@ smallest label value, background 0 first). The methods differ in the weight:
   difference between the warped atlas and the target, to the power ``gain``;
 - ``local_weighted``: a weight per voxel, the inverse of that squared difference
   averaged in a Gaussian window (``sigma``, mm), to the power ``gain``
-  (Artaechevarria et al. 2009, local weighted voting);
+  (Artaechevarria et al. 2009, local weighted voting); with ``metric: nmse`` both
+  weights compare the images standardised to zero mean and unit variance;
 - ``jlf``: joint label fusion (Wang et al. 2013), weights per voxel that account
   for atlases making the same errors (see :class:`JointLabelFusion`).
 
@@ -38,6 +39,7 @@ from .config import FusionConfig
 from .errors import AtlassegError
 from .imageio import same_grid
 from .parallel import available_cores
+from .similarity import standardized
 
 _EPSILON = 1e-4  # floor of a squared intensity difference (intensities normalised to [0, 1])
 
@@ -661,19 +663,25 @@ def _array_image(array: np.ndarray, reference: sitk.Image) -> sitk.Image:
     return out
 
 
+def _squared_difference(target, warped, config: FusionConfig) -> np.ndarray:
+    """Per voxel, the squared difference of ``config.metric``'s intensities (float32)."""
+    target, warped = INTENSITIES[config.metric](target), INTENSITIES[config.metric](warped)
+    return ((target - warped) ** 2).astype(np.float32)
+
+
 def _global_weight(target, warped, config: FusionConfig, reference) -> np.float32:
-    diff = target - warped
-    return np.float32(max(float(np.mean(diff * diff)), _EPSILON) ** -config.gain)
+    return np.float32(max(float(np.mean(_squared_difference(target, warped, config))), _EPSILON) ** -config.gain)
 
 
 def _local_weight(target, warped, config: FusionConfig, reference) -> np.ndarray:
-    squared = sitk.GetImageFromArray((target - warped) ** 2)
+    squared = sitk.GetImageFromArray(_squared_difference(target, warped, config))
     squared.CopyInformation(reference)
     local = sitk.GetArrayFromImage(sitk.SmoothingRecursiveGaussian(squared, config.sigma))
     return (np.maximum(local, _EPSILON) ** -config.gain).astype(np.float32)
 
 
 _WEIGHTS = {"global_weighted": _global_weight, "local_weighted": _local_weight}
+INTENSITIES = {"mse": np.asarray, "nmse": standardized}  # what fusion.metric compares
 FUSERS = {
     "majority": WeightedVote,
     "global_weighted": WeightedVote,

@@ -52,6 +52,7 @@ from .layout import LAYOUTS
 from .manifest import Atlas, Manifest, Target
 from .parallel import available_cores, log_above_bars, parallel_map, progress, session, thread_budget
 from .propagation import propagate_intensities, propagate_labels
+from .quality import Calibration, CandidateVotes, calibrate, target_features
 from .registration import (
     Masks,
     RegistrationDiverged,
@@ -712,9 +713,10 @@ def prepare_case(target: Target, atlases: list[Atlas], config: Config, *, count:
 
 
 def segment_target(target: Target, atlases: list[Atlas], config: Config, *, out_dir: Path, label_names: dict[int, str],
-                   cache: Cache | None = None) -> TargetResult:
+                   cache: Cache | None = None, calibration: Calibration | None = None) -> TargetResult:
     """Segment one target with the given atlases; write ``<out>/<target>/segmentation.<output.format>`` and, last,
-    ``<out>/<target>/target.json`` (the target's record: what a resumed run reuses)."""
+    ``<out>/<target>/target.json`` (the target's record: what a resumed run reuses). With ``calibration``
+    (``quality.enabled``), the record holds each label's predicted Dice (:mod:`atlasseg.quality`)."""
     registered = register_target(target, atlases, config, cache=cache)
     ranking, transforms = registered.ranking, registered.transforms
     seconds, memory = registered.seconds, registered.memory
@@ -734,6 +736,7 @@ def segment_target(target: Target, atlases: list[Atlas], config: Config, *, out_
     # Propagate and fuse, one candidate at a time.
     fuser = make_fuser(registered.reference(config), config=config.fusion)
     spread = Disagreement() if config.output.report else None  # the QC report's heat map
+    votes = CandidateVotes() if calibration is not None else None
     seconds["propagation"] = seconds["fusion"] = 0.0
     # One step per candidate, and a last one for the fusion's own work (joint label fusion's weights, STAPLE's EM).
     with progress(total=len(used) + 1, desc=f"{target.id}: propagation and fusion", unit="step") as bar:
@@ -742,6 +745,8 @@ def segment_target(target: Target, atlases: list[Atlas], config: Config, *, out_
             fuser.add(candidate, intensities)
             if spread is not None:
                 spread.add(candidate)
+            if votes is not None:
+                votes.add(candidate)
             seconds["fusion"] += time.perf_counter() - clock
             bar.update()
         clock = time.perf_counter()
@@ -790,6 +795,11 @@ def segment_target(target: Target, atlases: list[Atlas], config: Config, *, out_
     if scores_out is not None:
         record["scores"] = {str(k): s for k, s in scores_out.items()}
         record["mean_dice"] = mean_score({k: s["dice"] for k, s in scores_out.items()})
+    if calibration is not None:
+        clock = time.perf_counter()
+        record["quality"] = calibration.assess(votes, segmentation, fuser, labels=sorted(label_names),
+                                               target=target_features(records, used))
+        record["seconds"]["quality"] = round(time.perf_counter() - clock, 3)
     write_json(target_dir / TARGET_RECORD, {"inputs": inputs_key(target, atlases, config),
                                             "files": input_digests(target, atlases), "record": record})
     return TargetResult(target.id, seg_path, scores_out, record)
@@ -1049,8 +1059,14 @@ def run(config: Config, manifest: Manifest, *, out_dir: str | Path | None = None
     try:
         with session(config.parallel), log_above_bars(), progress(targets, desc="targets", unit="target",
                                                                   leave=True) as bar:
+            calibration = None
+            if config.quality.enabled:
+                clock = time.perf_counter()
+                calibration = calibrate(manifest, config, cache=cache)
+                run_record["quality"] = {**calibration.summary(), "seconds": round(time.perf_counter() - clock, 3)}
             for target in bar:
-                results.append(_run_target(target, manifest, config, out=out, cache=cache, force=force))
+                results.append(_run_target(target, manifest, config, out=out, cache=cache, force=force,
+                                           calibration=calibration))
                 run_record["targets"][target.id] = results[-1].record
                 write_json(out / "run.json", run_record)  # after every target: how far a long run has come
     except KeyboardInterrupt:
@@ -1063,7 +1079,7 @@ def run(config: Config, manifest: Manifest, *, out_dir: str | Path | None = None
 
 
 def _run_target(target: Target, manifest: Manifest, config: Config, *, out: Path, cache: Cache,
-                force: bool) -> TargetResult:
+                force: bool, calibration: Calibration | None) -> TargetResult:
     """One target of a run: reused when an earlier run finished it, else segmented (a failure recorded, not raised);
     then the cache is brought under its cap."""
     began = time.time()
@@ -1075,7 +1091,7 @@ def _run_target(target: Target, manifest: Manifest, config: Config, *, out: Path
         log.info("target %s: %d atlases", target.id, len(atlases))
         try:
             result = segment_target(target, atlases, config, out_dir=out, label_names=manifest.label_names,
-                                    cache=cache)
+                                    cache=cache, calibration=calibration)
         except _TARGET_ERRORS as err:
             log.error("target %s failed: %s", target.id, err)
             result = TargetResult(target.id, None, None, {"image": str(target.image), "status": "failed",
@@ -1117,9 +1133,32 @@ def evaluation_metrics(config: Config) -> tuple[str, ...]:
 
 
 def write_metrics(path: Path, results: list[TargetResult], label_names: dict[int, str], metrics) -> None:
-    """``metrics.csv``: one row per target and label, plus the target's mean."""
-    table = [row for r in results if r.scores is not None for row in rows(r.target_id, r.scores, label_names, metrics)]
-    write_table(path, header(metrics), table)
+    """``metrics.csv``: one row per target and label, plus the target's mean. With predicted Dice
+    (``quality.enabled``) every segmented target has rows, its metrics empty without ground truth, and three
+    more columns: ``predicted_dice``, ``predicted_dice_error`` and ``review`` (the mean row: any label's)."""
+    if not any("quality" in r.record for r in results):
+        table = [row for r in results if r.scores is not None for row in rows(r.target_id, r.scores, label_names, metrics)]
+        write_table(path, header(metrics), table)
+        return
+    table = []
+    for r in results:
+        quality = {int(v): q for v, q in r.record.get("quality", {}).items()}
+        if r.scores is None and not quality:
+            continue
+        scores = r.scores or {v: {m: math.nan for m in metrics} for v in quality}
+        for row in rows(r.target_id, {**{v: {m: math.nan for m in metrics} for v in quality}, **scores},
+                        label_names, metrics):
+            if row[1] == "mean":
+                flagged = [q["review"] for q in quality.values()]
+                predicted = [q["predicted_dice"] for q in quality.values()]
+                row += [mean_score(dict(enumerate(predicted))), math.nan, str(any(flagged)).lower() if flagged else ""]
+            elif row[1] in quality:
+                q = quality[row[1]]
+                row += [float(q["predicted_dice"]), float(q["error"]), str(q["review"]).lower()]
+            else:
+                row += [math.nan, math.nan, ""]
+            table.append(row)
+    write_table(path, [*header(metrics), "predicted_dice", "predicted_dice_error", "review"], table)
 
 
 def write_table(path: Path, head: list[str], table: list[list]) -> None:

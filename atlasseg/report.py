@@ -460,8 +460,12 @@ _STATUS_ORDER = {"failed": 0, "degraded": 1}  # what needs a look first; the oth
 
 
 def _ordered(targets: dict) -> dict:
-    """The targets with the failed ones first, then the degraded ones, then the rest, each in run order."""
-    return dict(sorted(targets.items(), key=lambda item: _STATUS_ORDER.get(item[1].get("status"), 2)))
+    """The targets with the failed ones first, then the degraded ones, then those with a label flagged for review
+    (:mod:`atlasseg.quality`), then the rest, each in run order."""
+    def order(record: dict) -> int:
+        return _STATUS_ORDER.get(record.get("status"), 3 if not _flagged(record) else 2)
+
+    return dict(sorted(targets.items(), key=lambda item: order(item[1])))
 
 
 def _overview(targets: dict) -> str:
@@ -470,7 +474,22 @@ def _overview(targets: dict) -> str:
              len(record.get("dropped", [])), sum(record.get("seconds", {}).values())]
             for i, (tid, record) in enumerate(targets.items())]
     classes = ["dropped" if record.get("status") in _STATUS_ORDER else "" for record in targets.values()]
-    return _table(["target", "status", "mean Dice", "atlases used", "dropped", "seconds"], body, row_classes=classes)
+    head = ["target", "status", "mean Dice", "atlases used", "dropped", "seconds"]
+    if any("quality" in record for record in targets.values()):
+        head += ["predicted Dice", "review"]
+        for row, record in zip(body, targets.values()):
+            quality = record.get("quality", {})
+            row += [_quality(quality), ", ".join(v for v, q in quality.items() if q["review"])]
+    return _table(head, body, row_classes=classes)
+
+
+def _flagged(record: dict) -> bool:
+    """Whether a label of the target's predicted Dice (:mod:`atlasseg.quality`) asks for review."""
+    return any(q["review"] for q in record.get("quality", {}).values())
+
+
+def _quality(quality: dict) -> str:
+    return ", ".join(f"{v}: {q['predicted_dice']:.2f} ± {q['error']:.2f}" for v, q in quality.items())
 
 
 def _metrics(targets: dict, names: dict[int, str]) -> str:

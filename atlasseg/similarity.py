@@ -46,4 +46,19 @@ def negative_mse(a: np.ndarray, b: np.ndarray) -> float:
     return -float(np.mean((a - b) ** 2)) if a.size else 0.0
 
 
-SIMILARITIES = {"ncc": ncc, "mi": mutual_information, "mse": negative_mse}
+def standardized(a: np.ndarray) -> np.ndarray:
+    """``a`` shifted and scaled to zero mean and unit variance (float64); all zeros when ``a`` is constant."""
+    a = np.asarray(a, dtype=np.float64)
+    spread = a.std() if a.size else 0.0
+    return (a - a.mean()) / spread if spread > 0 else np.zeros_like(a)
+
+
+def negative_nmse(a: np.ndarray, b: np.ndarray) -> float:
+    """Normalised mean squared difference, negated: the MSE of the two inputs after each is standardised
+    (:func:`standardized`), so unchanged by a positive linear change of either's intensities. Over the same
+    samples it equals ``2 * ncc(a, b) - 2`` (0 for identical inputs, -4 at worst)."""
+    a, b = _pair(a, b, "negative_nmse")
+    return negative_mse(standardized(a), standardized(b))
+
+
+SIMILARITIES = {"ncc": ncc, "mi": mutual_information, "mse": negative_mse, "nmse": negative_nmse}

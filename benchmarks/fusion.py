@@ -99,10 +99,11 @@ def downsample(image: sitk.Image, labels: sitk.Image, size: int) -> tuple[sitk.I
             sitk.Resample(labels, grid, identity, sitk.sitkNearestNeighbor, 0, labels.GetPixelID()))
 
 
-def write_manifest(folder: Path, name: str, *, targets: int, atlases: int) -> Path:
-    spec = DATASETS[name]
+def dataset_entries(folder: Path, spec: dict, count: int) -> list[dict]:
+    """Manifest entries of the first ``count`` cases (sorted ids) of the dataset ``spec`` names, downsampled
+    in-plane into ``folder`` where ``spec`` has ``in_plane``."""
     data = SHARED / spec["folder"]
-    ids = sorted(p.name[: -len(".nii.gz")] for p in (data / "images").glob("*.nii.gz"))[: targets + atlases]
+    ids = sorted(p.name[: -len(".nii.gz")] for p in (data / "images").glob("*.nii.gz"))[:count]
     entries = []
     for i in ids:
         image, labels = data / "images" / f"{i}.nii.gz", data / "labels" / f"{i}.nii.gz"
@@ -112,6 +113,12 @@ def write_manifest(folder: Path, name: str, *, targets: int, atlases: int) -> Pa
             sitk.WriteImage(small[0], str(image))
             sitk.WriteImage(small[1], str(labels))
         entries.append({"id": i, "image": str(image), "labels": str(labels)})
+    return entries
+
+
+def write_manifest(folder: Path, name: str, *, targets: int, atlases: int) -> Path:
+    spec = DATASETS[name]
+    entries = dataset_entries(folder, spec, targets + atlases)
     doc = {"labels": spec["labels"], "atlases": entries[targets:], "targets": entries[:targets]}
     path = folder / f"{name}.yaml"
     path.write_text(yaml.safe_dump(doc, sort_keys=False))

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from atlasseg.cli import main
+from atlasseg.cli import build_parser, main
 from atlasseg.demo import make_demo_dataset
 
 
@@ -42,6 +42,31 @@ def test_bad_input_is_one_line_and_exit_2(manifest, capsys, argv, needle):
 def test_debug_shows_the_traceback(manifest):
     with pytest.raises(Exception, match="selection.k"):
         main(["--debug", "validate", "demo", "--manifest", str(manifest), "--set", "selection.k=0"])
+
+
+@pytest.mark.parametrize("argv", [
+    ["-q", "-v", "--debug", "--log-file", "x.log", "validate", "demo"],
+    ["validate", "demo", "-q", "-v", "--debug", "--log-file", "x.log"],
+    ["-q", "--log-file", "x.log", "validate", "demo", "-v", "--debug"],
+    ["-q", "-v", "--debug", "--log-file", "x.log", "manifest", "from-msd", "d.json"],
+    ["manifest", "from-msd", "d.json", "-q", "-v", "--debug", "--log-file", "x.log"],
+])
+def test_global_flags_before_or_after_the_command(argv):
+    args = build_parser().parse_args(argv)
+    assert (args.quiet, args.verbose, args.debug, args.log_file) == (True, True, True, "x.log")
+
+
+def test_global_flags_default_off_on_every_command():
+    args = build_parser().parse_args(["validate", "demo"])
+    assert (args.quiet, args.verbose, args.debug, args.log_file) == (False, False, False, None)
+
+
+def test_debug_and_log_file_after_the_command(manifest, tmp_path, capsys):
+    log_file = tmp_path / "run.log"
+    argv = ["validate", "demo", "--manifest", str(manifest), "-q", "--log-file", str(log_file)]
+    assert main(argv) == 0 and log_file.exists()
+    with pytest.raises(Exception, match="selection.k"):
+        main(["validate", "demo", "--manifest", str(manifest), "--set", "selection.k=0", "--debug"])
 
 
 def test_run_writes_outputs_and_prints_table(manifest, tmp_path, capsys):

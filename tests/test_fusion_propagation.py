@@ -86,6 +86,21 @@ def test_global_weights_let_one_good_atlas_outvote_two_poor_ones():
     assert (sitk.GetArrayFromImage(majority.result()) == 1).all()
 
 
+@pytest.mark.parametrize("method", ["global_weighted", "local_weighted"])
+def test_nmse_weights_see_through_a_linear_intensity_change_that_misleads_mse(method):
+    """The atlas showing the target's pattern at another contrast (× 0.2 + 0.5) should win over a noisy
+    copy at the target's contrast: it does with NMSE weights, not with MSE's."""
+    rng = np.random.default_rng(4)
+    target = rng.uniform(size=(16, 16))
+    votes = {}
+    for metric in ("mse", "nmse"):
+        fuser = WeightedVote(intensities(target), config=FusionConfig(method=method, metric=metric, sigma=4.0))
+        fuser.add(labels(np.full((16, 16), 2)), intensities(target * 0.2 + 0.5))
+        fuser.add(labels(np.ones((16, 16))), intensities(target + rng.normal(0, 0.15, size=(16, 16))))
+        votes[metric] = sitk.GetArrayFromImage(fuser.result())
+    assert (votes["nmse"] == 2).all() and (votes["mse"] == 1).all()
+
+
 def test_local_weights_choose_the_locally_matching_atlas():
     """Atlas A matches the target on the left half, atlas B on the right: each wins its half."""
     target = np.zeros((20, 40))

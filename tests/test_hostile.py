@@ -188,7 +188,7 @@ def test_a_few_aliases_are_fine_and_long_values_are_cut_in_messages(data, tmp_pa
     assert config_module.load_config(config).registration.nonrigid.smoothing_sigmas == (1.0, 0.0)
     config.write_text(f"selection: {{metric: {list(range(5000))}}}\n")  # no alias, but a long wrong value
     assert main(["validate", str(config), "--manifest", str(data / "data_manifest.yaml")]) == 2
-    assert "selection.metric: expected 'ncc' or 'mi' or 'mse', got [0, 1, 2, 3, ...]" in _one_line(capsys)
+    assert "selection.metric: expected 'ncc' or 'mi' or 'mse' or 'nmse', got [0, 1, 2, 3, ...]" in _one_line(capsys)
 
 
 @pytest.mark.parametrize("text", ["a: &a [*a]", "a: " + "[" * 5000 + "]" * 5000, "a: " + "9" * 5000, "a: 2001-13-45"],

@@ -66,6 +66,25 @@ def test_different_origins_and_intensity_scales_are_handled():
     assert max_point_error(found, moved_truth, 3, radius=20.0) < 1.0
 
 
+def test_nmse_affine_ignores_a_linear_intensity_change_that_misleads_mse():
+    """The moving image is the fixed one shifted, its intensities × 0.2 + 0.8 (a flatter, offset scanner):
+    NMSE's value is that of the unchanged pair and it recovers the shift; MSE's value is not, and it does not."""
+    fixed, _ = phantom(dim=2, size=48, spacing=1.5)
+    truth = rigid(2, angle_deg=0.0, shift=(4.0, -3.0))
+    moving = warp(fixed, truth.GetInverse())
+    changed = moving * 0.2 + 0.8
+    config = AffineConfig(stages=("translation",), metric="nmse")
+    found, record = register_affine(fixed, changed, config=config, seed=1)
+    _, same = register_affine(fixed, moving, config=config, seed=1)
+    assert record["metric_before"] == pytest.approx(same["metric_before"], rel=1e-6)
+    assert max_point_error(found, truth, 2, radius=20.0) < 0.2
+    mse = replace(config, metric="mse")
+    wrong, record = register_affine(fixed, changed, config=mse, seed=1)
+    _, same = register_affine(fixed, moving, config=mse, seed=1)
+    assert abs(record["metric_before"] - same["metric_before"]) > 0.01
+    assert max_point_error(wrong, truth, 2, radius=20.0) > 1.0  # 1.3 mm: the pull of the intensity offset
+
+
 def test_identical_images_give_identity():
     fixed, _ = phantom(dim=2, size=48)
     found, _ = register(fixed, fixed, config=RegistrationConfig())
@@ -267,11 +286,13 @@ NO_AFFINE = AffineConfig(stages=())  # the pair shares its geometry: the non-rig
         (BSPLINE, (2, 3), 0.8),
         (replace(BSPLINE, metric="ants_ncc"), (3,), 0.8),
         (replace(BSPLINE, metric="mse"), (2,), 0.5),
+        (replace(BSPLINE, metric="nmse"), (2,), 0.5),
         (replace(BSPLINE, metric="mattes"), (2,), 0.5),
         (NonrigidConfig(method="demons"), (2, 3), 0.5),
         (NonrigidConfig(method="demons", demons_variant="symmetric"), (2,), 0.5),
     ],
-    ids=["bspline-ncc", "bspline-ants_ncc", "bspline-mse", "bspline-mattes", "demons", "demons-symmetric"],
+    ids=["bspline-ncc", "bspline-ants_ncc", "bspline-mse", "bspline-nmse", "bspline-mattes", "demons",
+         "demons-symmetric"],
 )
 def test_nonrigid_undoes_a_known_deformation(nonrigid, dims, reduction):
     for dim in dims:

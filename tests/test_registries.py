@@ -10,7 +10,7 @@ import pytest
 
 from atlasseg import config as cfg
 from atlasseg.evaluation import METRICS as EVALUATION_METRICS
-from atlasseg.fusion import FUSERS
+from atlasseg.fusion import FUSERS, INTENSITIES
 from atlasseg.propagation import LABEL_INTERPOLATORS
 from atlasseg.registration.affine import OPTIMIZERS
 from atlasseg.registration.common import METRICS as ITK_METRICS
@@ -44,6 +44,7 @@ def literal_names(section, key: str) -> set[str]:
         (cfg.NonrigidConfig, "metric", ITK_METRICS),
         (cfg.PropagationConfig, "interpolator", LABEL_INTERPOLATORS),
         (cfg.FusionConfig, "method", FUSERS),
+        (cfg.FusionConfig, "metric", INTENSITIES),
         (cfg.EvaluationConfig, "metrics", EVALUATION_METRICS),
     ],
     ids=lambda v: v.__name__ if isinstance(v, type) else (v if isinstance(v, str) else ""),

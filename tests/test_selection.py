@@ -8,11 +8,11 @@ import SimpleITK as sitk
 
 from atlasseg.config import SelectionConfig
 from atlasseg.selection import label_box, min_atlases, near_labels, rank, score_atlas, select
-from atlasseg.similarity import SIMILARITIES, mutual_information, ncc, negative_mse
+from atlasseg.similarity import SIMILARITIES, mutual_information, ncc, negative_mse, negative_nmse
 from conftest import _with_geometry, phantom, rigid, texture, warp
 
 
-@pytest.mark.parametrize("metric", ["ncc", "mi", "mse"])
+@pytest.mark.parametrize("metric", ["ncc", "mi", "mse", "nmse"])
 def test_an_identical_atlas_ranks_first_for_every_metric(dim, metric):
     target, _ = phantom(dim=dim, size=32)
     rng = np.random.default_rng(0)
@@ -43,6 +43,19 @@ def test_similarities_are_scores_higher_for_alike():
     assert mutual_information(a, np.zeros(500)) == 0.0
     # MI of a variable with itself is its entropy: 32 equally filled bins give log 32.
     assert mutual_information(np.arange(3200.0), np.arange(3200.0)) == pytest.approx(math.log(32))
+
+
+def test_nmse_is_blind_to_a_linear_intensity_change_of_either_image_and_mse_is_not():
+    rng = np.random.default_rng(2)
+    a = rng.uniform(size=400)
+    b = a + rng.normal(0, 0.2, size=400)
+    reference = negative_nmse(a, b)
+    for x, y in ((3.0 * a + 7.0, b), (a, 0.01 * b - 2.0), (5.0 * a, 5.0 * b + 1.0)):
+        assert negative_nmse(x, y) == pytest.approx(reference, rel=1e-12)
+        assert abs(negative_mse(x, y) - negative_mse(a, b)) > 0.1
+    assert negative_nmse(a, b) == pytest.approx(2 * ncc(a, b) - 2)  # standardised on the same samples
+    assert negative_nmse(a, 2.0 * a + 1.0) == pytest.approx(0.0, abs=1e-12)
+    assert negative_nmse(a, np.ones(400)) == pytest.approx(-1.0)  # a constant standardises to zeros
 
 
 def test_label_box_is_the_mapped_labels_bounding_box_plus_the_margin_in_mm():

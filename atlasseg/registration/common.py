@@ -35,8 +35,20 @@ METRICS: dict[str, Callable[[sitk.ImageRegistrationMethod], None]] = {
     "mattes": _mattes,
     "ncc": _ncc,
     "mse": _mse,
+    "nmse": _mse,  # mean squares of images standardised first (see standardized)
     "ants_ncc": _ants_ncc,
 }
+
+
+def standardized(image: sitk.Image) -> sitk.Image:
+    """``image`` as float32 with zero mean and unit variance over all its voxels (unchanged but for the type
+    when constant): what the ``nmse`` metric compares, by mean squares."""
+    stats = sitk.StatisticsImageFilter()
+    stats.Execute(image)
+    count = math.prod(image.GetSize())
+    spread = stats.GetSigma() * math.sqrt(max(1, count - 1) / count)  # ITK's sigma is the sample one
+    out = sitk.Cast(image, sitk.sitkFloat32)
+    return sitk.Cast((out - stats.GetMean()) / spread, sitk.sitkFloat32) if spread > 0 else out
 
 
 _SAMPLING = {

@@ -47,6 +47,20 @@ def _bspline_derivative(x: np.ndarray) -> np.ndarray:
     return np.where(a < 1, -2.0 * x + 1.5 * x * a, np.where(a < 2, -0.5 * (2.0 - a) ** 2 * np.sign(x), 0.0))
 
 
+class _NMSELoss:
+    """Mean squared difference after each image is standardised to zero mean and unit variance over its
+    whole domain (the fixed samples ``f``, the whole ``moving`` image), as the affine stage's ``nmse`` does."""
+
+    def __init__(self, f: np.ndarray, moving: np.ndarray):
+        self.f_mean, self.f_std = float(f.mean()), float(f.std()) or 1.0
+        self.m_mean, self.m_std = float(np.mean(moving)), float(np.std(moving)) or 1.0
+
+    def __call__(self, f: np.ndarray, g: np.ndarray, valid: np.ndarray) -> tuple[float, np.ndarray]:
+        n = max(1, int(valid.sum()))
+        diff = np.where(valid, (g - self.m_mean) / self.m_std - (f - self.f_mean) / self.f_std, 0.0)
+        return float((diff * diff).sum() / n), 2.0 * diff / (n * self.m_std)
+
+
 class _MattesLoss:
     """−Mattes mutual information (Mattes et al. 2003): fixed intensities in zero-order
     bins, moving intensities in cubic B-spline Parzen windows, so the joint histogram,
@@ -111,13 +125,14 @@ class _LocalNCCLoss:
 
 
 _METRICS = {"ncc": _ncc_loss, "mse": _mse_loss}
+_GLOBAL_LOSSES = {"mattes": _MattesLoss, "nmse": _NMSELoss}  # losses that need the whole images' statistics
 
 
 def make_loss(metric: str, f: np.ndarray, moving: np.ndarray, shape: tuple[int, ...], *, ncc_radius: int = 2):
     """The metric ``metric`` for fixed samples ``f`` (every voxel of a grid of ``shape`` for ``ants_ncc``,
     in a window of ``ncc_radius`` voxels); ``moving`` is the whole moving image (Mattes bins its range)."""
-    if metric == "mattes":
-        return _MattesLoss(f, moving)
+    if metric in _GLOBAL_LOSSES:
+        return _GLOBAL_LOSSES[metric](f, moving)
     if metric == "ants_ncc":
         return _LocalNCCLoss(shape, ncc_radius)
     return _METRICS[metric]
