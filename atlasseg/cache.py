@@ -17,18 +17,20 @@ import hashlib
 import json
 import os
 import shutil
+import zipfile
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 import SimpleITK as sitk
 
 from . import __version__
 from .errors import AtlassegError
-from .imageio import TMP_PREFIX, atomic_write_text
+from .imageio import TMP_PREFIX, atomic_write, atomic_write_text
 from .registration import save_transform
 
 CACHE_ENV = "ATLASSEG_CACHE_DIR"
-STAGES = ("affine", "nonrigid")
+STAGES = ("affine", "nonrigid", "library")  # library: atlases and targets in the reference space (atlasseg.library)
 
 
 def default_dir() -> Path:
@@ -107,6 +109,22 @@ class Cache:
         if transform is not None:
             save_transform(transform, base.with_suffix(".h5"))
         atomic_write_text(base.with_suffix(".json"), json.dumps({"ok": transform is not None, **outcome}) + "\n")
+
+    def store_arrays(self, stage: str, key: str, arrays: dict[str, np.ndarray]) -> None:
+        """Write an entry's arrays (``<key>.npz``, atomically); call before :meth:`store`, whose JSON makes the
+        entry visible, so that a write killed midway leaves no entry that :meth:`load_arrays` would trust."""
+        if self.enabled:
+            atomic_write(self.path(stage, key).with_suffix(".npz"), lambda tmp: np.savez(tmp, **arrays), what="arrays")
+
+    def load_arrays(self, stage: str, key: str) -> dict[str, np.ndarray] | None:
+        """The arrays of an entry :meth:`store_arrays` wrote, else None (absent or damaged: computed again)."""
+        if not self.enabled or self.refresh:
+            return None
+        try:
+            with np.load(self.path(stage, key).with_suffix(".npz")) as stored:
+                return {name: stored[name] for name in stored.files}
+        except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile):
+            return None
 
     def info(self) -> dict:
         """Entries and bytes per stage."""

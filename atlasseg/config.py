@@ -91,6 +91,14 @@ class SelectionConfig:
     grid_spacing : float, mm
         Spacing of the isotropic grid, in target space, on which atlases are compared
         after the affine stage (never finer than the target's own voxels).
+    prescreen : int or "all"
+        In a library of more atlases than this (and with ``k`` a number), only this many (never
+        fewer than ``k``) go on to
+        the affine stage and the ranking above: those that score best (``metric`` over their
+        ``roi``) in a common reference space, the first atlas listed, onto which every atlas is
+        registered once (cached, reused by every later target and run) and each target once
+        (see ``atlasseg/library.py``). A target's cost then no longer grows with the library.
+        ``all``: every atlas is registered onto every target and ranked there.
     """
 
     k: Union[int, Literal["all"]] = 10
@@ -100,6 +108,7 @@ class SelectionConfig:
     roi: Literal["none", "near_labels", "labels"] = "near_labels"
     roi_margin: float = 2.0
     grid_spacing: float = 1.0
+    prescreen: Union[int, Literal["all"]] = 30
 
     def __post_init__(self):
         _require(self.k == "all" or self.k >= 1, "k", f"must be >= 1 or 'all', got {self.k}")
@@ -107,6 +116,7 @@ class SelectionConfig:
         _require(self.k == "all" or self.min_atlases <= self.k, "min_atlases", f"must be <= k ({self.k})")
         _require(self.roi_margin >= 0, "roi_margin", "must be >= 0 (mm)")
         _require(self.grid_spacing > 0, "grid_spacing", "must be > 0 (mm)")
+        _require(self.prescreen == "all" or self.prescreen >= 1, "prescreen", f"must be >= 1 or 'all', got {self.prescreen}")
 
 
 @dataclass(frozen=True)
