@@ -240,7 +240,7 @@ class JointLabelFusion(_Vote):
 
     def _fuse(self) -> None:
         config = self._config
-        undecided = self._low != self._high
+        undecided = _undecided(self._low, self._high)
         for value in np.unique(self._low[~undecided]).tolist():
             self._accumulator(value)[(self._low == value) & ~undecided] = 1.0
         centres = undecided
@@ -366,6 +366,13 @@ class JointLabelFusion(_Vote):
             for value in np.unique(shown).tolist():
                 self._accumulator(value).reshape(-1)[flat] += np.where(shown == value, w[keep], 0.0).sum(axis=1)
             self._covered.reshape(-1)[flat] += 1.0
+
+
+def _undecided(low: np.ndarray, high: np.ndarray) -> np.ndarray:
+    """The voxels joint label fusion solves for: where some candidate's search window shows another label
+    (``low``, ``high``: per voxel, the least and greatest label in any candidate's window). Everywhere else
+    every weighting votes for the one label shown."""
+    return low != high
 
 
 def _strides(shape: tuple[int, ...]) -> np.ndarray:
