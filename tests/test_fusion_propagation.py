@@ -291,6 +291,21 @@ def test_jlf_gives_the_same_answer_whatever_its_slab_size(monkeypatch, voting, s
     np.testing.assert_allclose(np.stack(maps_a), np.stack(maps_b), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("radii", [(2, 2, 2), (2, 1, 0), (1, 3)])
+def test_jlf_patch_sums_are_box_sums_at_every_voxel_far_enough_inside(radii):
+    from atlasseg.fusion import _patch_sums
+
+    radii = np.asarray(radii)
+    array = np.random.default_rng(2).uniform(size=(9, 11, 8)[: len(radii)]).astype(np.float32)
+    original = array.copy()
+    sums = _patch_sums(array, radii)
+    interior = tuple(slice(r, n - r) for r, n in zip(radii.tolist(), array.shape))
+    expected = ndimage.uniform_filter(array.astype(np.float64), size=tuple(2 * radii + 1))[interior] * np.prod(2 * radii + 1)
+    assert sums.shape == expected.shape and sums.dtype == np.float32
+    np.testing.assert_allclose(sums, expected, rtol=1e-5)
+    np.testing.assert_array_equal(array, original)  # the input is left as it was
+
+
 @pytest.mark.parametrize("voting", [True, False])
 def test_jlf_on_the_disagreement_band_gives_the_labels_of_the_full_solve(monkeypatch, dim, voting):
     """Candidates that agree away from the structures' borders (the phantom, slightly moved): solving only
