@@ -13,6 +13,8 @@ is left), in a fresh cache, with the default config (``selection.prescreen`` as 
 3. ``exhaustive``: the second batch again with ``selection.prescreen=all`` (every atlas registered onto every
    target and ranked there), for its Dice beside the prescreened one and the share of its selected atlases
    that prescreening selected too; skipped where the library is no larger than ``prescreen`` (the same run).
+   It runs in the cache the first two batches filled (the prescreened atlases' pairwise affines and the
+   non-rigid registrations of atlases both select are reused), so its time is not an exhaustive run's cost.
 
 Seconds per target are medians over the batch of the per-stage seconds in run.json (their sum: ``s/target``);
 ``wall s/target`` is the command's wall time over the batch (start-up included). Peak memory is sampled every
