@@ -26,18 +26,21 @@ import logging
 import os
 import shutil
 import time
+import zipfile
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 import SimpleITK as sitk
 
 from . import __version__
 from .errors import AtlassegError
-from .imageio import TMP_PREFIX, atomic_write_text
+from .imageio import TMP_PREFIX, atomic_write, atomic_write_text
 from .registration import save_transform
 
 CACHE_ENV = "ATLASSEG_CACHE_DIR"
-STAGES = ("affine", "nonrigid", "quality")  # quality: calibration samples (atlasseg.quality), no transform
+STAGES = ("affine", "nonrigid", "quality", "library")  # quality: calibration samples (atlasseg.quality), no
+# transform; library: atlases and targets in the reference space (atlasseg.library)
 IN_USE_SECONDS = 600  # an entry read or written this recently may be held by a run: never evicted
 _FORMAT = 2  # entries carry checksums
 
@@ -137,7 +140,7 @@ class Cache:
         older = isinstance(document, dict) and document.get("format") != _FORMAT  # expected once after an upgrade
         log.log(logging.INFO if older else logging.WARNING, "%s: cached registration %s; it is computed again",
                 json_path, problem)
-        self._remove(json_path, h5_path)
+        self._remove(json_path, h5_path, h5_path.with_suffix(".npz"))
         return None
 
     def check(self) -> int:
@@ -147,20 +150,25 @@ class Cache:
             damaged += json_path.exists() and self._verified(json_path, h5_path) is None
         return damaged
 
-    def store(self, stage: str, key: str, transform: sitk.Transform | None, outcome: dict) -> None:
-        """Write an entry (the transform first, then the JSON with both checksums that makes it visible);
-        ``outcome['ok']`` says whether the registration succeeded."""
+    def store(self, stage: str, key: str, transform: sitk.Transform | None, outcome: dict, *,
+              arrays: dict[str, np.ndarray] | None = None) -> None:
+        """Write an entry (the transform and ``arrays`` first, then the JSON with their checksums that makes it
+        visible); ``outcome['ok']`` says whether the registration succeeded. ``arrays`` (``<key>.npz``) are
+        what :meth:`load_arrays` returns."""
         if not self.enabled:
             return
         self._make_folders(stage)
         base = self.path(stage, key)
         outcome = {"ok": transform is not None, **outcome}
-        transform_sha = None
+        transform_sha = arrays_sha = None
         if transform is not None:
             save_transform(transform, base.with_suffix(".h5"))
             transform_sha = _sha256_file(base.with_suffix(".h5"))
+        if arrays is not None:
+            atomic_write(base.with_suffix(".npz"), lambda tmp: np.savez(tmp, **arrays), what="arrays")
+            arrays_sha = _sha256_file(base.with_suffix(".npz"))
         document = {"format": _FORMAT, "outcome": outcome, "outcome_sha256": _sha256_json(outcome),
-                    "transform_sha256": transform_sha}
+                    "transform_sha256": transform_sha, **({"arrays_sha256": arrays_sha} if arrays is not None else {})}
         atomic_write_text(base.with_suffix(".json"), json.dumps(document) + "\n")
 
     def _make_folders(self, stage: str) -> None:
@@ -183,7 +191,7 @@ class Cache:
                 pass
 
     def entries(self) -> list[tuple[float, int, Path, Path]]:
-        """Every entry as (last use, bytes of both files, JSON path, transform path), least recently used first."""
+        """Every entry as (last use, bytes of its files, JSON path, transform path), least recently used first."""
         found = []
         for stage in STAGES:
             folder = self.root / stage
@@ -193,7 +201,7 @@ class Cache:
                 h5_path = json_path.with_suffix(".h5")
                 try:
                     used, size = json_path.stat().st_mtime, json_path.stat().st_size
-                    size += h5_path.stat().st_size if h5_path.exists() else 0
+                    size += sum(p.stat().st_size for p in (h5_path, json_path.with_suffix(".npz")) if p.exists())
                 except OSError:  # removed meanwhile
                     continue
                 found.append((used, size, json_path, h5_path))
@@ -221,7 +229,7 @@ class Cache:
                 break
             if used >= protected_after:
                 continue
-            self._remove(json_path, h5_path)
+            self._remove(json_path, h5_path, h5_path.with_suffix(".npz"))
             total -= size
             freed += size
             removed += 1
@@ -237,7 +245,7 @@ class Cache:
         for stage in STAGES:
             folder = self.root / stage
             for path in list(folder.iterdir()) if folder.is_dir() else ():
-                orphan = path.suffix == ".h5" and not path.with_suffix(".json").exists()
+                orphan = path.suffix in (".h5", ".npz") and not path.with_suffix(".json").exists()
                 stray = orphan or path.name.startswith(TMP_PREFIX)
                 try:
                     if stray and path.stat().st_mtime < older_than:
@@ -246,6 +254,17 @@ class Cache:
                 except OSError:
                     pass
         return freed
+
+    def load_arrays(self, stage: str, key: str) -> dict[str, np.ndarray] | None:
+        """The arrays :meth:`store` wrote with an entry that :meth:`load` found intact (their checksum is checked
+        there), else None (absent, or removed since: computed again)."""
+        if not self.enabled or self.refresh:
+            return None
+        try:
+            with np.load(self.path(stage, key).with_suffix(".npz")) as stored:
+                return {name: stored[name] for name in stored.files}
+        except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile):
+            return None
 
     def info(self) -> dict:
         """Entries and bytes per stage, the total and the cap."""
@@ -296,12 +315,16 @@ def _damage(document, h5_path: Path) -> str | None:
         return "record does not match its checksum (edited or damaged)"
     if not document["outcome"].get("ok"):
         return None
-    try:
-        actual = _sha256_file(h5_path)
-    except OSError:
-        return f"has no readable transform file {h5_path.name}"
-    if actual != document.get("transform_sha256"):
-        return f"transform {h5_path.name} does not match its checksum (edited, truncated or damaged)"
+    for path, checksum, what in ((h5_path, document.get("transform_sha256"), "transform"),
+                                 (h5_path.with_suffix(".npz"), document.get("arrays_sha256"), "arrays")):
+        if what == "arrays" and "arrays_sha256" not in document:
+            continue
+        try:
+            actual = _sha256_file(path)
+        except OSError:
+            return f"has no readable {what} file {path.name}"
+        if actual != checksum:
+            return f"{what} {path.name} does not match its checksum (edited, truncated or damaged)"
     return None
 
 

@@ -99,6 +99,14 @@ class SelectionConfig:
     grid_spacing : float, mm
         Spacing of the isotropic grid, in target space, on which atlases are compared
         after the affine stage (never finer than the target's own voxels).
+    prescreen : int or "all"
+        In a library of more atlases than this (and with ``k`` a number), only this many (never
+        fewer than ``k``) go on to
+        the affine stage and the ranking above: those that score best (``metric`` over their
+        ``roi``) in a common reference space, the first atlas listed, onto which every atlas is
+        registered once (cached, reused by every later target and run) and each target once
+        (see ``atlasseg/library.py``). A target's cost then no longer grows with the library.
+        ``all``: every atlas is registered onto every target and ranked there.
     """
 
     k: Union[int, Literal["all"]] = 10
@@ -109,6 +117,7 @@ class SelectionConfig:
     roi: Literal["none", "near_labels", "labels"] = "near_labels"
     roi_margin: float = 2.0
     grid_spacing: float = 1.0
+    prescreen: Union[int, Literal["all"]] = 30
 
     def __post_init__(self):
         _require(self.k == "all" or self.k >= 1, "k", f"must be >= 1 or 'all', got {self.k}")
@@ -119,6 +128,7 @@ class SelectionConfig:
                  f"must be in [0, 1), got {self.max_dropped_share}")
         _require(self.roi_margin >= 0, "roi_margin", "must be >= 0 (mm)")
         _require(self.grid_spacing > 0, "grid_spacing", "must be > 0 (mm)")
+        _require(self.prescreen == "all" or self.prescreen >= 1, "prescreen", f"must be >= 1 or 'all', got {self.prescreen}")
 
 
 @dataclass(frozen=True)
@@ -574,12 +584,13 @@ def _plain(value):
 # above any useful value, and below what SimpleITK's C++ types (32-bit iteration counts, unsigned seeds) or the
 # memory a window or a pyramid needs can hold. The lower bounds are the sections' own checks.
 INT_LIMITS: dict[type, dict[str, int]] = {
-    SelectionConfig: {"k": 100_000, "min_atlases": 100_000},
+    SelectionConfig: {"k": 100_000, "min_atlases": 100_000, "prescreen": 100_000},
     AffineConfig: {"shrink_factors": 1024, "iterations": 100_000},
     NonrigidConfig: {"shrink_factors": 1024, "iterations": 100_000, "ncc_radius": 50},
     RegistrationConfig: {"seed": 2**32 - 1},
     FusionConfig: {"patch_radius": 50, "search_radius": 50, "staple_iterations": 100_000},
     ParallelConfig: {"n_jobs": 4096, "itk_threads": 4096},
+    QualityConfig: {"calibration_atlases": 10_000},
 }
 
 

@@ -49,6 +49,7 @@ from .imageio import (
     write_image,
 )
 from .layout import LAYOUTS
+from .library import prescreen
 from .manifest import Atlas, Manifest, Target
 from .parallel import available_cores, log_above_bars, parallel_map, progress, session, thread_budget
 from .propagation import propagate_intensities, propagate_labels
@@ -561,15 +562,20 @@ class Ranking:
 
 def rank_atlases(target: Target, atlases: list[Atlas], config: Config, *, cache: Cache | None = None) -> Ranking:
     """Affine-register every atlas to ``target`` (in parallel; cached outcomes reused), score and rank them,
-    and select."""
+    and select. In a library larger than ``selection.prescreen``, only the atlases it keeps (see
+    :mod:`atlasseg.library`)."""
     cache = cache or open_cache(config)
+    clock = time.perf_counter()
+    narrowed = prescreen(target, atlases, config, cache=cache)  # None: every atlas is ranked
+    seconds = {} if narrowed is None else {"prescreen": time.perf_counter() - clock}
+    atlases = atlases if narrowed is None else narrowed
     clock = time.perf_counter()
     keys = {a.id: _cache_key("affine", target, a, config) for a in atlases}
     outcomes = {a.id: hit for a in atlases if (hit := _cached(cache, "affine", keys[a.id])) is not None}
     tasks = [(target, a, config, cache, keys[a.id]) for a in atlases if a.id not in outcomes]
     for aid, *outcome in parallel_map(_affine_job, tasks, config.parallel, desc=f"{target.id}: affine"):
         outcomes[aid] = outcome
-    seconds = {"affine_and_scoring": time.perf_counter() - clock}
+    seconds["affine_and_scoring"] = time.perf_counter() - clock
     clock = time.perf_counter()
     dropped, ok = [], {}
     for a in atlases:

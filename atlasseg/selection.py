@@ -46,11 +46,12 @@ def coarse_grid(target: sitk.Image, *, spacing: float) -> sitk.Image:
     return grid
 
 
-def _smoothed(image: sitk.Image, spacing: float) -> sitk.Image:
+def smoothed(image: sitk.Image, spacing: float) -> sitk.Image:
+    """``image`` smoothed for a grid of ``spacing`` mm (a Gaussian of half that)."""
     return sitk.SmoothingRecursiveGaussian(image, spacing / 2.0)
 
 
-def _indicator(mask: sitk.Image, grid: sitk.Image, transform: sitk.Transform) -> np.ndarray:
+def indicator(mask: sitk.Image, grid: sitk.Image, transform: sitk.Transform) -> np.ndarray:
     """Non-zero voxels of ``mask`` resampled linearly onto ``grid`` through ``transform``."""
     inside = sitk.Cast(sitk.NotEqual(mask, 0), sitk.sitkFloat32)
     return sitk.GetArrayFromImage(sitk.Resample(inside, grid, transform, sitk.sitkLinear, 0.0, sitk.sitkFloat32))
@@ -63,7 +64,7 @@ def label_box(labels: sitk.Image, transform: sitk.Transform, grid: sitk.Image, *
     A grid voxel counts as labelled where the linearly resampled indicator is positive, so a
     structure thinner than the grid still shows. All False when no label maps onto the grid.
     """
-    support = _indicator(labels, grid, transform) > 0
+    support = indicator(labels, grid, transform) > 0
     box = np.zeros(support.shape, dtype=bool)
     if not support.any():
         return box
@@ -78,7 +79,7 @@ def near_labels(labels: sitk.Image, transform: sitk.Transform, grid: sitk.Image,
     """Voxels of ``grid`` (array order) within ``margin`` mm of ``labels``' non-zero voxels mapped
     through ``transform`` (grid points → label-map points), those included; labelled as in
     :func:`label_box`. All False when no label maps onto the grid."""
-    support = _indicator(labels, grid, transform) > 0
+    support = indicator(labels, grid, transform) > 0
     if not support.any() or margin <= 0:
         return support
     spacing = np.asarray(grid.GetSpacing())[::-1]
@@ -102,21 +103,21 @@ def score_atlas(
     """
     spacing = config.grid_spacing
     grid = coarse_grid(target, spacing=spacing)
-    fixed = sitk.GetArrayFromImage(sitk.Resample(_smoothed(target, spacing), grid, sitk.Transform(), sitk.sitkLinear, 0.0))
-    moving = sitk.GetArrayFromImage(sitk.Resample(_smoothed(atlas, spacing), grid, transform, sitk.sitkLinear, 0.0))
+    fixed = sitk.GetArrayFromImage(sitk.Resample(smoothed(target, spacing), grid, sitk.Transform(), sitk.sitkLinear, 0.0))
+    moving = sitk.GetArrayFromImage(sitk.Resample(smoothed(atlas, spacing), grid, transform, sitk.sitkLinear, 0.0))
     region = np.ones(fixed.shape, dtype=bool)
     if config.roi != "none":
         if labels is None:
             raise ValueError(f"selection.roi {config.roi!r} needs the atlas's label map")
-        region &= _REGIONS[config.roi](labels, transform, grid, margin=config.roi_margin)
+        region &= REGIONS[config.roi](labels, transform, grid, margin=config.roi_margin)
     if mask is not None:
-        region &= _indicator(mask, grid, sitk.Transform()) >= 0.5
+        region &= indicator(mask, grid, sitk.Transform()) >= 0.5
     if not region.any():
         return -math.inf
     return SIMILARITIES[config.metric](fixed[region], moving[region])
 
 
-_REGIONS = {"labels": label_box, "near_labels": near_labels}
+REGIONS = {"labels": label_box, "near_labels": near_labels}
 
 
 def rank(scores: Mapping[str, float]) -> list[str]:

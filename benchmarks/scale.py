@@ -1,15 +1,28 @@
-"""How a run scales with the atlas count, and what the registration cache saves.
+"""How a target's cost grows with the atlas library, with and without prescreening, and against ANTs.
 
-    python benchmarks/scale.py [--atlases 5 10 20 40] [--jobs 1 2] [--repeats 1] [--synthetic]
+    python benchmarks/scale.py [--dataset hippocampus|cardiac] [--targets 3] [--atlases 10 20 50 100 185]
+                               [--ants 14] [--set section.key=value ...]
 
-One target segmented with 5, 10, 20 and 40 atlases (k = all, default config), with joblib
-(loky) at n_jobs 1 and 2. Each run is a fresh `atlasseg run` process with a fresh cache;
-then a second run with another fusion method (majority) in the same cache: every
-registration comes from the cache. Peak memory is sampled every 50 ms over the whole
-process tree (the run and its workers), and read from run.json for the main process
-(the one that fuses). Data: MSD hippocampus (../shared/data/msd_hippocampus; target the
-first id, atlases the next ones), or with --synthetic the 3D demo generator. Prints a
-table, writes benchmarks/results/scale.json.
+Per library size n (the first 2 × targets ids are the targets, the next n the library; n is capped at what
+is left), in a fresh cache, with the default config (``selection.prescreen`` as configured):
+
+1. ``first``: the first batch of targets, each a fresh ``atlasseg run`` process: the library's reference
+   space is built here (by the first target);
+2. ``warm``: a second batch of as many targets, on the warm cache (every atlas-side result reused): the
+   per-target cost a user of a large library pays;
+3. ``exhaustive``: the second batch again with ``selection.prescreen=all`` (every atlas registered onto every
+   target and ranked there), for its Dice beside the prescreened one and the share of its selected atlases
+   that prescreening selected too; skipped where the library is no larger than ``prescreen`` (the same run).
+   It runs in the cache the first two batches filled (the prescreened atlases' pairwise affines and the
+   non-rigid registrations of atlases both select are reused), so its time is not an exhaustive run's cost.
+
+Seconds per target are medians over the batch of the per-stage seconds in run.json (their sum: ``s/target``);
+``wall s/target`` is the command's wall time over the batch (start-up included). Peak memory is sampled every
+50 ms over the process tree (the run and its workers). With ``--ants N``: ANTs on the first batch with the
+first N atlases of the library, antsRegistrationSyNQuick[s] per atlas then ants.joint_label_fusion (the
+parameters of benchmarks/fusion.py), in this process, timed per target; and atlasseg with the same N atlases
+in a fresh cache, for the ratio. Prints the tables, writes benchmarks/results/scale_<dataset>.json. Data:
+../shared/data/msd_hippocampus or ../shared/data/mscmrseg19_bssfp.
 """
 
 from __future__ import annotations
@@ -25,26 +38,30 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import psutil
+import SimpleITK as sitk
 import yaml
 from _common import write_json
+from scipy import ndimage
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "msd_hippocampus"
+from atlasseg.cli import format_rows
+from atlasseg.evaluation import evaluate, mean_score
+from atlasseg.imageio import normalize_intensity
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+DATASETS = {"hippocampus": ("msd_hippocampus", {1: "anterior", 2: "posterior"}),
+            "cardiac": ("mscmrseg19_bssfp", {1: "lv_myocardium", 2: "lv_blood_pool", 3: "rv_blood_pool"})}
 
 
-def real_manifest(folder: Path, n_atlases: int) -> Path:
-    ids = sorted(p.name[: -len(".nii.gz")] for p in (DATA / "images").glob("*.nii.gz"))[: n_atlases + 1]
-    entry = lambda i: {"id": i, "image": str(DATA / "images" / f"{i}.nii.gz"), "labels": str(DATA / "labels" / f"{i}.nii.gz")}
-    doc = {"labels": {1: "anterior", 2: "posterior"}, "targets": [entry(ids[0])], "atlases": [entry(i) for i in ids[1:]]}
-    path = folder / f"manifest_{n_atlases}.yaml"
-    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+def manifest(folder: Path, name: str, dataset: str, targets: list[str], atlases: list[str]) -> Path:
+    data, labels = DATASETS[dataset]
+    entry = lambda i: {"id": i, "image": str(DATA / data / "images" / f"{i}.nii.gz"),  # noqa: E731
+                       "labels": str(DATA / data / "labels" / f"{i}.nii.gz")}
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump({"labels": labels, "targets": [entry(i) for i in targets],
+                                    "atlases": [entry(i) for i in atlases]}, sort_keys=False))
     return path
-
-
-def synthetic_manifest(folder: Path, n_atlases: int) -> Path:
-    from atlasseg.demo import make_demo_dataset
-
-    return make_demo_dataset(folder / f"synthetic_{n_atlases}", dim=3, n_atlases=n_atlases, n_targets=1, seed=0)
 
 
 def measure(command: list[str], env: dict) -> tuple[float, float]:
@@ -75,58 +92,133 @@ def measure(command: list[str], env: dict) -> tuple[float, float]:
     return seconds, peak / 2**20
 
 
+def batch(manifest_path: Path, out: Path, cache: Path, overrides: list[str]) -> dict:
+    """One ``atlasseg run`` over a manifest's targets: timings, memory, Dice, selections."""
+    env = {**os.environ, "ATLASSEG_CACHE_DIR": str(cache)}
+    command = [sys.executable, "-m", "atlasseg", "-q", "run", "default", "--manifest", str(manifest_path),
+               "--out", str(out), *(a for o in overrides for a in ("--set", o))]
+    wall, tree = measure(command, env)
+    targets = json.loads((out / "run.json").read_text())["targets"]
+    stages = sorted({s for t in targets.values() for s in t["seconds"]})
+    return {"targets": len(targets), "wall_per_target": wall / len(targets), "tree_peak_mb": tree,
+            "per_target": statistics.median(sum(t["seconds"].values()) for t in targets.values()),
+            "stages": {s: statistics.median(t["seconds"].get(s, 0.0) for t in targets.values()) for s in stages},
+            "mean_dice": statistics.mean(t["mean_dice"] for t in targets.values()),
+            "selected": {tid: t["selected"] for tid, t in targets.items()}}
+
+
+def ants_batch(dataset: str, targets: list[str], atlases: list[str]) -> dict:
+    """ANTs SyNQuick[s] of every atlas onto each target, then ANTs joint label fusion; seconds and Dice."""
+    import ants
+    from fusion import ANTS
+
+    data, names = DATASETS[dataset]
+    read = lambda kind, i: sitk.ReadImage(str(DATA / data / kind / f"{i}.nii.gz"), sitk.sitkFloat32)  # noqa: E731
+    # Intensities on atlasseg's scale (ANTs JLF's weights on raw MR intensities segment far worse), and
+    # SyNQuick's sampling seeded, as benchmarks/registration.py does (unseeded, it diverges now and then).
+    image = lambda i: ants.from_sitk(normalize_intensity(read("images", i)))  # noqa: E731
+    ants.config._random_seed = 42
+    seconds, dice = [], []
+    for tid in targets:
+        start = time.perf_counter()
+        fixed = image(tid)
+        warped, labels = [], []
+        with tempfile.TemporaryDirectory() as tmp:
+            for aid in atlases:
+                reg = ants.registration(fixed, image(aid),
+                                        type_of_transform="antsRegistrationSyNQuick[s]", outprefix=f"{tmp}/{aid}")
+                warped.append(reg["warpedmovout"])
+                labels.append(ants.apply_transforms(fixed, ants.from_sitk(read("labels", aid)), reg["fwdtransforms"],
+                                                    interpolator="genericLabel"))
+        union = np.any([lab.numpy() != 0 for lab in labels], axis=0)
+        mask = fixed.new_image_like(ndimage.binary_dilation(union, iterations=ANTS["r_search"]).astype(np.float32))
+        result = ants.joint_label_fusion(fixed, mask, warped, label_list=labels, verbose=False, **ANTS)
+        # The most probable label, background being 1 − the others' sum (as in benchmarks/fusion.py).
+        posteriors = np.stack([p.numpy() for p in result["probabilityimages"]])
+        values = np.asarray([0] + list(result["segmentation_numbers"]))
+        winner = values[np.argmax(np.concatenate([1.0 - posteriors.sum(axis=0, keepdims=True), posteriors]), axis=0)]
+        winner[mask.numpy() == 0] = 0
+        seconds.append(time.perf_counter() - start)
+        truth = sitk.Cast(read("labels", tid), sitk.sitkUInt8)
+        segmentation = sitk.GetImageFromArray(np.ascontiguousarray(winner.T).astype(np.uint8))  # x, y, z → z, y, x
+        segmentation.CopyInformation(truth)
+        scores = evaluate(segmentation, truth, labels=sorted(names), metrics=("dice",))
+        dice.append(mean_score({v: s["dice"] for v, s in scores.items()}))
+    return {"per_target": statistics.median(seconds), "mean_dice": statistics.mean(dice), "atlases": len(atlases)}
+
+
+def overlap(ours: dict, theirs: dict) -> float:
+    """The share of the exhaustive run's selected atlases that the prescreened run selected too."""
+    return statistics.mean(len(set(ours[t]) & set(theirs[t])) / max(1, len(theirs[t])) for t in theirs)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--atlases", type=int, nargs="+", default=[5, 10, 20, 40])
-    parser.add_argument("--jobs", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--repeats", type=int, default=1, help="runs per setting (medians are reported)")
-    parser.add_argument("--synthetic", action="store_true", help="the 3D demo generator instead of real data")
+    parser.add_argument("--dataset", choices=DATASETS, default="hippocampus")
+    parser.add_argument("--targets", type=int, default=3, help="targets per batch (two batches)")
+    parser.add_argument("--atlases", type=int, nargs="+", default=[10, 20, 50, 100, 185])
+    parser.add_argument("--ants", type=int, default=0, metavar="N", help="also ANTs and atlasseg on N atlases")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     args = parser.parse_args()
-    if not args.synthetic and not DATA.is_dir():
-        print(f"no data at {DATA} (or use --synthetic)", file=sys.stderr)
+    folder = DATA / DATASETS[args.dataset][0]
+    if not folder.is_dir():
+        print(f"no data at {folder}", file=sys.stderr)
         return 1
+    from atlasseg.config import load_config
 
-    rows = []
-    print(f"{'atlases':>7} {'jobs':>4} {'s':>7} {'s/atlas':>7} {'tree MiB':>8} {'main MiB':>8} {'cached s':>8} "
-          f"{'speed-up':>8} {'Dice':>6}")
+    prescreen = load_config("default", overrides=args.overrides).selection.prescreen
+    ids = sorted(p.name[: -len(".nii.gz")] for p in (folder / "images").glob("*.nii.gz"))
+    first, second, pool = ids[: args.targets], ids[args.targets: 2 * args.targets], ids[2 * args.targets:]
+    rows, table = [], []
+    head = ["atlases", "first s/target", "warm s/target", "wall s/target", "affine+scoring", "prescreen",
+            "non-rigid", "fusion", "tree MiB", "Dice", "exhaustive Dice", "exhaustive s/target", "same selection"]
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        for n in args.atlases:
-            manifest = synthetic_manifest(tmp, n) if args.synthetic else real_manifest(tmp, n)
-            for jobs in args.jobs:
-                runs = []
-                for repeat in range(args.repeats):
-                    folder = tmp / f"{n}_{jobs}_{repeat}"
-                    env = {**os.environ, "ATLASSEG_CACHE_DIR": str(folder / "cache")}
-                    base = [sys.executable, "-m", "atlasseg", "-q", "run", "default", "--manifest", str(manifest),
-                            "--set", "selection.k=all", "--set", f"parallel.n_jobs={jobs}",
-                            *(a for o in args.overrides for a in ("--set", o))]
-                    seconds, tree = measure([*base, "--out", str(folder / "first")], env)
-                    cached, _ = measure([*base, "--out", str(folder / "second"), "--set", "fusion.method=majority"], env)
-                    record = json.loads((folder / "first" / "run.json").read_text())
-                    target = next(iter(record["targets"].values()))
-                    runs.append({"seconds": seconds, "tree_peak_mb": tree, "main_peak_mb": record["peak_memory_mb"],
-                                 "cached_seconds": cached, "mean_dice": target.get("mean_dice"),
-                                 "stage_seconds": target["seconds"]})
-                row = {"atlases": n, "jobs": jobs, "runs": runs,
-                       **{key: statistics.median(r[key] for r in runs)
-                          for key in ("seconds", "tree_peak_mb", "main_peak_mb", "cached_seconds")}}
-                row["speed_up"] = row["seconds"] / row["cached_seconds"]
-                dice = runs[0]["mean_dice"]
-                rows.append(row)
-                print(f"{n:7d} {jobs:4d} {row['seconds']:7.1f} {row['seconds'] / n:7.2f} {row['tree_peak_mb']:8.0f} "
-                      f"{row['main_peak_mb']:8.0f} {row['cached_seconds']:8.1f} {row['speed_up']:8.1f} "
-                      f"{'-' if dice is None else f'{dice:.3f}':>6}", flush=True)
-    for jobs in args.jobs:
-        mine = [r for r in rows if r["jobs"] == jobs]
-        if len(mine) > 1:
-            first, last = mine[0], mine[-1]
-            print(f"n_jobs {jobs}: {last['atlases'] / first['atlases']:.0f}x the atlases -> "
-                  f"{last['seconds'] / first['seconds']:.1f}x the time, {last['tree_peak_mb'] / first['tree_peak_mb']:.2f}x "
-                  f"the tree's peak memory, {last['main_peak_mb'] / first['main_peak_mb']:.2f}x the main process's")
-    print("written", write_json("scale", {"data": "synthetic" if args.synthetic else "msd_hippocampus",
-                                          "args": vars(args), "rows": rows}))
+        for n in dict.fromkeys(min(n, len(pool)) for n in args.atlases):
+            library = pool[:n]
+            cache = tmp / f"cache_{n}"
+            runs = {"first": batch(manifest(tmp, f"first_{n}", args.dataset, first, library), tmp / f"first_{n}",
+                                   cache, args.overrides),
+                    "warm": batch(manifest(tmp, f"second_{n}", args.dataset, second, library), tmp / f"warm_{n}",
+                                  cache, args.overrides)}
+            if prescreen != "all" and n > prescreen:
+                runs["exhaustive"] = batch(tmp / f"second_{n}.yaml", tmp / f"exhaustive_{n}", cache,
+                                           [*args.overrides, "selection.prescreen=all"])
+            warm, exhaustive = runs["warm"], runs.get("exhaustive", runs["warm"])
+            rows.append({"atlases": n, **runs})
+            table.append([n, f"{runs['first']['per_target']:.2f}", f"{warm['per_target']:.2f}",
+                          f"{warm['wall_per_target']:.2f}",
+                          *(f"{warm['stages'].get(s, 0.0):.2f}" for s in ("affine_and_scoring", "prescreen", "nonrigid",
+                                                                          "fusion")),
+                          f"{max(r['tree_peak_mb'] for r in runs.values()):.0f}", f"{warm['mean_dice']:.4f}",
+                          f"{exhaustive['mean_dice']:.4f}", f"{exhaustive['per_target']:.2f}",
+                          f"{overlap(warm['selected'], exhaustive['selected']):.2f}"])
+            print(format_rows(head, table[-1:]), flush=True)
+        ants_row = None
+        if args.ants:
+            library = pool[: args.ants]
+            ours = batch(manifest(tmp, "ants_ours", args.dataset, first, library), tmp / "ants_ours",
+                         tmp / "cache_ants", args.overrides)
+            theirs = ants_batch(args.dataset, first, library)
+            ants_row = {"atlasseg": ours, "ants": theirs}
+    print(f"\n{args.dataset}: {args.targets} + {args.targets} targets, default config (selection.prescreen "
+          f"{prescreen}){', ' + ' '.join(args.overrides) if args.overrides else ''}")
+    print(format_rows(head, table))
+    if len(rows) > 1:
+        small = next((r for r in rows if r["atlases"] >= 20), rows[0])
+        large = rows[-1]
+        print(f"warm s/target, {large['atlases']} atlases / {small['atlases']}: "
+              f"{large['warm']['per_target'] / small['warm']['per_target']:.2f}x; tree peak memory "
+              f"{large['warm']['tree_peak_mb'] / small['warm']['tree_peak_mb']:.2f}x")
+    if ants_row:
+        ours, theirs = ants_row["atlasseg"], ants_row["ants"]
+        print(format_rows(["method", "atlases", "s/target", "wall s/target", "Dice"], [
+            ["atlasseg default", args.ants, f"{ours['per_target']:.2f}", f"{ours['wall_per_target']:.2f}",
+             f"{ours['mean_dice']:.4f}"],
+            ["ANTs SyNQuick[s] + JLF", args.ants, f"{theirs['per_target']:.2f}", "", f"{theirs['mean_dice']:.4f}"]]))
+        print(f"atlasseg / ANTs time per target: {ours['per_target'] / theirs['per_target']:.3f} "
+              f"(wall, start-up included: {ours['wall_per_target'] / theirs['per_target']:.3f})")
+    print("written", write_json(f"scale_{args.dataset}", {"args": vars(args), "rows": rows, "ants": ants_row}))
     return 0
 
 

@@ -171,3 +171,20 @@ def test_an_entry_of_an_older_format_is_not_used(tmp_path, caplog):
     (folder / "k.json").write_text(json.dumps({"ok": False, "failure": {"reason": "old"}}))
     assert cache.load("affine", "k") is None and "no checksums" in caplog.text
     assert cache.size() == 0  # removed
+
+
+def test_an_entrys_arrays_are_checksummed_with_it(tmp_path, caplog):
+    import numpy as np
+
+    cache = Cache(tmp_path / "cache")
+    arrays = {"values": np.arange(12, dtype=np.float32).reshape(3, 4), "region": np.eye(3, 4, dtype=bool)}
+    cache.store("library", "k", sitk.Euler2DTransform(), {"record": {}}, arrays=arrays)
+    assert cache.load("library", "k") is not None
+    assert {n: a.tolist() for n, a in cache.load_arrays("library", "k").items()} == {
+        n: a.tolist() for n, a in arrays.items()}
+    npz = cache.path("library", "k").with_suffix(".npz")
+    raw = bytearray(npz.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    npz.write_bytes(bytes(raw))
+    assert cache.load("library", "k") is None and "arrays k.npz does not match its checksum" in caplog.text
+    assert cache.size() == 0  # the whole entry removed: computed again

@@ -54,6 +54,8 @@ def test_unknown_key_names_key_path_and_file(tmp_path, text, key):
         ("selection: {roi: box}", "selection.roi"),
         ("selection: {roi_margin: -1}", "selection.roi_margin"),
         ("selection: {threshold: high}", "selection.threshold"),
+        ("selection: {prescreen: 0}", "selection.prescreen"),
+        ("selection: {prescreen: few}", "selection.prescreen"),
         ("registration: {affine: {iterations: 0}}", "registration.affine.iterations"),
         ("registration: {nonrigid: {iterations: 0}}", "registration.nonrigid.iterations"),
         ("registration: {nonrigid: {iterations: [30, 0]}}", "registration.nonrigid.iterations"),

@@ -7,7 +7,7 @@ from atlasseg.errors import AtlassegError, ConfigError
 from atlasseg.config import FusionConfig, load_config
 from atlasseg.fusion import JointLabelFusion, WeightedVote, _box, _radii, fill_holes, keep_largest_component, make_fuser
 from atlasseg.propagation import propagate_labels
-from conftest import phantom, rigid
+from conftest import phantom, rigid, warp
 
 MAJORITY = FusionConfig(method="majority")
 
@@ -304,6 +304,56 @@ def test_jlf_gives_the_same_answer_whatever_its_slab_size(monkeypatch, voting, s
     (labels_a, maps_a), (labels_b, maps_b) = results
     np.testing.assert_array_equal(labels_a, labels_b)
     np.testing.assert_allclose(np.stack(maps_a), np.stack(maps_b), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("radii", [(2, 2, 2), (2, 1, 0), (1, 3)])
+def test_jlf_patch_sums_are_box_sums_at_every_voxel_far_enough_inside(radii):
+    from atlasseg.fusion import _patch_sums
+
+    radii = np.asarray(radii)
+    array = np.random.default_rng(2).uniform(size=(9, 11, 8)[: len(radii)]).astype(np.float32)
+    original = array.copy()
+    sums = _patch_sums(array, radii)
+    interior = tuple(slice(r, n - r) for r, n in zip(radii.tolist(), array.shape))
+    expected = ndimage.uniform_filter(array.astype(np.float64), size=tuple(2 * radii + 1))[interior] * np.prod(2 * radii + 1)
+    assert sums.shape == expected.shape and sums.dtype == np.float32
+    np.testing.assert_allclose(sums, expected, rtol=1e-5)
+    np.testing.assert_array_equal(array, original)  # the input is left as it was
+
+
+@pytest.mark.parametrize("voting", [True, False])
+def test_jlf_on_the_disagreement_band_gives_the_labels_of_the_full_solve(monkeypatch, dim, voting):
+    """Candidates that agree away from the structures' borders (the phantom, slightly moved): solving only
+    where they disagree gives the labels (and probabilities) of solving at every voxel."""
+    import atlasseg.fusion as fusion
+
+    image, labels = phantom(dim=dim, size=24 if dim == 3 else 48)
+    rng = np.random.default_rng(5)
+    candidates = []
+    for number in range(5):
+        moved = rigid(dim, angle_deg=3.0 * (number - 2), shift=rng.uniform(-2.5, 2.5, size=3))
+        noisy = sitk.GetArrayFromImage(warp(image, moved)) + rng.normal(0, 0.05, size=image.GetSize()[::-1])
+        intensities = sitk.GetImageFromArray(noisy.astype(np.float32))
+        intensities.CopyInformation(image)
+        candidates.append((warp(labels, moved, labels=True), intensities))
+    config = FusionConfig(method="jlf", search_radius=1, patch_voting=voting)
+    band = []
+    real = fusion._undecided
+
+    def fused():
+        fuser = make_fuser(image, config=config)
+        for candidate in candidates:
+            fuser.add(*candidate)
+        maps = fuser.probabilities()
+        return sitk.GetArrayFromImage(fuser.result()), np.stack([sitk.GetArrayFromImage(maps[v]) for v in sorted(maps)])
+
+    monkeypatch.setattr(fusion, "_undecided", lambda low, high: band.append(real(low, high)) or band[-1])
+    restricted = fused()
+    monkeypatch.setattr(fusion, "_undecided", lambda low, high: np.ones(low.shape, dtype=bool))
+    full = fused()
+    assert 0.05 < band[0].mean() < 0.6  # a band, not the whole grid nor nothing
+    np.testing.assert_array_equal(restricted[0], full[0])
+    np.testing.assert_allclose(restricted[1], full[1], rtol=1e-5, atol=1e-6)
 
 
 def test_jlf_keeps_candidates_in_memory_while_they_fit_and_then_needs_room_on_disk(monkeypatch, tmp_path):

@@ -1,5 +1,6 @@
 """Hostile and malformed inputs (issue 18, classes 2-9): one line and exit 2 up front, a warning, or a correct run."""
 
+import dataclasses
 import logging
 import os
 import shutil
@@ -204,12 +205,13 @@ def test_yaml_the_loader_cannot_build_is_an_error_not_a_traceback(tmp_path, text
 
 def _integer_keys():
     """(section class, key) of every integer config key, lists of integers included."""
-    found = []
-    for section in (config_module.SelectionConfig, config_module.AffineConfig, config_module.NonrigidConfig,
-                    config_module.RegistrationConfig, config_module.FusionConfig, config_module.ParallelConfig,
-                    config_module.PropagationConfig, config_module.EvaluationConfig, config_module.OutputConfig):
+    found, pending = [], [config_module.Config]
+    while pending:  # every section, the nested ones (registration.affine, ...) too
+        section = pending.pop()
         for name, tp in typing.get_type_hints(section).items():
-            if int in _flattened(tp):
+            if dataclasses.is_dataclass(tp):
+                pending.append(tp)
+            elif int in _flattened(tp):
                 found.append((section, name))
     return found
 
