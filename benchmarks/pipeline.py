@@ -15,13 +15,14 @@ inside the union of the warped labels dilated by 2 voxels; Greedy affine + defor
 benchmarks/registration.py) then a majority vote. A peer's time per target: its registrations' and its fusion's
 seconds.
 
-Each peer pair is kept under benchmarks/results/peer_pairs/ keyed by the method, its settings and the SHA-256
+Each peer pair is kept under benchmarks/results/peer_pairs/ keyed by the method, its registration settings, the SHA-256
 of both images and the atlas labels; `--reuse-peers` reads them instead of registering again and the table
 marks those rows "reused" (otherwise every number is from this invocation).
 
 Prints per dataset and method: mean Dice per label and over labels (mean over targets), seconds per target,
-peak memory (atlasseg: the run's largest per-stage and per-worker peak, MiB; peers: this process's), and how
-many atlasseg registrations fold (any Jacobian <= 0 in the target's foreground). Writes
+atlasseg's peak memory (the run's largest per-stage and per-worker peak, MiB; the peers run inside this
+process, whose peak includes every method before them, so theirs is not given), and how many atlasseg
+registrations fold (any Jacobian <= 0 in the target's foreground). Writes
 benchmarks/results/pipeline.json.
 """
 
@@ -31,7 +32,6 @@ import argparse
 import hashlib
 import json
 import os
-import resource
 import statistics
 import sys
 import tempfile
@@ -108,10 +108,6 @@ def majority(fixed: sitk.Image, warped: list[tuple[sitk.Image, sitk.Image]]) -> 
     return fuser.result()
 
 
-def _peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def write_cases(folder: Path, name: str, ids: list[str]) -> dict[str, tuple[Path, Path]]:
     files = {}
     for case in ids:
@@ -159,8 +155,8 @@ def run_atlasseg(preset: str, name: str, files, tasks, tmp: Path, overrides) -> 
             "folded_pairs": folded, "pairs": registrations, "failed_targets": sum(r.error is not None for r in results)}
 
 
-PEERS = {  # key: (method name, pair registration given the cores, fusion, settings that key its kept pairs)
-    "ants": ("ANTs SyNQuick + JLF", lambda cores: ants_pair(SEED), ants_jlf, json.dumps(JLF)),
+PEERS = {  # key: (method name, pair registration given the cores, fusion, registration settings keying kept pairs)
+    "ants": ("ANTs SyNQuick + JLF", lambda cores: ants_pair(SEED), ants_jlf, "antsRegistrationSyNQuick[s]"),
     "greedy": ("Greedy + majority", lambda cores: greedy_pair(cores, SEED), majority, "100x50x10"),
 }
 
@@ -188,7 +184,7 @@ def run_peer(key: str, name: str, tasks, cases, pairs: PeerPairs, cores: int) ->
         dice[target] = dice_per_label(fused, truth, labels=list(labels)) if fused is not None else {v: 0.0 for v in labels}
         seconds.append(total)
         print(f"  {key} {target}: {mean_score(dice[target]):.3f} {total:.0f}s", flush=True)
-    return {"dice": dice, "seconds_per_target": statistics.fmean(seconds), "peak_mb": _peak_mb(),
+    return {"dice": dice, "seconds_per_target": statistics.fmean(seconds), "peak_mb": None,
             "folded_pairs": None, "pairs": sum(len(a) for _, a in tasks), "reused_pairs": pairs.reused}
 
 
