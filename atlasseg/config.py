@@ -41,15 +41,22 @@ def _require(condition: bool, name: str, message: str) -> None:
 
 
 def _check_pyramid(stage) -> None:
-    """Checks shared by the registration stages: levels, iterations, metric sampling."""
-    _require(len(stage.shrink_factors) == len(stage.smoothing_sigmas), "smoothing_sigmas",
+    """Checks shared by the registration stages: levels, iterations, metric sampling.
+
+    With ``shrink_factors: auto`` the number of levels comes from the image, so the per-level lists may
+    have any length (see ``registration.common.per_level``); with explicit factors, one entry per level.
+    """
+    explicit = stage.shrink_factors != "auto"
+    _require(len(stage.smoothing_sigmas) >= 1, "smoothing_sigmas", "at least one level is needed")
+    _require(not explicit or len(stage.shrink_factors) == len(stage.smoothing_sigmas), "smoothing_sigmas",
              "shrink_factors, smoothing_sigmas must have one entry per level")
-    _require(len(stage.shrink_factors) >= 1, "shrink_factors", "at least one level is needed")
-    _require(all(s >= 1 for s in stage.shrink_factors), "shrink_factors", "must be >= 1")
+    _require(not explicit or len(stage.shrink_factors) >= 1, "shrink_factors", "at least one level is needed")
+    _require(not explicit or all(s >= 1 for s in stage.shrink_factors), "shrink_factors", "must be >= 1")
     _require(all(s >= 0 for s in stage.smoothing_sigmas), "smoothing_sigmas", "must be >= 0 (mm)")
     per_level = isinstance(stage.iterations, tuple)
-    _require(not per_level or len(stage.iterations) == len(stage.shrink_factors), "iterations",
+    _require(not per_level or not explicit or len(stage.iterations) == len(stage.shrink_factors), "iterations",
              "one number for every level, or a list with one entry per level")
+    _require(not per_level or len(stage.iterations) >= 1, "iterations", "at least one level is needed")
     counts = stage.iterations if per_level else (stage.iterations,)
     _require(all(i >= 1 for i in counts), "iterations", "must be >= 1")
     _require(0 < stage.sampling_percentage <= 1, "sampling_percentage", "must be in (0, 1]")
@@ -201,12 +208,21 @@ class NonrigidConfig:
     method : str
         ``bspline`` (free-form deformation; any metric) or ``demons`` (a dense
         displacement field; same-contrast images only, often faster).
-    shrink_factors, smoothing_sigmas : list
-        Pyramid, coarse to fine (sigmas in mm).
+    shrink_factors : list of int or auto
+        Pyramid, coarse to fine: voxels binned per level along every axis, or ``auto``: derived from the
+        target's size and spacing (level ``l`` bins each axis towards ``2**l`` times the finest voxel size,
+        a thick-slice axis only once its voxels are that coarse and never below 8 voxels; levels until the
+        coarsest voxels reach 1/32 of the longest extent, at least two: ``[2, 1]`` on a 35 × 50 × 35 mm
+        crop at 1 mm, 8, 4, 2, 1 in-plane and no binning across the 7.7 mm slices of a 256 × 256 × 31
+        abdominal scan at 1.25 mm; the factors used are recorded per level, per axis where they differ).
+    smoothing_sigmas : list of float, mm
+        Gaussian smoothing per level, coarse to fine; with ``auto`` factors a list of another length than
+        the levels derived repeats its first (coarsest) entry at the extra coarse levels, or keeps its finest.
     iterations : int or list of int
         Iterations per level (most L-BFGS-B iterations for ``bspline``, demons updates for
         ``demons``): one number for every level, or one per level, coarse to fine (as ANTs'
-        ``100x70x50``): the finest level costs the most per iteration and needs the fewest.
+        ``100x70x50``): the finest level costs the most per iteration and needs the fewest. With
+        ``auto`` factors a list is fitted to the levels derived as ``smoothing_sigmas`` is.
     grid_spacing : float, mm
         ``bspline``: control-point spacing at the finest level; the grid is refined by 2
         between levels, so the coarsest level's spacing is ``grid_spacing * 2**(levels-1)``.
@@ -244,7 +260,7 @@ class NonrigidConfig:
 
     enabled: bool = True
     method: Literal["bspline", "demons"] = "demons"
-    shrink_factors: tuple[int, ...] = (2, 1)
+    shrink_factors: tuple[int, ...] | Literal["auto"] = (2, 1)
     smoothing_sigmas: tuple[float, ...] = (0.0, 0.0)
     iterations: int | tuple[int, ...] = (50, 10)
     grid_spacing: float = 6.0
@@ -264,10 +280,6 @@ class NonrigidConfig:
         _require(self.field_sigma >= 0, "field_sigma", "must be >= 0 (mm)")
         _require(self.update_sigma >= 0, "update_sigma", "must be >= 0 (mm)")
         _check_pyramid(self)
-
-    def iterations_at(self, level: int) -> int:
-        """The iterations of pyramid level ``level`` (0 = coarsest)."""
-        return self.iterations[level] if isinstance(self.iterations, tuple) else self.iterations
 
 
 @dataclass(frozen=True)

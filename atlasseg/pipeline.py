@@ -66,6 +66,7 @@ from .registration import (
     save_displacement_field,
     save_transform,
 )
+from .registration.common import level_shrinks
 from .report import Disagreement
 from .selection import min_atlases, rank, score_atlas, select
 
@@ -257,12 +258,6 @@ def _check_label_map(entry: Atlas | Target, manifest: Manifest) -> set[int]:
 _MIN_VOXELS = 4
 
 
-def level_shrinks(stage, geometry: Geometry) -> list[tuple[int, ...]]:
-    """The shrink factors an image on ``geometry`` gets at each level of ``stage``'s pyramid (a registration
-    stage's config), one per axis, x first: the pyramid checks ask this, whatever rule the factors follow."""
-    return [(int(shrink),) * geometry.dimension for shrink in stage.shrink_factors]
-
-
 def check_pyramid(geometry: Geometry, path: Path, config: Config) -> None:
     """Refuse, before any work, an image too thin for the registration: fewer than 4 voxels along an axis, or
     (non-rigid stage) fewer voxels along an axis than a level's shrink factor; the message says what to do."""
@@ -276,7 +271,7 @@ def check_pyramid(geometry: Geometry, path: Path, config: Config) -> None:
     nonrigid = config.registration.nonrigid
     if not nonrigid.enabled:
         return
-    for level, factors in enumerate(level_shrinks(nonrigid, geometry)):
+    for level, factors in enumerate(level_shrinks(nonrigid, geometry.size, geometry.spacing)):
         for axis, (count, factor) in enumerate(zip(geometry.size, factors)):
             if count < factor:
                 raise ImageError(f"{path}: {count} voxels along axis {axis} (size {size}), fewer than the shrink "

@@ -23,7 +23,7 @@ from threadpoolctl import threadpool_limits
 from ..config import NonrigidConfig
 from ..errors import RegistrationError
 from .affine import linear_parts
-from .common import Masks, pyramid_image, run_levels, transform_is_finite
+from .common import Masks, pyramid, pyramid_image, run_levels, transform_is_finite
 from .metrics import cubic_bspline, make_loss
 from .transforms import displacement_field
 
@@ -293,11 +293,12 @@ def register_bspline(
         Jacobian are added by the caller, for every non-rigid method alike).
     """
     dim = fixed.GetDimension()
-    meshes = _meshes(fixed, grid_spacing=config.grid_spacing, levels=len(config.shrink_factors))
+    shrinks, sigmas, iterations = pyramid(config, fixed)
+    meshes = _meshes(fixed, grid_spacing=config.grid_spacing, levels=len(shrinks))
     state = {"grid": _ControlGrid.over(fixed, meshes[0])}
     state["coefficients"] = np.zeros((dim,) + state["grid"].size[::-1])
 
-    def solve(level: int, shrink: int, sigma: float) -> dict:
+    def solve(level: int, shrink, sigma: float) -> dict:
         grid, coefficients = state["grid"], state["coefficients"]
         if level:
             finer = _ControlGrid.over(fixed, meshes[level])
@@ -307,13 +308,13 @@ def register_bspline(
                            seed=seed + level, masks=masks)
         result = optimize.minimize(
             objective, coefficients.ravel(), args=(coefficients.shape,), jac=True, method="L-BFGS-B",
-            options={"maxiter": config.iterations_at(level), "maxcor": 7, "gtol": 1e-12, "ftol": 1e-7},
+            options={"maxiter": iterations[level], "maxcor": 7, "gtol": 1e-12, "ftol": 1e-7},
         )
         state["coefficients"] = result.x.reshape(coefficients.shape)
         return {"mesh_size": [s - 3 for s in grid.size], "iterations": int(result.nit),
                 "evaluations": int(result.nfev), "metric": float(result.fun), "stop_condition": str(result.message)}
 
-    levels = run_levels(config.shrink_factors, config.smoothing_sigmas, solve)
+    levels = run_levels(shrinks, sigmas, solve)
     bspline = state["grid"].transform(state["coefficients"])
     return sitk.CompositeTransform([initial, bspline]), {"levels": levels}  # B-spline first, then initial
 
@@ -516,8 +517,9 @@ def register_demons(
     """
     dim = fixed.GetDimension()
     direction = np.asarray(fixed.GetDirection()).reshape(dim, dim)
-    pad = 2 * max(config.shrink_factors)
-    padded = sitk.Image([n + 2 * pad for n in fixed.GetSize()], sitk.sitkFloat32)
+    shrinks, sigmas, iterations = pyramid(config, fixed)
+    pad = 2 * np.max([np.broadcast_to(shrink, (dim,)) for shrink in shrinks], axis=0)  # voxels per axis, x first
+    padded = sitk.Image([int(n + 2 * p) for n, p in zip(fixed.GetSize(), pad)], sitk.sitkFloat32)
     padded.SetSpacing(fixed.GetSpacing())
     padded.SetDirection(fixed.GetDirection())
     padded.SetOrigin((np.asarray(fixed.GetOrigin()) - direction @ (pad * np.asarray(fixed.GetSpacing()))).tolist())
@@ -529,7 +531,7 @@ def register_demons(
     voxels = np.full(dim, min(fixed.GetSpacing()))
     state: dict = {"field": None, "grid": None}
 
-    def solve(level: int, shrink: int, sigma: float) -> dict:
+    def solve(level: int, shrink, sigma: float) -> dict:
         f, m = pyramid_image(reference, shrink, sigma), pyramid_image(moved, shrink, sigma)
         f_array = sitk.GetArrayFromImage(f)
         if state["field"] is None:
@@ -540,12 +542,12 @@ def register_demons(
         offset = (shift / np.asarray(m.GetSpacing()))[::-1]
         state["field"], info = _demons_level(
             f_array, sitk.GetArrayFromImage(m), u, spacing=np.asarray(f.GetSpacing())[::-1], voxels=voxels,
-            config=config, iterations=config.iterations_at(level), offset=offset,
+            config=config, iterations=iterations[level], offset=offset,
         )
         state["grid"] = f
         return info
 
-    levels = run_levels(config.shrink_factors, config.smoothing_sigmas, solve)
+    levels = run_levels(shrinks, sigmas, solve)
     last = state["grid"]
     same_grid = last.GetSize() == fixed.GetSize() and last.GetOrigin() == fixed.GetOrigin() \
         and last.GetSpacing() == fixed.GetSpacing()
