@@ -73,10 +73,10 @@ class SelectionConfig:
     ----------
     k : int or "all"
         Most best-ranked atlases kept for non-rigid registration. The default, 10, is
-        as accurate as all of them with joint label fusion on real data
-        (``benchmarks/fusion.py``: hippocampus 0.871 with 10 of 24 atlases, 0.869 with
-        all), and keeps the non-rigid and fusion time per target bounded however many
-        atlases there are (the affine stage still scores every atlas).
+        about as accurate as all of them with joint label fusion on real data
+        (``benchmarks/fusion.py`` measures it), and keeps the non-rigid and fusion time
+        per target bounded however many atlases there are (the affine stage, or the
+        prescreening of a large library, ranks the rest).
     threshold : float or None
         When set, only atlases scoring at least this are kept (of the best ``k``).
     min_atlases : int or "auto"
@@ -387,10 +387,9 @@ class FusionConfig:
         When above 0, each label's probability map (its share of the vote; STAPLE's
         posterior) is smoothed by a Gaussian of this sigma and the label map is their
         arg-max, a prior that boundaries are smooth; the probability maps written are the
-        smoothed ones. It helps large structures on coarse grids (MS-CMRSeg cardiac at
-        2.5 mm in-plane, ``jlf``: mean Dice +0.005 to +0.009 with 3 mm) and erodes small or
-        thin ones (MSD hippocampus at 1 mm: −0.007 to −0.014 with 1 mm; ``benchmarks/fusion.py``);
-        choose it with ``atlasseg crossval``.
+        smoothed ones. It can help large structures on coarse grids and erodes structures
+        only a few sigmas thick (``benchmarks/fusion.py`` measures both); choose it with
+        ``atlasseg crossval``.
     keep_largest_component : bool
         After fusion, each label keeps only its largest connected component
         (26-connected in 3D, 8 in 2D); the voxels cut off go to the next most
