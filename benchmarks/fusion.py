@@ -76,7 +76,9 @@ from atlasseg.crossval import parse_ks, score_setting
 from atlasseg.evaluation import evaluate, mean_score
 from atlasseg.fusion import METHODS, _radii, fuse
 from atlasseg.manifest import load_manifest
-from atlasseg.pipeline import available_cores, json_safe, prepare_case, thread_budget
+from atlasseg.parallel import available_cores, thread_budget
+from atlasseg.pipeline import prepare_case
+from atlasseg.pipeline.outputs import json_safe
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 DATASETS = {
