@@ -341,7 +341,7 @@ def cmd_select(args) -> int:
 
 def cmd_crossval(args) -> int:
     from .crossval import crossval, parse_ks, summary_table
-    from .fusion import METHODS
+    from .fusion.registry import METHODS
     from .parallel import session
 
     config, manifest = _load(args)

@@ -29,7 +29,7 @@ import numpy as np
 from .config import Config
 from .errors import AtlassegError, ConfigError, RegistrationError
 from .evaluation import evaluate, mean_score
-from .fusion import METHODS, fuse, needs_intensities
+from .fusion.registry import METHODS, fuse, needs_intensities
 from .manifest import Manifest, as_target
 from .cache import open_cache
 from .pipeline.checks import check_inputs

@@ -15,7 +15,7 @@ import numpy as np
 
 from ..config import Config, SelectionConfig
 from ..errors import AtlassegError, ImageError, RegistrationError
-from ..fusion import JointLabelFusion
+from ..fusion.registry import FUSERS
 from ..imageio import (
     Geometry,
     check_intensities,
@@ -253,14 +253,11 @@ def check_pyramid(geometry: Geometry, path: Path, config: Config) -> None:
 # Rough peak bytes per voxel of the largest image: one registration job (two float32 images, their
 # normalised and smoothed copies, gradients, and the non-rigid stage's displacement fields: float64 per axis;
 # `atlasseg register` with the default config peaked at 261 bytes per voxel on a 128^3 demo pair), and the
-# fusion (a float32 vote per label, plus the weights and the intensities of one candidate; joint label
-# fusion keeps its candidates on disk and reads them back in slabs of bounded size, and keeps the
-# padded target and each voxel's label range, int64).
+# fusion (a float32 vote per label, plus the weights and the intensities of one candidate; what a method keeps
+# beyond that, it estimates itself: Fuser.estimate_bytes).
 _JOB_BYTES_PER_VOXEL = {2: 160, 3: 256}
 _FUSION_BYTES_PER_VOXEL_AND_LABEL = 4
 _REPORT_BYTES_PER_VOXEL_AND_LABEL = 2  # the candidates' disagreement: a uint16 vote count per label
-_JLF_BYTES_PER_VOXEL = 24
-_JLF_BYTES_PER_VOXEL_AND_CANDIDATE = 6  # float32 intensities, labels of up to 2 bytes
 MEMORY_LIMIT_ENV = "ATLASSEG_MEMORY_LIMIT"
 _MANY_LABELS = 1000  # beyond this, merging labels is part of the advice
 
@@ -294,31 +291,30 @@ def estimate_memory(geometry: Geometry, config: Config, *, n_tasks: int, n_label
     fusion = voxels * _FUSION_BYTES_PER_VOXEL_AND_LABEL * (n_labels + 4)
     if config.output.report:
         fusion += voxels * _REPORT_BYTES_PER_VOXEL_AND_LABEL * n_labels
-    if config.fusion.method == "jlf":
-        candidates = _jlf_candidate_bytes(geometry, config, n_tasks=n_tasks)
-        fusion += voxels * _JLF_BYTES_PER_VOXEL + min(candidates, JointLabelFusion._SLAB_BYTES)
+    fusion += FUSERS[config.fusion.method].estimate_bytes(geometry, _n_candidates(config, n_tasks))
     return jobs * per_job + fusion, per_job, jobs
 
 
-def _jlf_candidate_bytes(geometry: Geometry, config: Config, *, n_tasks: int) -> int:
-    """What joint label fusion's candidates take, in its temporary folder."""
+def _n_candidates(config: Config, n_tasks: int) -> int:
+    """How many candidates fusion gets at most: ``selection.k`` of the ``n_tasks`` atlases."""
     k = config.selection.k
-    return math.prod(geometry.size) * _JLF_BYTES_PER_VOXEL_AND_CANDIDATE * (n_tasks if k == "all" else min(k, n_tasks))
+    return n_tasks if k == "all" else min(k, n_tasks)
 
 
 def check_disk(geometry: Geometry | None, config: Config, *, n_tasks: int) -> None:
-    """Refuse, before any work, a joint label fusion whose candidates are too many to keep in memory
-    (see :class:`~atlasseg.fusion.JointLabelFusion`) and would not fit in ``TMPDIR`` either."""
-    if geometry is None or config.fusion.method != "jlf":
+    """Refuse, before any work, a fusion whose temporary files (joint label fusion's candidates, when too many
+    to keep in memory: see :class:`~atlasseg.fusion.jlf.JointLabelFusion`) would not fit in ``TMPDIR``."""
+    if geometry is None:
         return
-    need = _jlf_candidate_bytes(geometry, config, n_tasks=n_tasks)
-    if need <= JointLabelFusion._SLAB_BYTES:
+    fuser = FUSERS[config.fusion.method]
+    need = fuser.estimate_disk_bytes(geometry, _n_candidates(config, n_tasks))
+    if not need:
         return
     folder = tempfile.gettempdir()
     free = shutil.disk_usage(folder).free
     if need > free:
         raise ImageError(
-            f"joint label fusion keeps its candidates in {folder}: about {_size(need)} for images of "
+            f"{fuser.title} keeps its candidates in {folder}: about {_size(need)} for images of "
             f"{' x '.join(map(str, geometry.size))} voxels, but {_size(free)} are free there: set TMPDIR to a "
             "folder with room, or lower selection.k, or choose another fusion.method"
         )

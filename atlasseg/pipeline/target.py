@@ -15,7 +15,7 @@ from ..cache import Cache
 from ..config import Config, SelectionConfig
 from ..errors import RegistrationError
 from ..evaluation import evaluate, mean_score
-from ..fusion import make_fuser
+from ..fusion.registry import make_fuser
 from ..imageio import normalize_intensity, read_geometry, read_image, read_labels, write_image
 from ..layout import LAYOUTS
 from ..manifest import Atlas, Target
