@@ -220,7 +220,10 @@ def segment(
     """
     from .manifest import manifest_from_dict
     from .cache import open_cache
-    from .pipeline import check_inputs, segment_target, versions
+    from .pipeline.checks import check_inputs
+    from .pipeline.outputs import versions
+    from .pipeline.resume import write_target_record
+    from .pipeline.target import segment_target
     from .quality import calibrate
 
     config = resolve_config(config, overrides)
@@ -244,6 +247,7 @@ def segment(
         calibration = calibrate(manifest, config, cache=open_cache(config)) if config.quality.enabled else None
         result = segment_target(target_, list(manifest.atlases), config, out_dir=out, label_names=manifest.label_names,
                                 calibration=calibration)
+        write_target_record(out, target_, list(manifest.atlases), config, result)
         segmentation = sitk.ReadImage(str(result.segmentation))
     record = {**result.record, "image": _describe(target),
               **({"scores": result.scores} if result.scores is not None else {}),  # int label keys, as evaluate's
@@ -297,7 +301,7 @@ def register(
     AtlassegError
         Bad input or config.
     """
-    from .pipeline import register_files
+    from .pipeline.pair import register_files
 
     config = resolve_config(config, overrides)
     with _workspace() as files:

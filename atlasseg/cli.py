@@ -240,7 +240,7 @@ def _load(args):
 
 
 def cmd_run(args) -> int:
-    from .pipeline import run
+    from .pipeline.run import run
 
     config, manifest = _load(args)
     out = Path(args.out or config.output.dir)
@@ -297,7 +297,7 @@ def cmd_cache(args) -> int:
 
 
 def cmd_validate(args) -> int:
-    from .pipeline import check_inputs
+    from .pipeline.checks import check_inputs
 
     config, manifest = _load(args)
     check_inputs(manifest, config)
@@ -310,7 +310,8 @@ def cmd_validate(args) -> int:
 
 def cmd_select(args) -> int:
     from .parallel import session
-    from .pipeline import check_inputs, rank_atlases
+    from .pipeline.checks import check_inputs
+    from .pipeline.jobs import rank_atlases
     from .selection import min_atlases
 
     config, manifest = _load(args)
@@ -340,7 +341,7 @@ def cmd_select(args) -> int:
 
 def cmd_crossval(args) -> int:
     from .crossval import crossval, parse_ks, summary_table
-    from .fusion import METHODS
+    from .fusion.registry import METHODS
     from .parallel import session
 
     config, manifest = _load(args)
@@ -366,7 +367,7 @@ def cmd_demo(args) -> int:
     from .config import load_config
     from .demo import make_demo_dataset
     from .manifest import load_manifest
-    from .pipeline import run
+    from .pipeline.run import run
 
     config = load_config("demo", overrides=args.overrides)
     out = Path(args.out)
@@ -407,7 +408,7 @@ def cmd_evaluate(args) -> int:
     from .api import evaluate
     from .config import EvaluationConfig
     from .evaluation import header, rows
-    from .pipeline import write_json, write_table
+    from .pipeline.outputs import write_json, write_table
 
     names = _label_args(args.labels) or {}
     metrics = EvaluationConfig().metrics

@@ -29,10 +29,12 @@ import numpy as np
 from .config import Config
 from .errors import AtlassegError, ConfigError, RegistrationError
 from .evaluation import evaluate, mean_score
-from .fusion import METHODS, fuse, needs_intensities
+from .fusion.registry import METHODS, fuse, needs_intensities
 from .manifest import Manifest, as_target
 from .cache import open_cache
-from .pipeline import Case, check_inputs, prepare_case, versions, write_json, write_table
+from .pipeline.checks import check_inputs
+from .pipeline.outputs import versions, write_json, write_table
+from .pipeline.target import Case, prepare_case
 
 log = logging.getLogger("atlasseg")
 

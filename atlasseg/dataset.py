@@ -218,7 +218,7 @@ def write_cases(out: str | Path, label_names: dict[int, str], atlases: list[Case
     """Validate and write the manifest (paths relative to its folder), headed by the ``command`` that wrote it:
     the manifest's keys, and every file read as ``atlasseg validate`` reads it (after the ``channel`` of 4D
     images is extracted). An existing ``out`` is replaced only with ``force``."""
-    from .pipeline import check_inputs
+    from .pipeline.checks import check_inputs
 
     out = Path(out).expanduser().absolute()
     scalar = [_one_channel(case, channel, out_dir=out.parent) for case in (*atlases, *targets)]

@@ -207,8 +207,8 @@ def calibrate(manifest: Manifest, config: Config, *, cache: Cache) -> Calibratio
     Each chosen atlas is segmented by the others (:func:`atlasseg.pipeline.prepare_case`, the best
     ``selection.k`` of them registered non-rigidly, then fused) and scored against its labels.
     """
-    from .fusion import make_fuser, needs_intensities
-    from .pipeline import prepare_case
+    from .fusion.registry import make_fuser, needs_intensities
+    from .pipeline.target import prepare_case
 
     if len(manifest.atlases) < 3:
         raise ConfigError(f"quality.enabled: the prediction is calibrated on atlases segmented by the others, "

@@ -74,9 +74,12 @@ from atlasseg.cli import format_rows
 from atlasseg.config import load_config
 from atlasseg.crossval import parse_ks, score_setting
 from atlasseg.evaluation import evaluate, mean_score
-from atlasseg.fusion import METHODS, _radii, fuse
+from atlasseg.fusion import METHODS, fuse
+from atlasseg.fusion.jlf import voxel_radii
 from atlasseg.manifest import load_manifest
-from atlasseg.pipeline import available_cores, json_safe, prepare_case, thread_budget
+from atlasseg.parallel import available_cores, thread_budget
+from atlasseg.pipeline import prepare_case
+from atlasseg.pipeline.outputs import json_safe
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 DATASETS = {
@@ -152,8 +155,8 @@ def _vm(key: str) -> float:
 
 def ants_radii(spacing) -> dict:
     """ANTs' patch and search radii (x, y, z) spanning about the mm atlasseg's do on this grid."""
-    patch = _radii(ANTS["rad"], np.asarray(spacing)).tolist()
-    search = _radii(ANTS["r_search"], np.asarray(spacing)).tolist()
+    patch = voxel_radii(ANTS["rad"], np.asarray(spacing)).tolist()
+    search = voxel_radii(ANTS["r_search"], np.asarray(spacing)).tolist()
     return {"rad": patch, "r_search": "x".join(map(str, search))}
 
 

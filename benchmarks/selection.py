@@ -46,7 +46,9 @@ from atlasseg.evaluation import evaluate, mean_score
 from atlasseg.fusion import fuse
 from atlasseg.imageio import normalize_intensity, read_image, read_labels
 from atlasseg.manifest import load_manifest
-from atlasseg.pipeline import available_cores, json_safe, prepare_case
+from atlasseg.parallel import available_cores
+from atlasseg.pipeline import prepare_case
+from atlasseg.pipeline.outputs import json_safe
 from atlasseg.selection import score_atlas
 from atlasseg.similarity import ncc
 

@@ -234,7 +234,7 @@ def test_jlf_without_room_for_its_candidates_is_refused_before_any_work(data, ca
 def test_memory_estimate_of_a_large_scan_exceeds_a_small_machine(monkeypatch):
     from atlasseg.config import load_config
     from atlasseg.imageio import Geometry
-    from atlasseg.pipeline import available_memory, estimate_memory
+    from atlasseg.pipeline.checks import available_memory, estimate_memory
 
     scan = Geometry((512, 512, 400), (0.5, 0.5, 0.6), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
     config = load_config("default", overrides=["parallel.n_jobs=1", "fusion.method=majority"])

@@ -160,12 +160,12 @@ def test_register_that_diverges_says_why_and_writes_only_the_record(manifest, tm
 
 
 def test_select_prints_the_ranking_without_the_nonrigid_stage(manifest, capsys, monkeypatch):
-    import atlasseg.pipeline as pipeline
+    from atlasseg.pipeline import jobs
 
     def no_nonrigid(*args, **kwargs):
         raise AssertionError("select ran the non-rigid stage")
 
-    monkeypatch.setattr(pipeline, "nonrigid_stage", no_nonrigid)  # in-process: parallel.n_jobs=1
+    monkeypatch.setattr(jobs, "nonrigid_stage", no_nonrigid)  # in-process: parallel.n_jobs=1
     argv = ["-q", "select", "demo", "--manifest", str(manifest), "--target", "case_004",
             "--set", "selection.k=2", "--set", "parallel.n_jobs=1"]
     assert main(argv) == 0

@@ -7,6 +7,7 @@ import json
 import pytest
 
 import atlasseg.pipeline as pipeline
+from atlasseg.pipeline import jobs
 from atlasseg.config import load_config
 from atlasseg.crossval import crossval, parse_ks
 from atlasseg.demo import make_demo_dataset
@@ -19,7 +20,7 @@ ONE_THREAD = ["parallel.n_jobs=1", "parallel.itk_threads=1"]  # in-process (coun
 def test_crossval_registers_each_pair_once_and_scores_like_a_run(tmp_path, monkeypatch):
     manifest = load_manifest(make_demo_dataset(tmp_path / "data", dim=2, n_atlases=4, n_targets=0, seed=4))
     calls = {"affine": [], "nonrigid": []}
-    real_affine, real_nonrigid = pipeline.affine_stage, pipeline.nonrigid_stage
+    real_affine, real_nonrigid = jobs.affine_stage, jobs.nonrigid_stage
 
     def affine(fixed, moving, **kwargs):
         calls["affine"].append(moving.GetSize())
@@ -29,8 +30,8 @@ def test_crossval_registers_each_pair_once_and_scores_like_a_run(tmp_path, monke
         calls["nonrigid"].append(moving.GetSize())
         return real_nonrigid(fixed, moving, **kwargs)
 
-    monkeypatch.setattr(pipeline, "affine_stage", affine)
-    monkeypatch.setattr(pipeline, "nonrigid_stage", nonrigid)
+    monkeypatch.setattr(jobs, "affine_stage", affine)
+    monkeypatch.setattr(jobs, "nonrigid_stage", nonrigid)
     config = load_config("demo", overrides=ONE_THREAD)
     document = crossval(config, manifest, ks=[1, 2], methods=["majority", "jlf"], out_dir=tmp_path / "cv")
     assert not any(r["dropped"] for r in document["targets"].values())  # else replacements add registrations
@@ -90,7 +91,7 @@ def test_crossval_prints_each_dropped_atlas_with_its_reason(tmp_path, monkeypatc
     def rejected(fixed, moving, **kwargs):
         raise RegistrationDiverged("non-rigid registration rejected: too little overlap: only 49% (test)", {})
 
-    monkeypatch.setattr(pipeline, "nonrigid_stage", rejected)
+    monkeypatch.setattr(jobs, "nonrigid_stage", rejected)
     with pytest.raises(RegistrationError, match="no target had an atlas registered"):
         crossval(load_config("demo", overrides=ONE_THREAD), manifest, ks=[1], methods=["majority"])
     drops = [r.getMessage() for r in caplog.records if "dropped (nonrigid" in r.getMessage()]

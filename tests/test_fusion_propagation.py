@@ -5,7 +5,18 @@ from scipy import ndimage
 
 from atlasseg.errors import AtlassegError, ConfigError
 from atlasseg.config import FusionConfig, load_config
-from atlasseg.fusion import JointLabelFusion, WeightedVote, _box, _radii, fill_holes, keep_largest_component, make_fuser
+from atlasseg.fusion import (
+    FUSERS,
+    METHODS,
+    JointLabelFusion,
+    WeightedVote,
+    fill_holes,
+    keep_largest_component,
+    make_fuser,
+    needs_intensities,
+)
+from atlasseg.fusion.jlf import _box, voxel_radii
+from atlasseg.imageio import Geometry
 from atlasseg.propagation import propagate_labels
 from conftest import phantom, rigid, warp
 
@@ -170,9 +181,9 @@ def test_jlf_search_finds_the_good_atlas_shifted_by_one_voxel(shape, spacing):
 
 def test_jlf_radii_count_voxels_of_the_finest_axis_and_the_search_goes_nearest_in_mm_first():
     thick = np.array([8.0, 2.5, 2.5])  # array order: 8 mm slices
-    assert _radii(2, thick).tolist() == [1, 2, 2]  # 5 mm in-plane; 1 slice (8 mm) is the nearest
-    assert _radii(1, thick).tolist() == [0, 1, 1]
-    assert _radii(3, np.array([1.0, 1.0])).tolist() == [3, 3]
+    assert voxel_radii(2, thick).tolist() == [1, 2, 2]  # 5 mm in-plane; 1 slice (8 mm) is the nearest
+    assert voxel_radii(1, thick).tolist() == [0, 1, 1]
+    assert voxel_radii(3, np.array([1.0, 1.0])).tolist() == [3, 3]
     box = _box(np.array([1, 1, 1]), thick)
     assert len(box) == 27 and box[0].tolist() == [0, 0, 0]
     assert not box[1:9, 0].any() and box[9:, 0].all()  # the 8 in-plane neighbours before any other slice
@@ -232,6 +243,28 @@ def test_probability_sigma_smooths_away_a_one_voxel_hole_but_not_the_square(meth
     corners = np.zeros_like(square, dtype=bool)
     corners[[6, 6, 17, 17], [6, 17, 6, 17]] = True
     np.testing.assert_array_equal(found[1.5], np.where(corners, 0, square))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_fuser_does_what_its_class_declares_before_it_is_made(method):
+    """What the pipeline asks a fuser's class (intensities, memory, temporary files) is what an instance does."""
+    target = intensities(np.zeros((4, 4)))
+    fuser = make_fuser(target, config=FusionConfig(method=method))
+    assert fuser.needs_intensities == needs_intensities(method) == (method not in ("majority", "staple"))
+    if not fuser.needs_intensities:  # labels alone are enough
+        fuser.add(labels(np.eye(4)))
+        assert sitk.GetArrayFromImage(fuser.result()).tolist() == np.eye(4).tolist()
+    geometry = Geometry.of(target)
+    memory, disk = FUSERS[method].estimate_bytes(geometry, 3), FUSERS[method].estimate_disk_bytes(geometry, 3)
+    assert (memory > 0) == (method == "jlf") and disk == 0  # 3 small candidates stay in memory
+
+
+def test_jlf_estimates_its_spill_to_disk_beyond_its_memory_budget(monkeypatch):
+    geometry = Geometry.of(intensities(np.zeros((10, 10))))
+    in_memory = JointLabelFusion.estimate_bytes(geometry, 4)
+    monkeypatch.setattr(JointLabelFusion, "_SLAB_BYTES", 1000)  # 4 candidates of 100 voxels: 2400 bytes
+    assert JointLabelFusion.estimate_disk_bytes(geometry, 4) == 2400
+    assert JointLabelFusion.estimate_bytes(geometry, 4) == in_memory - 2400 + 1000  # a slab's worth stays
 
 
 def test_weighted_fusion_needs_intensities():
@@ -308,7 +341,7 @@ def test_jlf_gives_the_same_answer_whatever_its_slab_size(monkeypatch, voting, s
 
 @pytest.mark.parametrize("radii", [(2, 2, 2), (2, 1, 0), (1, 3)])
 def test_jlf_patch_sums_are_box_sums_at_every_voxel_far_enough_inside(radii):
-    from atlasseg.fusion import _patch_sums
+    from atlasseg.fusion.jlf import _patch_sums
 
     radii = np.asarray(radii)
     array = np.random.default_rng(2).uniform(size=(9, 11, 8)[: len(radii)]).astype(np.float32)
@@ -325,7 +358,7 @@ def test_jlf_patch_sums_are_box_sums_at_every_voxel_far_enough_inside(radii):
 def test_jlf_on_the_disagreement_band_gives_the_labels_of_the_full_solve(monkeypatch, dim, voting):
     """Candidates that agree away from the structures' borders (the phantom, slightly moved): solving only
     where they disagree gives the labels (and probabilities) of solving at every voxel."""
-    import atlasseg.fusion as fusion
+    from atlasseg.fusion import jlf
 
     image, labels = phantom(dim=dim, size=24 if dim == 3 else 48)
     rng = np.random.default_rng(5)
@@ -338,7 +371,7 @@ def test_jlf_on_the_disagreement_band_gives_the_labels_of_the_full_solve(monkeyp
         candidates.append((warp(labels, moved, labels=True), intensities))
     config = FusionConfig(method="jlf", search_radius=1, patch_voting=voting)
     band = []
-    real = fusion._undecided
+    real = jlf._undecided
 
     def fused():
         fuser = make_fuser(image, config=config)
@@ -347,9 +380,9 @@ def test_jlf_on_the_disagreement_band_gives_the_labels_of_the_full_solve(monkeyp
         maps = fuser.probabilities()
         return sitk.GetArrayFromImage(fuser.result()), np.stack([sitk.GetArrayFromImage(maps[v]) for v in sorted(maps)])
 
-    monkeypatch.setattr(fusion, "_undecided", lambda low, high: band.append(real(low, high)) or band[-1])
+    monkeypatch.setattr(jlf, "_undecided", lambda low, high: band.append(real(low, high)) or band[-1])
     restricted = fused()
-    monkeypatch.setattr(fusion, "_undecided", lambda low, high: np.ones(low.shape, dtype=bool))
+    monkeypatch.setattr(jlf, "_undecided", lambda low, high: np.ones(low.shape, dtype=bool))
     full = fused()
     assert 0.05 < band[0].mean() < 0.6  # a band, not the whole grid nor nothing
     np.testing.assert_array_equal(restricted[0], full[0])

@@ -149,9 +149,9 @@ def test_an_axis_shorter_than_a_nonrigid_shrink_factor_is_refused(data, capsys):
 
 
 def test_the_pyramid_check_asks_the_shrink_factors_each_image_gets(data, capsys, monkeypatch):
-    import atlasseg.pipeline as pipeline
+    from atlasseg.pipeline import checks
 
-    monkeypatch.setattr(pipeline, "level_shrinks", lambda stage, size, spacing: [(1, 1, 16)] * len(stage.shrink_factors))
+    monkeypatch.setattr(checks, "level_shrinks", lambda stage, size, spacing: [(1, 1, 16)] * len(stage.shrink_factors))
     assert _validate(data) == 2
     assert "fewer than the shrink factor 16 of registration.nonrigid level 0" in _one_line(capsys)
 

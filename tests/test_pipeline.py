@@ -144,7 +144,7 @@ def test_landmark_initialisation_needs_landmarks_for_every_entry(demo2d):
 
 def test_a_failed_nonrigid_registration_is_replaced_by_the_next_ranked_atlas(demo2d, tmp_path, monkeypatch):
     """With min_atlases 2 of k 2, the best-ranked atlas failing brings in the third-ranked."""
-    import atlasseg.pipeline as pipeline
+    from atlasseg.pipeline import jobs
     from atlasseg.registration import RegistrationDiverged
 
     calls = []
@@ -155,7 +155,7 @@ def test_a_failed_nonrigid_registration_is_replaced_by_the_next_ranked_atlas(dem
             raise RegistrationDiverged("non-rigid registration diverged: test", {"metric_after": 1.0})
         return initial, {"seconds": 0.0}
 
-    monkeypatch.setattr(pipeline, "nonrigid_stage", fake_nonrigid)
+    monkeypatch.setattr(jobs, "nonrigid_stage", fake_nonrigid)
     overrides = ["selection.k=2", "selection.min_atlases=2", "parallel.n_jobs=1", "registration.affine.stages=[]"]
     (result,) = run(load_config("demo", overrides=overrides), demo2d, out_dir=tmp_path, target_ids=[demo2d.targets[0].id])
     order = [r["atlas"] for r in result.record["ranking"]]

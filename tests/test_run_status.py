@@ -1,15 +1,18 @@
 """A run's status says what happened: degraded targets, an interrupted run, outputs of other inputs refused."""
 
+import importlib
 import json
 
 import pytest
 import SimpleITK as sitk
 import yaml
 
-import atlasseg.pipeline as pipeline
 from atlasseg.cli import EXIT_DEGRADED, EXIT_ERROR, EXIT_INTERRUPTED, main
 from atlasseg.demo import make_demo_dataset
+from atlasseg.pipeline import jobs
 from atlasseg.registration import RegistrationDiverged
+
+RUN = importlib.import_module("atlasseg.pipeline.run")  # the module (the package's `run` is the function)
 
 SERIAL = ["--set", "parallel.n_jobs=1", "--set", "parallel.itk_threads=1"]  # in this process: stages can be faked
 
@@ -32,7 +35,7 @@ def nine_of_ten_fail(monkeypatch):
             raise RegistrationDiverged("non-rigid registration diverged: the metric got worse (test)", {})
         return initial, {"seconds": 0.0}
 
-    monkeypatch.setattr(pipeline, "nonrigid_stage", nonrigid)
+    monkeypatch.setattr(jobs, "nonrigid_stage", nonrigid)
 
 
 def _run(manifest, out, *extra):
@@ -61,7 +64,7 @@ def test_with_the_default_floor_most_atlases_failing_fails_the_target(ten, tmp_p
 
 
 def test_the_report_lists_degraded_targets_first(ten, tmp_path, monkeypatch):
-    real = pipeline.nonrigid_stage
+    real = jobs.nonrigid_stage
     calls = []
 
     def nonrigid(fixed, moving, **kwargs):  # the second target (case_012) loses 3 of its 10 atlases
@@ -70,27 +73,27 @@ def test_the_report_lists_degraded_targets_first(ten, tmp_path, monkeypatch):
             raise RegistrationDiverged("non-rigid registration diverged: test", {})
         return real(fixed, moving, **kwargs)
 
-    monkeypatch.setattr(pipeline, "nonrigid_stage", nonrigid)
+    monkeypatch.setattr(jobs, "nonrigid_stage", nonrigid)
     assert _run(ten, tmp_path, "--allow-degraded") == 0
     page = (tmp_path / "index.html").read_text()
     assert page.index('id="target-0"><h2>case_012') < page.index("<h2>case_011")
 
 
 def test_an_interrupted_run_says_so_writes_its_report_and_resumes(ten, tmp_path, monkeypatch, capsys):
-    real = pipeline.segment_target
+    real = RUN.segment_target
 
     def second_interrupted(target, *args, **kwargs):
         if target.id == "case_012":
             raise KeyboardInterrupt
         return real(target, *args, **kwargs)
 
-    monkeypatch.setattr(pipeline, "segment_target", second_interrupted)
+    monkeypatch.setattr(RUN, "segment_target", second_interrupted)
     assert _run(ten, tmp_path, "--set", "selection.k=3") == EXIT_INTERRUPTED
     assert "run the same command again to resume" in capsys.readouterr().err
     record = json.loads((tmp_path / "run.json").read_text())
     assert record["status"] == "interrupted" and list(record["targets"]) == ["case_011"]
     assert "case_011" in (tmp_path / "index.html").read_text() and (tmp_path / "metrics.csv").is_file()
-    monkeypatch.setattr(pipeline, "segment_target", real)
+    monkeypatch.setattr(RUN, "segment_target", real)
     assert _run(ten, tmp_path, "--set", "selection.k=3") == 0
     assert json.loads((tmp_path / "run.json").read_text())["status"] == "complete"
 

@@ -1,5 +1,6 @@
 """Runs that scale: cached registrations, resuming a killed run, a Dask cluster, failure isolation, logs."""
 
+import importlib
 import json
 import os
 import signal
@@ -11,13 +12,14 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-import atlasseg.pipeline as pipeline
 from atlasseg.cache import Cache
 from atlasseg.cli import main
 from atlasseg.config import load_config
 from atlasseg.demo import make_demo_dataset
 from atlasseg.manifest import load_manifest
-from atlasseg.pipeline import run
+from atlasseg.pipeline import jobs, run
+
+RUN = importlib.import_module("atlasseg.pipeline.run")  # the module (the package's `run` is the function)
 
 SERIAL = ["parallel.n_jobs=1", "parallel.itk_threads=1"]  # in this process: stages can be watched; bitwise repeatable
 
@@ -40,7 +42,7 @@ def _forbid(monkeypatch, *stages):
         raise AssertionError("registration ran although its result is cached")
 
     for stage in stages:
-        monkeypatch.setattr(pipeline, stage, refuse)
+        monkeypatch.setattr(jobs, stage, refuse)
 
 
 def _arrays(out, manifest, ids=None):
@@ -63,8 +65,8 @@ def test_a_changed_nonrigid_setting_recomputes_only_that_stage(data, tmp_path, m
     manifest = load_manifest(data)
     run(_config(), manifest, out_dir=tmp_path / "a")
     calls = []
-    real = pipeline.nonrigid_stage
-    monkeypatch.setattr(pipeline, "nonrigid_stage", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = jobs.nonrigid_stage
+    monkeypatch.setattr(jobs, "nonrigid_stage", lambda *a, **k: calls.append(1) or real(*a, **k))
     _forbid(monkeypatch, "affine_stage")
     (result, *_) = run(_config("registration.nonrigid.iterations=5"), manifest, out_dir=tmp_path / "b")
     assert len(calls) == 3 * len(manifest.targets)
@@ -92,8 +94,8 @@ def test_a_finished_target_is_not_segmented_again(data, tmp_path, monkeypatch):
     manifest = load_manifest(data)
     first = run(_config(), manifest, out_dir=tmp_path, target_ids=[manifest.targets[0].id])
     calls = []
-    real = pipeline.segment_target
-    monkeypatch.setattr(pipeline, "segment_target", lambda target, *a, **k: calls.append(target.id) or real(target, *a, **k))
+    real = RUN.segment_target
+    monkeypatch.setattr(RUN, "segment_target", lambda target, *a, **k: calls.append(target.id) or real(target, *a, **k))
     results = run(_config(), manifest, out_dir=tmp_path)
     assert calls == [t.id for t in manifest.targets[1:]]
     assert results[0].scores == first[0].scores and results[0].record == first[0].record

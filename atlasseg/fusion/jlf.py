@@ -1,0 +1,324 @@
+"""Joint label fusion (Wang et al. 2013)."""
+
+from __future__ import annotations
+
+import math
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+from scipy import ndimage
+
+from ..config import FusionConfig
+from ..errors import AtlassegError
+from ..imageio import Geometry
+from ..parallel import available_cores
+from .base import Fuser
+
+
+class JointLabelFusion(Fuser):
+    """Joint label fusion (Wang et al. 2013): weights that minimise the atlases' expected joint error.
+
+    Patches and the search window are boxes of ``patch_radius`` and ``search_radius`` voxels
+    along the finest axis and about as many mm along the others (see :func:`voxel_radii`: on
+    2.5 × 2.5 × 8 mm voxels, radius 2 is 2 × 2 × 1 voxels), so a thick-slice image is not
+    compared over several slices' depth. At each voxel x, every atlas i contributes the patch
+    at x + o_i, where the offset o_i (within the search window; 0 without search) is the one
+    whose patch best matches the target's patch at x (least sum of squared differences; with
+    ``patch_normalization``, of the patches scaled to zero mean and unit variance, i.e. the
+    highest correlation; a tie goes to the offset nearer in mm, the voxel itself first). With
+    the absolute differences d_i(p) = |A_i(x + o_i + p) − T(x + p)| over the patch offsets p
+    (of the normalised patches, or else of the intensities scaled by their mean over all atlases and voxels),
+    M[i, j] = (mean_p d_i(p)·d_j(p))^beta, and the weights are (M + alpha·I)⁻¹ 1, normalised to
+    sum to 1: atlases that err in the same way share their weight. Beyond the image, patches
+    repeat the border voxels.
+
+    Votes: atlas i gives its weight at x to its label at x + o_i; with ``patch_voting`` (as
+    ANTs' antsJointFusion does) it gives it, for every patch offset p, to its label at
+    x + o_i + p as a vote at x + p, and each voxel's votes are divided by the number of
+    patches that cover it.
+
+    A voxel where every atlas shows the same label in the whole search window gets that
+    label (every weighting gives it): only the others are voted on, from weights solved at
+    them (and, with ``patch_voting``, at the voxels within the patch radius of them), in
+    chunks of at most ``_CHUNK`` candidate × voxel × patch (or candidate × candidate × voxel) values.
+
+    Memory does not grow with the number of candidates: the candidates, padded by the search
+    and patch radii, are kept in memory while together they take at most ``_SLAB_BYTES``;
+    beyond that they are written to a temporary folder (``TMPDIR``), and the voting reads them
+    back in slabs of whole rows of the first array axis, every candidate's slab (with the rows
+    its patches and search reach) together taking at most about ``_SLAB_BYTES``. The result
+    does not depend on the slab size. What else stays in memory is a few target-sized arrays:
+    the target, the vote maps, and the per-voxel label range.
+    """
+
+    _CHUNK = 1 << 22
+    _SLAB_BYTES = 1 << 28
+    # Rough bytes per voxel for estimate_bytes: the padded target and each voxel's label range (int64), and
+    # per candidate (in memory up to _SLAB_BYTES, else in the temporary folder) float32 intensities and
+    # labels of up to 2 bytes.
+    _BYTES_PER_VOXEL = 24
+    _BYTES_PER_VOXEL_AND_CANDIDATE = 6
+    title = "joint label fusion"
+
+    @classmethod
+    def uses_intensities(cls, method: str) -> bool:
+        return True
+
+    @classmethod
+    def _candidate_bytes(cls, geometry: Geometry, n_candidates: int) -> int:
+        """What the candidates take, padding aside."""
+        return math.prod(geometry.size) * cls._BYTES_PER_VOXEL_AND_CANDIDATE * n_candidates
+
+    @classmethod
+    def estimate_bytes(cls, geometry: Geometry, n_candidates: int) -> int:
+        return (math.prod(geometry.size) * cls._BYTES_PER_VOXEL
+                + min(cls._candidate_bytes(geometry, n_candidates), cls._SLAB_BYTES))
+
+    @classmethod
+    def estimate_disk_bytes(cls, geometry: Geometry, n_candidates: int) -> int:
+        """The candidates, when together they take more than ``_SLAB_BYTES`` (else they stay in memory)."""
+        need = cls._candidate_bytes(geometry, n_candidates)
+        return need if need > cls._SLAB_BYTES else 0
+
+    def __init__(self, reference: sitk.Image, *, config: FusionConfig):
+        super().__init__(reference, config=config)
+        spacing = np.asarray(reference.GetSpacing())[::-1]  # array order
+        self._search = voxel_radii(config.search_radius, spacing)
+        self._patch = voxel_radii(config.patch_radius, spacing)
+        self._pad = tuple((int(r), int(r)) for r in self._search + self._patch)
+        self._store: tempfile.TemporaryDirectory | None = None  # the candidates, padded, once on disk
+        self._labels: list[np.ndarray] = []  # in memory, or then read-only memory maps of those files
+        self._intensities: list[np.ndarray] = []
+        self._low = self._high = None  # per voxel, the smallest and largest label in any candidate's search window
+        self._difference = 0.0  # sum over candidates of the mean |A − T|
+
+    def add(self, candidate: sitk.Image, intensities: sitk.Image | None = None) -> None:
+        self._check(candidate, intensities)
+        labels = sitk.GetArrayFromImage(candidate)
+        warped = sitk.GetArrayFromImage(intensities).astype(np.float32)
+        self._difference += float(np.abs(warped - self._target).mean(dtype=np.float64))
+        low = high = labels.astype(np.int64)
+        if self._search.any():
+            window = tuple(2 * self._search + 1)
+            low = ndimage.minimum_filter(low, size=window, mode="nearest")
+            high = ndimage.maximum_filter(high, size=window, mode="nearest")
+        self._low = low if self._low is None else np.minimum(self._low, low)
+        self._high = high if self._high is None else np.maximum(self._high, high)
+        self._labels.append(np.pad(labels, self._pad, mode="edge"))
+        self._intensities.append(np.pad(warped, self._pad, mode="edge"))
+        if self._store is not None or sum(a.nbytes for a in self._labels + self._intensities) > self._SLAB_BYTES:
+            for kind, arrays in (("labels", self._labels), ("intensities", self._intensities)):
+                arrays[:] = [a if isinstance(a, np.memmap) else self._spill(a, f"{i}-{kind}") for i, a in enumerate(arrays)]
+
+    def _spill(self, array: np.ndarray, name: str) -> np.memmap:
+        """``array`` written to the temporary folder, and mapped back read-only."""
+        try:
+            if self._store is None:
+                self._store = tempfile.TemporaryDirectory(prefix="atlasseg-jlf-")
+            path = Path(self._store.name) / f"{name}.npy"
+            np.save(path, array)
+            return np.load(path, mmap_mode="r")
+        except OSError as err:
+            place = self._store.name if self._store is not None else tempfile.gettempdir()
+            raise AtlassegError(f"joint label fusion: cannot keep its candidates in {place} ({err.strerror or err}): "
+                                f"set TMPDIR to a folder with room (about {array.size * 5 / 2**20:.0f} MiB "
+                                "per atlas)") from None
+
+    def _stack(self):
+        if self._labels:
+            self._fuse()
+        return super()._stack()
+
+    def _fuse(self) -> None:
+        config = self._config
+        undecided = _undecided(self._low, self._high)
+        for value in np.unique(self._low[~undecided]).tolist():
+            self._accumulator(value)[(self._low == value) & ~undecided] = 1.0
+        centres = undecided
+        if config.patch_voting:
+            centres = ndimage.maximum_filter(undecided, size=tuple(2 * self._patch + 1), mode="constant")
+        self._covered = np.zeros(self._target.shape, dtype=np.float32)  # patches voting at each voxel
+        target = np.pad(self._target, self._pad, mode="edge")
+        halo = self._pad[0][0]  # rows a slab's patches and search reach beyond it, each side
+        row_bytes = sum(a[0].nbytes for a in self._labels + self._intensities)
+        rows = max(1, self._SLAB_BYTES // max(row_bytes, 1) - 2 * halo)
+        for start in range(0, self._target.shape[0], rows):
+            window = slice(start, start + rows + 2 * halo)  # the slab's rows, padded coordinates
+            self._fuse_slab(target[window], [_read(a[window]) for a in self._labels],
+                            [_read(a[window]) for a in self._intensities], centres[start:start + rows], start, undecided)
+        if config.patch_voting:
+            covered = np.maximum(self._covered[undecided], 1.0)
+            for votes in self._votes.values():
+                votes[undecided] /= covered
+        self._labels.clear()
+        self._intensities.clear()
+        if self._store is not None:
+            self._store.cleanup()
+        self._store = self._low = self._high = None
+
+    def _fuse_slab(self, target, labels, intensities, centres, start: int, undecided) -> None:
+        """Weights and votes at the ``centres`` of the slab whose first row is ``start``;
+        ``target``, ``labels`` and ``intensities``: the slab's rows of the padded arrays."""
+        voxels = np.argwhere(centres)
+        if not voxels.size:
+            return
+        strides = _strides(target.shape)
+        spacing = np.asarray(self._reference.GetSpacing())[::-1]
+        search, patch = _box(self._search, spacing), _box(self._patch, spacing)
+        best = self._best_offsets(target, intensities, voxels.min(axis=0), voxels.max(axis=0) + 1, search, centres)
+        base = (voxels + self._search + self._patch) @ strides
+        voxels[:, 0] += start
+        # Voxels per chunk: each takes n × patch float32 differences and n × n float64 weights (some copies).
+        n = len(labels)
+        step = max(1, self._CHUNK // (n * max(len(patch), 8 * n)))
+        for first in range(0, len(voxels), step):
+            chunk = slice(first, first + step)
+            offsets = [None if b is None else search[b[chunk]] @ strides for b in best]
+            self._solve(target.reshape(-1), labels, intensities, base[chunk], offsets, patch, strides,
+                        voxels[chunk], undecided)
+
+    def _best_offsets(self, target: np.ndarray, intensities: list, lo: np.ndarray, hi: np.ndarray,
+                      search: np.ndarray, centres) -> list:
+        """Per candidate and centre voxel (in ``argwhere`` order), the row of ``search`` whose patch
+        best matches the target's; None for every candidate without search. The candidates are
+        searched in parallel threads (scipy's filters release the GIL)."""
+        if len(search) == 1:
+            return [None] * len(intensities)
+        r, pad = self._patch.tolist(), (self._search + self._patch).tolist()
+        size = tuple(2 * self._patch + 1)
+        box = lambda shift: tuple(slice(a + p - q + o, b + p + q + o)  # noqa: E731
+                                  for a, b, p, q, o in zip(lo, hi, pad, r, shift))
+        fixed = target[box([0] * target.ndim)]
+        inside = np.argwhere(centres[tuple(slice(a, b) for a, b in zip(lo, hi))])  # from lo
+        at_box = np.ravel_multi_index(tuple((inside + r).T), fixed.shape)  # the centres in box arrays
+        at_sums = np.ravel_multi_index(tuple(inside.T), tuple(hi - lo))  # and in their patch sums
+        scale = np.float32(1.0 / math.prod(size))
+        at_slab = np.ravel_multi_index(tuple((inside + lo + pad).T), target.shape)  # and in the slab's
+        shifts = search @ _strides(target.shape)
+        normalized = self._config.patch_normalization
+        if normalized:
+            fixed_mean, fixed_std = (m.reshape(-1)[at_box] for m in _local_moments(fixed, size))
+
+        def search_one(warped: np.ndarray) -> np.ndarray:
+            lowest = np.full(len(inside), np.inf, dtype=np.float32)
+            index = np.zeros(lowest.size, dtype=np.min_scalar_type(len(search) - 1))
+            if normalized:
+                mean, std = (m.reshape(-1) for m in _local_moments(warped, size))
+            for k, offset in enumerate(search.tolist()):
+                moved = warped[box(offset)]
+                if normalized:  # minus the correlation of the two patches
+                    cross = _patch_sums(moved * fixed, self._patch).reshape(-1)[at_sums] * scale
+                    at = at_slab + shifts[k]
+                    cost = (fixed_mean * mean[at] - cross) / (fixed_std * std[at])
+                else:
+                    cost = _patch_sums((moved - fixed) ** 2, self._patch).reshape(-1)[at_sums]
+                better = cost < lowest
+                lowest[better] = cost[better]
+                index[better] = k
+            return index
+
+        threads = min(len(intensities), available_cores())
+        if threads < 2:
+            return [search_one(warped) for warped in intensities]
+        with ThreadPoolExecutor(threads) as pool:
+            return list(pool.map(search_one, intensities))
+
+    def _solve(self, target, labels, intensities, base, offsets, patch, strides, voxels, undecided) -> None:
+        """Weights at the centre voxels ``voxels`` (flat indices ``base`` into the slab's padded
+        arrays) and their votes; ``offsets``: per candidate, the flat offset of its best patch
+        (None: the voxel itself)."""
+        config = self._config
+        n, steps = len(labels), patch @ strides
+        fixed = np.take(target, base[:, None] + steps)
+        if config.patch_normalization:
+            fixed = _standardised(fixed)
+        differences = np.empty((len(base), n, len(steps)), dtype=np.float32)
+        centres = [base if offset is None else base + offset for offset in offsets]
+        for i, (warped, centre) in enumerate(zip(intensities, centres)):
+            moved = np.take(warped.reshape(-1), centre[:, None] + steps)
+            if config.patch_normalization:
+                moved = _standardised(moved)
+            np.abs(moved - fixed, out=differences[:, i])
+        if not config.patch_normalization:
+            differences /= max(self._difference / n, 1e-6)
+        m = np.matmul(differences, differences.transpose(0, 2, 1)).astype(np.float64)
+        del differences
+        m /= len(steps)
+        np.power(m, config.beta, out=m)
+        m[:, np.arange(n), np.arange(n)] += config.alpha
+        w = np.linalg.solve(m, np.ones((len(base), n, 1)))[..., 0]
+        w /= w.sum(axis=1, keepdims=True)
+        shape = np.asarray(self._target.shape)
+        for offset, step in zip(patch, steps) if config.patch_voting else [(patch[0], steps[0])]:
+            at = voxels + offset
+            inside = np.all((at >= 0) & (at < shape), axis=1)
+            flat = np.ravel_multi_index(tuple(np.clip(at, 0, shape - 1).T), self._target.shape)
+            keep = inside & undecided.reshape(-1)[flat]
+            flat = flat[keep]  # distinct: one offset maps distinct centres to distinct voxels
+            shown = np.stack([np.take(a.reshape(-1), c[keep] + step) for a, c in zip(labels, centres)], 1)
+            for value in np.unique(shown).tolist():
+                self._accumulator(value).reshape(-1)[flat] += np.where(shown == value, w[keep], 0.0).sum(axis=1)
+            self._covered.reshape(-1)[flat] += 1.0
+
+
+def _patch_sums(array: np.ndarray, radii: np.ndarray) -> np.ndarray:
+    """Sums of ``array`` over the box of ``radii`` voxels per axis around each voxel at least that far from
+    its border (the result is ``2 * radii`` smaller per axis): float32 sums of shifted views, one axis after
+    the other, no padding and no float64 copy (cheaper than ``ndimage.uniform_filter``)."""
+    for axis, r in enumerate(radii.tolist()):
+        if r:
+            n = array.shape[axis]
+            shifted = [array[(slice(None),) * axis + (slice(k, n - 2 * r + k),)] for k in range(2 * r + 1)]
+            total = shifted[0].astype(np.float32)  # a copy, so that the sums never write into the input
+            for view in shifted[1:]:
+                total += view
+            array = total
+    return array
+
+
+def _undecided(low: np.ndarray, high: np.ndarray) -> np.ndarray:
+    """The voxels joint label fusion solves for: where some candidate's search window shows another label
+    (``low``, ``high``: per voxel, the least and greatest label in any candidate's window). Everywhere else
+    every weighting votes for the one label shown."""
+    return low != high
+
+
+def _strides(shape: tuple[int, ...]) -> np.ndarray:
+    """The step in a C-order flat index per unit step along each axis."""
+    return np.asarray(np.cumprod((tuple(shape) + (1,))[:0:-1])[::-1])
+
+
+def _read(rows: np.ndarray) -> np.ndarray:
+    """Rows of a candidate: read into memory from its file, or (in memory already) as they are."""
+    return np.array(rows) if isinstance(rows, np.memmap) else rows
+
+
+def _standardised(patches: np.ndarray) -> np.ndarray:
+    """Each row scaled to zero mean and unit variance (a flat row stays zero)."""
+    centred = patches - patches.mean(axis=1, keepdims=True)
+    return centred / np.maximum(np.sqrt((centred * centred).mean(axis=1, keepdims=True)), 1e-4)
+
+
+def _local_moments(array: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and standard deviation (floored like :func:`_standardised`) in a cube of ``size``."""
+    mean = ndimage.uniform_filter(array, size=size, mode="nearest")
+    variance = ndimage.uniform_filter(array * array, size=size, mode="nearest") - mean * mean
+    return mean, np.sqrt(np.maximum(variance, 1e-8))
+
+
+def voxel_radii(radius: int, spacing: np.ndarray) -> np.ndarray:
+    """Per axis, ``radius`` voxels of the finest axis in whole voxels of that axis (half up): about
+    the same extent in mm along every axis (0 along an axis whose voxels are more than 2 × ``radius``
+    times as large as the finest)."""
+    return np.floor(radius * spacing.min() / spacing + 0.5).astype(int)
+
+
+def _box(radii: np.ndarray, spacing: np.ndarray) -> np.ndarray:
+    """Offsets (rows, array axis order) of a box of ``radii`` voxels per axis, nearest to the
+    centre in mm first (ties in index order): the centre is row 0."""
+    axes = np.meshgrid(*[np.arange(-r, r + 1) for r in radii.tolist()], indexing="ij")
+    offsets = np.stack([a.reshape(-1) for a in axes], axis=1)
+    return offsets[np.argsort(((offsets * spacing) ** 2).sum(axis=1), kind="stable")]
