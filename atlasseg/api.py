@@ -218,8 +218,8 @@ def segment(
         Bad input (unreadable, 4D, NaN, constant, labels off their image's grid, ...), a bad config, or too few
         atlas registrations succeeding (``selection.min_atlases``).
     """
-    from .manifest import manifest_from_dict
     from .cache import open_cache
+    from .manifest import manifest_from_dict
     from .pipeline.checks import check_inputs
     from .pipeline.outputs import versions
     from .pipeline.resume import write_target_record

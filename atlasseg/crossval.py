@@ -26,12 +26,12 @@ from typing import Sequence, Union
 
 import numpy as np
 
+from .cache import open_cache
 from .config import Config
 from .errors import AtlassegError, ConfigError, RegistrationError
 from .evaluation import evaluate, mean_score
 from .fusion.registry import METHODS, fuse, needs_intensities
 from .manifest import Manifest, as_target
-from .cache import open_cache
 from .pipeline.checks import check_inputs
 from .pipeline.outputs import versions, write_json, write_table
 from .pipeline.target import Case, prepare_case

@@ -34,7 +34,10 @@ DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "msd_hippocampu
 
 def write_manifest(folder: Path, *, cases: int, targets: int, offset: int) -> Path:
     ids = sorted(p.name[: -len(".nii.gz")] for p in (DATA / "images").glob("*.nii.gz"))[offset : offset + cases]
-    entry = lambda i: {"id": i, "image": str(DATA / "images" / f"{i}.nii.gz"), "labels": str(DATA / "labels" / f"{i}.nii.gz")}
+
+    def entry(i):
+        return {"id": i, "image": str(DATA / "images" / f"{i}.nii.gz"), "labels": str(DATA / "labels" / f"{i}.nii.gz")}
+
     doc = {
         "labels": {1: "anterior", 2: "posterior"},
         "atlases": [entry(i) for i in ids[: cases - targets]],

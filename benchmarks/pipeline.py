@@ -41,7 +41,7 @@ from pathlib import Path
 import SimpleITK as sitk
 import yaml
 from _common import RESULTS, write_json
-from registration import DATA, DATASETS, SEED, available_cores, ants_pair, greedy_pair, load_case
+from registration import DATA, DATASETS, SEED, ants_pair, available_cores, greedy_pair, load_case
 
 from atlasseg.config import load_config
 from atlasseg.evaluation import dice_per_label, mean_score
@@ -92,7 +92,7 @@ def ants_jlf(fixed: sitk.Image, warped: list[tuple[sitk.Image, sitk.Image]]) -> 
     f = ants.from_sitk(sitk.Cast(fixed, sitk.sitkFloat32))
     mask = ants.from_sitk(sitk.Cast(union, sitk.sitkFloat32))
     out = ants.joint_label_fusion(f, mask, atlas_list=[ants.from_sitk(sitk.Cast(i, sitk.sitkFloat32)) for _, i in warped],
-                                  label_list=[ants.from_sitk(sitk.Cast(l, sitk.sitkFloat32)) for l, _ in warped], **JLF)
+                                  label_list=[ants.from_sitk(sitk.Cast(lab, sitk.sitkFloat32)) for lab, _ in warped], **JLF)
     result = sitk.Cast(sitk.Round(ants.to_sitk(out["segmentation"])), sitk.sitkUInt8)
     result.CopyInformation(fixed)
     return result
@@ -211,7 +211,7 @@ def main() -> int:
             tasks = split(name, ids, args)
             used = sorted({target for target, _ in tasks} | {atlas for _, atlases in tasks for atlas in atlases})
             files = write_cases(tmp, name, used)
-            cases = {c: (sitk.ReadImage(str(i)), sitk.ReadImage(str(l))) for c, (i, l) in files.items()}
+            cases = {c: (sitk.ReadImage(str(i)), sitk.ReadImage(str(lab))) for c, (i, lab) in files.items()}
             print(f"\n{name}: {len(tasks)} targets, {len(tasks[0][1])} atlases each", flush=True)
             methods = {}
             for preset in args.presets:

@@ -90,7 +90,6 @@ def majority_dice(case, picks, values) -> float:
 
 
 def run_dataset(name: str, args, tmp: Path) -> dict:
-    spec = DATASETS[name]
     targets = args.targets or {"hippocampus": 18, "cardiac": 10}[name]
     atlases = args.atlases or {"hippocampus": 24, "cardiac": 10}[name]
     manifest = load_manifest(write_manifest(tmp, name, targets=targets, atlases=atlases))

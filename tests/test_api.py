@@ -8,12 +8,12 @@ import nibabel
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from conftest import texture, warp
 
 import atlasseg
 from atlasseg.config import Config, load_config
 from atlasseg.demo import make_demo_dataset
 from atlasseg.manifest import load_manifest
-from conftest import texture, warp
 
 FAST = ["parallel.n_jobs=1", "selection.k=2"]
 

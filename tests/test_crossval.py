@@ -7,12 +7,12 @@ import json
 import pytest
 
 import atlasseg.pipeline as pipeline
-from atlasseg.pipeline import jobs
 from atlasseg.config import load_config
 from atlasseg.crossval import crossval, parse_ks
 from atlasseg.demo import make_demo_dataset
 from atlasseg.errors import ConfigError, RegistrationError
 from atlasseg.manifest import as_target, load_manifest
+from atlasseg.pipeline import jobs
 
 ONE_THREAD = ["parallel.n_jobs=1", "parallel.itk_threads=1"]  # in-process (counted) and repeatable
 

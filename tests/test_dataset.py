@@ -7,12 +7,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from conftest import phantom
 
 from atlasseg.cli import main
 from atlasseg.dataset import from_folders, from_msd
 from atlasseg.errors import AtlassegError, ManifestError
 from atlasseg.manifest import load_manifest
-from conftest import phantom
 
 IMAGE, LABELS = phantom(dim=2, size=12)
 

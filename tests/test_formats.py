@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import yaml
+from conftest import phantom, rigid, warp
 
 from atlasseg.config import load_config
 from atlasseg.errors import ImageError, ManifestError
@@ -16,7 +17,6 @@ from atlasseg.imageio import read_geometry, read_image, read_labels, read_voxels
 from atlasseg.manifest import load_manifest
 from atlasseg.nibabel_io import affine_from_grid, from_nibabel, grid_from_affine, to_nibabel
 from atlasseg.pipeline import check_inputs, run
-from conftest import phantom, rigid, warp
 
 FILES = ["nii.gz", "nii", "nrrd", "nhdr", "mha", "mhd", "mgz", "mgh"]
 LABEL_TYPES = ["uint8", "int16", "uint16", "int32"]

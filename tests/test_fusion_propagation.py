@@ -1,10 +1,11 @@
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from conftest import phantom, rigid, warp
 from scipy import ndimage
 
-from atlasseg.errors import AtlassegError, ConfigError
 from atlasseg.config import FusionConfig, load_config
+from atlasseg.errors import AtlassegError, ConfigError
 from atlasseg.fusion import (
     FUSERS,
     METHODS,
@@ -18,7 +19,6 @@ from atlasseg.fusion import (
 from atlasseg.fusion.jlf import _box, voxel_radii
 from atlasseg.imageio import Geometry
 from atlasseg.propagation import propagate_labels
-from conftest import phantom, rigid, warp
 
 MAJORITY = FusionConfig(method="majority")
 

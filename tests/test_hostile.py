@@ -25,8 +25,6 @@ from atlasseg.cli import main
 from atlasseg.demo import make_demo_dataset
 from atlasseg.manifest import RESERVED_IDS
 
-from conftest import phantom
-
 TARGET = "images/case_003.nii.gz"
 
 

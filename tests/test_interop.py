@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import yaml
+from conftest import phantom, rigid, warp
 
 from atlasseg.cli import main
 from atlasseg.config import RegistrationConfig, load_config
@@ -17,7 +18,6 @@ from atlasseg.manifest import load_manifest
 from atlasseg.pipeline import register_files, run
 from atlasseg.propagation import propagate_labels
 from atlasseg.registration import save_transform
-from conftest import phantom, rigid, warp
 
 FLIPPED = (-1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0)  # the axes of a NIfTI stored in RAS order, in LPS
 

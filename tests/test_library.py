@@ -6,12 +6,12 @@ import os
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from conftest import phantom, rigid, warp
 
 import atlasseg.library as library
 from atlasseg.cache import Cache
 from atlasseg.config import load_config
 from atlasseg.manifest import Atlas, Target
-from conftest import phantom, rigid, warp
 
 
 def bent(image: sitk.Image, labels: sitk.Image, amplitude: float) -> tuple[sitk.Image, sitk.Image]:

@@ -2,10 +2,10 @@ from pathlib import Path
 
 import pytest
 import SimpleITK as sitk
+from conftest import phantom
 
 from atlasseg.errors import ManifestError
 from atlasseg.manifest import load_manifest
-from conftest import phantom
 
 
 @pytest.fixture

@@ -1,8 +1,9 @@
 """What a wheel ships: every sub-package of the source tree is listed in pyproject.toml (an editable install
 finds an unlisted one anyway, so only a real install would miss it)."""
 
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 

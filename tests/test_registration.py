@@ -3,6 +3,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from conftest import phantom, rigid, texture, warp
 
 from atlasseg.config import AffineConfig, NonrigidConfig, RegistrationConfig
 from atlasseg.errors import ImageError, RegistrationError
@@ -23,7 +24,6 @@ from atlasseg.registration import (
     save_transform,
 )
 from atlasseg.registration.common import MIN_AXIS_VOXELS, derive_shrink_factors, pyramid
-from conftest import phantom, rigid, texture, warp
 
 AFFINE_ONLY = RegistrationConfig(nonrigid=NonrigidConfig(enabled=False))
 

@@ -5,11 +5,11 @@ import math
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from conftest import _with_geometry, phantom, rigid, texture, warp
 
 from atlasseg.config import SelectionConfig
 from atlasseg.selection import label_box, min_atlases, near_labels, rank, score_atlas, select
 from atlasseg.similarity import SIMILARITIES, mutual_information, ncc, negative_mse, negative_nmse
-from conftest import _with_geometry, phantom, rigid, texture, warp
 
 
 @pytest.mark.parametrize("metric", ["ncc", "mi", "mse", "nmse"])

@@ -11,7 +11,6 @@ from .jlf import JointLabelFusion
 from .staple import Staple
 from .votes import WeightedVote
 
-
 FUSERS = {
     "majority": WeightedVote,
     "global_weighted": WeightedVote,

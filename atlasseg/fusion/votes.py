@@ -9,7 +9,6 @@ from ..config import FusionConfig
 from ..similarity import standardized
 from .base import Fuser
 
-
 _EPSILON = 1e-4  # floor of a squared intensity difference (intensities normalised to [0, 1])
 
 

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
-import contextlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
