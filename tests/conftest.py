@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -68,3 +71,10 @@ def dim(request) -> int:
 def _private_cache(tmp_path_factory, monkeypatch):
     """Every test gets its own registration cache (never the user's ~/.cache/atlasseg)."""
     monkeypatch.setenv("ATLASSEG_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
+
+
+@pytest.fixture
+def data(source, tmp_path) -> Path:
+    """A fresh copy of the test module's ``source`` dataset folder, for one test to edit (modules that need no
+    copy define their own ``data``)."""
+    return Path(shutil.copytree(source, tmp_path / "data"))

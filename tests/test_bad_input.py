@@ -24,11 +24,6 @@ def source(tmp_path_factory) -> Path:
     return make_demo_dataset(tmp_path_factory.mktemp("bad") / "data", dim=2, n_atlases=2, n_targets=1, size=32, seed=3).parent
 
 
-@pytest.fixture
-def data(source, tmp_path) -> Path:
-    return Path(shutil.copytree(source, tmp_path / "data"))
-
-
 def _edit(path: Path, change) -> None:
     """Rewrite an image file with ``change(array)`` applied to its voxels (geometry kept)."""
     image = sitk.ReadImage(str(path))

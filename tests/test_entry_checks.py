@@ -20,11 +20,6 @@ def source(tmp_path_factory) -> Path:
                              seed=8).parent
 
 
-@pytest.fixture
-def data(source, tmp_path) -> Path:
-    return Path(shutil.copytree(source, tmp_path / "data"))
-
-
 def _point(data: Path, old: str, new: str) -> None:
     manifest = data / "data_manifest.yaml"
     text = manifest.read_text()

@@ -35,11 +35,6 @@ def source(tmp_path_factory) -> Path:
                              seed=5).parent
 
 
-@pytest.fixture
-def data(source, tmp_path) -> Path:
-    return Path(shutil.copytree(source, tmp_path / "data"))
-
-
 def _retarget(data: Path, name: str) -> Path:
     """Point the manifest's target (image and labels) at ``images/<name>`` (its labels left out); returns that path."""
     manifest = data / "data_manifest.yaml"
