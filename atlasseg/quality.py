@@ -162,12 +162,11 @@ class Calibration:
     review_below: float
     cached: bool = False
 
-    def assess(self, votes: CandidateVotes, segmentation: sitk.Image, fuser, *, labels,
-               target: dict[str, float]) -> dict[str, dict]:
+    def assess(self, votes: CandidateVotes, segmentation: sitk.Image, probabilities: dict[int, sitk.Image], *,
+               labels, target: dict[str, float]) -> dict[str, dict]:
         """Per label (its value as a string, as in run.json): predicted Dice, its error, review, features
-        (``target``: the :data:`TARGET_FEATURES`)."""
-        found = votes.features(segmentation, fuser.probabilities(), labels=labels or sorted(votes.values()),
-                               target=target)
+        (``probabilities``: the fusion's, per label value; ``target``: the :data:`TARGET_FEATURES`)."""
+        found = votes.features(segmentation, probabilities, labels=labels or sorted(votes.values()), target=target)
         out = {}
         for value, features in found.items():
             predicted = self.model.predict(features)

@@ -183,7 +183,8 @@ def segment_target(target: Target, atlases: list[Atlas], config: Config, *, out_
             bar.update()
         with timed(seconds, "fusion"):
             segmentation = fuser.result()
-            probabilities = fuser.probabilities() if config.output.probability_maps else {}
+            # the fusion's probabilities, computed once: written, and read by the quality features
+            probabilities = fuser.probabilities() if config.output.probability_maps or calibration is not None else {}
         bar.update()
     memory["propagation_and_fusion"] = peak_mb()
 
@@ -198,7 +199,7 @@ def segment_target(target: Target, atlases: list[Atlas], config: Config, *, out_
     seg_path = layout.segmentation(out_dir, target.id, config.output.format)
     with timed(seconds, "output"):
         write_image(segmentation, seg_path)
-        for value, probability in probabilities.items():
+        for value, probability in probabilities.items() if config.output.probability_maps else ():
             if value:
                 write_image(probability, layout.probability(out_dir, target.id, value, label_names,
                                                             config.output.format))
@@ -210,7 +211,7 @@ def segment_target(target: Target, atlases: list[Atlas], config: Config, *, out_
     quality = None
     if calibration is not None:
         with timed(seconds, "quality"):
-            quality = calibration.assess(votes, segmentation, fuser, labels=sorted(label_names),
+            quality = calibration.assess(votes, segmentation, probabilities, labels=sorted(label_names),
                                          target=target_features(records, used))
 
     record = {
