@@ -697,14 +697,15 @@ def read_yaml(file: Path, *, error: type[Exception], what: str):
         raise error(f"{file}: cannot read {what}: {err}") from None
 
 
-def _type_name(tp) -> str:
+def type_name(tp) -> str:
+    """A config type as users read it ('a' or 'b', list of float, …): in errors and in docs/config.md."""
     origin = typing.get_origin(tp)
     if origin is Literal:
         return " or ".join(repr(a) for a in typing.get_args(tp))
     if origin in (Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+        return " or ".join(type_name(a) for a in typing.get_args(tp))
     if origin is tuple:
-        return f"list of {_type_name(typing.get_args(tp)[0])}"
+        return f"list of {type_name(typing.get_args(tp)[0])}"
     if dataclasses.is_dataclass(tp):
         return "mapping"
     if tp is type(None):
@@ -721,7 +722,7 @@ class _Mismatch(_FieldError):
 
     @property
     def message(self) -> str:
-        return f"expected {_type_name(self._tp)}, got {short_repr(self._value)}"
+        return f"expected {type_name(self._tp)}, got {short_repr(self._value)}"
 
     def __str__(self) -> str:
         return f"{self.name}: {self.message}"

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import yaml
 
-from .config import Config, _type_name
+from .config import Config, type_name
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 REGENERATE = "python -m atlasseg.docs"
@@ -141,7 +141,7 @@ def configuration_reference() -> str:
             if _is_section(hints[f.name]):
                 continue
             entry = documented.get(f.name, Parameter("", "", "(undocumented)"))
-            out.append(f"| `{prefix}.{f.name}` | {_markdown(_type_name(hints[f.name]))} | `{_default(f)}` | "
+            out.append(f"| `{prefix}.{f.name}` | {_markdown(type_name(hints[f.name]))} | `{_default(f)}` | "
                        f"{entry.unit} | {_markdown(entry.text)} |")
         nested = [f.name for f in dataclasses.fields(section) if _is_section(hints[f.name])]
         if nested:
