@@ -26,7 +26,7 @@ EXIT_CODES = {
     EXIT_OK: "success",
     EXIT_ERROR: "bad input, or a stage or target failed (one line on stderr)",
     EXIT_DEGRADED: "every target segmented, but some degraded: they lost more than selection.max_dropped_share "
-                   "of their atlases (run --allow-degraded exits 0 instead)",
+                   "of their atlases (run and crossval: --allow-degraded exits 0 instead)",
     EXIT_INTERRUPTED: "interrupted (Ctrl-C); run the same command again to resume",
 }
 
@@ -111,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="numbers of best-ranked atlases to fuse, or all (default: 3 5 10 all)")
     p.add_argument("--methods", nargs="+", metavar="METHOD", help="fusion methods (default: every one)")
     p.add_argument("--out", help="folder for crossval.csv and crossval.json (default: output.dir of the config)")
+    p.add_argument("--allow-degraded", action="store_true",
+                   help="exit 0, not 3, when left-out atlases are degraded (lost more than "
+                        "selection.max_dropped_share of the other atlases)")
     p.set_defaults(func=cmd_crossval)
 
     p = sub.add_parser("report", parents=[common],
@@ -353,6 +356,12 @@ def cmd_crossval(args) -> int:
     print(f"leave-one-out over {len(manifest.atlases)} atlases ({scored} scored): mean Dice per label over the targets")
     print(format_rows(head, rows, left=2))
     print(f"\nfinished in {document['seconds_total']:.1f} s; {out / 'crossval.csv'} and {out / 'crossval.json'} written")
+    degraded = document["degraded_targets"]
+    if degraded and not args.allow_degraded:
+        print(f"atlasseg: error: {len(degraded)} of {len(document['targets'])} left-out atlas(es) degraded "
+              f"({', '.join(degraded)}): they lost more than selection.max_dropped_share of the other atlases "
+              f"(reasons in {out / 'crossval.json'}); --allow-degraded accepts them", file=sys.stderr)
+        return EXIT_DEGRADED
     return 0
 
 

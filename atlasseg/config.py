@@ -88,7 +88,8 @@ class SelectionConfig:
     max_dropped_share : float
         A target that loses more than this share of its atlases (failed registrations, over the
         atlases it was given) is segmented but marked ``status: degraded`` in run.json, and
-        ``atlasseg run`` exits with code 3 unless ``--allow-degraded``.
+        ``atlasseg run`` exits with code 3 unless ``--allow-degraded``; ``crossval`` marks such
+        left-out atlases in crossval.json (``degraded_targets``) and exits 3 likewise.
     metric : str
         Score: ``ncc`` (normalised cross-correlation), ``mi`` (mutual information of a
         32-bin joint histogram, nats), ``mse`` (mean squared intensity difference,

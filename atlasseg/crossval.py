@@ -34,7 +34,7 @@ from .fusion.registry import METHODS, fuse, needs_intensities
 from .manifest import Manifest, as_target
 from .pipeline.checks import check_inputs
 from .pipeline.outputs import versions, write_json, write_table
-from .pipeline.target import Case, prepare_case
+from .pipeline.target import Case, degraded_reason, prepare_case
 
 log = logging.getLogger("atlasseg")
 
@@ -94,7 +94,8 @@ def crossval(
     for number, atlas in enumerate(manifest.atlases, 1):
         began = time.time()
         target = as_target(atlas)
-        case = prepare_case(target, manifest.atlases_for(target), config, count=settings_count(ks),
+        atlases = manifest.atlases_for(target)
+        case = prepare_case(target, atlases, config, count=settings_count(ks),
                             intensities=any(needs_intensities(m) for m in methods), cache=cache)
         cache.evict(in_use_since=began)  # this target's registrations are in hand
         record = {
@@ -103,6 +104,10 @@ def crossval(
             "dropped": case.ranking.dropped,
             "seconds": {k: round(v, 3) for k, v in case.seconds.items()},
         }
+        degraded = degraded_reason(len(case.ranking.dropped), len(atlases), config.selection)
+        if degraded is not None:  # scored all the same, but its scores speak for fewer atlases than asked
+            log.warning("target %s: degraded: %s", target.id, degraded)
+            record["degraded"] = degraded
         if not case.candidates:
             log.warning("target %s: no atlas registered; left out (%s)", target.id,
                         "; ".join(f"{d['atlas']}: {d['reason']}" for d in case.ranking.dropped))
@@ -127,6 +132,7 @@ def crossval(
         "label_names": {str(v): n for v, n in manifest.label_names.items()},
         "seconds_total": round(time.perf_counter() - start, 3),
         "summary": summarise(scored, methods, ks),
+        "degraded_targets": [t for t, r in targets.items() if "degraded" in r],
         "targets": targets,
     }
     if out_dir is not None:

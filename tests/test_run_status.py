@@ -63,6 +63,18 @@ def test_with_the_default_floor_most_atlases_failing_fails_the_target(ten, tmp_p
     assert "only 1 atlas registration(s) succeeded, selection.min_atlases is 5" in error
 
 
+def test_crossval_marks_degraded_left_out_atlases_and_exits_3(ten, tmp_path, nine_of_ten_fail, capsys):
+    args = ["-q", "crossval", "demo", "--manifest", str(ten), "--out", str(tmp_path), "--k", "3",
+            "--methods", "majority", "--set", "selection.min_atlases=1", *SERIAL]
+    assert main(args) == EXIT_DEGRADED
+    assert "--allow-degraded" in capsys.readouterr().err
+    document = json.loads((tmp_path / "crossval.json").read_text())
+    assert len(document["degraded_targets"]) == 10  # each left-out atlas kept 1 of its 9 atlases
+    target = document["targets"]["case_001"]
+    assert target["degraded"].startswith("8 of its 9 atlases were dropped") and "settings" in target
+    assert main([*args, "--allow-degraded"]) == 0
+
+
 def test_the_report_lists_degraded_targets_first(ten, tmp_path, monkeypatch):
     real = jobs.nonrigid_stage
     calls = []

@@ -160,7 +160,7 @@ def segment_target(target: Target, atlases: list[Atlas], config: Config, *, out_
             f"target {target.id}: only {len(used)} atlas registration(s) succeeded, "
             f"selection.min_atlases is {floor} ({reasons})"
         )
-    degraded = _degraded(len(dropped), len(atlases), config.selection)
+    degraded = degraded_reason(len(dropped), len(atlases), config.selection)
     if degraded is not None:
         log.warning("target %s: degraded: %s", target.id, degraded)
     tried = set(used) | {d["atlas"] for d in dropped if d["stage"] == "nonrigid"}
@@ -236,7 +236,7 @@ def segment_target(target: Target, atlases: list[Atlas], config: Config, *, out_
     return TargetResult(target.id, seg_path, scores_out, record)
 
 
-def _degraded(n_dropped: int, n_atlases: int, config: SelectionConfig) -> str | None:
+def degraded_reason(n_dropped: int, n_atlases: int, config: SelectionConfig) -> str | None:
     """Why a target that lost ``n_dropped`` of its ``n_atlases`` atlases is degraded, or None when it is not."""
     if n_dropped <= config.max_dropped_share * n_atlases:
         return None
