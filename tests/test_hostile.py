@@ -295,6 +295,16 @@ def test_a_target_that_is_an_atlas_image_is_a_warning(data, caplog):
     assert "target 'case_003' is the same image as atlas case_001" in caplog.text
 
 
+def test_a_leave_one_out_manifest_whose_targets_are_its_atlases_is_no_warning(data, caplog):
+    manifest = data / "data_manifest.yaml"  # each target is an atlas of its own id, which never segments it
+    manifest.write_text(manifest.read_text().replace("id: case_003, image: images/case_003.nii.gz",
+                                                     "id: case_001, image: images/case_001.nii.gz").replace(
+        "labels: labels/case_003.nii.gz", "labels: labels/case_001.nii.gz"))
+    with caplog.at_level(logging.WARNING, logger="atlasseg"):
+        assert _validate(data) == 0
+    assert "same image" not in caplog.text
+
+
 def test_the_same_image_in_another_format_and_type_is_recognised(data, caplog):
     image = sitk.ReadImage(str(data / "images/case_002.nii.gz"))
     sitk.WriteImage(sitk.Cast(image, sitk.sitkFloat64), str(_retarget(data, "copy.mha")))

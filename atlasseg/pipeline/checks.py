@@ -140,10 +140,13 @@ def _check_same_images(manifest: Manifest, groups: list[list[Atlas | Target]], *
             raise ImageError(f"{manifest.path}: atlases {_listing([a.id for a in atlases])} are the same image "
                              f"({atlases[0].image}, {atlases[1].image}): leave-one-out would score each on its own "
                              "labels; keep one of them")
-        for target in (e for e in group if isinstance(e, Target)) if atlases else ():
-            log.warning("%s: target %r is the same image as atlas %s (%s): that atlas hands the target its own "
-                        "labels, which inflates its scores; leave it out of the atlases (or the target out of the "
-                        "targets)", manifest.path, target.id, _listing([a.id for a in atlases]), target.image)
+        for target in (e for e in group if isinstance(e, Target)):
+            # An atlas of the target's own id never segments it (Manifest.atlases_for): a leave-one-out layout.
+            others = [a.id for a in atlases if a.id != target.id]
+            if others:
+                log.warning("%s: target %r is the same image as atlas %s (%s): that atlas hands the target its "
+                            "own labels, which inflates its scores; leave it out of the atlases (or the target out "
+                            "of the targets)", manifest.path, target.id, _listing(others), target.image)
 
 
 def _listing(values, limit: int = 10) -> str:
