@@ -176,6 +176,23 @@ class AffineConfig:
         Metric samples: ``random``, ``regular`` (a regular grid, randomly offset) or ``none`` (every voxel).
     sampling_percentage : float
         Fraction of voxels sampled by ``random``/``regular``.
+    translation_search : float
+        Before the chain, a search for the start: from the initialisation and from it shifted by
+        ± this share of the two images' common extent along each axis (3 starts per axis, every
+        combination), a translation is optimised on one coarse level, and the best metric's start
+        seeds the chain. Fields of view that cover different stretches of the body (an abdominal scan
+        reaching the pelvis or not) put the image centres centimetres apart on the anatomy, beyond what
+        the chain recovers from. Applied to scans of a body region only (the target's longest extent
+        160 mm or more; not to crops round the anatomy), and a found start is kept only if it beats the
+        initialisation at full resolution; the record's ``translation_search`` says what it found.
+        0 = no search.
+    local_normalization : float, mm
+        The metric compares the images each with its local mean (a Gaussian window of this sigma)
+        subtracted and divided by its local standard deviation: slow intensity changes across the
+        field of view (MRI coil shading and bias fields, which vary over decimetres) no longer pull
+        the alignment. Applied to scans of a body region only (as ``translation_search``): a crop a few
+        centimetres wide has no shading to remove; the record says which (``local_normalization``, 0 = off)
+        and its ``metric_before``/``metric_after`` are on the images compared. 0 = never.
     """
 
     initialization: Literal["geometry", "moments", "landmarks", "none"] = "geometry"
@@ -188,8 +205,12 @@ class AffineConfig:
     learning_rate: float = 1.0
     sampling_strategy: Literal["random", "regular", "none"] = "random"
     sampling_percentage: float = 0.25
+    translation_search: float = 0.2
+    local_normalization: float = 20.0
 
     def __post_init__(self):
+        _require(0 <= self.translation_search < 0.5, "translation_search", "must be in [0, 0.5)")
+        _require(self.local_normalization >= 0, "local_normalization", "must be >= 0 (mm)")
         for stage in self.stages:
             _require(stage in AFFINE_STAGES, "stages", f"unknown stage {stage!r} (known: {', '.join(AFFINE_STAGES)})")
         order = [AFFINE_STAGES.index(s) for s in self.stages]
