@@ -127,7 +127,7 @@ def test_predicted_dice_in_run_json_metrics_csv_and_the_report(outputs):
     assert true["turned"] < true[results[0].target_id] - 0.2
     mean = {name: np.mean([q["predicted_dice"] for q in quality.values()])
             for name, quality in (("first", first), ("turned", turned))}
-    assert mean["turned"] < mean["first"] - 0.05
+    assert mean["turned"] < mean["first"] - 0.1
     assert any(q["review"] for q in turned.values()) and not any(q["review"] for q in first.values())
     with open(out / "metrics.csv") as fh:
         table = list(csv.DictReader(fh))
