@@ -44,7 +44,7 @@ def _check_pyramid(stage) -> None:
     """Checks shared by the registration stages: levels, iterations, metric sampling.
 
     With ``shrink_factors: auto`` the number of levels comes from the image, so the per-level lists may
-    have any length (see ``registration.common.per_level``); with explicit factors, one entry per level.
+    have any length (see ``registration.pyramid.per_level``); with explicit factors, one entry per level.
     """
     explicit = stage.shrink_factors != "auto"
     _require(len(stage.smoothing_sigmas) >= 1, "smoothing_sigmas", "at least one level is needed")

@@ -24,7 +24,7 @@ from atlasseg.registration import (
     save_transform,
 )
 from atlasseg.registration.affine import locally_normalized
-from atlasseg.registration.common import MIN_AXIS_VOXELS, derive_shrink_factors, pyramid
+from atlasseg.registration.pyramid import MIN_AXIS_VOXELS, derive_shrink_factors, pyramid
 
 AFFINE_ONLY = RegistrationConfig(nonrigid=NonrigidConfig(enabled=False))
 
@@ -170,7 +170,7 @@ def test_dimension_mismatch_is_an_error():
 
 def test_bspline_kernel_matches_itk_on_an_oblique_anisotropic_grid():
     """The vectorised spline equals SimpleITK's BSplineTransform, and grid refinement is exact."""
-    from atlasseg.registration.nonrigid import _ControlGrid, _refine, _tensor
+    from atlasseg.registration.bspline import _ControlGrid, _refine, _tensor
 
     image, _ = phantom(dim=3, size=12)
     image.SetSpacing((2.0, 1.5, 3.0))
@@ -222,7 +222,7 @@ def test_nonrigid_iterations_per_level_take_effect():
 def test_demons_interpolation_matches_scipy_and_marks_points_off_the_grid():
     from scipy import ndimage
 
-    from atlasseg.registration.nonrigid import _Linear
+    from atlasseg.registration.demons import _Linear
 
     rng = np.random.default_rng(0)
     for shape in [(9, 7), (5, 6, 4), (1, 6, 5)]:  # a one-voxel axis too
@@ -442,7 +442,7 @@ def test_images_that_barely_overlap_are_flagged():
     ],
 )
 def test_result_checks_name_the_reason(change, reason):
-    from atlasseg.registration.common import check_result
+    from atlasseg.registration.checks import check_result
 
     record = {"metric_before": 0.2, "metric_after": 0.1, "overlap": 1.0, "folded_fraction": 0.0, **change}
     if reason is None:
@@ -455,7 +455,7 @@ def test_result_checks_name_the_reason(change, reason):
 
 def test_control_grid_never_outnumbers_thick_slices():
     """On 8 mm slices a 6 mm grid stays coarser than two slices along z, and the grids still nest."""
-    from atlasseg.registration.nonrigid import _meshes
+    from atlasseg.registration.bspline import _meshes
 
     image = sitk.Image([128, 128, 15], sitk.sitkFloat32)
     image.SetSpacing((2.5, 2.5, 8.0))
@@ -505,7 +505,7 @@ def test_intensities_resample_linear_or_bspline_through_a_transform():
 )
 def test_diverged_is_said_only_of_a_real_divergence(change, status, reason):
     """A 49 % overlap against min_overlap 50 % is too little overlap, not a divergence."""
-    from atlasseg.registration.common import check_result
+    from atlasseg.registration.checks import check_result
 
     record = {"metric_before": 0.2, "metric_after": 0.1, "overlap": 1.0, "folded_fraction": 0.0, **change}
     with pytest.raises(RegistrationDiverged) as caught:

@@ -13,8 +13,8 @@ from atlasseg.evaluation import METRICS as EVALUATION_METRICS
 from atlasseg.fusion import FUSERS, INTENSITIES
 from atlasseg.propagation import LABEL_INTERPOLATORS
 from atlasseg.registration.affine import OPTIMIZERS
-from atlasseg.registration.common import METRICS as ITK_METRICS
-from atlasseg.registration.nonrigid import NONRIGID_METHODS
+from atlasseg.registration.itk import METRICS as ITK_METRICS
+from atlasseg.registration.stages import NONRIGID_METHODS
 from atlasseg.similarity import SIMILARITIES
 
 

@@ -32,7 +32,7 @@ from ..layout import LAYOUTS
 from ..manifest import Atlas, Manifest, Target
 from ..parallel import thread_budget
 from ..registration import load_transform
-from ..registration.common import level_shrinks
+from ..registration.pyramid import level_shrinks
 from .outputs import write_json
 from .resume import TARGET_RECORD, comparable, input_digests, inputs_key
 

@@ -8,16 +8,14 @@ when it cannot be trusted.
 
 from __future__ import annotations
 
-import numpy as np
-import SimpleITK as sitk
-
-from ..config import RegistrationConfig
-from .affine import linear_parts, register_affine
-from .common import Masks, RegistrationDiverged, check_result, foreground, overlap_fraction
+from .affine import register_affine
+from .bspline import register_bspline
+from .checks import RegistrationDiverged
+from .demons import register_demons
+from .itk import Masks
 from .landmarks import read_landmarks
-from .metrics import image_metric, mapped
-from .nonrigid import jacobian_determinant, register_bspline, register_demons, register_nonrigid
-from .transforms import compose, load_transform, save_displacement_field, save_transform
+from .stages import affine_stage, nonrigid_stage, register, register_nonrigid
+from .transforms import compose, jacobian_determinant, load_transform, save_displacement_field, save_transform
 
 __all__ = [
     "Masks",
@@ -36,93 +34,3 @@ __all__ = [
     "save_displacement_field",
     "save_transform",
 ]
-
-
-def affine_stage(
-    fixed: sitk.Image,
-    moving: sitk.Image,
-    *,
-    config: RegistrationConfig,
-    masks: Masks | None = None,
-    landmarks: tuple[np.ndarray, np.ndarray] | None = None,
-    given: sitk.Transform | None = None,
-    region: np.ndarray | None = None,
-) -> tuple[sitk.Transform, dict]:
-    """The affine stage, checked: overlap with the atlas, and no reflection (a determinant ≤ 0 folds everything).
-
-    With ``given`` (a transform from elsewhere, e.g. ANTs; any kind) no registration runs: ``given`` is
-    checked the same way (its folding measured over the target's foreground) and returned. ``region`` is
-    the target's foreground, ``foreground(fixed, masks)``, when the caller has it already.
-    """
-    region = foreground(fixed, masks) if region is None else region
-    if given is None:
-        transform, record = register_affine(fixed, moving, config=config.affine, seed=config.seed, masks=masks,
-                                            landmarks=landmarks)
-        record["jacobian"] = float(np.linalg.det(linear_parts(transform)[0]))
-        record["folded_fraction"] = 1.0 if record["jacobian"] <= 0 else 0.0
-    else:
-        transform = given
-        value = image_metric(fixed, moving, given, metric=config.affine.metric, masks=masks)
-        record = {"given": given.GetName(), "metric": config.affine.metric, "metric_before": value, "metric_after": value}
-        jacobian = sitk.GetArrayFromImage(jacobian_determinant(given, fixed))[region]
-        record["folded_fraction"] = float(np.mean(jacobian <= 0))
-    record["overlap"] = overlap_fraction(fixed, moving, transform, region)
-    check_result("affine" if given is None else "affine (given transform)", record, min_overlap=config.min_overlap,
-                 max_folded_fraction=config.max_folded_fraction)
-    return transform, record
-
-
-def nonrigid_stage(
-    fixed: sitk.Image,
-    moving: sitk.Image,
-    *,
-    initial: sitk.Transform,
-    config: RegistrationConfig,
-    masks: Masks | None = None,
-    region: np.ndarray | None = None,
-) -> tuple[sitk.Transform, dict]:
-    """The non-rigid stage from ``initial``, checked: metric, overlap and folding inside the target's foreground
-    (``region``, as for :func:`affine_stage`)."""
-    transform, record = register_nonrigid(fixed, moving, initial=initial, config=config.nonrigid, seed=config.seed,
-                                          masks=masks)
-    region = foreground(fixed, masks) if region is None else region
-    # Demons compares intensities directly: its check scores them so (mse) whatever the B-spline metric is set to.
-    metric = config.nonrigid.metric if config.nonrigid.method == "bspline" else "mse"
-    warped = mapped(moving, fixed, transform)  # one pass through the deformation serves the metric and the overlap
-    record["metric"] = metric
-    record["metric_before"] = image_metric(fixed, moving, initial, metric=metric,
-                                           ncc_radius=config.nonrigid.ncc_radius, masks=masks)
-    record["metric_after"] = image_metric(fixed, moving, transform, metric=metric,
-                                          ncc_radius=config.nonrigid.ncc_radius, masks=masks, warped=warped)
-    record["overlap"] = float(np.isfinite(warped[region]).mean())
-    jacobian = sitk.GetArrayFromImage(jacobian_determinant(transform, fixed))[region]  # a copy: the image is a temporary
-    record["jacobian_min"] = float(jacobian.min())
-    record["jacobian_max"] = float(jacobian.max())
-    record["folded_voxels"] = int((jacobian <= 0).sum())
-    record["folded_fraction"] = record["folded_voxels"] / jacobian.size
-    check_result("non-rigid", record, min_overlap=config.min_overlap, max_folded_fraction=config.max_folded_fraction)
-    return transform, record
-
-
-def register(
-    fixed: sitk.Image,
-    moving: sitk.Image,
-    *,
-    config: RegistrationConfig,
-    masks: Masks | None = None,
-    landmarks: tuple[np.ndarray, np.ndarray] | None = None,
-) -> tuple[sitk.Transform, dict]:
-    """Affine then (if enabled) non-rigid registration of ``moving`` onto ``fixed``.
-
-    Images should already share an intensity scale (see ``imageio.normalize_intensity``).
-    Returns the transform mapping fixed-space points to moving-space points and the record;
-    raises :class:`RegistrationDiverged` when a stage's result fails its checks.
-    """
-    region = foreground(fixed, masks)
-    transform, affine_record = affine_stage(fixed, moving, config=config, masks=masks, landmarks=landmarks,
-                                            region=region)
-    record = {"affine": affine_record}
-    if config.nonrigid.enabled:
-        transform, record["nonrigid"] = nonrigid_stage(fixed, moving, initial=transform, config=config, masks=masks,
-                                                       region=region)
-    return transform, record

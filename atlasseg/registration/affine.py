@@ -12,7 +12,7 @@ import SimpleITK as sitk
 
 from ..config import AffineConfig
 from ..errors import RegistrationError
-from .common import Masks, new_method, run_pyramid, standardized, transform_is_finite
+from .itk import Masks, new_method, run_pyramid, standardized, transform_is_finite
 from .landmarks import landmark_transform
 from .metrics import image_metric
 

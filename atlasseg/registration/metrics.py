@@ -11,7 +11,7 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
-from .common import Masks
+from .itk import Masks
 
 
 def cubic_bspline(x: np.ndarray) -> np.ndarray:

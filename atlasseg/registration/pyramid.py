@@ -1,0 +1,97 @@
+"""Multi-resolution pyramids: shrink factors (explicit or derived), the per-level images, the level driver."""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import numpy as np
+import SimpleITK as sitk
+
+COARSEST_VOXELS = 32  # a derived pyramid's coarsest voxels are about 1/32 of the image's longest extent
+
+
+MIN_AXIS_VOXELS = 8  # ... and a derived level never bins an axis below this many voxels
+
+
+def derive_shrink_factors(size, spacing) -> list[tuple[int, ...]]:
+    """Per-axis shrink factors (x first) of each pyramid level, coarse to fine, from an image's ``size`` (voxels)
+    and ``spacing`` (mm), x first.
+
+    Level ``l`` (0 = full resolution) aims at voxels ``2**l`` times the finest spacing: each axis is binned by
+    as many of its voxels as fit in that (1 where its voxels are already that coarse: anisotropy is respected),
+    never leaving fewer than ``MIN_AXIS_VOXELS`` voxels along it. The coarsest level is the first whose target
+    voxel size reaches the longest extent / ``COARSEST_VOXELS``, and at least level 1 (as the fixed ``[2, 1]``
+    did: a small image still gets a coarse start), unless nothing bins any more.
+    """
+    size = np.asarray(size)
+    spacing = np.asarray(spacing, dtype=float)
+    limit = np.maximum(1, size // MIN_AXIS_VOXELS)
+    coarsest = max(1, int(np.ceil(np.log2(max(1.0, float((size * spacing).max()) / (COARSEST_VOXELS * spacing.min()))))))
+    levels: list[tuple[int, ...]] = []
+    for level in range(coarsest + 1):
+        shrink = np.minimum(np.maximum(1, np.floor(spacing.min() * 2**level / spacing + 1e-6)), limit).astype(int)
+        if not levels or tuple(shrink) != levels[-1]:
+            levels.append(tuple(int(s) for s in shrink))
+    return levels[::-1]
+
+
+def shrink_record(shrink) -> int | list[int]:
+    """A level's shrink factor as recorded: one number, or one per axis (x first) where they differ."""
+    factors = [int(s) for s in np.atleast_1d(shrink)]
+    return factors[0] if len(set(factors)) == 1 else factors
+
+
+def pyramid_image(image: sitk.Image, shrink, sigma: float) -> sitk.Image:
+    """``image`` smoothed with a Gaussian of ``sigma`` mm, then shrunk by ``shrink`` (voxel averaging): one
+    factor for every axis, or one per axis (x first)."""
+    if sigma > 0:
+        image = sitk.SmoothingRecursiveGaussian(image, sigma)
+    factors = [int(s) for s in np.broadcast_to(shrink, (image.GetDimension(),))]
+    return sitk.BinShrink(image, factors) if max(factors) > 1 else image
+
+
+def per_level(values, levels: int) -> list:
+    """A per-level setting (one value, or a list coarse to fine) for ``levels`` levels: a list shorter than that
+    repeats its first (coarsest) entry at the extra coarse levels; a longer one keeps its finest ``levels``."""
+    if not isinstance(values, (list, tuple)):
+        return [values] * levels
+    values = list(values)
+    return ([values[0]] * (levels - len(values)) + values)[-levels:]
+
+
+def level_shrinks(stage, size, spacing) -> list[tuple[int, ...]]:
+    """The shrink factors, one per axis (x first), of each level of ``stage``'s pyramid (a non-rigid stage's
+    config) for an image of ``size`` voxels and ``spacing`` mm: derived for ``shrink_factors: auto``
+    (:func:`derive_shrink_factors`), else the configured ones on every axis."""
+    if stage.shrink_factors == "auto":
+        return derive_shrink_factors(size, spacing)
+    return [(int(shrink),) * len(size) for shrink in stage.shrink_factors]
+
+
+def pyramid(stage, image: sitk.Image) -> tuple[list, list[float], list[int]]:
+    """(shrink factors, smoothing sigmas, iterations) per level, coarse to fine, of the non-rigid stage's
+    config on ``image``: ``shrink_factors: auto`` derives them (:func:`derive_shrink_factors`)."""
+    if stage.shrink_factors == "auto":
+        shrinks = derive_shrink_factors(image.GetSize(), image.GetSpacing())
+    else:
+        shrinks = list(stage.shrink_factors)
+    n = len(shrinks)
+    return shrinks, [float(s) for s in per_level(stage.smoothing_sigmas, n)], per_level(stage.iterations, n)
+
+
+def run_levels(shrink_factors, smoothing_sigmas, solve: Callable[[int, object, float], dict]) -> list[dict]:
+    """Coarse-to-fine driver of the non-rigid stages.
+
+    ``solve(level, shrink, sigma)`` is the stage's solver for one level: it carries
+    its own state from level to level and returns what it wants recorded
+    (iterations, metric, stop condition); the driver adds the level, its pyramid
+    settings and its time.
+    """
+    levels = []
+    for level, (shrink, sigma) in enumerate(zip(shrink_factors, smoothing_sigmas)):
+        start = time.perf_counter()
+        info = solve(level, shrink, float(sigma))
+        levels.append({"level": level, "shrink": shrink_record(shrink), "sigma": float(sigma), **info,
+                       "seconds": round(time.perf_counter() - start, 3)})
+    return levels
