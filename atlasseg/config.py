@@ -176,6 +176,9 @@ class AffineConfig:
         Metric samples: ``random``, ``regular`` (a regular grid, randomly offset) or ``none`` (every voxel).
     sampling_percentage : float
         Fraction of voxels sampled by ``random``/``regular``.
+    max_samples : int
+        At most this many samples per pyramid level (the share is lowered on large images): a linear
+        transform's few parameters need a number of samples, not a share of the image. 0 = no limit.
     translation_search : float
         Before the chain, a search for the start: from the initialisation and from it shifted by
         ± this share of the two images' common extent along each axis (3 starts per axis, every
@@ -205,12 +208,14 @@ class AffineConfig:
     learning_rate: float = 1.0
     sampling_strategy: Literal["random", "regular", "none"] = "random"
     sampling_percentage: float = 0.25
+    max_samples: int = 20000
     translation_search: float = 0.2
     local_normalization: float = 20.0
 
     def __post_init__(self):
         _require(0 <= self.translation_search < 0.5, "translation_search", "must be in [0, 0.5)")
         _require(self.local_normalization >= 0, "local_normalization", "must be >= 0 (mm)")
+        _require(self.max_samples >= 0, "max_samples", "must be >= 0 (0 = no limit)")
         for stage in self.stages:
             _require(stage in AFFINE_STAGES, "stages", f"unknown stage {stage!r} (known: {', '.join(AFFINE_STAGES)})")
         order = [AFFINE_STAGES.index(s) for s in self.stages]
@@ -317,7 +322,7 @@ class RegistrationConfig:
         Seed of the metric's random sampling. The same inputs, config and seed give
         bitwise-identical transforms for a fixed ITK thread count (``parallel.itk_threads``);
         with the ``mattes`` metric only on one thread (ITK adds its per-thread sums in
-        whatever order the threads finish).
+        whatever order the threads finish). At least 1: SimpleITK reads 0 as "seed from the clock".
     min_overlap : float
         A registration is flagged as failed when less than this fraction of the
         target's foreground maps inside the atlas image.
@@ -334,7 +339,7 @@ class RegistrationConfig:
     nonrigid: NonrigidConfig = field(default_factory=NonrigidConfig)
 
     def __post_init__(self):
-        _require(self.seed >= 0, "seed", "must be >= 0 (an unsigned 32-bit seed)")
+        _require(self.seed >= 1, "seed", "must be >= 1 (an unsigned 32-bit seed; SimpleITK reads 0 as 'seed from the clock')")
         _require(0 <= self.min_overlap <= 1, "min_overlap", "must be in [0, 1]")
         _require(0 <= self.max_folded_fraction <= 1, "max_folded_fraction", "must be in [0, 1]")
 

@@ -64,6 +64,8 @@ def test_unknown_key_names_key_path_and_file(tmp_path, text, key):
         ("fusion: {staple_iterations: 0}", "fusion.staple_iterations"),
         ("registration: {affine: {stages: [affine, rigid]}}", "registration.affine.stages"),
         ("registration: {affine: {metric: nmi}}", "registration.affine.metric"),
+        ("registration: {affine: {max_samples: -1}}", "registration.affine.max_samples"),
+        ("registration: {seed: 0}", "registration.seed"),  # SimpleITK's "seed from the clock"
         ("registration: {nonrigid: {shrink_factors: [2, 1], smoothing_sigmas: [1]}}", "registration.nonrigid"),
         ("registration: {nonrigid: {enabled: 'yes'}}", "registration.nonrigid.enabled"),
         ("parallel: {n_jobs: 0}", "parallel.n_jobs"),

@@ -165,7 +165,7 @@ def test_dimension_mismatch_is_an_error():
     fixed, _ = phantom(dim=2, size=16)
     moving, _ = phantom(dim=3, size=16)
     with pytest.raises(RegistrationError, match="2D"):
-        register_affine(fixed, moving, config=AffineConfig(), seed=0)
+        register_affine(fixed, moving, config=AffineConfig(), seed=42)
 
 
 def test_bspline_kernel_matches_itk_on_an_oblique_anisotropic_grid():
@@ -523,7 +523,7 @@ def test_per_level_affine_metrics_follow_the_convention_of_metric_before_and_aft
     moving = warp(fixed, rigid(2, angle_deg=4.0, shift=(3.0, -2.0)))
     config = AffineConfig(metric="ncc", stages=("rigid",), shrink_factors=(2, 1), smoothing_sigmas=(2.0, 0.0),
                           sampling_strategy="none", sampling_percentage=1.0)
-    _, record = register_affine(fixed, moving, config=config, seed=0)
+    _, record = register_affine(fixed, moving, config=config, seed=42)
     levels = record["stages"][0]["levels"]
     assert all(0.0 <= level["metric"] <= 1.0 for level in levels)
     assert levels[-1]["metric"] == pytest.approx(record["metric_after"], abs=0.02)
@@ -662,3 +662,17 @@ def test_a_crop_round_its_anatomy_gets_neither_the_search_nor_the_local_normaliz
     image, _ = _long_body()
     _, record = register_affine(_slab(image, 0), _slab(image, 2), config=AffineConfig(), seed=42)
     assert record["translation_search"]["starts"] == 27 and record["local_normalization"] == 20.0
+
+
+
+def test_affine_samples_a_number_of_points_not_a_share_of_a_large_scan():
+    """Each level samples sampling_percentage of its voxels, but never more than max_samples points: a
+    256×256×40 scan gets 20 000 at its finest level (not 82 000); a 35×50×35 crop keeps its share."""
+    from atlasseg.registration.affine import level_sampling
+
+    config = AffineConfig(shrink_factors=(4, 2), sampling_percentage=0.25, max_samples=20000)
+    scan, crop = sitk.Image([256, 256, 40], sitk.sitkFloat32), sitk.Image([35, 50, 35], sitk.sitkFloat32)
+    shares = level_sampling(scan, config)
+    assert [round(share * 256 * 256 * 40 / s**3) for share, s in zip(shares, (4, 2))] == [10240, 20000]
+    assert level_sampling(crop, config) == [0.25, 0.25]
+    assert level_sampling(scan, replace(config, max_samples=0)) == [0.25, 0.25]

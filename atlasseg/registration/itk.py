@@ -64,8 +64,13 @@ def new_method(
     seed: int,
     sampling_strategy: str = "random",
     masks: Masks | None = None,
+    level_percentages: list[float] | None = None,
 ) -> sitk.ImageRegistrationMethod:
-    """A registration method with the named metric, seeded sampling and optional masks."""
+    """A registration method with the named metric, seeded sampling and optional masks.
+
+    ``level_percentages`` (one per pyramid level) replace ``sampling_percentage`` where given."""
+    if seed < 1:  # SimpleITK reads 0 as "seed from the wall clock": a run that does not repeat
+        raise RegistrationError(f"sampling seed must be >= 1, got {seed}")
     method = sitk.ImageRegistrationMethod()
     try:
         METRICS[metric](method)
@@ -77,9 +82,10 @@ def new_method(
     method.SetMetricUseFixedImageGradientFilter(False)
     method.SetMetricUseMovingImageGradientFilter(False)
     # ANTs neighbourhood correlation needs whole neighbourhoods: it always uses every voxel.
-    if sampling_strategy != "none" and sampling_percentage < 1.0 and metric != "ants_ncc":
+    percentages = level_percentages or [sampling_percentage]
+    if sampling_strategy != "none" and min(percentages) < 1.0 and metric != "ants_ncc":
         method.SetMetricSamplingStrategy(_SAMPLING[sampling_strategy])
-        method.SetMetricSamplingPercentage(sampling_percentage, seed)
+        method.SetMetricSamplingPercentagePerLevel(percentages, seed)
     else:
         method.SetMetricSamplingStrategy(method.NONE)
     if masks is not None and masks.fixed is not None:
