@@ -1,11 +1,13 @@
 """Fusion methods and k on real data, beside ANTs joint label fusion and random atlas choice.
 
-    python benchmarks/fusion.py [--datasets hippocampus cardiac] [--targets 3] [--atlases N]
+    python benchmarks/fusion.py [--datasets hippocampus cardiac abdomen] [--targets 3] [--atlases N]
         [--ks 3 5 10 20 all] [--draws 20] [--no-ants] [--set section.key=value ...]
+        [--jlf-variant fusion.key=value[,fusion.key=value] ...]
 
-Data: ../shared/data/msd_hippocampus and ../shared/data/mscmrseg19_bssfp, the cardiac stacks
+Data: ../shared/data/msd_hippocampus, ../shared/data/mscmrseg19_bssfp (the cardiac stacks
 downsampled in-plane to 128 × 128 voxels (slices kept; image linear, labels nearest; same
-origin and direction), written to a temporary folder.
+origin and direction), written to a temporary folder) and ../shared/data/chaos_mr_t2spir (abdomen,
+as is: 7 cases, so 3 targets and 4 atlases by default).
 
 Split (fixed, not leave-one-out): of a dataset's ids, sorted, the first --targets are the
 targets and the next --atlases the atlases (default: hippocampus 24; cardiac 10, which keeps
@@ -36,6 +38,8 @@ before the arg-max, on the same candidates:
   ANTs' patch and search radii given per axis as atlasseg's are (rad=[2, 2, 1], r_search=3x3x1
   on cardiac), so that ANTs is not held back by patches five slices deep. The summary compares
   atlasseg's best method with the better of the two ANTs rows.
+- each `--jlf-variant`: `jlf` again with those fusion overrides (e.g. larger search or patch radii, or
+  smoothed probabilities), on the same candidates.
 - `random majority`: majority vote over k atlases drawn at random from the registered ones
   (mean Dice over --draws draws, seeds 0…; draw d of every target makes one draw of the
   experiment, whose spread over draws is reported), against majority vote over the best-ranked k.
@@ -86,6 +90,8 @@ DATASETS = {
     "hippocampus": {"folder": "msd_hippocampus", "labels": {1: "anterior", 2: "posterior"}, "atlases": 24},
     "cardiac": {"folder": "mscmrseg19_bssfp", "labels": {1: "LV myo", 2: "LV blood", 3: "RV blood"}, "atlases": 10,
                 "in_plane": 128, "smooth_mm": 3.0},
+    "abdomen": {"folder": "chaos_mr_t2spir", "labels": {1: "liver", 2: "R kidney", 3: "L kidney", 4: "spleen"},
+                "atlases": 4},
 }
 ANTS = {"beta": 2, "rad": 2, "rho": 0.01, "usecor": False, "r_search": 3, "nonnegative": False}
 
@@ -231,6 +237,8 @@ def run_dataset(name: str, args, tmp: Path, has_ants: bool) -> dict:
     if "smooth_mm" in spec:
         smooth = load_config("default", overrides=overrides + [f"fusion.probability_sigma={spec['smooth_mm']:g}"])
         variants.append((f"atlasseg jlf, smoothed {spec['smooth_mm']:g} mm", "jlf", smooth))
+    for extra in args.jlf_variants:
+        variants.append((f"atlasseg jlf, {extra}", "jlf", load_config("default", overrides=overrides + extra.split(","))))
     spacing = sitk.ReadImage(str(manifest.targets[0].image)).GetSpacing()
     ants_variants = {"ants_jlf": ANTS} if has_ants else {}
     if has_ants and ants_radii(spacing) != {"rad": [ANTS["rad"]] * 3, "r_search": "x".join([str(ANTS["r_search"])] * 3)}:
@@ -325,11 +333,13 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--datasets", nargs="+", choices=list(DATASETS), default=list(DATASETS))
     parser.add_argument("--targets", type=int, default=3)
-    parser.add_argument("--atlases", type=int, help="atlases per dataset (default: hippocampus 24, cardiac 10)")
+    parser.add_argument("--atlases", type=int, help="atlases per dataset (default: hippocampus 24, cardiac 10, abdomen 4)")
     parser.add_argument("--ks", nargs="+", default=["3", "5", "10", "20", "all"])
     parser.add_argument("--draws", type=int, default=20, help="random draws per k for the random-atlas majority vote")
     parser.add_argument("--no-ants", action="store_true", help="leave ANTs joint label fusion out")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
+    parser.add_argument("--jlf-variant", dest="jlf_variants", action="append", default=[], metavar="KEY=VALUE[,...]",
+                        help="one more jlf row, fused with these fusion overrides (e.g. fusion.search_radius=5)")
     args = parser.parse_args()
     if not SHARED.is_dir():
         print(f"no data at {SHARED}", file=sys.stderr)

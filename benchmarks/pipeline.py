@@ -134,12 +134,13 @@ def run_atlasseg(preset: str, name: str, files, tasks, tmp: Path, overrides) -> 
     atlas_ids = sorted({atlas for _, atlases in tasks for atlas in atlases})
     doc = {"labels": {v: f"label{v}" for v in labels}, "atlases": [entry(i) for i in atlas_ids],
            "targets": [entry(t) for t, _ in tasks]}
-    manifest_path = tmp / f"{name}-{preset}.yaml"
+    stem = f"{name}-{Path(preset).stem}"  # a preset may be a config file's path
+    manifest_path = tmp / f"{stem}.yaml"
     manifest_path.write_text(yaml.safe_dump(doc, sort_keys=False))
-    config = load_config(preset, overrides=[f"output.cache_dir={tmp / f'cache-{name}-{preset}'}", "output.report=false",
+    config = load_config(preset, overrides=[f"output.cache_dir={tmp / f'cache-{stem}'}", "output.report=false",
                                             *overrides])
     start = time.perf_counter()
-    results = run(config, load_manifest(manifest_path), out_dir=tmp / f"out-{name}-{preset}")
+    results = run(config, load_manifest(manifest_path), out_dir=tmp / f"out-{stem}")
     seconds = time.perf_counter() - start
     dice = {r.target_id: (r.dice or {v: 0.0 for v in labels}) for r in results}
     peaks, folded, registrations = [], 0, 0
