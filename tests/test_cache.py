@@ -5,7 +5,9 @@ import logging
 import os
 import stat
 import time
+from collections import OrderedDict
 
+import numpy as np
 import pytest
 import SimpleITK as sitk
 
@@ -14,7 +16,9 @@ from atlasseg.cache import IN_USE_SECONDS, Cache
 from atlasseg.cli import main
 from atlasseg.config import load_config
 from atlasseg.demo import make_demo_dataset
+from atlasseg.imageio import normalize_intensity, read_image
 from atlasseg.manifest import load_manifest
+from atlasseg.pipeline import jobs
 
 SERIAL = ["parallel.n_jobs=1", "parallel.itk_threads=1", "selection.k=2"]
 
@@ -188,3 +192,28 @@ def test_an_entrys_arrays_are_checksummed_with_it(tmp_path, caplog):
     npz.write_bytes(bytes(raw))
     assert cache.load("library", "k") is None and "arrays k.npz does not match its checksum" in caplog.text
     assert cache.size() == 0  # the whole entry removed: computed again
+
+
+def test_a_process_reads_each_image_once_and_a_changed_one_again(tmp_path, monkeypatch):
+    monkeypatch.setattr(jobs, "_MEMO", OrderedDict())
+    rng = np.random.default_rng(3)
+    paths = {name: tmp_path / f"{name}.nii.gz" for name in "ab"}
+    for path in paths.values():
+        sitk.WriteImage(sitk.GetImageFromArray(rng.random((6, 7)).astype(np.float32)), str(path))
+    reads = []
+    monkeypatch.setattr(jobs, "read_image", lambda p: reads.append(p.name) or read_image(p))
+    first = jobs.load_normalized(paths["a"], "percentile")
+    first.SetOrigin((5.0, 5.0))  # a caller's change to its copy leaves the kept image alone
+    again = jobs.load_normalized(paths["a"], "percentile")
+    jobs.load_normalized(paths["b"], "percentile")
+    assert reads == ["a.nii.gz", "b.nii.gz"] and again.GetOrigin() == (0.0, 0.0)
+    assert np.array_equal(sitk.GetArrayViewFromImage(again),
+                          sitk.GetArrayViewFromImage(normalize_intensity(read_image(paths["a"]), method="percentile")))
+
+    sitk.WriteImage(sitk.GetImageFromArray(rng.random((6, 7)).astype(np.float32)), str(paths["a"]))
+    stamp = paths["a"].stat().st_mtime_ns + 10**9
+    os.utime(paths["a"], ns=(stamp, stamp))  # a new modification time even on a coarse clock
+    changed = jobs.load_normalized(paths["a"], "percentile")
+    jobs.load_normalized(paths["b"], "percentile")
+    assert reads == ["a.nii.gz", "b.nii.gz", "a.nii.gz"]  # only the changed file is read again
+    assert not np.array_equal(sitk.GetArrayViewFromImage(changed), sitk.GetArrayViewFromImage(again))

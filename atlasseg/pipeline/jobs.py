@@ -6,12 +6,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
 import SimpleITK as sitk
 
-from ..cache import Cache, entry_key, open_cache, settings
+from ..cache import Cache, entry_key, file_digest, open_cache, settings
 from ..config import Config, RegistrationConfig
 from ..errors import AtlassegError, RegistrationError
 from ..imageio import normalize_intensity, read_geometry, read_image, read_labels
@@ -32,8 +33,40 @@ def timed(seconds: dict[str, float], stage: str):
     seconds[stage] = seconds.get(stage, 0.0) + time.perf_counter() - start
 
 
+MEMO_BYTES = 1 << 27  # per process: the images read (and normalised) that later targets and stages reuse
+_MEMO: OrderedDict[tuple, tuple[sitk.Image, int]] = OrderedDict()
+
+
+def remembered(key: tuple, paths: tuple, make) -> sitk.Image:
+    """``make()``, kept in this process under ``key`` and the contents of the files at ``paths``: an atlas is read,
+    checked and normalised once per process (a worker serves many targets and both registration stages), not
+    once per target and stage; a changed file is read again. The least recently used images beyond
+    :data:`MEMO_BYTES` are dropped. Returns a copy (SimpleITK copies on write: the kept image never changes)."""
+    full = (*key, *(file_digest(path) for path in paths))
+    if full in _MEMO:
+        _MEMO.move_to_end(full)
+        return sitk.Image(_MEMO[full][0])
+    image = make()
+    size = image.GetNumberOfPixels() * image.GetNumberOfComponentsPerPixel() * image.GetSizeOfPixelComponent()
+    _MEMO[full] = (image, size)
+    while sum(n for _, n in _MEMO.values()) > MEMO_BYTES and len(_MEMO) > 1:
+        _MEMO.popitem(last=False)
+    return sitk.Image(image)
+
+
 def load_normalized(path: Path, method: str) -> sitk.Image:
-    return normalize_intensity(read_image(path), method=method)
+    """The image at ``path`` as float32, normalised by ``method`` (see :func:`remembered`)."""
+    return remembered(("normalized", str(path), method), (path,),
+                      lambda: normalize_intensity(read_image(path), method=method))
+
+
+def atlas_labels(atlas: Atlas, *, snapped: bool = True) -> sitk.Image:
+    """``atlas``'s label map (``snapped``: its grid snapped onto its image's, see :func:`~atlasseg.imageio.read_labels`),
+    see :func:`remembered`."""
+    if not snapped:
+        return remembered(("labels", str(atlas.labels)), (atlas.labels,), lambda: read_labels(atlas.labels))
+    return remembered(("labels", str(atlas.labels), str(atlas.image)), (atlas.labels, atlas.image),
+                      lambda: read_labels(atlas.labels, like=read_geometry(atlas.image), like_path=atlas.image))
 
 
 def read_masks(fixed: tuple, moving: tuple) -> Masks | None:
@@ -112,7 +145,7 @@ def _affine_job(target: Target, atlas: Atlas, config: Config, cache: Cache, key:
     if given is not None:
         record["transform_file"] = str(given)
     with timed(record, "selection_seconds"):
-        labels = read_labels(atlas.labels) if config.selection.roi != "none" else None
+        labels = atlas_labels(atlas, snapped=False) if config.selection.roi != "none" else None
         mask = read_labels(target.mask) if target.mask is not None else None
         score = score_atlas(fixed, moving, transform, config=config.selection, labels=labels, mask=mask)
     record["selection_seconds"] = round(record["selection_seconds"], 3)

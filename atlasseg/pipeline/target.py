@@ -16,7 +16,7 @@ from ..config import Config, SelectionConfig
 from ..errors import RegistrationError
 from ..evaluation import evaluate, mean_score
 from ..fusion.registry import make_fuser
-from ..imageio import normalize_intensity, read_geometry, read_image, read_labels, write_image
+from ..imageio import normalize_intensity, read_image, read_labels, write_image
 from ..layout import LAYOUTS
 from ..manifest import Atlas, Target
 from ..parallel import progress
@@ -25,7 +25,7 @@ from ..quality import Calibration, CandidateVotes, target_features
 from ..registration import save_transform
 from ..report import Disagreement
 from ..selection import min_atlases
-from .jobs import Ranking, load_normalized, peak_mb, rank_atlases, register_selected, timed
+from .jobs import Ranking, atlas_labels, load_normalized, peak_mb, rank_atlases, register_selected, timed
 from .outputs import evaluation_metrics
 
 log = logging.getLogger("atlasseg")
@@ -58,8 +58,7 @@ class TargetResult:
 
 def propagate(atlas: Atlas, transform: sitk.Transform, reference: sitk.Image, config: Config, *, intensities: bool):
     """One candidate: the atlas's labels and (when ``intensities``) its normalised image on ``reference``'s grid."""
-    labels = read_labels(atlas.labels, like=read_geometry(atlas.image), like_path=atlas.image)
-    labels = propagate_labels(labels, transform, reference, interpolator=config.propagation.interpolator)
+    labels = propagate_labels(atlas_labels(atlas), transform, reference, interpolator=config.propagation.interpolator)
     warped = None
     if intensities:
         warped = propagate_intensities(load_normalized(atlas.image, config.registration.normalization), transform, reference)
