@@ -24,7 +24,7 @@ from atlasseg.registration import (
     save_transform,
 )
 from atlasseg.registration.affine import locally_normalized
-from atlasseg.registration.pyramid import MIN_AXIS_VOXELS, derive_shrink_factors, pyramid
+from atlasseg.registration.pyramid import MIN_AXIS_VOXELS, derive_shrink_factors, pyramid, run_levels
 
 AFFINE_ONLY = RegistrationConfig(nonrigid=NonrigidConfig(enabled=False))
 
@@ -662,3 +662,28 @@ def test_a_crop_round_its_anatomy_gets_neither_the_search_nor_the_local_normaliz
     image, _ = _long_body()
     _, record = register_affine(_slab(image, 0), _slab(image, 2), config=AffineConfig(), seed=42)
     assert record["translation_search"]["starts"] == 27 and record["local_normalization"] == 20.0
+
+
+def test_run_levels_owns_the_warm_start():
+    """The driver starts the coarsest level, upsamples each result onto the next level and returns the last state."""
+    calls = []
+
+    def start(shrink, sigma):
+        calls.append(("start", shrink, sigma))
+        return [shrink]
+
+    def upsample(state, level, shrink, sigma):
+        calls.append(("upsample", level, tuple(state)))
+        return [*state, shrink]
+
+    def solve(level, shrink, sigma, state):
+        calls.append(("solve", level, tuple(state)))
+        return [*state, -level], {"iterations": level + 1}
+
+    state, levels = run_levels([4, 2, 1], [2.0, 1.0, 0], start=start, upsample=upsample, solve=solve)
+    assert state == [4, 0, 2, -1, 1, -2]
+    assert calls == [("start", 4, 2.0), ("solve", 0, (4,)), ("upsample", 1, (4, 0)), ("solve", 1, (4, 0, 2)),
+                     ("upsample", 2, (4, 0, 2, -1)), ("solve", 2, (4, 0, 2, -1, 1))]
+    assert [(lv["level"], lv["shrink"], lv["sigma"], lv["iterations"]) for lv in levels] == \
+        [(0, 4, 2.0, 1), (1, 2, 1.0, 2), (2, 1, 0.0, 3)]
+    assert all(lv["seconds"] >= 0 for lv in levels)

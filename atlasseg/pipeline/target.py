@@ -114,7 +114,8 @@ def register_target(target: Target, atlases: list[Atlas], config: Config, *, cac
         floor = len(wanted)
     nonrigid = config.registration.nonrigid.enabled and wanted
     with timed(seconds, "nonrigid") if nonrigid else contextlib.nullcontext():
-        transforms = register_selected(target, by_id, ranking, config, wanted=wanted, floor=floor, cache=cache)
+        transforms, ranking = register_selected(target, by_id, ranking, config, wanted=wanted, floor=floor,
+                                                cache=cache)
     if nonrigid:
         memory["nonrigid"] = peak_mb()
     for item in ranking.dropped:

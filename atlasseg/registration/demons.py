@@ -221,29 +221,30 @@ def register_demons(
     # and ANTs smooth fields, in voxels): 1 mm across 8 mm slices would let neighbouring slices move
     # apart freely, and such fields folded on cardiac data.
     voxels = np.full(dim, min(fixed.GetSpacing()))
-    state: dict = {"field": None, "grid": None}
 
-    def solve(level: int, shrink, sigma: float) -> dict:
-        f, m = pyramid_image(reference, shrink, sigma), pyramid_image(moved, shrink, sigma)
-        f_array = sitk.GetArrayFromImage(f)
-        if state["field"] is None:
-            u = np.zeros((dim,) + f_array.shape, np.float32)
-        else:
-            u = _regrid(state["field"], state["grid"], f)
+    def start(shrink, sigma: float) -> tuple[np.ndarray, sitk.Image]:
+        f = pyramid_image(reference, shrink, sigma)
+        return np.zeros((dim,) + f.GetSize()[::-1], np.float32), f
+
+    def upsample(state, level: int, shrink, sigma: float) -> tuple[np.ndarray, sitk.Image]:
+        (field, grid), f = state, pyramid_image(reference, shrink, sigma)
+        return _regrid(field, grid, f), f
+
+    def solve(level: int, shrink, sigma: float, state) -> tuple[tuple[np.ndarray, sitk.Image], dict]:
+        u, f = state  # the field (mm, numpy order) on the level's fixed image f
+        m = pyramid_image(moved, shrink, sigma)
         shift = direction.T @ (np.asarray(f.GetOrigin()) - np.asarray(m.GetOrigin()))  # mm along the axes, x first
         offset = (shift / np.asarray(m.GetSpacing()))[::-1]
-        state["field"], info = _demons_level(
-            f_array, sitk.GetArrayFromImage(m), u, spacing=np.asarray(f.GetSpacing())[::-1], voxels=voxels,
-            config=config, iterations=iterations[level], offset=offset,
+        u, info = _demons_level(
+            sitk.GetArrayFromImage(f), sitk.GetArrayFromImage(m), u, spacing=np.asarray(f.GetSpacing())[::-1],
+            voxels=voxels, config=config, iterations=iterations[level], offset=offset,
         )
-        state["grid"] = f
-        return info
+        return (u, f), info
 
-    levels = run_levels(shrinks, sigmas, solve)
-    last = state["grid"]
+    (u, last), levels = run_levels(shrinks, sigmas, start=start, upsample=upsample, solve=solve)
     same_grid = last.GetSize() == fixed.GetSize() and last.GetOrigin() == fixed.GetOrigin() \
         and last.GetSpacing() == fixed.GetSpacing()
-    local = (state["field"] if same_grid else _regrid(state["field"], last, fixed))[::-1]  # x first, grid axes
+    local = (u if same_grid else _regrid(u, last, fixed))[::-1]  # x first, grid axes
     physical = np.einsum("ij,j...->...i", direction, local.astype(np.float64))
     field = sitk.GetImageFromArray(physical, isVector=True)
     field.CopyInformation(fixed)
