@@ -15,6 +15,7 @@ from ..config import FusionConfig
 from ..errors import AtlassegError
 from ..imageio import Geometry
 from ..parallel import available_cores
+from ..similarity import floored, local_moments
 from .base import Fuser
 
 
@@ -297,16 +298,15 @@ def _read(rows: np.ndarray) -> np.ndarray:
 
 
 def _standardised(patches: np.ndarray) -> np.ndarray:
-    """Each row scaled to zero mean and unit variance (a flat row stays zero)."""
+    """Each row scaled to zero mean and unit variance (a flat row stays zero: its variance is floored)."""
     centred = patches - patches.mean(axis=1, keepdims=True)
-    return centred / np.maximum(np.sqrt((centred * centred).mean(axis=1, keepdims=True)), 1e-4)
+    return centred / np.sqrt(floored((centred * centred).mean(axis=1, keepdims=True)))
 
 
 def _local_moments(array: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and standard deviation (floored like :func:`_standardised`) in a cube of ``size``."""
-    mean = ndimage.uniform_filter(array, size=size, mode="nearest")
-    variance = ndimage.uniform_filter(array * array, size=size, mode="nearest") - mean * mean
-    return mean, np.sqrt(np.maximum(variance, 1e-8))
+    """Mean and standard deviation (its variance floored like :func:`_standardised`'s) in a cube of ``size``."""
+    mean, variance = local_moments(array, size)
+    return mean, np.sqrt(floored(variance))
 
 
 def voxel_radii(radius: int, spacing: np.ndarray) -> np.ndarray:
