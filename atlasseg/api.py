@@ -6,9 +6,10 @@ a preset name (``"default"``, ``"fast"``, ...), a YAML file path or a nested dic
 optional ``overrides`` in the command line's ``section.key=value`` form.
 
 These are thin layers over the command line's own machinery (:mod:`atlasseg.pipeline`),
-which works on files: images held in memory are written to a temporary folder first
-(SimpleITK images losslessly as MetaImage, nibabel images as NIfTI, as nibabel writes them),
-and results are read back into memory before it is removed. Error messages name in-memory
+which reads and checks its inputs from files: images held in memory are written to a temporary
+folder first (SimpleITK images losslessly as MetaImage, nibabel images as NIfTI, as nibabel
+writes them). :func:`register` then works in memory and returns its results; :func:`segment`
+runs the file pipeline and reads its results back before the folder is removed. Error messages name in-memory
 inputs by their role (``atlas_0.labels``, ``target.image``).
 
 Example::
@@ -286,7 +287,8 @@ def register(
         registration starts from the rigid fit of one to the other.
     out_dir
         When given, ``warped.nii.gz``, ``transform.h5``, ``displacement.nii.gz``, ``jacobian.nii.gz``,
-        ``record.json`` (and ``warped_labels.nii.gz``) are kept there; by default in a temporary folder.
+        ``record.json`` (and ``warped_labels.nii.gz``) are written there; by default nothing is written (the
+        results are computed and returned in memory).
 
     Returns
     -------
@@ -301,20 +303,20 @@ def register(
     AtlassegError
         Bad input or config.
     """
-    from .pipeline.pair import register_files
+    from .pipeline.pair import read_pair, register_and_write, register_pair
 
     config = resolve_config(config, overrides)
     with _workspace() as files:
-        out = Path(out_dir) if out_dir is not None else files.folder / "out"
         paths = {name: files(value, name) for name, value in
                  (("fixed", fixed), ("moving", moving), ("moving_labels", labels), ("fixed_mask", fixed_mask),
                   ("moving_mask", moving_mask), ("fixed_landmarks", fixed_landmarks),
                   ("moving_landmarks", moving_landmarks))}
-        record = register_files(paths.pop("fixed"), paths.pop("moving"), config.registration, out_dir=out,
-                                labels_path=paths.pop("moving_labels"), **paths)
-        transform = sitk.ReadTransform(str(out / "transform.h5"))
-        warped = sitk.ReadImage(str(out / "warped.nii.gz"))
-        warped_labels = sitk.ReadImage(str(out / "warped_labels.nii.gz")) if labels is not None else None
+        pair = read_pair(paths.pop("fixed"), paths.pop("moving"), config.registration,
+                         labels_path=paths.pop("moving_labels"), **paths)
+        if out_dir is None:
+            transform, warped, warped_labels, record = register_pair(pair)
+        else:
+            transform, warped, warped_labels, record = register_and_write(pair, Path(out_dir))
     record.update(fixed=_describe(fixed), moving=_describe(moving))
     return Registration(transform, warped, warped_labels, record)
 

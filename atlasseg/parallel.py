@@ -56,6 +56,15 @@ def thread_budget(parallel: ParallelConfig, n_tasks: int) -> tuple[int, int]:
     return jobs, min(threads, max(1, cores // jobs))
 
 
+def local_threads(parallel: ParallelConfig) -> int:
+    """Threads for work this process does alone, between the parallel jobs (fusion): the jobs × threads that
+    :func:`thread_budget` grants on this machine, or all its cores where the jobs ran on a Dask cluster's."""
+    if parallel.backend == "dask" and parallel.scheduler:
+        return available_cores()
+    jobs, threads = thread_budget(parallel, available_cores())
+    return jobs * threads
+
+
 @contextlib.contextmanager
 def session(parallel: ParallelConfig):
     """Hold a Dask client for a whole run (``backend: dask``): the cluster at ``scheduler``, or a local

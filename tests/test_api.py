@@ -83,6 +83,30 @@ def test_register_recovers_a_known_translation():
     assert agree > 0.98 and result.record["status"] == "ok" and set(result.record["registration"]) == {"affine"}
 
 
+
+def test_register_returns_in_memory_what_it_writes_with_out_dir(tmp_path, monkeypatch):
+    """Without ``out_dir`` no result is written (and none read back); with it the files hold what is returned."""
+    from atlasseg.pipeline import pair
+
+    fixed, labels = texture(dim=2, size=32, spacing=2.0, seed=4)
+    moving = warp(fixed, sitk.TranslationTransform(2, (2.0, 0.0)))
+    overrides = ["registration.affine.stages=[translation]", "registration.nonrigid.enabled=false"]
+
+    def no_writing(*args, **kwargs):
+        raise AssertionError("a result written")
+
+    with monkeypatch.context() as patched:
+        for writer in ("write_image", "write_json", "save_transform", "save_displacement_field"):
+            patched.setattr(pair, writer, no_writing)
+        memory = atlasseg.register(fixed, moving, "default", labels=labels, overrides=overrides)
+    assert memory.warped.GetOrigin() == fixed.GetOrigin() and memory.warped.GetSpacing() == fixed.GetSpacing()
+    kept = atlasseg.register(fixed, moving, "default", labels=labels, overrides=overrides, out_dir=tmp_path / "out")
+    assert memory.transform.GetParameters() == kept.transform.GetParameters()
+    np.testing.assert_array_equal(as_array(sitk.ReadImage(str(tmp_path / "out" / "warped.nii.gz"))), as_array(memory.warped))
+    np.testing.assert_array_equal(as_array(kept.warped_labels), as_array(memory.warped_labels))
+    assert set(memory.record) == set(kept.record) and memory.record["status"] == kept.record["status"] == "ok"
+
+
 def test_evaluate_in_memory_equals_from_files(manifest):
     truth = manifest.targets[0].labels
     shifted = sitk.ReadImage(str(truth))

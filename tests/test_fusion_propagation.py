@@ -834,3 +834,39 @@ def test_propagation_interpolator_is_a_checked_choice():
     _, lab = phantom(dim=2, size=8)
     with pytest.raises(AtlassegError, match="unknown label interpolator 'bilinear'"):
         propagate_labels(lab, sitk.Transform(2, sitk.sitkIdentity), lab, interpolator="bilinear")
+
+
+def test_jlf_spills_into_the_folder_it_is_lent_and_uses_the_threads_it_is_lent(monkeypatch, tmp_path):
+    """Candidates beyond the memory budget go to the given folder (removed after fusion), and one thread
+    means no thread pool; neither changes the answer."""
+    from atlasseg.fusion import jlf
+
+    target, candidates = _jlf_case(np.random.default_rng(2), 4)
+    config = FusionConfig(method="jlf")
+    expected = make_fuser(target, config=config)
+    for candidate in candidates:
+        expected.add(*candidate)
+    expected = sitk.GetArrayFromImage(expected.result())
+
+    def no_pool(*args, **kwargs):
+        raise AssertionError("a thread pool for one thread")
+
+    monkeypatch.setattr(jlf, "ThreadPoolExecutor", no_pool)
+    monkeypatch.setattr(JointLabelFusion, "_SLAB_BYTES", 100_000)
+    fuser = make_fuser(target, config=config, threads=1, spill_folder=tmp_path)
+    for candidate in candidates:
+        fuser.add(*candidate)
+    assert [p.name.startswith("atlasseg-jlf-") for p in tmp_path.iterdir()] == [True]
+    assert len(list(next(tmp_path.iterdir()).glob("*.npy"))) == 2 * len(candidates)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(fuser.result()), expected)
+    assert not list(tmp_path.iterdir())
+
+
+def test_fusion_threads_stay_inside_the_jobs_times_threads_budget():
+    from atlasseg.config import ParallelConfig
+    from atlasseg.parallel import available_cores, local_threads, thread_budget
+
+    assert local_threads(ParallelConfig(n_jobs=1, itk_threads=1)) == 1
+    assert local_threads(ParallelConfig(n_jobs=-1)) == available_cores()
+    jobs, threads = thread_budget(ParallelConfig(n_jobs=2), available_cores())
+    assert local_threads(ParallelConfig(n_jobs=2)) == jobs * threads <= available_cores()

@@ -164,3 +164,26 @@ def test_a_failed_nonrigid_registration_is_replaced_by_the_next_ranked_atlas(dem
     assert result.record["selected"] == order[1:3]
     assert set(result.record["registrations"]) == set(order[:3])
     assert len(calls) == 3
+
+
+def test_register_selected_returns_a_new_ranking_and_leaves_the_given_one_alone(demo2d, monkeypatch):
+    """The non-rigid records and the failures go into the returned ranking; the ranking passed in is unchanged."""
+    from atlasseg.pipeline import jobs
+
+    def fake_nonrigid(fixed, moving, *, initial, config, masks=None):  # the first atlas tried fails
+        if not calls:
+            calls.append(moving)
+            raise jobs.RegistrationDiverged("non-rigid registration diverged: test", {"metric_after": 1.0})
+        return initial, {"seconds": 0.0}
+
+    calls = []
+    monkeypatch.setattr(jobs, "nonrigid_stage", fake_nonrigid)
+    config = load_config("demo", overrides=["selection.k=2", "parallel.n_jobs=1", "registration.affine.stages=[]"])
+    target, atlases = demo2d.targets[0], {a.id: a for a in demo2d.atlases}
+    ranking = jobs.rank_atlases(target, list(atlases.values()), config)
+    before = json.dumps({"records": ranking.records, "dropped": ranking.dropped}, sort_keys=True)
+    transforms, after = jobs.register_selected(target, atlases, ranking, config, wanted=ranking.selected, floor=2)
+    assert json.dumps({"records": ranking.records, "dropped": ranking.dropped}, sort_keys=True) == before
+    assert [d["atlas"] for d in after.dropped] == [ranking.selected[0]]
+    assert list(transforms) == [ranking.selected[1], ranking.ranked[2]]
+    assert all("nonrigid" in after.records[aid] for aid in transforms) and after.ranked == ranking.ranked

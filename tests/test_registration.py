@@ -24,7 +24,7 @@ from atlasseg.registration import (
     save_transform,
 )
 from atlasseg.registration.affine import locally_normalized
-from atlasseg.registration.pyramid import MIN_AXIS_VOXELS, derive_shrink_factors, pyramid
+from atlasseg.registration.pyramid import MIN_AXIS_VOXELS, derive_shrink_factors, pyramid, run_levels
 
 AFFINE_ONLY = RegistrationConfig(nonrigid=NonrigidConfig(enabled=False))
 
@@ -676,3 +676,64 @@ def test_affine_samples_a_number_of_points_not_a_share_of_a_large_scan():
     assert [round(share * 256 * 256 * 40 / s**3) for share, s in zip(shares, (4, 2))] == [10240, 20000]
     assert level_sampling(crop, config) == [0.25, 0.25]
     assert level_sampling(scan, replace(config, max_samples=0)) == [0.25, 0.25]
+
+
+def test_run_levels_owns_the_warm_start():
+    """The driver starts the coarsest level, upsamples each result onto the next level and returns the last state."""
+    calls = []
+
+    def start(shrink, sigma):
+        calls.append(("start", shrink, sigma))
+        return [shrink]
+
+    def upsample(state, level, shrink, sigma):
+        calls.append(("upsample", level, tuple(state)))
+        return [*state, shrink]
+
+    def solve(level, shrink, sigma, state):
+        calls.append(("solve", level, tuple(state)))
+        return [*state, -level], {"iterations": level + 1}
+
+    state, levels = run_levels([4, 2, 1], [2.0, 1.0, 0], start=start, upsample=upsample, solve=solve)
+    assert state == [4, 0, 2, -1, 1, -2]
+    assert calls == [("start", 4, 2.0), ("solve", 0, (4,)), ("upsample", 1, (4, 0)), ("solve", 1, (4, 0, 2)),
+                     ("upsample", 2, (4, 0, 2, -1)), ("solve", 2, (4, 0, 2, -1, 1))]
+    assert [(lv["level"], lv["shrink"], lv["sigma"], lv["iterations"]) for lv in levels] == \
+        [(0, 4, 2.0, 1), (1, 2, 1.0, 2), (2, 1, 0.0, 3)]
+    assert all(lv["seconds"] >= 0 for lv in levels)
+
+
+@pytest.mark.parametrize("metric", ["ncc", "ants_ncc"])
+def test_correlation_losses_have_their_exact_gradient_flat_windows_included(metric):
+    """Central differences match the analytic gradient, also where a flat patch holds the local variance at
+    its floor, and the loss stays finite there."""
+    from atlasseg.registration.metrics import make_loss
+
+    rng = np.random.default_rng(3)
+    shape = (14, 16)
+    f, g = rng.random(shape), rng.random(shape)
+    f[:7, :8] = 0.5  # flat in both images: local variances at their floor
+    g[:7, :8] = 0.25
+    valid = np.ones(shape, bool)
+    valid[-2:] = False
+    f, g, valid = f.ravel(), g.ravel(), valid.ravel()
+    loss = make_loss(metric, f, g, shape, ncc_radius=1)
+    value, gradient = loss(f, g, valid)
+    assert np.isfinite(value) and np.all(np.isfinite(gradient))
+    for i in [0, 17, 40, 101, 150, 200, shape[0] * shape[1] - 1]:
+        step = np.zeros_like(g)
+        step[i] = 1e-6
+        numeric = (loss(f, g + step, valid)[0] - loss(f, g - step, valid)[0]) / 2e-6
+        assert numeric == pytest.approx(gradient[i], rel=1e-4, abs=1e-9), i
+
+
+def test_lncc_forces_vanish_in_flat_windows():
+    """Where both images are flat over the window the local correlation is undefined: no force, nothing infinite."""
+    from atlasseg.registration.demons import _BoxMeans
+
+    rng = np.random.default_rng(4)
+    f, m = rng.random((20, 20)).astype(np.float32), rng.random((20, 20)).astype(np.float32)
+    f[:10], m[:10] = 0.5, 0.2
+    force, mean = _BoxMeans(f, 2).force(m, np.zeros(f.shape, bool))
+    assert np.all(np.isfinite(force)) and 0 < mean <= 1
+    assert np.abs(force[:7]).max() < 1e-3 * np.abs(force[13:]).max()

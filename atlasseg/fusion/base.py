@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
@@ -9,6 +11,7 @@ from scipy import ndimage
 from ..config import FusionConfig
 from ..errors import AtlassegError
 from ..imageio import Geometry, same_grid
+from ..parallel import available_cores
 from .postprocess import postprocess
 
 
@@ -40,9 +43,15 @@ class Fuser:
         """Bytes of temporary files (in ``TMPDIR``) the method writes for ``n_candidates`` on ``geometry``'s grid."""
         return 0
 
-    def __init__(self, reference: sitk.Image, *, config: FusionConfig):
+    def __init__(self, reference: sitk.Image, *, config: FusionConfig, threads: int | None = None,
+                 spill_folder: Path | None = None):
+        """``threads`` and ``spill_folder`` are what the caller lends the fuser (those that use them say so):
+        its threads (None: every available core), and the folder for candidates it cannot keep in memory
+        (None: a fresh temporary folder in ``TMPDIR``)."""
         self._reference = reference
         self._config = config
+        self._threads = available_cores() if threads is None else max(1, int(threads))
+        self._spill_folder = spill_folder
         self._target = sitk.GetArrayFromImage(reference).astype(np.float32)
         self._votes: dict[int, np.ndarray] = {}
         self._pixel_id = None

@@ -14,7 +14,7 @@ from scipy import ndimage
 from ..config import FusionConfig
 from ..errors import AtlassegError
 from ..imageio import Geometry
-from ..parallel import available_cores
+from ..similarity import floored, local_moments
 from .base import Fuser
 
 
@@ -47,7 +47,8 @@ class JointLabelFusion(Fuser):
 
     Memory does not grow with the number of candidates: the candidates, padded by the search
     and patch radii, are kept in memory while together they take at most ``_SLAB_BYTES``;
-    beyond that they are written to a temporary folder (``TMPDIR``), and the voting reads them
+    beyond that they are written to its spill folder (by default a temporary folder in ``TMPDIR``; removed
+    when fusion ends), and the voting reads them
     back in slabs of whole rows of the first array axis, every candidate's slab (with the rows
     its patches and search reach) together taking at most about ``_SLAB_BYTES``. The result
     does not depend on the slab size. What else stays in memory is a few target-sized arrays:
@@ -83,8 +84,9 @@ class JointLabelFusion(Fuser):
         need = cls._candidate_bytes(geometry, n_candidates)
         return need if need > cls._SLAB_BYTES else 0
 
-    def __init__(self, reference: sitk.Image, *, config: FusionConfig):
-        super().__init__(reference, config=config)
+    def __init__(self, reference: sitk.Image, *, config: FusionConfig, threads: int | None = None,
+                 spill_folder: Path | None = None):
+        super().__init__(reference, config=config, threads=threads, spill_folder=spill_folder)
         spacing = np.asarray(reference.GetSpacing())[::-1]  # array order
         self._search = voxel_radii(config.search_radius, spacing)
         self._patch = voxel_radii(config.patch_radius, spacing)
@@ -117,12 +119,12 @@ class JointLabelFusion(Fuser):
         """``array`` written to the temporary folder, and mapped back read-only."""
         try:
             if self._store is None:
-                self._store = tempfile.TemporaryDirectory(prefix="atlasseg-jlf-")
+                self._store = tempfile.TemporaryDirectory(prefix="atlasseg-jlf-", dir=self._spill_folder)
             path = Path(self._store.name) / f"{name}.npy"
             np.save(path, array)
             return np.load(path, mmap_mode="r")
         except OSError as err:
-            place = self._store.name if self._store is not None else tempfile.gettempdir()
+            place = self._store.name if self._store is not None else self._spill_folder or tempfile.gettempdir()
             raise AtlassegError(f"joint label fusion: cannot keep its candidates in {place} ({err.strerror or err}): "
                                 f"set TMPDIR to a folder with room (about {array.size * 5 / 2**20:.0f} MiB "
                                 "per atlas)") from None
@@ -184,7 +186,7 @@ class JointLabelFusion(Fuser):
                       search: np.ndarray, centres) -> list:
         """Per candidate and centre voxel (in ``argwhere`` order), the row of ``search`` whose patch
         best matches the target's; None for every candidate without search. The candidates are
-        searched in parallel threads (scipy's filters release the GIL)."""
+        searched in parallel, in as many threads as the fuser was lent (scipy's filters release the GIL)."""
         if len(search) == 1:
             return [None] * len(intensities)
         r, pad = self._patch.tolist(), (self._search + self._patch).tolist()
@@ -220,7 +222,7 @@ class JointLabelFusion(Fuser):
                 index[better] = k
             return index
 
-        threads = min(len(intensities), available_cores())
+        threads = min(len(intensities), self._threads)
         if threads < 2:
             return [search_one(warped) for warped in intensities]
         with ThreadPoolExecutor(threads) as pool:
@@ -297,16 +299,15 @@ def _read(rows: np.ndarray) -> np.ndarray:
 
 
 def _standardised(patches: np.ndarray) -> np.ndarray:
-    """Each row scaled to zero mean and unit variance (a flat row stays zero)."""
+    """Each row scaled to zero mean and unit variance (a flat row stays zero: its variance is floored)."""
     centred = patches - patches.mean(axis=1, keepdims=True)
-    return centred / np.maximum(np.sqrt((centred * centred).mean(axis=1, keepdims=True)), 1e-4)
+    return centred / np.sqrt(floored((centred * centred).mean(axis=1, keepdims=True)))
 
 
 def _local_moments(array: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and standard deviation (floored like :func:`_standardised`) in a cube of ``size``."""
-    mean = ndimage.uniform_filter(array, size=size, mode="nearest")
-    variance = ndimage.uniform_filter(array * array, size=size, mode="nearest") - mean * mean
-    return mean, np.sqrt(np.maximum(variance, 1e-8))
+    """Mean and standard deviation (its variance floored like :func:`_standardised`'s) in a cube of ``size``."""
+    mean, variance = local_moments(array, size)
+    return mean, np.sqrt(floored(variance))
 
 
 def voxel_radii(radius: int, spacing: np.ndarray) -> np.ndarray:

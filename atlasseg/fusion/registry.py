@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import SimpleITK as sitk
 
 from ..config import FusionConfig
@@ -34,9 +36,11 @@ def fuse(reference: sitk.Image, candidates, *, config: FusionConfig) -> sitk.Ima
     return fuser.result()
 
 
-def make_fuser(reference: sitk.Image, *, config: FusionConfig) -> Fuser:
-    """A fresh accumulator for ``config.method`` on ``reference``'s grid (normalised target intensities)."""
+def make_fuser(reference: sitk.Image, *, config: FusionConfig, threads: int | None = None,
+               spill_folder: Path | None = None) -> Fuser:
+    """A fresh accumulator for ``config.method`` on ``reference``'s grid (normalised target intensities), lent
+    ``threads`` and ``spill_folder`` (see :class:`~atlasseg.fusion.base.Fuser`)."""
     try:
-        return FUSERS[config.method](reference, config=config)
+        return FUSERS[config.method](reference, config=config, threads=threads, spill_folder=spill_folder)
     except KeyError:
         raise AtlassegError(f"unknown fusion method {config.method!r} (known: {', '.join(FUSERS)})") from None

@@ -50,8 +50,8 @@ class Staple(Fuser):
 
     _BLOCK = 1 << 22
 
-    def __init__(self, reference: sitk.Image, *, config: FusionConfig):
-        super().__init__(reference, config=config)
+    def __init__(self, reference: sitk.Image, *, config: FusionConfig, **lent):
+        super().__init__(reference, config=config, **lent)
         self._first: np.ndarray | None = None  # the first candidate, flat, on the whole grid
         self._disagree: np.ndarray | None = None  # voxels where some candidate differs from the first
         self._order = np.empty(0, dtype=np.intp)  # flat indices of those voxels, in the order found

@@ -6,7 +6,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from ..config import FusionConfig
-from ..similarity import standardized
+from ..similarity import negative_mse, standardized
 from .base import Fuser
 
 _EPSILON = 1e-4  # floor of a squared intensity difference (intensities normalised to [0, 1])
@@ -46,7 +46,9 @@ def _squared_difference(target, warped, config: FusionConfig) -> np.ndarray:
 
 
 def _global_weight(target, warped, config: FusionConfig, reference) -> np.float32:
-    return np.float32(max(float(np.mean(_squared_difference(target, warped, config))), _EPSILON) ** -config.gain)
+    """The inverse mean squared difference of ``config.metric``'s intensities, to the power ``gain``."""
+    compared = INTENSITIES[config.metric]
+    return np.float32(max(-negative_mse(compared(target), compared(warped)), _EPSILON) ** -config.gain)
 
 
 def _local_weight(target, warped, config: FusionConfig, reference) -> np.ndarray:

@@ -12,7 +12,7 @@ own images and build their own filters. Its modules:
 - :mod:`~atlasseg.pipeline.resume`: finished targets, the key and digests of their inputs;
 - :mod:`~atlasseg.pipeline.outputs`: the writers (JSON, metrics.csv, tables);
 - :mod:`~atlasseg.pipeline.run`: a whole run (:func:`run`);
-- :mod:`~atlasseg.pipeline.pair`: one image pair from files (:func:`register_files`).
+- :mod:`~atlasseg.pipeline.pair`: one image pair, read (:func:`~atlasseg.pipeline.pair.read_pair`), registered in memory (:func:`~atlasseg.pipeline.pair.register_pair`) and written (:func:`register_files`).
 """
 
 from .checks import check_inputs

@@ -7,7 +7,7 @@ import contextlib
 import logging
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import SimpleITK as sitk
@@ -201,7 +201,7 @@ def _log_record(target_id: str, atlas_id: str, stage: str, record: dict) -> None
 class Ranking:
     """The affine stage and selection for one target (what ``atlasseg select`` prints).
 
-    :func:`register_selected` adds to ``records`` and ``dropped``.
+    :func:`register_selected` returns a copy with the non-rigid stage added to ``records`` and ``dropped``.
     """
 
     scores: dict[str, float]  # atlas id → selection score (higher is better), atlases whose affine stage succeeded
@@ -252,18 +252,21 @@ def rank_atlases(target: Target, atlases: list[Atlas], config: Config, *, cache:
 def register_selected(
     target: Target, atlases: dict[str, Atlas], ranking: Ranking, config: Config, *, wanted: list[str], floor: int,
     cache: Cache | None = None,
-) -> dict[str, sitk.Transform]:
+) -> tuple[dict[str, sitk.Transform], Ranking]:
     """Non-rigid registration (in parallel, from the affine; cached outcomes reused) of the ``wanted`` ranked atlases.
 
-    A failed atlas is dropped (added to ``ranking.dropped``) and, while fewer than ``floor``
-    have succeeded, the next-ranked atlases not yet tried are registered in its place.
-    Returns the transforms of the atlases registered, best-ranked first (the affine ones,
-    unchanged, when the non-rigid stage is off).
+    A failed atlas is dropped and, while fewer than ``floor`` have succeeded, the next-ranked
+    atlases not yet tried are registered in its place. Returns the transforms of the atlases
+    registered, best-ranked first (the affine ones, unchanged, when the non-rigid stage is off),
+    and ``ranking`` with each one's non-rigid record added to ``records`` and each failure to
+    ``dropped`` (``ranking`` itself is left as it was).
     """
     if not config.registration.nonrigid.enabled:
-        return {aid: ranking.affine[aid] for aid in wanted}
+        return {aid: ranking.affine[aid] for aid in wanted}, ranking
     cache = cache or open_cache(config)
     done: dict[str, sitk.Transform] = {}
+    records = {aid: dict(record) for aid, record in ranking.records.items()}
+    dropped = list(ranking.dropped)
     untried = [aid for aid in ranking.ranked if aid not in wanted]
     batch = list(wanted)
     while batch:
@@ -276,11 +279,11 @@ def register_selected(
         for aid in batch:
             transform, result = outcomes[aid]
             if transform is None:
-                ranking.dropped.append({"atlas": aid, "stage": "nonrigid", **result})
+                dropped.append({"atlas": aid, "stage": "nonrigid", **result})
             else:
                 _log_record(target.id, aid, "non-rigid", result)
                 done[aid] = transform
-                ranking.records[aid]["nonrigid"] = result
+                records[aid]["nonrigid"] = result
         missing = max(0, floor - len(done))
         batch, untried = untried[:missing], untried[missing:]
-    return {aid: done[aid] for aid in ranking.ranked if aid in done}
+    return {aid: done[aid] for aid in ranking.ranked if aid in done}, replace(ranking, records=records, dropped=dropped)

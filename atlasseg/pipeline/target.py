@@ -19,7 +19,7 @@ from ..fusion.registry import make_fuser
 from ..imageio import normalize_intensity, read_image, read_labels, write_image
 from ..layout import LAYOUTS
 from ..manifest import Atlas, Target
-from ..parallel import progress
+from ..parallel import local_threads, progress
 from ..propagation import propagate_intensities, propagate_labels
 from ..quality import Calibration, CandidateVotes, target_features
 from ..registration import save_transform
@@ -113,7 +113,8 @@ def register_target(target: Target, atlases: list[Atlas], config: Config, *, cac
         floor = len(wanted)
     nonrigid = config.registration.nonrigid.enabled and wanted
     with timed(seconds, "nonrigid") if nonrigid else contextlib.nullcontext():
-        transforms = register_selected(target, by_id, ranking, config, wanted=wanted, floor=floor, cache=cache)
+        transforms, ranking = register_selected(target, by_id, ranking, config, wanted=wanted, floor=floor,
+                                                cache=cache)
     if nonrigid:
         memory["nonrigid"] = peak_mb()
     for item in ranking.dropped:
@@ -166,7 +167,7 @@ def segment_target(target: Target, atlases: list[Atlas], config: Config, *, out_
     records = {aid: ranking.records[aid] for aid in ranking.ranked if aid in tried}
 
     # Propagate and fuse, one candidate at a time.
-    fuser = make_fuser(registered.reference(config), config=config.fusion)
+    fuser = make_fuser(registered.reference(config), config=config.fusion, threads=local_threads(config.parallel))
     spread = Disagreement() if config.output.report else None  # the QC report's heat map
     votes = CandidateVotes() if calibration is not None else None
     seconds["propagation"] = seconds["fusion"] = 0.0

@@ -260,25 +260,26 @@ def register_bspline(
     dim = fixed.GetDimension()
     shrinks, sigmas, iterations = pyramid(config, fixed)
     meshes = _meshes(fixed, grid_spacing=config.grid_spacing, levels=len(shrinks))
-    state = {"grid": _ControlGrid.over(fixed, meshes[0])}
-    state["coefficients"] = np.zeros((dim,) + state["grid"].size[::-1])
+    def start(shrink, sigma: float) -> tuple[_ControlGrid, np.ndarray]:
+        grid = _ControlGrid.over(fixed, meshes[0])
+        return grid, np.zeros((dim,) + grid.size[::-1])
 
-    def solve(level: int, shrink, sigma: float) -> dict:
-        grid, coefficients = state["grid"], state["coefficients"]
-        if level:
-            finer = _ControlGrid.over(fixed, meshes[level])
-            coefficients = _refine(coefficients, grid, finer, fixed)
-            grid = state["grid"] = finer
+    def upsample(state, level: int, shrink, sigma: float) -> tuple[_ControlGrid, np.ndarray]:
+        (grid, coefficients), finer = state, _ControlGrid.over(fixed, meshes[level])
+        return finer, _refine(coefficients, grid, finer, fixed)
+
+    def solve(level: int, shrink, sigma: float, state) -> tuple[tuple[_ControlGrid, np.ndarray], dict]:
+        grid, coefficients = state
         objective = _Level(fixed, moving, initial, grid, shrink=shrink, sigma=sigma, config=config,
                            seed=seed + level, masks=masks)
         result = optimize.minimize(
             objective, coefficients.ravel(), args=(coefficients.shape,), jac=True, method="L-BFGS-B",
             options={"maxiter": iterations[level], "maxcor": 7, "gtol": 1e-12, "ftol": 1e-7},
         )
-        state["coefficients"] = result.x.reshape(coefficients.shape)
-        return {"mesh_size": [s - 3 for s in grid.size], "iterations": int(result.nit),
-                "evaluations": int(result.nfev), "metric": float(result.fun), "stop_condition": str(result.message)}
+        return (grid, result.x.reshape(coefficients.shape)), {
+            "mesh_size": [s - 3 for s in grid.size], "iterations": int(result.nit), "evaluations": int(result.nfev),
+            "metric": float(result.fun), "stop_condition": str(result.message)}
 
-    levels = run_levels(shrinks, sigmas, solve)
-    bspline = state["grid"].transform(state["coefficients"])
+    (grid, coefficients), levels = run_levels(shrinks, sigmas, start=start, upsample=upsample, solve=solve)
+    bspline = grid.transform(coefficients)
     return sitk.CompositeTransform([initial, bspline]), {"levels": levels}  # B-spline first, then initial

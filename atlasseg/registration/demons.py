@@ -7,6 +7,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from ..config import NonrigidConfig
+from ..similarity import box_mean, floored, local_moments
 from .itk import Masks
 from .pyramid import pyramid, pyramid_image, run_levels
 
@@ -102,31 +103,25 @@ class _BoxMeans:
 
     With box means ⟨·⟩, A = ⟨f m⟩ − ⟨f⟩⟨m⟩, B = ⟨f f⟩ − ⟨f⟩², C = ⟨m m⟩ − ⟨m⟩², the metric is
     A² / (B C) per voxel; its derivative with respect to m at a voxel is taken, as ANTs and Greedy take
-    it (Avants et al. 2008), as 2A / (B C) · ((f − ⟨f⟩) − A / C (m − ⟨m⟩)). Where B C is negligible
-    (flat windows; below 1e-6 of the product of the images' global variances) there is no force.
+    it (Avants et al. 2008), as 2A / (B C) · ((f − ⟨f⟩) − A / C (m − ⟨m⟩)). B and C are floored
+    (:func:`~atlasseg.similarity.floored`), so a flat window, where A vanishes too, gives no force.
     """
 
     def __init__(self, f: np.ndarray, radius: int):
         self.size = 2 * radius + 1
         self.f = f
-        self.mean_f = self._mean(f)
-        self.var_f = np.maximum(self._mean(f * f) - self.mean_f * self.mean_f, 0.0)
-        self.global_var_f = float(f.var())
-
-    def _mean(self, x: np.ndarray) -> np.ndarray:
-        return ndimage.uniform_filter(x, size=self.size, mode="nearest")
+        self.mean_f, var_f = local_moments(f, self.size)
+        self.var_f = floored(var_f)
 
     def force(self, m: np.ndarray, outside: np.ndarray) -> tuple[np.ndarray, float]:
         """d(A²/(BC))/dm per voxel (zero at ``outside`` voxels) and the mean LNCC."""
-        mean_m = self._mean(m)
-        a = self._mean(self.f * m) - self.mean_f * mean_m
-        c = np.maximum(self._mean(m * m) - mean_m * mean_m, 0.0)
-        bc = self.var_f * c
-        valid = (bc > 1e-6 * self.global_var_f * float(m.var()) + 1e-30) & ~outside
-        ratio = np.divide(a, bc, out=np.zeros_like(a), where=valid)
-        over_c = np.divide(a, c, out=np.zeros_like(a), where=valid)
-        force = 2.0 * ratio * ((self.f - self.mean_f) - over_c * (m - mean_m))
-        return force, float(np.mean(ratio * a)) if valid.any() else np.nan
+        mean_m, c = local_moments(m, self.size)
+        c = floored(c)
+        a = box_mean(self.f * m, self.size) - self.mean_f * mean_m
+        inside = ~outside
+        ratio = np.where(inside, a / (self.var_f * c), 0.0)
+        force = 2.0 * ratio * ((self.f - self.mean_f) - (a / c) * (m - mean_m))
+        return force, float(np.mean(ratio * a)) if inside.any() else np.nan
 
 
 def _demons_level(f: np.ndarray, m: np.ndarray, u: np.ndarray, *, spacing: np.ndarray, voxels: np.ndarray,
@@ -221,29 +216,30 @@ def register_demons(
     # and ANTs smooth fields, in voxels): 1 mm across 8 mm slices would let neighbouring slices move
     # apart freely, and such fields folded on cardiac data.
     voxels = np.full(dim, min(fixed.GetSpacing()))
-    state: dict = {"field": None, "grid": None}
 
-    def solve(level: int, shrink, sigma: float) -> dict:
-        f, m = pyramid_image(reference, shrink, sigma), pyramid_image(moved, shrink, sigma)
-        f_array = sitk.GetArrayFromImage(f)
-        if state["field"] is None:
-            u = np.zeros((dim,) + f_array.shape, np.float32)
-        else:
-            u = _regrid(state["field"], state["grid"], f)
+    def start(shrink, sigma: float) -> tuple[np.ndarray, sitk.Image]:
+        f = pyramid_image(reference, shrink, sigma)
+        return np.zeros((dim,) + f.GetSize()[::-1], np.float32), f
+
+    def upsample(state, level: int, shrink, sigma: float) -> tuple[np.ndarray, sitk.Image]:
+        (field, grid), f = state, pyramid_image(reference, shrink, sigma)
+        return _regrid(field, grid, f), f
+
+    def solve(level: int, shrink, sigma: float, state) -> tuple[tuple[np.ndarray, sitk.Image], dict]:
+        u, f = state  # the field (mm, numpy order) on the level's fixed image f
+        m = pyramid_image(moved, shrink, sigma)
         shift = direction.T @ (np.asarray(f.GetOrigin()) - np.asarray(m.GetOrigin()))  # mm along the axes, x first
         offset = (shift / np.asarray(m.GetSpacing()))[::-1]
-        state["field"], info = _demons_level(
-            f_array, sitk.GetArrayFromImage(m), u, spacing=np.asarray(f.GetSpacing())[::-1], voxels=voxels,
-            config=config, iterations=iterations[level], offset=offset,
+        u, info = _demons_level(
+            sitk.GetArrayFromImage(f), sitk.GetArrayFromImage(m), u, spacing=np.asarray(f.GetSpacing())[::-1],
+            voxels=voxels, config=config, iterations=iterations[level], offset=offset,
         )
-        state["grid"] = f
-        return info
+        return (u, f), info
 
-    levels = run_levels(shrinks, sigmas, solve)
-    last = state["grid"]
+    (u, last), levels = run_levels(shrinks, sigmas, start=start, upsample=upsample, solve=solve)
     same_grid = last.GetSize() == fixed.GetSize() and last.GetOrigin() == fixed.GetOrigin() \
         and last.GetSpacing() == fixed.GetSpacing()
-    local = (state["field"] if same_grid else _regrid(state["field"], last, fixed))[::-1]  # x first, grid axes
+    local = (u if same_grid else _regrid(u, last, fixed))[::-1]  # x first, grid axes
     physical = np.einsum("ij,j...->...i", direction, local.astype(np.float64))
     field = sitk.GetImageFromArray(physical, isVector=True)
     field.CopyInformation(fixed)

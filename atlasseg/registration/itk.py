@@ -125,7 +125,11 @@ def run_pyramid(
     """Run ``method`` coarse to fine; return the optimised transform and a per-level record.
 
     The stage configures the transform and optimiser on ``method`` (its per-level
-    solver); this driver owns the pyramid and the bookkeeping.
+    solver); this driver owns the pyramid and the bookkeeping. ITK runs the levels itself
+    rather than :func:`~atlasseg.registration.pyramid.run_levels` one ``Execute`` per level:
+    within one ``Execute`` its random metric sampling draws on from level to level and its
+    optimisers (line search, L-BFGS-B) keep state across levels, so level-by-level runs give
+    other transforms (parameters apart by up to 0.44 on a hippocampus pair, default random sampling).
     """
     method.SetShrinkFactorsPerLevel(list(shrink_factors))
     method.SetSmoothingSigmasPerLevel(list(smoothing_sigmas))

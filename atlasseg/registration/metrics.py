@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 import SimpleITK as sitk
-from scipy import ndimage
 
+from ..similarity import VARIANCE_FLOOR, box_mean, floored, local_moments, ncc_gradient
 from .itk import Masks
 
 
@@ -21,17 +21,13 @@ def cubic_bspline(x: np.ndarray) -> np.ndarray:
 
 
 def _ncc_loss(f: np.ndarray, g: np.ndarray, valid: np.ndarray) -> tuple[float, np.ndarray]:
-    """1 − NCC over valid samples, and its derivative with respect to each g."""
-    fv, gv = f[valid], g[valid]
+    """1 − NCC over valid samples (1 when there are none, or either is constant), and its derivative with
+    respect to each g."""
     dg = np.zeros_like(g)
-    if fv.size == 0:
+    if not valid.any():
         return 1.0, dg
-    ft, gt = fv - fv.mean(), gv - gv.mean()
-    nf, ng = np.sqrt((ft * ft).sum()), np.sqrt((gt * gt).sum())
-    if nf == 0 or ng == 0:
-        return 1.0, dg
-    ncc = (ft * gt).sum() / (nf * ng)
-    dg[valid] = -(ft / (nf * ng) - ncc * gt / (ng * ng))
+    ncc, gradient = ncc_gradient(f[valid], g[valid])
+    dg[valid] = -gradient
     return float(1.0 - ncc), dg
 
 
@@ -99,27 +95,29 @@ class _MattesLoss:
 
 class _LocalNCCLoss:
     """−mean over voxels of the squared local correlation in a (2r+1)^d window: ANTs'
-    neighbourhood cross-correlation, with its exact gradient (box filters are self-adjoint)."""
+    neighbourhood cross-correlation, with its exact gradient (box filters are self-adjoint).
+    Windows read zeros beyond the grid and at invalid samples; local variances are floored
+    (:func:`~atlasseg.similarity.floored`), where the moving one's gradient is zero."""
 
     def __init__(self, shape: tuple[int, ...], radius: int):
         self.shape = shape
         self.size = 2 * radius + 1
 
     def _box(self, x: np.ndarray) -> np.ndarray:
-        return ndimage.uniform_filter(x, size=self.size, mode="constant")
+        return box_mean(x, self.size, mode="constant")
 
     def __call__(self, f: np.ndarray, g: np.ndarray, valid: np.ndarray) -> tuple[float, np.ndarray]:
         v = valid.reshape(self.shape)
         fv, gv = f.reshape(self.shape) * v, g.reshape(self.shape) * v
         box = self._box
-        mf, mg = box(fv), box(gv)
+        (mf, b), (mg, c) = (local_moments(x, self.size, mode="constant") for x in (fv, gv))
         a = box(fv * gv) - mf * mg
-        b = box(fv * fv) - mf * mf + 1e-5
-        c = box(gv * gv) - mg * mg + 1e-5
+        free = c > VARIANCE_FLOOR  # where the floor holds c, it does not depend on g
+        b, c = floored(b), floored(c)
         cc = a * a / (b * c)
         count = cc.size
         da = 2.0 * a / (b * c)
-        dc = -cc / c
+        dc = np.where(free, -cc / c, 0.0)
         grad = fv * box(da) - box(da * mf) + 2.0 * gv * box(dc) - 2.0 * box(dc * mg)
         return -float(cc.mean()), (-grad * v / count).ravel()
 

@@ -80,18 +80,24 @@ def pyramid(stage, image: sitk.Image) -> tuple[list, list[float], list[int]]:
     return shrinks, [float(s) for s in per_level(stage.smoothing_sigmas, n)], per_level(stage.iterations, n)
 
 
-def run_levels(shrink_factors, smoothing_sigmas, solve: Callable[[int, object, float], dict]) -> list[dict]:
-    """Coarse-to-fine driver of the non-rigid stages.
+def run_levels(shrink_factors, smoothing_sigmas, *, start: Callable[[object, float], object],
+               upsample: Callable[[object, int, object, float], object],
+               solve: Callable[[int, object, float, object], tuple[object, dict]]) -> tuple[object, list[dict]]:
+    """Coarse-to-fine driver of the non-rigid stages; returns the finest level's state and the per-level records.
 
-    ``solve(level, shrink, sigma)`` is the stage's solver for one level: it carries
-    its own state from level to level and returns what it wants recorded
-    (iterations, metric, stop condition); the driver adds the level, its pyramid
-    settings and its time.
+    The state is whatever a solver optimises (a field, spline coefficients) on one level's grid. The driver
+    owns the warm start: ``start(shrink, sigma)`` is the state before the coarsest level (no deformation, on
+    that level's grid), ``upsample(state, level, shrink, sigma)`` carries the previous level's result onto
+    level ``level``'s grid; ``solve(level, shrink, sigma, state)`` optimises one level and returns the new
+    state and what it wants recorded (iterations, metric, stop condition), to which the driver adds the level,
+    its pyramid settings and its time (the warm start's included).
     """
-    levels = []
+    levels, state = [], None
     for level, (shrink, sigma) in enumerate(zip(shrink_factors, smoothing_sigmas)):
-        start = time.perf_counter()
-        info = solve(level, shrink, float(sigma))
-        levels.append({"level": level, "shrink": shrink_record(shrink), "sigma": float(sigma), **info,
-                       "seconds": round(time.perf_counter() - start, 3)})
-    return levels
+        began = time.perf_counter()
+        sigma = float(sigma)
+        state = start(shrink, sigma) if level == 0 else upsample(state, level, shrink, sigma)
+        state, info = solve(level, shrink, sigma, state)
+        levels.append({"level": level, "shrink": shrink_record(shrink), "sigma": sigma, **info,
+                       "seconds": round(time.perf_counter() - began, 3)})
+    return state, levels
