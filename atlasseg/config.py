@@ -623,7 +623,7 @@ def _plain(value):
 # memory a window or a pyramid needs can hold. The lower bounds are the sections' own checks.
 INT_LIMITS: dict[type, dict[str, int]] = {
     SelectionConfig: {"k": 100_000, "min_atlases": 100_000, "prescreen": 100_000},
-    AffineConfig: {"shrink_factors": 1024, "iterations": 100_000},
+    AffineConfig: {"shrink_factors": 1024, "iterations": 100_000, "max_samples": 10**9},
     NonrigidConfig: {"shrink_factors": 1024, "iterations": 100_000, "ncc_radius": 50},
     RegistrationConfig: {"seed": 2**32 - 1},
     FusionConfig: {"patch_radius": 50, "search_radius": 50, "staple_iterations": 100_000},
