@@ -229,7 +229,7 @@ def test_an_integer_of_20_digits_is_refused_in_validate(data, capsys, key):
 
 
 @pytest.mark.parametrize("override, needle", [
-    ("registration.seed=-1", "registration.seed: must be >= 0"),
+    ("registration.seed=-1", "registration.seed: must be >= 1"),
     ("registration.nonrigid.field_sigma=.inf", "registration.nonrigid.field_sigma: must be a finite number, got inf"),
     ("registration.affine.learning_rate=.nan", "learning_rate: must be a finite number"),
     (f"fusion.alpha={10 ** 400}", "fusion.alpha: must be a finite number"),
