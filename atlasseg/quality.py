@@ -39,11 +39,14 @@ from .manifest import Manifest, as_target
 
 log = logging.getLogger("atlasseg")
 
-LABEL_FEATURES = ("agreement", "consistency", "boundary_probability")
+LABEL_FEATURES = ("agreement", "consistency", "boundary_probability", "volume_ratio")
 """Per label: the candidates' mean Dice with the fused label; their mean Dice with each other (pooled over
-pairs); the label's mean fusion probability on the fused label's boundary voxels. (The spread and the
-maximum of the candidates' Dice, the share of voxels not every candidate gives the label, the volume and
-the selection scores were tried as well: with so few calibration samples they made the predictions worse.)"""
+pairs); the label's mean fusion probability on the fused label's boundary voxels; log((fused label's voxels
++ 1) / (the candidates' median voxels + 1)), which is 0 where the fusion keeps the candidates' typical size
+and far from 0 where it shrinks or grows the label (comparable across labels and targets of any size). (The
+spread, minimum and maximum of the candidates' Dice, the share of voxels not every candidate gives the label
+per label voxel or per boundary voxel, the fusion's entropy there, the volume and the selection scores were
+tried as well: with 16 to 30 calibration samples they did not improve the predictions, benchmarks/quality.py.)"""
 TARGET_FEATURES = ("registration_metric",)
 """Per target (:func:`target_features`): the mean final metric of the candidates' registrations (non-rigid,
 else affine; lower is better)."""
@@ -91,12 +94,14 @@ class CandidateVotes:
             counts = np.unique(np.concatenate(voxels), return_counts=True)[1]
             pairs = (n - 1) * counts.sum()  # Σ_i |C_i| (n − 1): what Σ_{i≠j} |C_i ∩ C_j| is at full agreement
             boundary = mask & ~ndimage.binary_erosion(mask)
+            median = float(np.median([v.size for v in voxels]))
             probability = probabilities.get(value)
             out[value] = {
                 "agreement": float(np.mean(dice)),
                 "consistency": float((counts * (counts - 1)).sum() / pairs) if pairs else math.nan,
                 "boundary_probability": (float(sitk.GetArrayViewFromImage(probability)[boundary].mean())
                                          if probability is not None and boundary.any() else 0.0),
+                "volume_ratio": math.log((inside + 1.0) / (median + 1.0)),
                 **target,
             }
         return out

@@ -43,6 +43,7 @@ def test_features_have_their_known_values():
     assert f["agreement"] == pytest.approx(np.mean(dice))
     assert f["consistency"] == pytest.approx((3 * 2 * 8 + 2 * 1 * 8) / (2 * 48))  # the pairs' Dice 12/16, 12/16, 8/16
     assert f["boundary_probability"] == pytest.approx(0.75)
+    assert f["volume_ratio"] == 0.0  # the fused square is as large as every candidate
     assert f["registration_metric"] == 0.25 and set(f) == set(FEATURES)
 
 
@@ -53,6 +54,19 @@ def test_a_label_every_candidate_misses_gets_zero_agreement():
     fused[1:3, 1:3] = 4
     f = votes.features(_image(fused), {}, labels=[4], target={})[4]
     assert f["agreement"] == 0.0 and math.isnan(f["consistency"]) and f["boundary_probability"] == 0.0
+    assert f["volume_ratio"] == pytest.approx(math.log(5.0))  # 4 fused voxels (+ 1) against none (+ 1)
+
+
+def test_the_volume_ratio_is_the_log_of_the_fused_size_over_the_candidates_median():
+    votes = CandidateVotes()
+    for width in (2, 4, 8):
+        array = np.zeros((10, 10), np.uint8)
+        array[1:3, 1:1 + width] = 1
+        votes.add(_image(array))
+    fused = np.zeros((10, 10), np.uint8)
+    fused[1:3, 1:2] = 1  # 2 voxels; the candidates' median is 8
+    found = votes.features(_image(fused), {}, labels=[1], target={})[1]
+    assert found["volume_ratio"] == pytest.approx(math.log(3 / 9))
 
 
 def _samples(rng, n, noise):
