@@ -478,26 +478,39 @@ class QualityConfig:
     ----------
     enabled : bool
         Predict each label's Dice from what the run has (the candidates' agreement with the
-        fused result and with each other, the fusion's probabilities at its boundary, the
-        registrations' final metric, the selection scores), with a regression calibrated on atlases segmented by the other atlases
-        with the same config; written to ``metrics.csv`` and ``run.json``. The calibration
+        fused result and with each other, the fusion's probabilities at its boundary, the fused
+        label's size against the candidates', the registrations' final metric), with a
+        regression calibrated on atlases segmented by the other atlases with the same config;
+        written to ``metrics.csv`` and ``run.json``. The calibration
         costs about as much as segmenting ``calibration_atlases`` more targets, once per
         atlas set and config (its result is cached).
     calibration_atlases : int
         Most atlases segmented by the others to calibrate the prediction (chosen evenly
         over the atlases sorted by id; all of them when there are fewer).
-    review_below : float
-        A label whose predicted Dice is below this gets ``review: true``; the report lists
-        targets with such a label first.
+    review_quantile : float, in (0, 1)
+        A label gets ``review: true`` when its predicted Dice is below this quantile of the
+        calibration samples' predicted Dice (each sample predicted by the fit without it,
+        pooled over labels): a threshold relative to what this atlas set and config achieve
+        on the calibration atlases, so that about this share of labels segmented like theirs
+        is flagged, whatever the anatomy. Unused when ``review_below`` is set. The report lists
+        targets with a flagged label first.
+    review_below : float or null
+        An absolute threshold instead (a Dice): a label predicted below it gets ``review: true``.
+        No one value suits every anatomy (a cardiac myocardium's good Dice is a hippocampus's
+        poor one); null (the default) takes ``review_quantile``. run.json's ``quality.review``
+        records the rule and the threshold the run used.
     """
 
     enabled: bool = False
     calibration_atlases: int = 8
-    review_below: float = 0.7
+    review_quantile: float = 0.2
+    review_below: float | None = None
 
     def __post_init__(self):
         _require(self.calibration_atlases >= 3, "calibration_atlases", "must be >= 3")
-        _require(0.0 <= self.review_below <= 1.0, "review_below", "must be a Dice, in [0, 1]")
+        _require(0.0 < self.review_quantile < 1.0, "review_quantile", "must be in (0, 1)")
+        _require(self.review_below is None or 0.0 <= self.review_below <= 1.0, "review_below",
+                 "must be null or a Dice, in [0, 1]")
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,10 @@ id) are each segmented by the other atlases exactly as a target is (affine stage
 selection, the best ``selection.k`` registered non-rigidly, fused), which gives each of their
 labels the same features and a true Dice; a ridge regression fitted on these samples
 (its penalty chosen by leave-one-out) predicts the Dice of every target's labels, with the
-leave-one-out root-mean-square error of the fit as the error bar. The samples are cached
+leave-one-out root-mean-square error of the fit as the error bar. A label is flagged for
+review when its prediction is below the ``quality.review_quantile`` quantile of the calibration
+samples' held-out predictions (a threshold relative to what these atlases and this config
+achieve), or below ``quality.review_below`` where the config sets one. The samples are cached
 (:mod:`atlasseg.cache`, stage ``quality``), keyed by the atlases' files and the config of
 the stages that make a segmentation, so a later run on the same atlases and config
 calibrates for free; their registrations go through the registration cache.
@@ -29,18 +32,21 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from .cache import Cache, entry_key, settings
-from .config import Config
+from .config import Config, QualityConfig
 from .errors import ConfigError, RegistrationError
 from .evaluation import evaluate
 from .manifest import Manifest, as_target
 
 log = logging.getLogger("atlasseg")
 
-LABEL_FEATURES = ("agreement", "consistency", "boundary_probability")
+LABEL_FEATURES = ("agreement", "consistency", "boundary_probability", "volume_ratio")
 """Per label: the candidates' mean Dice with the fused label; their mean Dice with each other (pooled over
-pairs); the label's mean fusion probability on the fused label's boundary voxels. (The spread and the
-maximum of the candidates' Dice, the share of voxels not every candidate gives the label, the volume and
-the selection scores were tried as well: with so few calibration samples they made the predictions worse.)"""
+pairs); the label's mean fusion probability on the fused label's boundary voxels; log((fused label's voxels
++ 1) / (the candidates' median voxels + 1)), which is 0 where the fusion keeps the candidates' typical size
+and far from 0 where it shrinks or grows the label (comparable across labels and targets of any size). (The
+spread, minimum and maximum of the candidates' Dice, the share of voxels not every candidate gives the label
+per label voxel or per boundary voxel, the fusion's entropy there, the volume and the selection scores were
+tried as well: with 16 to 30 calibration samples they did not improve the predictions, benchmarks/quality.py.)"""
 TARGET_FEATURES = ("registration_metric",)
 """Per target (:func:`target_features`): the mean final metric of the candidates' registrations (non-rigid,
 else affine; lower is better)."""
@@ -88,12 +94,14 @@ class CandidateVotes:
             counts = np.unique(np.concatenate(voxels), return_counts=True)[1]
             pairs = (n - 1) * counts.sum()  # Σ_i |C_i| (n − 1): what Σ_{i≠j} |C_i ∩ C_j| is at full agreement
             boundary = mask & ~ndimage.binary_erosion(mask)
+            median = float(np.median([v.size for v in voxels]))
             probability = probabilities.get(value)
             out[value] = {
                 "agreement": float(np.mean(dice)),
                 "consistency": float((counts * (counts - 1)).sum() / pairs) if pairs else math.nan,
                 "boundary_probability": (float(sitk.GetArrayViewFromImage(probability)[boundary].mean())
                                          if probability is not None and boundary.any() else 0.0),
+                "volume_ratio": math.log((inside + 1.0) / (median + 1.0)),
                 **target,
             }
         return out
@@ -117,6 +125,7 @@ class Model:
     weights: tuple[float, ...]  # the intercept first
     penalty: float
     error: float  # leave-one-out root-mean-square error over the calibration samples, Dice
+    held_out: tuple[float, ...]  # each calibration sample's Dice as predicted by the fit without it
 
     def predict(self, features: dict[str, float]) -> float:
         x = _standardise(np.asarray([[features[f] for f in FEATURES]], float), self.mean, self.scale)
@@ -133,7 +142,8 @@ def fit(samples: list[dict]) -> Model:
     """The ridge regression of ``samples``' Dice (less their :data:`BASELINE` feature) on their features whose
     penalty (of :data:`_PENALTIES`) has the least leave-one-out error (computed exactly from the hat matrix)."""
     x = np.asarray([[s["features"][f] for f in FEATURES] for s in samples], float)
-    y = np.asarray([s["dice"] - s["features"][BASELINE] for s in samples], float)
+    base = np.asarray([s["features"][BASELINE] for s in samples], float)
+    y = np.asarray([s["dice"] for s in samples], float) - base
     finite = np.isfinite(x)
     count = np.maximum(finite.sum(axis=0), 1)
     mean = np.where(finite, x, 0.0).sum(axis=0) / count  # over the finite values (0 where none is)
@@ -149,17 +159,18 @@ def fit(samples: list[dict]) -> Model:
         residual = (y - design @ weights) / np.maximum(1.0 - hat, 1e-6)
         error = float(np.sqrt(np.mean(residual**2)))
         if best is None or error < best.error:
-            best = Model(tuple(mean), tuple(scale), tuple(weights), penalty, error)
+            held_out = np.clip(y - residual + base, 0.0, 1.0)
+            best = Model(tuple(mean), tuple(scale), tuple(weights), penalty, error, tuple(held_out.tolist()))
     return best
 
 
 @dataclass(frozen=True)
 class Calibration:
-    """The calibration samples of an atlas set and config, the model fitted on them, the review threshold."""
+    """The calibration samples of an atlas set and config, the model fitted on them, the review rule."""
 
     samples: list[dict]  # {"atlas", "label", "features", "dice"}
     model: Model
-    review_below: float
+    review: dict  # {"rule", "below", ...}: see review_rule
     cached: bool = False
 
     def assess(self, votes: CandidateVotes, segmentation: sitk.Image, probabilities: dict[int, sitk.Image], *,
@@ -171,7 +182,7 @@ class Calibration:
         for value, features in found.items():
             predicted = self.model.predict(features)
             out[str(value)] = {"predicted_dice": round(predicted, 4), "error": round(self.model.error, 4),
-                               "review": predicted < self.review_below,
+                               "review": predicted < self.review["below"],
                                "features": {k: round(v, 6) for k, v in features.items()}}
         return out
 
@@ -179,8 +190,18 @@ class Calibration:
         """What run.json keeps of the calibration."""
         atlases = list(dict.fromkeys(s["atlas"] for s in self.samples))
         return {"atlases": atlases, "samples": self.samples, "error": round(self.model.error, 4),
-                "penalty": self.model.penalty, "cached": self.cached, "review_below": self.review_below,
+                "penalty": self.model.penalty, "cached": self.cached, "review": self.review,
                 "weights": dict(zip(("intercept", *FEATURES), (round(w, 6) for w in self.model.weights)))}
+
+
+def review_rule(model: Model, config: QualityConfig) -> dict:
+    """The threshold below which a predicted Dice gets ``review: true``, and how it was set: ``review_below``
+    where the config sets one (``rule: absolute``), else the ``review_quantile`` quantile of the calibration
+    samples' held-out predictions (``rule: quantile``): relative to what the atlas set and config achieve."""
+    if config.review_below is not None:
+        return {"rule": "absolute", "below": config.review_below}
+    below = float(np.quantile(model.held_out, config.review_quantile))
+    return {"rule": "quantile", "quantile": config.review_quantile, "below": round(below, 4)}
 
 
 def calibration_atlases(manifest: Manifest, count: int) -> list:
@@ -215,12 +236,12 @@ def calibrate(manifest: Manifest, config: Config, *, cache: Cache) -> Calibratio
     labels = sorted(manifest.label_names)
     chosen = calibration_atlases(manifest, config.quality.calibration_atlases)
     key = _key(manifest, chosen, config, labels)
-    review = config.quality.review_below
     hit = cache.load("quality", key)
     if hit is not None:
         samples = hit[1]["samples"]
         log.info("quality: calibration of %d samples from the cache", len(samples))
-        return Calibration(samples, fit(samples), review, cached=True)
+        model = fit(samples)
+        return Calibration(samples, model, review_rule(model, config.quality), cached=True)
     k = config.selection.k
     samples = []
     for number, atlas in enumerate(chosen, 1):
@@ -248,4 +269,5 @@ def calibrate(manifest: Manifest, config: Config, *, cache: Cache) -> Calibratio
         raise RegistrationError(f"quality: only {len(samples)} calibration sample(s) from {manifest.path}'s atlases; "
                           "the prediction needs at least 3")
     cache.store("quality", key, None, {"samples": samples})
-    return Calibration(samples, fit(samples), review)
+    model = fit(samples)
+    return Calibration(samples, model, review_rule(model, config.quality))

@@ -13,7 +13,7 @@ from atlasseg.config import ConfigError, QualityConfig, load_config
 from atlasseg.demo import make_demo_dataset
 from atlasseg.manifest import load_manifest
 from atlasseg.pipeline import run
-from atlasseg.quality import FEATURES, CandidateVotes, fit
+from atlasseg.quality import FEATURES, CandidateVotes, fit, review_rule
 from atlasseg.report import _page
 
 
@@ -43,6 +43,7 @@ def test_features_have_their_known_values():
     assert f["agreement"] == pytest.approx(np.mean(dice))
     assert f["consistency"] == pytest.approx((3 * 2 * 8 + 2 * 1 * 8) / (2 * 48))  # the pairs' Dice 12/16, 12/16, 8/16
     assert f["boundary_probability"] == pytest.approx(0.75)
+    assert f["volume_ratio"] == 0.0  # the fused square is as large as every candidate
     assert f["registration_metric"] == 0.25 and set(f) == set(FEATURES)
 
 
@@ -53,6 +54,19 @@ def test_a_label_every_candidate_misses_gets_zero_agreement():
     fused[1:3, 1:3] = 4
     f = votes.features(_image(fused), {}, labels=[4], target={})[4]
     assert f["agreement"] == 0.0 and math.isnan(f["consistency"]) and f["boundary_probability"] == 0.0
+    assert f["volume_ratio"] == pytest.approx(math.log(5.0))  # 4 fused voxels (+ 1) against none (+ 1)
+
+
+def test_the_volume_ratio_is_the_log_of_the_fused_size_over_the_candidates_median():
+    votes = CandidateVotes()
+    for width in (2, 4, 8):
+        array = np.zeros((10, 10), np.uint8)
+        array[1:3, 1:1 + width] = 1
+        votes.add(_image(array))
+    fused = np.zeros((10, 10), np.uint8)
+    fused[1:3, 1:2] = 1  # 2 voxels; the candidates' median is 8
+    found = votes.features(_image(fused), {}, labels=[1], target={})[1]
+    assert found["volume_ratio"] == pytest.approx(math.log(3 / 9))
 
 
 def _samples(rng, n, noise):
@@ -75,11 +89,33 @@ def test_fit_recovers_a_linear_relation_and_its_error_is_the_noise():
     assert 0.0 <= model.predict(features) <= 1.0
 
 
+def test_held_out_predictions_are_the_fits_without_each_sample():
+    samples = _samples(np.random.default_rng(1), 30, 0.02)
+    model = fit(samples)
+    for i in (0, 17):  # close, not equal: the refit also standardises the features without the sample
+        without = fit(samples[:i] + samples[i + 1:])
+        assert model.held_out[i] == pytest.approx(without.predict(samples[i]["features"]), abs=0.002)
+        assert abs(model.held_out[i] - samples[i]["dice"]) > 1e-4  # not the fit's own, which has seen it
+    rms = np.sqrt(np.mean(np.square(np.subtract(model.held_out, [s["dice"] for s in samples]))))
+    assert 0.5 * model.error < rms <= model.error  # the error bar's residuals, a few clipped into [0, 1]
+
+
+def test_the_review_threshold_is_a_quantile_of_the_held_out_predictions_unless_absolute():
+    model = fit(_samples(np.random.default_rng(2), 40, 0.02))
+    rule = review_rule(model, QualityConfig(review_quantile=0.25))
+    assert rule["rule"] == "quantile" and rule["quantile"] == 0.25
+    assert np.mean(np.asarray(model.held_out) < rule["below"]) == pytest.approx(0.25, abs=1 / 40)
+    assert review_rule(model, QualityConfig(review_below=0.65)) == {"rule": "absolute", "below": 0.65}
+
+
 def test_config_checks():
     with pytest.raises(ConfigError, match="calibration_atlases"):
         QualityConfig(calibration_atlases=2)
     with pytest.raises(ConfigError, match="review_below"):
         QualityConfig(review_below=1.5)
+    for bad in (0.0, 1.0):
+        with pytest.raises(ConfigError, match="review_quantile"):
+            QualityConfig(review_quantile=bad)
 
 
 @pytest.fixture(scope="module")
@@ -117,6 +153,7 @@ def test_predicted_dice_in_run_json_metrics_csv_and_the_report(outputs):
     out, results, _ = outputs
     document = json.loads((out / "run.json").read_text())
     assert len(document["quality"]["samples"]) >= 3 and not document["quality"]["cached"]
+    assert document["quality"]["review"] == {"rule": "absolute", "below": 0.9}
     targets = document["targets"]
     first, unscored, turned = (targets[r.target_id]["quality"] for r in results)
     for quality in (first, unscored, turned):
