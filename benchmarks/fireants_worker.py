@@ -26,6 +26,7 @@ def main() -> int:
 
     from importlib.metadata import version
 
+    import fireants.registration.greedy as greedy_module
     import SimpleITK as sitk
     import torch
     from fireants.io import BatchedImages, Image
@@ -42,9 +43,14 @@ def main() -> int:
         torch.manual_seed(seed)
         fixed_image = sitk.ReadImage(request["fixed"], sitk.sitkFloat32)
         fixed = BatchedImages([Image(fixed_image, device="cpu")])
-        moving = BatchedImages([Image(sitk.ReadImage(request["moving"], sitk.sitkFloat32), device="cpu")])
+        moving_image = sitk.ReadImage(request["moving"], sitk.sitkFloat32)
+        moving = BatchedImages([Image(moving_image, device="cpu")])
         labels = BatchedImages([Image(sitk.ReadImage(request["labels"], sitk.sitkFloat32), device="cpu")])
         labels.interpolate_mode = "nearest"
+        # GreedyRegistration sizes its warp max(size / scale, MIN_IMG_SIZE = 32) per axis, also at scale 1, where it
+        # then compares a 32-voxel warped image with a shorter fixed axis and raises (fireants 1.5.0): the floor is
+        # lowered to the shortest axis of the pair, which leaves it as it is for images of ≥ 32 voxels a side.
+        greedy_module.MIN_IMG_SIZE = min(32, *fixed_image.GetSize(), *moving_image.GetSize())
         affine = AffineRegistration([4, 2, 1], [200, 100, 50], fixed, moving, optimizer="Adam", optimizer_lr=3e-4,
                                     cc_kernel_size=5, progress_bar=False)
         affine.optimize()
