@@ -1,7 +1,8 @@
-"""Real data, pairwise: atlasseg presets vs ANTs SyN and Greedy — Dice of propagated labels and seconds per pair.
+"""Real data, pairwise: atlasseg presets vs ANTs SyN, Greedy, ConvexAdam and FireANTs — Dice of propagated labels
+and seconds per pair.
 
     python benchmarks/registration.py [--datasets hippocampus cardiac abdomen] [--targets 3] [--atlases 5] [--offset 0]
-        [--presets fast default accurate] [--peers ants greedy] [--set section.key=value ...]
+        [--presets fast default accurate] [--peers ants greedy convexadam fireants] [--set section.key=value ...]
 
 Data: ../shared/data/msd_hippocampus and ../shared/data/chaos_mr_t2spir (abdomen; both used as is) and
 ../shared/data/mscmrseg19_bssfp (downsampled in-plane to 128 × 128 voxels, i.e. 2.5 mm, slices kept: image
@@ -14,11 +15,29 @@ per pair, timed: percentile normalisation of both images, `register`, `propagate
 (the `bench` extra: antspyx, picsl-greedy), on the raw images, timed: registration and label warp —
 ANTs `antsRegistrationSyNQuick[s]` (rigid + affine + SyN, MI), labels with genericLabel; Greedy affine
 (`-a -dof 12 -m NCC 2x2x2 -n 100x50x10 -ia-image-centers`) then deformable (`-m NCC 2x2x2 -n 100x50x10`),
-labels with NN (the Python API returns no image for `-ri LABEL`). Every tool gets all available cores.
+labels with NN (the Python API returns no image for `-ri LABEL`). Every tool gets all available cores; torch's
+OpenMP threads are made passive (OMP_WAIT_POLICY=PASSIVE unless set): spinning, they ran ConvexAdam several times
+slower on a busy machine.
+
+The two PyTorch peers, on CPU (install torch first from the CPU wheel, `pip install torch==2.13.0`, so that no CUDA
+build is pulled in):
+- ConvexAdam (`pip install convexadam`): it needs both images on one grid and has no affine, so atlasseg's affine
+  stage alone (the default config's, on normalised images) is run first and the raw atlas image resampled by it
+  into the target grid (linear; its labels nearest neighbour); then `convex_adam_MIND.convex_adam_pt` with the
+  library's defaults (MIND, float32 as it uses on a CPU) between the target and that image; its displacement
+  (voxels, along the array axes: the moving array is sampled at index + displacement, as its apply_convex does)
+  warps the affinely moved labels, nearest neighbour. Timed: affine + ConvexAdam + warp.
+- FireANTs (`pip install fireants`; it pins SimpleITK 2.2.1, which atlasseg does not accept, so it lives in an
+  environment of its own — `python -m venv .venv-torch && .venv-torch/bin/pip install torch==2.13.0 fireants` at
+  the repository root — and runs in benchmarks/fireants_worker.py, a process of that environment's Python, or of
+  $FIREANTS_PYTHON): its quick start, AffineRegistration (learning rate 3e-4: the quick start's 3e-3 diverges on
+  small crops) then GreedyRegistration, on the raw images; labels nearest neighbour onto the target grid. Timed:
+  handing the images to the worker as NIfTI files, registration, label warp, reading the labels back.
+A peer that is not installed is skipped with a note.
 
 Prints per dataset and method: mean pairwise Dice (mean over foreground labels, then over pairs), Dice of a
 majority vote of each target's propagated atlases (mean over targets), median seconds per pair and its ratio
-to ANTs and to Greedy, failures. A registration that raises scores Dice 0 and is left out of the vote.
+to each peer's, failures. A registration that raises scores Dice 0 and is left out of the vote.
 Writes benchmarks/results/registration.json.
 """
 
@@ -26,7 +45,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import importlib.util
+import json
 import math
 import os
 import statistics
@@ -47,12 +68,15 @@ from atlasseg.evaluation import dice_per_label, mean_score
 from atlasseg.fusion import make_fuser
 from atlasseg.imageio import normalize_intensity, read_image, read_labels
 from atlasseg.propagation import propagate_labels
-from atlasseg.registration import register
+from atlasseg.registration import affine_stage, register
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 DEFAULT_PRESETS = ("fast", "default", "accurate")
 SEED = 42  # peers' random seed (atlasseg's is registration.seed)
-PEERS = {"ants": ("ants", "ANTs SyNQuick[s]"), "greedy": ("picsl_greedy", "Greedy")}  # key: (module, method name)
+PEERS = {  # key: (module, method name); FireANTs runs in its own environment (see fireants_python)
+    "ants": ("ants", "ANTs SyNQuick[s]"), "greedy": ("picsl_greedy", "Greedy"),
+    "convexadam": ("convexAdam", "ConvexAdam"), "fireants": ("fireants", "FireANTs"),
+}
 
 
 @dataclass(frozen=True)
@@ -170,6 +194,79 @@ def greedy_pair(threads: int, seed: int):
     return run
 
 
+def affine_moved(config, fixed: sitk.Image, moving: sitk.Image, labels: sitk.Image) -> tuple[sitk.Image, sitk.Image]:
+    """atlasseg's affine stage alone (``config``'s, on normalised images); the raw moving image (linear) and its
+    labels (nearest neighbour) resampled by it onto the fixed grid."""
+    method = config.normalization
+    transform, _ = affine_stage(normalize_intensity(fixed, method=method), normalize_intensity(moving, method=method),
+                                config=config)
+    image = sitk.Resample(moving, fixed, transform, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+    return image, sitk.Resample(labels, fixed, transform, sitk.sitkNearestNeighbor, 0, labels.GetPixelID())
+
+
+def convexadam_method(threads: int, seed: int, *, affine_config):
+    """atlasseg's affine, then ConvexAdam (MIND, library defaults) between the fixed image and the affinely moved one;
+    the affinely moved labels warped by its displacement (nearest neighbour)."""
+    import torch
+    from convexAdam.convex_adam_MIND import convex_adam_pt
+    from scipy.ndimage import map_coordinates
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+
+    def run(fixed, moving, labels):
+        image, moved = affine_moved(affine_config, fixed, moving, labels)
+        f = sitk.GetArrayFromImage(sitk.Cast(fixed, sitk.sitkFloat32))
+        # Displacement in voxels, channel i along array axis i (z, y, x here): the package's apply_convex samples
+        # the moving array at index + displacement. float32 is what the library itself falls back to on a CPU.
+        disp = convex_adam_pt(f, sitk.GetArrayFromImage(image), dtype=torch.float32, device=torch.device("cpu"))
+        coordinates = np.indices(f.shape, dtype=np.float64) + np.moveaxis(disp, -1, 0)
+        warped = map_coordinates(sitk.GetArrayFromImage(moved), coordinates, order=0, mode="constant", cval=0)
+        out = sitk.GetImageFromArray(warped)
+        out.CopyInformation(fixed)
+        return out
+    return run
+
+
+def fireants_python() -> str:
+    """The Python that runs FireANTs: $FIREANTS_PYTHON, else the repository's .venv-torch if there is one, else ours."""
+    default = Path(__file__).resolve().parents[1] / ".venv-torch" / "bin" / "python"
+    return os.environ.get("FIREANTS_PYTHON") or (str(default) if default.exists() else sys.executable)
+
+
+class FireantsWorker:
+    """benchmarks/fireants_worker.py in its own process (FireANTs pins an older SimpleITK than atlasseg's); images
+    and labels go to it, and the warped labels come back, as NIfTI files in a temporary folder."""
+
+    def __init__(self, threads: int, seed: int):
+        import subprocess
+
+        self.process = subprocess.Popen([fireants_python(), str(Path(__file__).with_name("fireants_worker.py")),
+                                         str(threads), str(seed)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                        stderr=subprocess.DEVNULL, text=True)
+        self.versions = self._reply()  # raises when fireants does not import there
+        self.folder = tempfile.TemporaryDirectory()
+
+    def _reply(self) -> dict:
+        line = self.process.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the FireANTs worker ({fireants_python()}) exited with {self.process.wait()}")
+        return json.loads(line)
+
+    def __call__(self, fixed: sitk.Image, moving: sitk.Image, labels: sitk.Image) -> sitk.Image:
+        paths = {key: f"{self.folder.name}/{key}.nii.gz" for key in ("fixed", "moving", "labels", "out")}
+        for key, image in (("fixed", fixed), ("moving", moving), ("labels", labels)):
+            sitk.WriteImage(image, paths[key])
+        self.process.stdin.write(json.dumps(paths) + "\n")
+        self.process.stdin.flush()
+        reply = self._reply()
+        if "error" in reply:
+            raise RuntimeError(reply["error"])
+        out = sitk.Cast(sitk.ReadImage(paths["out"]), labels.GetPixelID())
+        out.CopyInformation(fixed)
+        return out
+
+
 def ants_method(threads: int, seed: int):
     pair = ants_pair(seed)
     return lambda fixed, moving, labels: pair(fixed, moving, labels)[0]
@@ -239,11 +336,10 @@ def run_dataset(name: str, dataset: Dataset, methods: dict, args) -> dict:
             "pairs": rows,
             "majority_per_target": votes[method],
         }
-    for peer in ("ANTs SyNQuick[s]", "Greedy"):
-        if peer in methods:
-            base = out["methods"][peer]["seconds_per_pair_median"]
-            for summary in out["methods"].values():
-                summary[f"time_ratio_vs_{peer.split()[0]}"] = summary["seconds_per_pair_median"] / base
+    for peer in (name for _, name in PEERS.values() if name in methods):
+        base = out["methods"][peer]["seconds_per_pair_median"]
+        for summary in out["methods"].values():
+            summary[f"time_ratio_vs_{peer.split()[0]}"] = summary["seconds_per_pair_median"] / base
     return out
 
 
@@ -282,13 +378,26 @@ def main() -> int:
     presets = [name.removeprefix("atlasseg ") for name in configs]
     methods = {name: atlasseg_method(config) for name, config in configs.items()}
     versions = {"atlasseg": atlasseg.__version__, "SimpleITK": sitk.Version_VersionString()}
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # torch's OpenMP threads spin, and crawl, on a shared machine
+    factories = {"ants": ants_method, "greedy": greedy_method,
+                 "convexadam": functools.partial(convexadam_method, affine_config=load_config("default").registration)}
     for key in args.peers:
         module, name = PEERS[key]
+        if key == "fireants":
+            try:
+                methods[name] = FireantsWorker(cores, SEED)
+            except (OSError, RuntimeError, ValueError) as err:
+                print(f"note: no FireANTs under {fireants_python()} (set FIREANTS_PYTHON; {err}); {name} skipped")
+                continue
+            versions.update({f"{k} (FireANTs)": v for k, v in methods[name].versions.items()})
+            continue
         if importlib.util.find_spec(module) is None:
             print(f"note: {module} is not installed (pip install atlasseg[bench]); {name} skipped")
             continue
-        methods[name] = (ants_method if key == "ants" else greedy_method)(cores, SEED)
+        methods[name] = factories[key](cores, SEED)
         versions[module] = _version(module)
+        if key == "convexadam":
+            versions["torch"] = _version("torch")
 
     payload = {
         "datasets": args.datasets, "targets": args.targets, "atlases": args.atlases, "offset": args.offset,
@@ -302,13 +411,14 @@ def main() -> int:
     for name in args.datasets:
         payload[name] = run_dataset(name, DATASETS[name], methods, args)
 
-    print(f"\n{'dataset':12} {'method':20} {'pair Dice':>9} {'MV Dice':>8} {'s/pair':>7} {'×ANTs':>6} {'×Greedy':>7} {'fails':>5}")
+    peers = [name.split()[0] for _, name in PEERS.values() if name in methods]
+    print(f"\n{'dataset':12} {'method':20} {'pair Dice':>9} {'MV Dice':>8} {'s/pair':>7} "
+          + "".join(f"{'×' + peer:>12}" for peer in peers) + f" {'fails':>5}")
     for name in args.datasets:
         for method, s in payload[name]["methods"].items():
-            ratio = lambda key: f"{s[key]:.2f}" if key in s else "-"  # noqa: E731
             print(f"{name:12} {method:20} {s['mean_pair_dice']:9.3f} {s['majority_dice']:8.3f} "
-                  f"{s['seconds_per_pair_median']:7.2f} {ratio('time_ratio_vs_ANTs'):>6} {ratio('time_ratio_vs_Greedy'):>7} "
-                  f"{s['failures']:5d}")
+                  f"{s['seconds_per_pair_median']:7.2f}" + "".join(f"{s[f'time_ratio_vs_{peer}']:12.2f}" for peer in peers)
+                  + f" {s['failures']:5d}")
     print("written", write_json("registration", _finite(payload)))
     return 0
 
@@ -316,7 +426,9 @@ def main() -> int:
 def _version(module: str) -> str:
     from importlib.metadata import PackageNotFoundError, version
 
-    for dist in {"ants": ("antspyx",), "picsl_greedy": ("picsl-greedy", "picsl_greedy")}[module]:
+    dists = {"ants": ("antspyx",), "picsl_greedy": ("picsl-greedy", "picsl_greedy"), "convexAdam": ("convexAdam",),
+             "torch": ("torch",)}
+    for dist in dists[module]:
         with contextlib.suppress(PackageNotFoundError):
             return version(dist)
     return "unknown"
