@@ -178,7 +178,9 @@ class AffineConfig:
         Fraction of voxels sampled by ``random``/``regular``.
     max_samples : int
         At most this many samples per pyramid level (the share is lowered on large images): a linear
-        transform's few parameters need a number of samples, not a share of the image. 0 = no limit.
+        transform's few parameters need a number of samples, not a share of the image. 0 = no limit
+        (the default: 20000 halved the affine's time on 256×256×40 abdominal scans, and cost CHAOS
+        leave-one-out 0.003 Dice, which is not yet shown to be sampling noise).
     translation_search : float
         Before the chain, a search for the start: from the initialisation and from it shifted by
         ± this share of the two images' common extent along each axis (3 starts per axis, every
@@ -208,7 +210,7 @@ class AffineConfig:
     learning_rate: float = 1.0
     sampling_strategy: Literal["random", "regular", "none"] = "random"
     sampling_percentage: float = 0.25
-    max_samples: int = 20000
+    max_samples: int = 0
     translation_search: float = 0.2
     local_normalization: float = 20.0
 
