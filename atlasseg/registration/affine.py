@@ -12,7 +12,7 @@ import SimpleITK as sitk
 
 from ..config import AffineConfig
 from ..errors import RegistrationError
-from .itk import Masks, new_method, run_pyramid, standardized, transform_is_finite
+from .itk import Masks, new_method, run_pyramid, samples_every_voxel, standardized, transform_is_finite
 from .landmarks import landmark_transform
 from .metrics import image_metric
 
@@ -205,9 +205,9 @@ def level_sampling(fixed: sitk.Image, config: AffineConfig) -> list[float]:
     """Per pyramid level, the share of the fixed image's voxels sampled: ``sampling_percentage``, but never more
     than ``max_samples`` points. A linear transform has at most 12 parameters, whose estimate needs a number of
     samples, not a share of the image: a share sized for a small crop gave a 256×256×40 scan 80 000 samples a
-    level, most of the affine stage's time. Every voxel (1.0) where the strategy is ``none`` or the metric
-    ``ants_ncc`` (whole neighbourhoods)."""
-    if config.sampling_strategy == "none" or config.metric == "ants_ncc":
+    level, most of the affine stage's time. Every voxel (1.0) where the metric needs them
+    (:func:`~atlasseg.registration.itk.samples_every_voxel`)."""
+    if samples_every_voxel(config.metric, config.sampling_strategy):
         return [1.0] * len(config.shrink_factors)
     shares = []
     for shrink in config.shrink_factors:

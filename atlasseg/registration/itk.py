@@ -51,6 +51,12 @@ def standardized(image: sitk.Image) -> sitk.Image:
     return sitk.Cast((out - stats.GetMean()) / spread, sitk.sitkFloat32) if spread > 0 else out
 
 
+def samples_every_voxel(metric: str, sampling_strategy: str) -> bool:
+    """Whether the metric is computed on every voxel: no sampling asked for, or ANTs neighbourhood
+    correlation, which needs whole neighbourhoods."""
+    return sampling_strategy == "none" or metric == "ants_ncc"
+
+
 _SAMPLING = {
     "random": sitk.ImageRegistrationMethod.RANDOM,
     "regular": sitk.ImageRegistrationMethod.REGULAR,
@@ -81,9 +87,8 @@ def new_method(
     # and before every metric evaluation: faster, and no less accurate on the tuning data.
     method.SetMetricUseFixedImageGradientFilter(False)
     method.SetMetricUseMovingImageGradientFilter(False)
-    # ANTs neighbourhood correlation needs whole neighbourhoods: it always uses every voxel.
     percentages = level_percentages or [sampling_percentage]
-    if sampling_strategy != "none" and min(percentages) < 1.0 and metric != "ants_ncc":
+    if not samples_every_voxel(metric, sampling_strategy) and min(percentages) < 1.0:
         method.SetMetricSamplingStrategy(_SAMPLING[sampling_strategy])
         method.SetMetricSamplingPercentagePerLevel(percentages, seed)
     else:
