@@ -66,6 +66,30 @@ def test_segment_keeps_outputs_when_asked(manifest, tmp_path):
     assert len(list((tmp_path / "t7" / "transforms").glob("*.h5"))) == 1
 
 
+def test_segment_computes_in_memory_and_writes_nothing_without_out_dir(manifest, monkeypatch):
+    """In-memory inputs are checked, fused and scored as held: the main process reads no file and writes no result
+    (the registrations' jobs, here in this process, read the files written for worker processes)."""
+    from atlasseg.pipeline import outputs, sources
+
+    def no_io(*args, **kwargs):
+        raise AssertionError("a file read or a result written")
+
+    read = sitk.ReadImage
+    target, truth = read(str(manifest.targets[0].image)), read(str(manifest.targets[0].labels))
+    atlases = [(read(str(a.image)), read(str(a.labels))) for a in manifest.atlases]
+    with monkeypatch.context() as patched:
+        for module, names in ((sources, ("read_geometry", "read_voxels", "read_image", "read_labels", "atlas_labels",
+                                         "load_normalized")), (outputs, ("write_image", "save_transform"))):
+            for name in names:
+                patched.setattr(module, name, no_io)
+        seg, record = atlasseg.segment(target, atlases, "demo", overrides=FAST, truth=truth)
+    assert seg.GetOrigin() == target.GetOrigin() and record["mean_dice"] > 0.8
+    nan = sitk.Image(target)
+    nan[3, 4] = float("nan")
+    with pytest.raises(atlasseg.ImageError, match=r"^target\.image: holds 1 NaN or infinite intensities"):
+        atlasseg.segment(nan, atlases, "demo", overrides=FAST)
+
+
 def test_register_recovers_a_known_translation():
     big, big_labels = texture(dim=2, size=64, spacing=2.0, seed=3)
     shift = (4.0, -2.0)  # whole voxels: nearest-neighbour labels do not hinge on a half-voxel tie
