@@ -39,8 +39,10 @@ def test_segment_gives_the_same_result_from_paths_sitk_and_nibabel_images(manife
     load = nibabel.load
     nib = atlasseg.segment(load(target.image), [(load(a.image), load(a.labels)) for a in manifest.atlases],
                            load_config("demo", overrides=FAST))
+    mixed = atlasseg.segment(target.image, [(read(str(a.image)), a.labels) for a in manifest.atlases], "demo",
+                             overrides=FAST)  # an atlas's labels on the grid of an image held in memory
     reference = read(str(target.image))
-    for result in (by_path, in_memory, nib):
+    for result in (by_path, in_memory, nib, mixed):
         labels = result.labels
         assert labels.GetSize() == reference.GetSize() and labels.GetOrigin() == reference.GetOrigin()
         assert labels.GetSpacing() == reference.GetSpacing() and labels.GetDirection() == reference.GetDirection()
