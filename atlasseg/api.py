@@ -5,12 +5,12 @@ Every function takes each image as a file path, a ``SimpleITK.Image`` or a nibab
 a preset name (``"default"``, ``"fast"``, ...), a YAML file path or a nested dict, with
 optional ``overrides`` in the command line's ``section.key=value`` form.
 
-These are thin layers over the command line's own machinery (:mod:`atlasseg.pipeline`),
-which reads and checks its inputs from files: images held in memory are written to a temporary
-folder first (SimpleITK images losslessly as MetaImage, nibabel images as NIfTI, as nibabel
-writes them). :func:`register` then works in memory and returns its results; :func:`segment`
-runs the file pipeline and reads its results back before the folder is removed. Error messages name in-memory
-inputs by their role (``atlas_0.labels``, ``target.image``).
+These are thin layers over the command line's own machinery (:mod:`atlasseg.pipeline`), working on
+the images in memory and returning their results; nothing is written unless ``out_dir`` asks. Only
+:func:`segment`'s registrations read files, in worker processes: each image held in memory is written once
+for them (losslessly, as MetaImage) into a temporary folder, removed once they are done. A nibabel image is
+converted in memory (voxels as stored, geometry in LPS). Error messages name in-memory inputs by their role
+(``atlas_0.labels``, ``target.image``).
 
 Example::
 
@@ -22,19 +22,16 @@ Example::
 
 from __future__ import annotations
 
-import logging
 import os
-import re
 import tempfile
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple, Union
 
 import SimpleITK as sitk
 
 from .config import Config, config_from_dict, load_config
-from .errors import AtlassegError, ConfigError, ImageError
+from .errors import ConfigError, ImageError
 
 if TYPE_CHECKING:
     import nibabel
@@ -44,8 +41,6 @@ else:
     ImageLike = Union[str, os.PathLike, sitk.Image, object]
 ConfigLike = Union[Config, str, os.PathLike, Mapping, None]
 AtlasesLike = Union[Sequence[tuple[ImageLike, ImageLike]], Mapping[str, tuple[ImageLike, ImageLike]]]
-
-log = logging.getLogger("atlasseg")
 
 __all__ = ["Registration", "Segmentation", "evaluate", "register", "resolve_config", "segment"]
 
@@ -94,73 +89,45 @@ def _is_nibabel(value) -> bool:
     return isinstance(value, nibabel.spatialimages.SpatialImage)
 
 
+def _image(value, name: str) -> sitk.Image:
+    """An in-memory input as a SimpleITK image: as given, or a nibabel image's voxels and geometry."""
+    if isinstance(value, sitk.Image):
+        return value
+    if _is_nibabel(value):
+        from .nibabel_io import from_nibabel
+
+        try:
+            return from_nibabel(value)
+        except ValueError as err:
+            raise ImageError(f"{name}: {err}") from None
+    raise ImageError(f"{name}: expected a file path, a SimpleITK.Image or a nibabel image, got {type(value).__name__}")
+
+
 def _describe(value) -> str:
     """How a record names an input: its path, or its type."""
     return str(value) if isinstance(value, (str, os.PathLike)) else f"<{type(value).__module__}.{type(value).__name__}>"
 
 
-class _Files:
-    """Inputs as the pipeline wants them, files: paths as given, in-memory images written into ``folder``."""
+def _input(value: ImageLike | None, name: str, held: dict, folder: Path | None = None) -> Path | None:
+    """An input as the pipeline names it: a file path as given (absolute); an in-memory image goes into ``held``
+    (:class:`~atlasseg.pipeline.sources.Sources`), under its name, or with ``folder`` (for worker processes, which
+    read files) under the path of the file it is written to there."""
+    from .pipeline.sources import Held
 
-    def __init__(self, folder: Path):
-        self.folder = folder
-
-    def __call__(self, value: ImageLike | None, name: str) -> Path | None:
-        if value is None:
-            return None
-        if isinstance(value, (str, os.PathLike)):
-            return Path(value).expanduser().absolute()
-        if isinstance(value, sitk.Image):
-            path = self.folder / f"{name}.mha"
-            plain = sitk.Image(value)  # a copy: a NIfTI header's fields would only make MetaImage warn
-            for key in plain.GetMetaDataKeys():
-                plain.EraseMetaData(key)
-            sitk.WriteImage(plain, str(path))  # MetaImage: any pixel type, geometry in full precision
-            return path
-        if _is_nibabel(value):
-            import nibabel
-
-            if not isinstance(value, (nibabel.Nifti1Image, nibabel.Nifti2Image)):  # MGH, PAR/REC, ...: same affine
-                value = nibabel.Nifti1Image(value.dataobj, value.affine)
-            path = self.folder / f"{name}.nii"
-            nibabel.save(value, str(path))
-            return path
-        raise ImageError(f"{name}: expected a file path, a SimpleITK.Image or a nibabel image, got {type(value).__name__}")
-
-
-class _Renamer(logging.Filter):
-    """Names in-memory inputs by role in messages (``atlas_0.labels``), not by their temporary path."""
-
-    def __init__(self, folder: Path):
-        super().__init__()
-        self.manifest = str(folder / "data_manifest.yaml")
-        self.pattern = re.compile(re.escape(f"{folder}{os.sep}") + r"(\S+?)\.(mha|nii)\b")
-
-    def __call__(self, text: str) -> str:
-        return self.pattern.sub(r"\1", text.replace(self.manifest, "segment()"))
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        text = record.getMessage()
-        if self(text) != text:
-            record.msg, record.args = self(text), ()
-        return True
-
-
-@contextmanager
-def _workspace() -> Iterator[_Files]:
-    """A temporary folder for in-memory inputs; errors and warnings name those inputs by role."""
-    with tempfile.TemporaryDirectory(prefix="atlasseg-") as tmp:
-        folder = Path(tmp)
-        renamer = _Renamer(folder)
-        log.addFilter(renamer)
-        try:
-            yield _Files(folder)
-        except AtlassegError as err:
-            if renamer(str(err)) != str(err):
-                err.args = (renamer(str(err)),)
-            raise
-        finally:
-            log.removeFilter(renamer)
+    if value is None:
+        return None
+    if isinstance(value, (str, os.PathLike)):
+        return Path(value).expanduser().absolute()
+    image = _image(value, name)
+    path = Path(name)
+    if folder is not None:
+        plain = sitk.Image(image)  # a copy: a NIfTI header's fields would only make MetaImage warn
+        for key in plain.GetMetaDataKeys():
+            plain.EraseMetaData(key)
+        path = (folder / f"{name}.mha").resolve()
+        sitk.WriteImage(plain, str(path))  # MetaImage: any pixel type, geometry in full precision
+    held[path] = Held(name, image)
+    return path
 
 
 def _pair(item, where: str) -> tuple:
@@ -222,39 +189,48 @@ def segment(
     from .cache import open_cache
     from .manifest import manifest_from_dict
     from .pipeline.checks import check_inputs
-    from .pipeline.outputs import versions
-    from .pipeline.resume import write_target_record
-    from .pipeline.target import segment_target
+    from .pipeline.outputs import versions, write_segmented
+    from .pipeline.resume import input_record, write_target_record
+    from .pipeline.sources import Sources
+    from .pipeline.target import TargetResult, register_target, segment_registered
     from .quality import calibrate
 
     config = resolve_config(config, overrides)
     items = list(atlases.items()) if isinstance(atlases, Mapping) else [(f"atlas_{i}", a) for i, a in enumerate(atlases)]
     if not items:
         raise ImageError("atlases: none given")
-    with _workspace() as files:
+    held: dict = {}
+    # The registrations run in worker processes, which read files: the in-memory inputs are written there for them.
+    with tempfile.TemporaryDirectory(prefix="atlasseg-") as tmp:
+        folder = Path(tmp)
         entries = []
         for aid, item in items:
             image, labels = _pair(item, f"atlas {aid!r}")
-            entries.append({"id": str(aid), "image": str(files(image, f"{aid}.image")),
-                            "labels": str(files(labels, f"{aid}.labels"))})
-        target_entry = {"id": target_id, "image": str(files(target, "target.image"))}
+            entries.append({"id": str(aid), "image": str(_input(image, f"{aid}.image", held, folder)),
+                            "labels": str(_input(labels, f"{aid}.labels", held, folder))})
+        target_entry = {"id": target_id, "image": str(_input(target, "target.image", held, folder))}
         if truth is not None:
-            target_entry["labels"] = str(files(truth, "target.truth"))
+            target_entry["labels"] = str(_input(truth, "target.truth", held, folder))
         doc = {"labels": dict(label_names or {}), "atlases": entries, "targets": [target_entry]}
-        manifest = manifest_from_dict(doc, files.folder / "data_manifest.yaml")
-        check_inputs(manifest, config)
-        (target_,) = manifest.targets
-        out = Path(out_dir) if out_dir is not None else files.folder / "out"
-        calibration = calibrate(manifest, config, cache=open_cache(config)) if config.quality.enabled else None
-        result = segment_target(target_, list(manifest.atlases), config, out_dir=out, label_names=manifest.label_names,
+        manifest = manifest_from_dict(doc, name="segment()")
+        sources = Sources(held)
+        check_inputs(manifest, config, sources=sources)
+        (target_,), atlases_ = manifest.targets, list(manifest.atlases)
+        calibration = None
+        if config.quality.enabled:
+            calibration = calibrate(manifest, config, cache=open_cache(config), sources=sources)
+        registered = register_target(target_, atlases_, config, sources=sources)
+        inputs = input_record(target_, atlases_, config) if out_dir is not None else None  # the files' digests
+    result = segment_registered(registered, len(atlases_), config, label_names=manifest.label_names,
                                 calibration=calibration)
-        write_target_record(out, target_, list(manifest.atlases), config, result)
-        segmentation = sitk.ReadImage(str(result.segmentation))
+    if out_dir is not None:
+        path = write_segmented(result, Path(out_dir), config, label_names=manifest.label_names)
+        write_target_record(Path(out_dir), TargetResult(target_id, path, result.scores, result.record), inputs)
     record = {**result.record, "image": _describe(target),
               **({"scores": result.scores} if result.scores is not None else {}),  # int label keys, as evaluate's
               "atlases": {aid: [_describe(part) for part in _pair(item, aid)] for aid, item in items},
               "config": config.to_dict(), "versions": versions()}
-    return Segmentation(segmentation, record)
+    return Segmentation(result.segmentation, record)
 
 
 def register(
@@ -304,19 +280,21 @@ def register(
         Bad input or config.
     """
     from .pipeline.pair import read_pair, register_and_write, register_pair
+    from .pipeline.sources import Sources
 
     config = resolve_config(config, overrides)
-    with _workspace() as files:
-        paths = {name: files(value, name) for name, value in
-                 (("fixed", fixed), ("moving", moving), ("moving_labels", labels), ("fixed_mask", fixed_mask),
-                  ("moving_mask", moving_mask), ("fixed_landmarks", fixed_landmarks),
-                  ("moving_landmarks", moving_landmarks))}
-        pair = read_pair(paths.pop("fixed"), paths.pop("moving"), config.registration,
-                         labels_path=paths.pop("moving_labels"), **paths)
-        if out_dir is None:
-            transform, warped, warped_labels, record = register_pair(pair)
-        else:
-            transform, warped, warped_labels, record = register_and_write(pair, Path(out_dir))
+    held: dict = {}
+    paths = {name: _input(value, name, held) for name, value in
+             (("fixed", fixed), ("moving", moving), ("moving_labels", labels), ("fixed_mask", fixed_mask),
+              ("moving_mask", moving_mask))}
+    landmarks = {name: None if value is None else Path(value).expanduser().absolute()
+                 for name, value in (("fixed_landmarks", fixed_landmarks), ("moving_landmarks", moving_landmarks))}
+    pair = read_pair(paths.pop("fixed"), paths.pop("moving"), config.registration,
+                     labels_path=paths.pop("moving_labels"), **paths, **landmarks, sources=Sources(held))
+    if out_dir is None:
+        transform, warped, warped_labels, record = register_pair(pair)
+    else:
+        transform, warped, warped_labels, record = register_and_write(pair, Path(out_dir))
     record.update(fixed=_describe(fixed), moving=_describe(moving))
     return Registration(transform, warped, warped_labels, record)
 
@@ -336,13 +314,15 @@ def evaluate(
     """
     from .config import EvaluationConfig
     from .evaluation import evaluate as score
-    from .imageio import check_label_values, read_labels, read_voxels
+    from .imageio import check_label_values
+    from .pipeline.sources import Sources
 
     metrics = tuple(metrics) if metrics is not None else EvaluationConfig().metrics
-    with _workspace() as files:
-        paths = files(prediction, "prediction"), files(truth, "truth")
-        for path in paths:  # complete files (NIfTI), whole non-negative values
-            check_label_values(path, read_voxels(path))
-        predicted = read_labels(paths[0])
-        expected = read_labels(paths[1], like=predicted, like_path=paths[0])
-        return score(predicted, expected, labels=list(labels) if labels else None, metrics=metrics)
+    held: dict = {}
+    paths = _input(prediction, "prediction", held), _input(truth, "truth", held)
+    sources = Sources(held)
+    for path in paths:  # complete files (NIfTI), whole non-negative values
+        check_label_values(sources.name(path), sources.voxels(path))
+    predicted = sources.labels(paths[0])
+    expected = sources.labels(paths[1], like=predicted, like_path=paths[0])
+    return score(predicted, expected, labels=list(labels) if labels else None, metrics=metrics)

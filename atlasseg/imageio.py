@@ -155,12 +155,9 @@ def voxel_fingerprint(path: str | Path, values: np.ndarray) -> tuple:
     return array.shape, float(array.min()), float(array.max()), tuple(array[places].astype(np.float64).tolist())
 
 
-def same_voxels(a: str | Path, b: str | Path) -> bool:
-    """True when two image files hold the same voxel values on the same array shape (as float32)."""
-    if Path(a) == Path(b):
-        return True
-    images = [read_image(path) for path in (a, b)]  # held while their array views are compared
-    first, second = (sitk.GetArrayViewFromImage(image) for image in images)
+def same_voxels(a: sitk.Image, b: sitk.Image) -> bool:
+    """True when two images (as :func:`read_image` returns them) hold the same voxel values on the same array shape."""
+    first, second = (sitk.GetArrayViewFromImage(image) for image in (a, b))
     return first.shape == second.shape and bool(np.array_equal(first, second))
 
 
@@ -184,41 +181,42 @@ def check_label_values(path: str | Path, values: np.ndarray) -> np.ndarray:
     return present.astype(np.int64)
 
 
-def read_checked_image(path: str | Path) -> sitk.Image:
-    """:func:`read_image` after checking the whole file: complete, finite (also in NIfTI), not constant.
-
-    For the files a command starts from; workers that re-read them use the quicker :func:`read_image`.
-    """
-    check_intensities(path, read_voxels(path))
-    return read_image(path)
-
-
 def read_image(path: str | Path) -> sitk.Image:
-    """Read an intensity image as float32, geometry intact."""
-    image = _read(Path(path))
-    check_scalar(image, Path(path))
+    """Read an intensity image as float32, geometry intact (:func:`as_intensities`)."""
+    return as_intensities(_read(Path(path)), Path(path))
+
+
+def as_intensities(image: sitk.Image, name) -> sitk.Image:
+    """A scalar 2D/3D image as float32 intensities, geometry intact; ``name`` (its file, or the argument that held
+    it) names it in errors."""
+    check_scalar(image, name)
     image = sitk.Cast(image, sitk.sitkFloat32)
     if not np.isfinite(sitk.GetArrayViewFromImage(image)).all():
-        raise ImageError(f"{path}: holds NaN or infinite intensities")
+        raise ImageError(f"{name}: holds NaN or infinite intensities")
     return image
 
 
 def read_labels(path: str | Path, *, like=None, like_path=None) -> sitk.Image:
-    """Read a label map as an integer image; float files must hold whole numbers.
+    """Read a label map as an integer image (:func:`as_labels`)."""
+    return as_labels(_read(Path(path)), Path(path), like=like, like_path=like_path)
+
+
+def as_labels(image: sitk.Image, name, *, like=None, like_path=None) -> sitk.Image:
+    """A label map as an integer image; a floating-point one must hold whole numbers. ``name`` (its file, or the
+    argument that held it) names it in errors. ``image`` itself is left as it was.
 
     With ``like`` (the image it belongs to, or its :class:`Geometry`), a grid that differs from it by floating-point
     noise only is snapped onto it (see :func:`check_same_grid`); a larger difference is an error naming
     ``like_path``.
     """
-    path = Path(path)
-    image = _read(path)
-    check_scalar(image, path)
+    check_scalar(image, name)
     if like is not None:
-        snap_grid(image, like, path=path, like_path=like_path)
+        image = sitk.Image(image)  # SimpleITK copies on write: the caller's image keeps its grid
+        snap_grid(image, like, path=name, like_path=like_path)
     if image.GetPixelID() in _INTEGER_TYPES:
         return image
     values = sitk.GetArrayViewFromImage(image)
-    check_label_values(path, values)
+    check_label_values(name, values)
     lo, hi = float(values.min()), float(values.max())
     target = sitk.sitkUInt8 if lo >= 0 and hi <= 255 else sitk.sitkUInt16 if lo >= 0 and hi <= 65535 else sitk.sitkInt32
     return sitk.Cast(image, target)

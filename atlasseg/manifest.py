@@ -209,9 +209,13 @@ def load_manifest(path: str | Path) -> Manifest:
     return manifest_from_dict(_load_yaml(path), path)
 
 
-def manifest_from_dict(doc, path: str | Path) -> Manifest:
-    """Validate a manifest's content as if read from ``path`` (relative paths resolve against its folder)."""
-    path = Path(path).expanduser().absolute()
+def manifest_from_dict(doc, path: str | Path | None = None, *, name: str | None = None) -> Manifest:
+    """Validate a manifest's content as if read from ``path`` (relative paths resolve against its folder); or, for
+    one that is no file, as named ``name`` in messages (``segment()``; relative paths resolve against the current
+    folder)."""
+    if (path is None) == (name is None):
+        raise TypeError("manifest_from_dict: give a path or a name")
+    path = Path(name) if path is None else Path(path).expanduser().absolute()
     if not isinstance(doc, dict):
         raise ManifestError(f"{path}: expected a mapping with keys {', '.join(_TOP_KEYS)}")
     for key in doc:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import SimpleITK as sitk
@@ -36,6 +37,9 @@ from .config import Config, QualityConfig
 from .errors import ConfigError, RegistrationError
 from .evaluation import evaluate
 from .manifest import Manifest, as_target
+
+if TYPE_CHECKING:
+    from .pipeline.sources import Sources
 
 log = logging.getLogger("atlasseg")
 
@@ -221,13 +225,15 @@ def _key(manifest: Manifest, chosen: list, config: Config, labels) -> str:
                                                        "labels": list(labels), "features": FEATURES})
 
 
-def calibrate(manifest: Manifest, config: Config, *, cache: Cache) -> Calibration:
+def calibrate(manifest: Manifest, config: Config, *, cache: Cache, sources: Sources | None = None) -> Calibration:
     """The calibration of ``manifest``'s atlases under ``config``: from the cache, else computed and cached.
 
     Each chosen atlas is segmented by the others (:func:`atlasseg.pipeline.prepare_case`, the best
-    ``selection.k`` of them registered non-rigidly, then fused) and scored against its labels.
+    ``selection.k`` of them registered non-rigidly, then fused) and scored against its labels. ``sources``: where
+    the atlases' images come from (default: their files; see :mod:`atlasseg.pipeline.sources`).
     """
     from .fusion.registry import make_fuser, needs_intensities
+    from .pipeline.sources import FILES
     from .pipeline.target import prepare_case
 
     if len(manifest.atlases) < 3:
@@ -248,7 +254,8 @@ def calibrate(manifest: Manifest, config: Config, *, cache: Cache) -> Calibratio
         target = as_target(atlas)
         others = manifest.atlases_for(target)
         case = prepare_case(target, others, config, count=None if k == "all" else k,
-                            intensities=needs_intensities(config.fusion.method), cache=cache)
+                            intensities=needs_intensities(config.fusion.method), cache=cache,
+                            sources=sources or FILES)
         if not case.candidates:
             log.warning("quality: calibration atlas %s: no atlas registered; left out", atlas.id)
             continue

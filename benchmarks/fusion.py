@@ -283,7 +283,10 @@ def print_tables(name: str, rows, labels, label_names) -> dict:
         for k, results in by_k.items():
             if not results:
                 continue
-            mean = lambda key: statistics.fmean(r[key] for r in results)  # noqa: E731
+
+            def mean(key):
+                return statistics.fmean(r[key] for r in results)
+
             dice = {v: _nanmean(r["dice"][v] for r in results) for v in labels}
             peaks = [r["peak_mb"] for r in results if r["peak_mb"] is not None]
             entry = {"dice": dice, "mean_dice": _nanmean(r["mean_dice"] for r in results), "atlases": mean("atlases"),

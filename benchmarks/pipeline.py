@@ -130,7 +130,10 @@ def split(name: str, ids: list[str], args) -> list[tuple[str, list[str]]]:
 
 def run_atlasseg(preset: str, name: str, files, tasks, tmp: Path, overrides) -> dict:
     labels = DATASETS[name].labels
-    entry = lambda i: {"id": i, "image": str(files[i][0]), "labels": str(files[i][1])}  # noqa: E731
+
+    def entry(i):
+        return {"id": i, "image": str(files[i][0]), "labels": str(files[i][1])}
+
     atlas_ids = sorted({atlas for _, atlases in tasks for atlas in atlases})
     doc = {"labels": {v: f"label{v}" for v in labels}, "atlases": [entry(i) for i in atlas_ids],
            "targets": [entry(t) for t, _ in tasks]}

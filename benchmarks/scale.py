@@ -56,8 +56,11 @@ DATASETS = {"hippocampus": ("msd_hippocampus", {1: "anterior", 2: "posterior"}),
 
 def manifest(folder: Path, name: str, dataset: str, targets: list[str], atlases: list[str]) -> Path:
     data, labels = DATASETS[dataset]
-    entry = lambda i: {"id": i, "image": str(DATA / data / "images" / f"{i}.nii.gz"),  # noqa: E731
-                       "labels": str(DATA / data / "labels" / f"{i}.nii.gz")}
+
+    def entry(i):
+        return {"id": i, "image": str(DATA / data / "images" / f"{i}.nii.gz"),
+                "labels": str(DATA / data / "labels" / f"{i}.nii.gz")}
+
     path = folder / f"{name}.yaml"
     path.write_text(yaml.safe_dump({"labels": labels, "targets": [entry(i) for i in targets],
                                     "atlases": [entry(i) for i in atlases]}, sort_keys=False))
@@ -113,10 +116,15 @@ def ants_batch(dataset: str, targets: list[str], atlases: list[str]) -> dict:
     from fusion import ANTS
 
     data, names = DATASETS[dataset]
-    read = lambda kind, i: sitk.ReadImage(str(DATA / data / kind / f"{i}.nii.gz"), sitk.sitkFloat32)  # noqa: E731
+
+    def read(kind, i):
+        return sitk.ReadImage(str(DATA / data / kind / f"{i}.nii.gz"), sitk.sitkFloat32)
+
     # Intensities on atlasseg's scale (ANTs JLF's weights on raw MR intensities segment far worse), and
     # SyNQuick's sampling seeded, as benchmarks/registration.py does (unseeded, it diverges now and then).
-    image = lambda i: ants.from_sitk(normalize_intensity(read("images", i)))  # noqa: E731
+    def image(i):
+        return ants.from_sitk(normalize_intensity(read("images", i)))
+
     ants.config._random_seed = 42
     seconds, dice = [], []
     for tid in targets:

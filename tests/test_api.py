@@ -39,8 +39,10 @@ def test_segment_gives_the_same_result_from_paths_sitk_and_nibabel_images(manife
     load = nibabel.load
     nib = atlasseg.segment(load(target.image), [(load(a.image), load(a.labels)) for a in manifest.atlases],
                            load_config("demo", overrides=FAST))
+    mixed = atlasseg.segment(target.image, [(read(str(a.image)), a.labels) for a in manifest.atlases], "demo",
+                             overrides=FAST)  # an atlas's labels on the grid of an image held in memory
     reference = read(str(target.image))
-    for result in (by_path, in_memory, nib):
+    for result in (by_path, in_memory, nib, mixed):
         labels = result.labels
         assert labels.GetSize() == reference.GetSize() and labels.GetOrigin() == reference.GetOrigin()
         assert labels.GetSpacing() == reference.GetSpacing() and labels.GetDirection() == reference.GetDirection()
@@ -64,6 +66,30 @@ def test_segment_keeps_outputs_when_asked(manifest, tmp_path):
                               overrides=["selection.k=1"], target_id="t7", out_dir=tmp_path)
     np.testing.assert_array_equal(as_array(sitk.ReadImage(str(tmp_path / "t7" / "segmentation.nii.gz"))), as_array(seg))
     assert len(list((tmp_path / "t7" / "transforms").glob("*.h5"))) == 1
+
+
+def test_segment_computes_in_memory_and_writes_nothing_without_out_dir(manifest, monkeypatch):
+    """In-memory inputs are checked, fused and scored as held: the main process reads no file and writes no result
+    (the registrations' jobs, here in this process, read the files written for worker processes)."""
+    from atlasseg.pipeline import outputs, sources
+
+    def no_io(*args, **kwargs):
+        raise AssertionError("a file read or a result written")
+
+    read = sitk.ReadImage
+    target, truth = read(str(manifest.targets[0].image)), read(str(manifest.targets[0].labels))
+    atlases = [(read(str(a.image)), read(str(a.labels))) for a in manifest.atlases]
+    with monkeypatch.context() as patched:
+        for module, names in ((sources, ("read_geometry", "read_voxels", "read_image", "read_labels", "atlas_labels",
+                                         "load_normalized")), (outputs, ("write_image", "save_transform"))):
+            for name in names:
+                patched.setattr(module, name, no_io)
+        seg, record = atlasseg.segment(target, atlases, "demo", overrides=FAST, truth=truth)
+    assert seg.GetOrigin() == target.GetOrigin() and record["mean_dice"] > 0.8
+    nan = sitk.Image(target)
+    nan[3, 4] = float("nan")
+    with pytest.raises(atlasseg.ImageError, match=r"^target\.image: holds 1 NaN or infinite intensities"):
+        atlasseg.segment(nan, atlases, "demo", overrides=FAST)
 
 
 def test_register_recovers_a_known_translation():

@@ -232,7 +232,7 @@ def test_probability_sigma_smooths_away_a_one_voxel_hole_but_not_the_square(meth
     square[6:18, 6:18] = 1
     holed = square.copy()
     holed[12, 12] = 0
-    image = lambda a: sitk.GetImageFromArray(a)  # noqa: E731  (1 mm voxels)
+    image = sitk.GetImageFromArray  # 1 mm voxels
     found = {}
     for sigma in (0.0, 1.5):
         fuser = make_fuser(image(square.astype(np.float32)), config=FusionConfig(method=method, probability_sigma=sigma))

@@ -191,8 +191,10 @@ class JointLabelFusion(Fuser):
             return [None] * len(intensities)
         r, pad = self._patch.tolist(), (self._search + self._patch).tolist()
         size = tuple(2 * self._patch + 1)
-        box = lambda shift: tuple(slice(a + p - q + o, b + p + q + o)  # noqa: E731
-                                  for a, b, p, q, o in zip(lo, hi, pad, r, shift))
+
+        def box(shift):
+            return tuple(slice(a + p - q + o, b + p + q + o) for a, b, p, q, o in zip(lo, hi, pad, r, shift))
+
         fixed = target[box([0] * target.ndim)]
         inside = np.argwhere(centres[tuple(slice(a, b) for a, b in zip(lo, hi))])  # from lo
         at_box = np.ravel_multi_index(tuple((inside + r).T), fixed.shape)  # the centres in box arrays

@@ -7,10 +7,14 @@ own images and build their own filters. Its modules:
   estimates, the output folder, changed inputs);
 - :mod:`~atlasseg.pipeline.jobs`: the worker jobs (one registration stage of one pair), their cache keys,
   and the fan-out that ranks the atlases and registers the selected ones;
+- :mod:`~atlasseg.pipeline.sources`: where the checks and the per-target flow take an entry's images (its
+  files, or images held in memory by :func:`atlasseg.segment`, whose worker jobs alone read files);
 - :mod:`~atlasseg.pipeline.target`: the single per-target flow (:func:`register_target`,
-  :func:`prepare_case`, :func:`segment_target`);
+  :func:`prepare_case`, :func:`~atlasseg.pipeline.target.segment_registered` in memory, :func:`segment_target`
+  from files to files);
 - :mod:`~atlasseg.pipeline.resume`: finished targets, the key and digests of their inputs;
-- :mod:`~atlasseg.pipeline.outputs`: the writers (JSON, metrics.csv, tables);
+- :mod:`~atlasseg.pipeline.outputs`: the writers (a segmented target's images and transforms, JSON, metrics.csv,
+  tables);
 - :mod:`~atlasseg.pipeline.run`: a whole run (:func:`run`);
 - :mod:`~atlasseg.pipeline.pair`: one image pair, read (:func:`~atlasseg.pipeline.pair.read_pair`), registered in memory (:func:`~atlasseg.pipeline.pair.register_pair`) and written (:func:`register_files`).
 """

@@ -22,8 +22,6 @@ from ..imageio import (
     check_label_values,
     check_same_grid,
     check_scalar,
-    read_geometry,
-    read_voxels,
     remove_temporaries,
     same_voxels,
     voxel_fingerprint,
@@ -35,11 +33,13 @@ from ..registration import load_transform
 from ..registration.pyramid import level_shrinks
 from .outputs import write_json
 from .resume import TARGET_RECORD, comparable, input_digests, inputs_key
+from .sources import FILES, Sources
 
 log = logging.getLogger("atlasseg")
 
 
-def check_inputs(manifest: Manifest, config: Config | None = None, *, leave_one_out: bool = False) -> None:
+def check_inputs(manifest: Manifest, config: Config | None = None, *, leave_one_out: bool = False,
+                 sources: Sources = FILES) -> None:
     """Every listed file read once, before any work: readable and complete, scalar, 2D/3D, one
     dimensionality across the manifest (the atlases' initial transforms too); intensities finite and
     not constant; label maps whole, non-negative numbers on their image's grid (floating-point noise is
@@ -53,7 +53,10 @@ def check_inputs(manifest: Manifest, config: Config | None = None, *, leave_one_
 
     An atlas holding the same voxels as a target (the same file, or a copy in any format) would hand the
     target its own labels back: a warning, or with ``leave_one_out`` (cross-validation, where every atlas is a
-    target) an error for any two atlases that are the same image."""
+    target) an error for any two atlases that are the same image.
+
+    ``sources``: the images held in memory (:func:`atlasseg.segment`'s), checked as given and named by the
+    argument that held them; every other file is read."""
     entries = (*manifest.atlases, *manifest.targets)
     needs_landmarks = config is not None and config.registration.affine.initialization == "landmarks"
     dims: dict[int, str] = {}
@@ -63,18 +66,18 @@ def check_inputs(manifest: Manifest, config: Config | None = None, *, leave_one_
         if needs_landmarks and entry.landmarks is None:
             raise ImageError(f"{manifest.path}: {entry.id} has no 'landmarks' file, needed by "
                              "registration.affine.initialization: landmarks")
-        with _naming(manifest, entry, "image"):
-            geometry = read_geometry(entry.image)
-            check_scalar(geometry, entry.image)
-        grids.append((entry.image, geometry))
-        dims.setdefault(geometry.dimension, str(entry.image))
+        with _naming(manifest, entry, "image", sources):
+            geometry = sources.geometry(entry.image)
+            check_scalar(geometry, sources.name(entry.image))
+        grids.append((sources.name(entry.image), geometry))
+        dims.setdefault(geometry.dimension, str(sources.name(entry.image)))
         if largest is None or math.prod(geometry.size) > math.prod(largest.size):
             largest = geometry
         for key in ("labels", "mask"):
             if getattr(entry, key) is not None:
-                with _naming(manifest, entry, key):
-                    check_same_grid(geometry, read_geometry(getattr(entry, key)), image_path=entry.image,
-                                    labels_path=getattr(entry, key))
+                with _naming(manifest, entry, key, sources):
+                    check_same_grid(geometry, sources.geometry(getattr(entry, key)),
+                                    image_path=sources.name(entry.image), labels_path=sources.name(getattr(entry, key)))
     if len(dims) > 1:
         raise ImageError(f"{manifest.path}: mixes 2D images ({dims[2]}) with 3D images ({dims[3]}); use one dimensionality")
     for file in dict.fromkeys(file for atlas in manifest.atlases for _, file in atlas.transforms):
@@ -98,32 +101,37 @@ def check_inputs(manifest: Manifest, config: Config | None = None, *, leave_one_
     label_values = {}
     for entry in entries:  # then every voxel, once: the label maps first (an image is compared with them)
         if entry.labels is not None:
-            with _naming(manifest, entry, "labels"):
-                label_values[entry.labels] = present = _check_label_map(entry, manifest)
+            with _naming(manifest, entry, "labels", sources):
+                label_values[entry.labels] = present = _check_label_map(entry, manifest, sources)
             if isinstance(entry, Atlas):  # the labels fusion votes on
                 labels |= present
     fingerprints: dict[tuple, list[Atlas | Target]] = {}
     for entry in entries:
-        with _naming(manifest, entry, "image"):
-            voxels = read_voxels(entry.image)
-            check_intensities(entry.image, voxels)
-            _check_not_a_label_map(entry, voxels, label_values)
-        fingerprints.setdefault(voxel_fingerprint(entry.image, voxels), []).append(entry)
+        with _naming(manifest, entry, "image", sources):
+            voxels = sources.voxels(entry.image)
+            check_intensities(sources.name(entry.image), voxels)
+            _check_not_a_label_map(entry, voxels, label_values, sources)
+        # (a held image's name is no NIfTI file: its voxels are in SimpleITK's order, as they are)
+        fingerprints.setdefault(voxel_fingerprint(sources.name(entry.image), voxels), []).append(entry)
         del voxels
         if entry.mask is not None:
-            with _naming(manifest, entry, "mask"):
-                check_label_values(entry.mask, read_voxels(entry.mask))
-    groups = [group for alike in fingerprints.values() if len(alike) > 1 for group in _equal_images(alike)]
-    _check_same_images(manifest, groups, leave_one_out=leave_one_out)
+            with _naming(manifest, entry, "mask", sources):
+                check_label_values(sources.name(entry.mask), sources.voxels(entry.mask))
+    groups = [group for alike in fingerprints.values() if len(alike) > 1 for group in _equal_images(alike, sources)]
+    _check_same_images(manifest, groups, leave_one_out=leave_one_out, sources=sources)
     if config is not None and len(labels) > len(manifest.label_names):
         check_memory(largest, config, n_tasks=len(manifest.atlases), n_labels=len(labels) + 1)
 
 
-def _equal_images(entries: list[Atlas | Target]) -> list[list[Atlas | Target]]:
+def _equal_images(entries: list[Atlas | Target], sources: Sources) -> list[list[Atlas | Target]]:
     """``entries`` (whose images share a fingerprint) split into groups of equal voxels."""
     groups: list[list[Atlas | Target]] = []
+
+    def same(a: Path, b: Path) -> bool:
+        return a == b or same_voxels(sources.intensities(a), sources.intensities(b))
+
     for entry in entries:
-        group = next((g for g in groups if same_voxels(g[0].image, entry.image)), None)
+        group = next((g for g in groups if same(g[0].image, entry.image)), None)
         if group is None:
             groups.append([entry])
         else:
@@ -131,14 +139,15 @@ def _equal_images(entries: list[Atlas | Target]) -> list[list[Atlas | Target]]:
     return groups
 
 
-def _check_same_images(manifest: Manifest, groups: list[list[Atlas | Target]], *, leave_one_out: bool) -> None:
+def _check_same_images(manifest: Manifest, groups: list[list[Atlas | Target]], *, leave_one_out: bool,
+                       sources: Sources) -> None:
     """Warn about an atlas that is one of the targets' images; with ``leave_one_out``, refuse two atlases that are
     the same image (each would be segmented by the other: its labels handed back)."""
     for group in groups:
         atlases = [e for e in group if isinstance(e, Atlas)]
         if leave_one_out and len(atlases) > 1:
             raise ImageError(f"{manifest.path}: atlases {_listing([a.id for a in atlases])} are the same image "
-                             f"({atlases[0].image}, {atlases[1].image}): leave-one-out would score each on its own "
+                             f"({sources.name(atlases[0].image)}, {sources.name(atlases[1].image)}): leave-one-out would score each on its own "
                              "labels; keep one of them")
         for target in (e for e in group if isinstance(e, Target)):
             # An atlas of the target's own id never segments it (Manifest.atlases_for): a leave-one-out layout.
@@ -146,7 +155,7 @@ def _check_same_images(manifest: Manifest, groups: list[list[Atlas | Target]], *
             if others:
                 log.warning("%s: target %r is the same image as atlas %s (%s): that atlas hands the target its "
                             "own labels, which inflates its scores; leave it out of the atlases (or the target out "
-                            "of the targets)", manifest.path, target.id, _listing(others), target.image)
+                            "of the targets)", manifest.path, target.id, _listing(others), sources.name(target.image))
 
 
 def _listing(values, limit: int = 10) -> str:
@@ -157,9 +166,13 @@ def _listing(values, limit: int = 10) -> str:
 
 
 @contextlib.contextmanager
-def _naming(manifest: Manifest, entry: Atlas | Target, key: str):
+def _naming(manifest: Manifest, entry: Atlas | Target, key: str, sources: Sources):
     """An input error about one of ``entry``'s files names the manifest, the entry, the field and the paths as
-    the manifest writes them (not as resolved through symlinks)."""
+    the manifest writes them (not as resolved through symlinks); one about an image held in memory names the
+    argument that held it, as it is."""
+    if sources.is_held(getattr(entry, key)):
+        yield
+        return
     try:
         yield
     except ImageError as err:
@@ -180,7 +193,7 @@ _LABEL_LIKE_VALUES = 16
 _LABEL_MAP_MOST_VALUES = 1024  # beyond: an image (compared with the label maps' values only below it)
 
 
-def _check_not_a_label_map(entry: Atlas | Target, voxels, label_values: dict[Path, set]) -> None:
+def _check_not_a_label_map(entry: Atlas | Target, voxels, label_values: dict[Path, set], sources: Sources) -> None:
     """Refuse an image that is a label map: few distinct whole-number values, the values of one of the manifest's
     label maps, or the same voxels as the entry's own labels."""
     sample = np.unique(voxels.ravel()[:: max(1, voxels.size // 100_000)])  # most images stop here
@@ -190,8 +203,8 @@ def _check_not_a_label_map(entry: Atlas | Target, voxels, label_values: dict[Pat
     if distinct.size > _LABEL_MAP_MOST_VALUES or not np.array_equal(distinct, np.round(distinct)):
         return
     present = set(distinct.tolist()) - {0}
-    same_values = next((path for path, values in label_values.items() if values == present), None)
-    if entry.labels is not None and np.array_equal(voxels, read_voxels(entry.labels)):
+    same_values = next((sources.name(path) for path, values in label_values.items() if values == present), None)
+    if entry.labels is not None and np.array_equal(voxels, sources.voxels(entry.labels)):
         why = "the same voxels as its own labels file"
     elif same_values is not None:
         why = f"the label values of {same_values}"
@@ -199,14 +212,14 @@ def _check_not_a_label_map(entry: Atlas | Target, voxels, label_values: dict[Pat
         why = f"an image has more than {_LABEL_LIKE_VALUES}"
     else:
         return
-    raise ImageError(f"{entry.image}: looks like a label map, not an image: {distinct.size} distinct whole-number "
+    raise ImageError(f"{sources.name(entry.image)}: looks like a label map, not an image: {distinct.size} distinct whole-number "
                      f"values ({why}); point 'image:' at the intensity image")
 
 
-def _check_label_map(entry: Atlas | Target, manifest: Manifest) -> set[int]:
+def _check_label_map(entry: Atlas | Target, manifest: Manifest, sources: Sources) -> set[int]:
     """Check an entry's label map (see :func:`check_inputs`); returns the labels it holds, background aside."""
-    path, declared = entry.labels, set(manifest.label_names)
-    present = set(check_label_values(path, read_voxels(path)).tolist()) - {0}
+    path, declared = sources.name(entry.labels), set(manifest.label_names)
+    present = set(check_label_values(path, sources.voxels(entry.labels)).tolist()) - {0}
     is_atlas = isinstance(entry, Atlas)
     if not present and is_atlas:
         raise ImageError(f"{path}: label map of atlas {entry.id!r} is empty (all background); fix it or leave the atlas out")

@@ -15,10 +15,34 @@ import SimpleITK as sitk
 from .. import __version__
 from ..config import Config
 from ..evaluation import header, mean_score, rows
-from ..imageio import atomic_write_text
+from ..imageio import atomic_write_text, write_image
+from ..layout import LAYOUTS
+from ..registration import save_transform
+from .jobs import timed
 
 if TYPE_CHECKING:
-    from .target import TargetResult
+    from .target import Segmented, TargetResult
+
+def write_segmented(segmented: Segmented, out_dir: Path, config: Config, *, label_names: dict[int, str]) -> Path:
+    """Write one segmented target where ``output.layout`` puts it under ``out_dir`` (``segmentation.<format>``, and
+    the probability maps, disagreement and transforms it holds); returns the segmentation's path. The seconds
+    taken go into its record (``seconds['output']``)."""
+    layout, target_id, fmt = LAYOUTS[config.output.layout], segmented.target_id, config.output.format
+    seconds: dict[str, float] = {}
+    with timed(seconds, "output"):
+        path = layout.segmentation(out_dir, target_id, fmt)
+        write_image(segmented.segmentation, path)
+        for value, probability in segmented.probabilities.items():
+            if value:
+                write_image(probability, layout.probability(out_dir, target_id, value, label_names, fmt))
+        if segmented.disagreement is not None:
+            write_image(segmented.disagreement, out_dir / target_id / segmented.record["disagreement"])
+        if config.output.save_transforms:
+            for aid, transform in segmented.transforms.items():
+                save_transform(transform, out_dir / target_id / "transforms" / f"{aid}.h5")
+    segmented.record["seconds"]["output"] = round(seconds["output"], 3)
+    return path
+
 
 def versions() -> dict[str, str]:
     import joblib

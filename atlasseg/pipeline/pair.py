@@ -11,7 +11,7 @@ import SimpleITK as sitk
 
 from ..config import RegistrationConfig
 from ..errors import ImageError
-from ..imageio import normalize_intensity, read_checked_image, read_labels, write_image
+from ..imageio import check_intensities, normalize_intensity, write_image
 from ..propagation import propagate_intensities, propagate_labels
 from ..registration import (
     Masks,
@@ -22,8 +22,9 @@ from ..registration import (
     save_displacement_field,
     save_transform,
 )
-from .jobs import read_masks, timed
+from .jobs import timed
 from .outputs import write_json
+from .sources import FILES, Sources
 
 REGISTER_OUTPUTS = ("warped.nii.gz", "transform.h5", "displacement.nii.gz", "jacobian.nii.gz", "record.json")
 
@@ -51,11 +52,18 @@ def read_pair(
     moving_mask: Path | None = None,
     fixed_landmarks: Path | None = None,
     moving_landmarks: Path | None = None,
+    sources: Sources = FILES,
 ) -> Pair:
-    """Read and check one image pair, its moving labels, masks and landmarks from files."""
-    fixed, moving = read_checked_image(fixed_path), read_checked_image(moving_path)
-    labels = read_labels(labels_path, like=moving, like_path=moving_path) if labels_path is not None else None
-    masks = read_masks((fixed_mask, fixed_path, fixed), (moving_mask, moving_path, moving))
+    """Read and check one image pair, its moving labels, masks and landmarks from files (or, for those ``sources``
+    holds, as held in memory; landmarks are files)."""
+    for path in (fixed_path, moving_path):  # the whole file: complete, finite (also in NIfTI), not constant
+        check_intensities(sources.name(path), sources.voxels(path))
+    fixed, moving = sources.intensities(fixed_path), sources.intensities(moving_path)
+    labels = sources.labels(labels_path, like=moving, like_path=moving_path) if labels_path is not None else None
+    masks = None
+    if fixed_mask is not None or moving_mask is not None:  # each on (snapped onto) its image's grid
+        masks = Masks(*(None if mask is None else sources.labels(mask, like=image, like_path=path)
+                        for mask, path, image in ((fixed_mask, fixed_path, fixed), (moving_mask, moving_path, moving))))
     landmarks = None
     if (fixed_landmarks is None) != (moving_landmarks is None):
         raise ImageError("landmarks are needed for both images (--fixed-landmarks and --moving-landmarks)")

@@ -62,9 +62,13 @@ def finished_target(target: Target, atlases: list[Atlas], config: Config, out_di
     return TargetResult(target.id, segmentation, scores, record)
 
 
-def write_target_record(out_dir: Path, target: Target, atlases: list[Atlas], config: Config,
-                        result: TargetResult) -> None:
-    """``<out>/<target>/target.json``, written last for a segmented target: its inputs' key and digests and its
-    record (what :func:`finished_target` reuses and :func:`~atlasseg.pipeline.checks.check_changed_inputs` compares)."""
-    write_json(out_dir / target.id / TARGET_RECORD, {"inputs": inputs_key(target, atlases, config),
-                                                     "files": input_digests(target, atlases), "record": result.record})
+def input_record(target: Target, atlases: list[Atlas], config: Config) -> dict:
+    """What ``target.json`` keeps of one target's inputs: their key and the digests of their files."""
+    return {"inputs": inputs_key(target, atlases, config), "files": input_digests(target, atlases)}
+
+
+def write_target_record(out_dir: Path, result: TargetResult, inputs: dict) -> None:
+    """``<out>/<target>/target.json``, written last for a segmented target: its inputs' key and digests
+    (:func:`input_record`) and its record (what :func:`finished_target` reuses and
+    :func:`~atlasseg.pipeline.checks.check_changed_inputs` compares)."""
+    write_json(out_dir / result.target_id / TARGET_RECORD, {**inputs, "record": result.record})

@@ -16,7 +16,7 @@ from ..quality import Calibration, calibrate
 from .checks import check_changed_inputs, check_inputs, check_output_dir
 from .jobs import peak_mb, timed
 from .outputs import evaluation_metrics, versions, write_json, write_metrics
-from .resume import finished_target, write_target_record
+from .resume import finished_target, input_record, write_target_record
 from .target import TargetResult, segment_target
 
 log = logging.getLogger("atlasseg")
@@ -88,7 +88,7 @@ def _run_target(target: Target, manifest: Manifest, config: Config, *, out: Path
         try:
             result = segment_target(target, atlases, config, out_dir=out, label_names=manifest.label_names,
                                     cache=cache, calibration=calibration)
-            write_target_record(out, target, atlases, config, result)
+            write_target_record(out, result, input_record(target, atlases, config))
         except _TARGET_ERRORS as err:
             log.error("target %s failed: %s", target.id, err)
             result = TargetResult(target.id, None, None, {"image": str(target.image), "status": "failed",

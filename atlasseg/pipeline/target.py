@@ -16,17 +16,17 @@ from ..config import Config, SelectionConfig
 from ..errors import RegistrationError
 from ..evaluation import evaluate, mean_score
 from ..fusion.registry import make_fuser
-from ..imageio import normalize_intensity, read_image, read_labels, write_image
+from ..imageio import normalize_intensity
 from ..layout import LAYOUTS
 from ..manifest import Atlas, Target
 from ..parallel import local_threads, progress
 from ..propagation import propagate_intensities, propagate_labels
 from ..quality import Calibration, CandidateVotes, target_features
-from ..registration import save_transform
 from ..report import Disagreement
 from ..selection import min_atlases
-from .jobs import Ranking, atlas_labels, load_normalized, peak_mb, rank_atlases, register_selected, timed
-from .outputs import evaluation_metrics
+from .jobs import Ranking, peak_mb, rank_atlases, register_selected, timed
+from .outputs import evaluation_metrics, write_segmented
+from .sources import FILES, Sources
 
 log = logging.getLogger("atlasseg")
 
@@ -56,12 +56,15 @@ class TargetResult:
         return None if self.scores is None else mean_score(self.dice)
 
 
-def propagate(atlas: Atlas, transform: sitk.Transform, reference: sitk.Image, config: Config, *, intensities: bool):
+def propagate(atlas: Atlas, transform: sitk.Transform, reference: sitk.Image, config: Config, *, intensities: bool,
+              sources: Sources = FILES):
     """One candidate: the atlas's labels and (when ``intensities``) its normalised image on ``reference``'s grid."""
-    labels = propagate_labels(atlas_labels(atlas), transform, reference, interpolator=config.propagation.interpolator)
+    labels = propagate_labels(sources.atlas_labels(atlas), transform, reference,
+                              interpolator=config.propagation.interpolator)
     warped = None
     if intensities:
-        warped = propagate_intensities(load_normalized(atlas.image, config.registration.normalization), transform, reference)
+        normalized = sources.atlas_normalized(atlas, config.registration.normalization)
+        warped = propagate_intensities(normalized, transform, reference)
     return labels, warped
 
 
@@ -79,6 +82,7 @@ class Registered:
     floor: int  # the fewest atlases it is segmented with (resolved ``selection.min_atlases``)
     seconds: dict[str, float]
     memory: dict[str, float | None]
+    sources: Sources = FILES  # where the target's and the atlases' images come from
 
     def reference(self, config: Config) -> sitk.Image:
         """The target with its intensities normalised like the atlases' (what fusion compares them with)."""
@@ -90,18 +94,19 @@ class Registered:
         self.seconds.setdefault("propagation", 0.0)
         for aid, transform in self.transforms.items():
             with timed(self.seconds, "propagation"):
-                labels, warped = propagate(self.atlases[aid], transform, self.image, config, intensities=intensities)
+                labels, warped = propagate(self.atlases[aid], transform, self.image, config, intensities=intensities,
+                                           sources=self.sources)
             yield aid, labels, warped
 
 
 def register_target(target: Target, atlases: list[Atlas], config: Config, *, cache: Cache | None = None,
-                    count: int | str = "selected") -> Registered:
-    """Read ``target`` (and its ground truth), rank every atlas (affine stage) and register non-rigidly
-    ``count`` of them: ``"selected"`` (what selection keeps; failed ones replaced by the next-ranked while
-    fewer than ``selection.min_atlases`` (see :func:`~atlasseg.selection.min_atlases`) succeeded), a number of
-    best-ranked, or ``"all"`` (both with every failed one replaced). Each dropped atlas is logged with its reason."""
-    image = read_image(target.image)
-    truth = read_labels(target.labels, like=image, like_path=target.image) if target.labels is not None else None
+                    count: int | str = "selected", sources: Sources = FILES) -> Registered:
+    """Take ``target`` (and its ground truth) from ``sources``, rank every atlas (affine stage) and register
+    non-rigidly ``count`` of them: ``"selected"`` (what selection keeps; failed ones replaced by the next-ranked
+    while fewer than ``selection.min_atlases`` (see :func:`~atlasseg.selection.min_atlases`) succeeded), a number
+    of best-ranked, or ``"all"`` (both with every failed one replaced). Each dropped atlas is logged with its
+    reason. The registrations run in worker jobs, which read the entries' files."""
+    image, truth = sources.target(target)
     by_id = {a.id: a for a in atlases}
     ranking = rank_atlases(target, atlases, config, cache=cache)
     seconds = dict(ranking.seconds)
@@ -119,7 +124,7 @@ def register_target(target: Target, atlases: list[Atlas], config: Config, *, cac
         memory["nonrigid"] = peak_mb()
     for item in ranking.dropped:
         log.warning("target %s: atlas %s dropped (%s: %s)", target.id, item["atlas"], item["stage"], item["reason"])
-    return Registered(target, image, truth, by_id, ranking, transforms, floor, seconds, memory)
+    return Registered(target, image, truth, by_id, ranking, transforms, floor, seconds, memory, sources)
 
 
 @dataclass
@@ -135,22 +140,49 @@ class Case:
 
 
 def prepare_case(target: Target, atlases: list[Atlas], config: Config, *, count: int | None, intensities: bool,
-                 cache: Cache | None = None) -> Case:
+                 cache: Cache | None = None, sources: Sources = FILES) -> Case:
     """:func:`register_target` with the best ``count`` (None: all) and every candidate propagated once (with its
     warped intensities when ``intensities``): every fusion of them can then reuse the same registrations."""
-    registered = register_target(target, atlases, config, cache=cache, count="all" if count is None else count)
+    registered = register_target(target, atlases, config, cache=cache, count="all" if count is None else count,
+                                 sources=sources)
     candidates = list(registered.candidates(config, intensities=intensities))
     return Case(target, registered.reference(config), registered.truth, registered.ranking, candidates,
                 registered.seconds)
 
 
+@dataclass
+class Segmented:
+    """One target segmented, in memory (:func:`segment_registered`); :func:`~atlasseg.pipeline.outputs.write_segmented`
+    writes it."""
+
+    target_id: str
+    segmentation: sitk.Image  # on the target's grid
+    probabilities: dict[int, sitk.Image]  # label value → share of the vote, when output.probability_maps asks
+    disagreement: sitk.Image | None  # the QC report's heat map, when output.report asks
+    transforms: dict[str, sitk.Transform]  # the atlases used, best-ranked first
+    scores: dict[int, dict[str, float]] | None  # label value → metric → value (with ground truth)
+    record: dict = field(repr=False)
+
+
 def segment_target(target: Target, atlases: list[Atlas], config: Config, *, out_dir: Path, label_names: dict[int, str],
                    cache: Cache | None = None, calibration: Calibration | None = None) -> TargetResult:
-    """Segment one target with the given atlases; write ``<out>/<target>/segmentation.<output.format>`` (and the
-    probability maps, disagreement and transforms the config asks for) and return the result, whose record the
-    caller keeps as ``<out>/<target>/target.json`` (:func:`~atlasseg.pipeline.resume.write_target_record`). With
-    ``calibration`` (``quality.enabled``), the record holds each label's predicted Dice (:mod:`atlasseg.quality`)."""
+    """Segment one target with the given atlases (:func:`register_target`, :func:`segment_registered`); write
+    ``<out>/<target>/segmentation.<output.format>`` (and the probability maps, disagreement and transforms the config
+    asks for: :func:`~atlasseg.pipeline.outputs.write_segmented`) and return the result, whose record the caller
+    keeps as ``<out>/<target>/target.json`` (:func:`~atlasseg.pipeline.resume.write_target_record`)."""
     registered = register_target(target, atlases, config, cache=cache)
+    segmented = segment_registered(registered, len(atlases), config, label_names=label_names, calibration=calibration)
+    path = write_segmented(segmented, out_dir, config, label_names=label_names)
+    return TargetResult(target.id, path, segmented.scores, segmented.record)
+
+
+def segment_registered(registered: Registered, n_atlases: int, config: Config, *, label_names: dict[int, str],
+                       calibration: Calibration | None = None) -> Segmented:
+    """Propagate and fuse ``registered``'s candidates (of ``n_atlases`` atlases ranked), and score the segmentation
+    against the target's ground truth when it has one; nothing is written. The record says where
+    :func:`~atlasseg.pipeline.outputs.write_segmented` puts the files (from the target's folder). With
+    ``calibration`` (``quality.enabled``), the record holds each label's predicted Dice (:mod:`atlasseg.quality`)."""
+    target = registered.target
     ranking, transforms = registered.ranking, registered.transforms
     seconds, memory = registered.seconds, registered.memory
     floor, dropped, used = registered.floor, ranking.dropped, list(transforms)
@@ -160,7 +192,7 @@ def segment_target(target: Target, atlases: list[Atlas], config: Config, *, out_
             f"target {target.id}: only {len(used)} atlas registration(s) succeeded, "
             f"selection.min_atlases is {floor} ({reasons})"
         )
-    degraded = degraded_reason(len(dropped), len(atlases), config.selection)
+    degraded = degraded_reason(len(dropped), n_atlases, config.selection)
     if degraded is not None:
         log.warning("target %s: degraded: %s", target.id, degraded)
     tried = set(used) | {d["atlas"] for d in dropped if d["stage"] == "nonrigid"}
@@ -193,32 +225,19 @@ def segment_target(target: Target, atlases: list[Atlas], config: Config, *, out_
         with timed(seconds, "evaluation"):
             labels = sorted(label_names) or None
             scores_out = evaluate(segmentation, registered.truth, labels=labels, metrics=evaluation_metrics(config))
-
-    target_dir = out_dir / target.id
-    layout = LAYOUTS[config.output.layout]
-    seg_path = layout.segmentation(out_dir, target.id, config.output.format)
-    with timed(seconds, "output"):
-        write_image(segmentation, seg_path)
-        for value, probability in probabilities.items() if config.output.probability_maps else ():
-            if value:
-                write_image(probability, layout.probability(out_dir, target.id, value, label_names,
-                                                            config.output.format))
-        if spread is not None:
-            write_image(spread.result(), target_dir / f"disagreement.{config.output.format}")
-        if config.output.save_transforms:
-            for aid in used:
-                save_transform(transforms[aid], target_dir / "transforms" / f"{aid}.h5")
     quality = None
     if calibration is not None:
         with timed(seconds, "quality"):
             quality = calibration.assess(votes, segmentation, probabilities, labels=sorted(label_names),
                                          target=target_features(records, used))
 
+    layout, here = LAYOUTS[config.output.layout], Path()  # where the files go, from the target's folder
+    seg_path = layout.segmentation(here, target.id, config.output.format)
     record = {
         "image": str(target.image),
         "status": "ok" if degraded is None else "degraded",
         **({} if degraded is None else {"degraded": degraded}),
-        "segmentation": Path(os.path.relpath(seg_path, target_dir)).as_posix(),  # from the target's folder
+        "segmentation": Path(os.path.relpath(seg_path, here / target.id)).as_posix(),
         **({"disagreement": f"disagreement.{config.output.format}"} if spread is not None else {}),
         "ranking": ranking.table(config.selection.metric),
         "selected": used,
@@ -233,7 +252,9 @@ def segment_target(target: Target, atlases: list[Atlas], config: Config, *, out_
         record["mean_dice"] = mean_score({k: s["dice"] for k, s in scores_out.items()})
     if calibration is not None:
         record["quality"] = quality
-    return TargetResult(target.id, seg_path, scores_out, record)
+    kept = probabilities if config.output.probability_maps else {}
+    return Segmented(target.id, segmentation, kept, None if spread is None else spread.result(),
+                     {aid: transforms[aid] for aid in used}, scores_out, record)
 
 
 def degraded_reason(n_dropped: int, n_atlases: int, config: SelectionConfig) -> str | None:
