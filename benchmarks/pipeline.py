@@ -4,7 +4,7 @@
         [--peers ants greedy] [--reuse-peers] [--set section.key=value ...]
 
 Per dataset (the images of benchmarks/registration.py's DATASETS, written once to a temporary folder):
-abdomen (CHAOS T2-SPIR, 7 cases) leave-one-out: each case segmented by the other 6; hippocampus: the first 14 ids
+abdomen (CHAOS T2-SPIR, 7 cases) leave-one-out: each case (or the first `--targets`) segmented by the other 6; hippocampus: the first 14 ids
 (sorted) are atlases, the next 10 targets; cardiac: 8 atlases, the next 7 targets (`--atlases`/`--targets`
 override the last two). atlasseg runs `atlasseg.pipeline.run` per preset on a manifest of those files, with an
 empty registration cache of its own, every target in one call (its time per target: that call's time / targets).
@@ -120,8 +120,8 @@ def write_cases(folder: Path, name: str, ids: list[str]) -> dict[str, tuple[Path
 
 def split(name: str, ids: list[str], args) -> list[tuple[str, list[str]]]:
     """(target, its atlases) pairs."""
-    if name == "abdomen":
-        return [(t, [a for a in ids if a != t]) for t in ids]
+    if name == "abdomen":  # each of the first --targets cases (all by default) segmented by the other six
+        return [(t, [a for a in ids if a != t]) for t in ids[: args.targets or len(ids)]]
     n_atlases, n_targets = SPLITS[name]
     n_atlases, n_targets = args.atlases or n_atlases, args.targets or n_targets
     atlases = ids[:n_atlases]
