@@ -78,10 +78,13 @@ def resolve_config(config: ConfigLike = None, overrides: Sequence[str] = ()) -> 
         return config_from_dict(dict(config), source="config", overrides=overrides)
     if config is None or isinstance(config, (str, os.PathLike)):
         return load_config(config, overrides=overrides)
-    raise ConfigError(f"config: expected a Config, a preset name, a YAML file path or a dict, got {type(config).__name__}")
+    raise ConfigError(
+        f"config: expected a Config, a preset name, a YAML file path or a dict, got {type(config).__name__}"
+    )
 
 
 # --------------------------------------------------------------------------- inputs as files
+
 
 def _is_nibabel(value) -> bool:
     import nibabel
@@ -137,6 +140,7 @@ def _pair(item, where: str) -> tuple:
 
 
 # --------------------------------------------------------------------------- segment, register, evaluate
+
 
 def segment(
     target: ImageLike,
@@ -196,7 +200,9 @@ def segment(
     from .quality import calibrate
 
     config = resolve_config(config, overrides)
-    items = list(atlases.items()) if isinstance(atlases, Mapping) else [(f"atlas_{i}", a) for i, a in enumerate(atlases)]
+    items = (
+        list(atlases.items()) if isinstance(atlases, Mapping) else [(f"atlas_{i}", a) for i, a in enumerate(atlases)]
+    )
     if not items:
         raise ImageError("atlases: none given")
     held: dict = {}
@@ -206,8 +212,13 @@ def segment(
         entries = []
         for aid, item in items:
             image, labels = _pair(item, f"atlas {aid!r}")
-            entries.append({"id": str(aid), "image": str(_input(image, f"{aid}.image", held, folder)),
-                            "labels": str(_input(labels, f"{aid}.labels", held, folder))})
+            entries.append(
+                {
+                    "id": str(aid),
+                    "image": str(_input(image, f"{aid}.image", held, folder)),
+                    "labels": str(_input(labels, f"{aid}.labels", held, folder)),
+                }
+            )
         target_entry = {"id": target_id, "image": str(_input(target, "target.image", held, folder))}
         if truth is not None:
             target_entry["labels"] = str(_input(truth, "target.truth", held, folder))
@@ -221,15 +232,20 @@ def segment(
             calibration = calibrate(manifest, config, cache=open_cache(config), sources=sources)
         registered = register_target(target_, atlases_, config, sources=sources)
         inputs = input_record(target_, atlases_, config) if out_dir is not None else None  # the files' digests
-    result = segment_registered(registered, len(atlases_), config, label_names=manifest.label_names,
-                                calibration=calibration)
+    result = segment_registered(
+        registered, len(atlases_), config, label_names=manifest.label_names, calibration=calibration
+    )
     if out_dir is not None:
         path = write_segmented(result, Path(out_dir), config, label_names=manifest.label_names)
         write_target_record(Path(out_dir), TargetResult(target_id, path, result.scores, result.record), inputs)
-    record = {**result.record, "image": _describe(target),
-              **({"scores": result.scores} if result.scores is not None else {}),  # int label keys, as evaluate's
-              "atlases": {aid: [_describe(part) for part in _pair(item, aid)] for aid, item in items},
-              "config": config.to_dict(), "versions": versions()}
+    record = {
+        **result.record,
+        "image": _describe(target),
+        **({"scores": result.scores} if result.scores is not None else {}),  # int label keys, as evaluate's
+        "atlases": {aid: [_describe(part) for part in _pair(item, aid)] for aid, item in items},
+        "config": config.to_dict(),
+        "versions": versions(),
+    }
     return Segmentation(result.segmentation, record)
 
 
@@ -284,13 +300,29 @@ def register(
 
     config = resolve_config(config, overrides)
     held: dict = {}
-    paths = {name: _input(value, name, held) for name, value in
-             (("fixed", fixed), ("moving", moving), ("moving_labels", labels), ("fixed_mask", fixed_mask),
-              ("moving_mask", moving_mask))}
-    landmarks = {name: None if value is None else Path(value).expanduser().absolute()
-                 for name, value in (("fixed_landmarks", fixed_landmarks), ("moving_landmarks", moving_landmarks))}
-    pair = read_pair(paths.pop("fixed"), paths.pop("moving"), config.registration,
-                     labels_path=paths.pop("moving_labels"), **paths, **landmarks, sources=Sources(held))
+    paths = {
+        name: _input(value, name, held)
+        for name, value in (
+            ("fixed", fixed),
+            ("moving", moving),
+            ("moving_labels", labels),
+            ("fixed_mask", fixed_mask),
+            ("moving_mask", moving_mask),
+        )
+    }
+    landmarks = {
+        name: None if value is None else Path(value).expanduser().absolute()
+        for name, value in (("fixed_landmarks", fixed_landmarks), ("moving_landmarks", moving_landmarks))
+    }
+    pair = read_pair(
+        paths.pop("fixed"),
+        paths.pop("moving"),
+        config.registration,
+        labels_path=paths.pop("moving_labels"),
+        **paths,
+        **landmarks,
+        sources=Sources(held),
+    )
     if out_dir is None:
         transform, warped, warped_labels, record = register_pair(pair)
     else:

@@ -83,8 +83,12 @@ def file_digest(path: str | Path | None) -> str | None:
 
 def entry_key(stage: str, *, files: dict[str, Path | None], settings: dict) -> str:
     """The key of one registration result: the stage, its inputs' contents, its settings, the version."""
-    document = {"stage": stage, "version": __version__, "settings": settings,
-                "files": {name: file_digest(path) for name, path in files.items()}}
+    document = {
+        "stage": stage,
+        "version": __version__,
+        "settings": settings,
+        "files": {name: file_digest(path) for name, path in files.items()},
+    }
     return hashlib.sha256(json.dumps(document, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -138,8 +142,12 @@ class Cache:
         if problem is None:
             return document
         older = isinstance(document, dict) and document.get("format") != _FORMAT  # expected once after an upgrade
-        log.log(logging.INFO if older else logging.WARNING, "%s: cached registration %s; it is computed again",
-                json_path, problem)
+        log.log(
+            logging.INFO if older else logging.WARNING,
+            "%s: cached registration %s; it is computed again",
+            json_path,
+            problem,
+        )
         self._remove(json_path, h5_path, h5_path.with_suffix(".npz"))
         return None
 
@@ -150,8 +158,15 @@ class Cache:
             damaged += json_path.exists() and self._verified(json_path, h5_path) is None
         return damaged
 
-    def store(self, stage: str, key: str, transform: sitk.Transform | None, outcome: dict, *,
-              arrays: dict[str, np.ndarray] | None = None) -> None:
+    def store(
+        self,
+        stage: str,
+        key: str,
+        transform: sitk.Transform | None,
+        outcome: dict,
+        *,
+        arrays: dict[str, np.ndarray] | None = None,
+    ) -> None:
         """Write an entry (the transform and ``arrays`` first, then the JSON with their checksums that makes it
         visible); ``outcome['ok']`` says whether the registration succeeded. ``arrays`` (``<key>.npz``) are
         what :meth:`load_arrays` returns."""
@@ -167,8 +182,13 @@ class Cache:
         if arrays is not None:
             atomic_write(base.with_suffix(".npz"), lambda tmp: np.savez(tmp, **arrays), what="arrays")
             arrays_sha = _sha256_file(base.with_suffix(".npz"))
-        document = {"format": _FORMAT, "outcome": outcome, "outcome_sha256": _sha256_json(outcome),
-                    "transform_sha256": transform_sha, **({"arrays_sha256": arrays_sha} if arrays is not None else {})}
+        document = {
+            "format": _FORMAT,
+            "outcome": outcome,
+            "outcome_sha256": _sha256_json(outcome),
+            "transform_sha256": transform_sha,
+            **({"arrays_sha256": arrays_sha} if arrays is not None else {}),
+        }
         atomic_write_text(base.with_suffix(".json"), json.dumps(document) + "\n")
 
     def _make_folders(self, stage: str) -> None:
@@ -179,8 +199,10 @@ class Cache:
                     folder.mkdir(parents=True, exist_ok=True)
                     os.chmod(folder, 0o700)
                 except OSError as err:
-                    raise AtlassegError(f"{folder}: cannot create the cache folder ({err.strerror or err}); "
-                                        "set output.cache_dir or $ATLASSEG_CACHE_DIR") from None
+                    raise AtlassegError(
+                        f"{folder}: cannot create the cache folder ({err.strerror or err}); "
+                        "set output.cache_dir or $ATLASSEG_CACHE_DIR"
+                    ) from None
 
     @staticmethod
     def _remove(*paths: Path) -> None:
@@ -209,8 +231,13 @@ class Cache:
 
     def size(self) -> int:
         """Bytes under the stage folders (entries, and any stray or temporary file)."""
-        return sum(f.stat().st_size for stage in STAGES if (self.root / stage).is_dir()
-                   for f in (self.root / stage).iterdir() if f.is_file())
+        return sum(
+            f.stat().st_size
+            for stage in STAGES
+            if (self.root / stage).is_dir()
+            for f in (self.root / stage).iterdir()
+            if f.is_file()
+        )
 
     def evict(self, *, max_bytes: int | None = None, in_use_since: float | None = None) -> tuple[int, int]:
         """Remove least recently used entries until the folder holds at most ``max_bytes`` (default: the cap);
@@ -234,9 +261,14 @@ class Cache:
             freed += size
             removed += 1
         if total > limit:
-            log.warning("%s: the registration cache holds %s, above output.cache_max_gb (%s), in entries in use; "
-                        "they become evictable once unused for %d minutes", self.root, _gib(total), _gib(limit),
-                        IN_USE_SECONDS // 60)
+            log.warning(
+                "%s: the registration cache holds %s, above output.cache_max_gb (%s), in entries in use; "
+                "they become evictable once unused for %d minutes",
+                self.root,
+                _gib(total),
+                _gib(limit),
+                IN_USE_SECONDS // 60,
+            )
         return removed, freed
 
     def _remove_strays(self, older_than: float) -> int:
@@ -273,8 +305,7 @@ class Cache:
             folder = self.root / stage
             files = list(folder.iterdir()) if folder.is_dir() else []
             entries = sum(f.suffix == ".json" and not f.name.startswith(TMP_PREFIX) for f in files)
-            summary["stages"][stage] = {"entries": entries,
-                                        "bytes": sum(f.stat().st_size for f in files)}
+            summary["stages"][stage] = {"entries": entries, "bytes": sum(f.stat().st_size for f in files)}
         summary["bytes"] = sum(s["bytes"] for s in summary["stages"].values())
         return summary
 
@@ -315,8 +346,10 @@ def _damage(document, h5_path: Path) -> str | None:
         return "record does not match its checksum (edited or damaged)"
     if not document["outcome"].get("ok"):
         return None
-    for path, checksum, what in ((h5_path, document.get("transform_sha256"), "transform"),
-                                 (h5_path.with_suffix(".npz"), document.get("arrays_sha256"), "arrays")):
+    for path, checksum, what in (
+        (h5_path, document.get("transform_sha256"), "transform"),
+        (h5_path.with_suffix(".npz"), document.get("arrays_sha256"), "arrays"),
+    ):
         if what == "arrays" and "arrays_sha256" not in document:
             continue
         try:
@@ -339,8 +372,9 @@ def settings(config) -> dict:
 
 def open_cache(config, *, force: bool = False) -> Cache:
     """The cache a run with ``config`` uses (``force``: recompute, writing over what is there)."""
-    return Cache(resolve_dir(config.output.cache_dir), enabled=config.output.cache, refresh=force,
-                 max_bytes=max_bytes(config))
+    return Cache(
+        resolve_dir(config.output.cache_dir), enabled=config.output.cache, refresh=force, max_bytes=max_bytes(config)
+    )
 
 
 def max_bytes(config) -> int | None:

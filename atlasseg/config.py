@@ -48,14 +48,20 @@ def _check_pyramid(stage) -> None:
     """
     explicit = stage.shrink_factors != "auto"
     _require(len(stage.smoothing_sigmas) >= 1, "smoothing_sigmas", "at least one level is needed")
-    _require(not explicit or len(stage.shrink_factors) == len(stage.smoothing_sigmas), "smoothing_sigmas",
-             "shrink_factors, smoothing_sigmas must have one entry per level")
+    _require(
+        not explicit or len(stage.shrink_factors) == len(stage.smoothing_sigmas),
+        "smoothing_sigmas",
+        "shrink_factors, smoothing_sigmas must have one entry per level",
+    )
     _require(not explicit or len(stage.shrink_factors) >= 1, "shrink_factors", "at least one level is needed")
     _require(not explicit or all(s >= 1 for s in stage.shrink_factors), "shrink_factors", "must be >= 1")
     _require(all(s >= 0 for s in stage.smoothing_sigmas), "smoothing_sigmas", "must be >= 0 (mm)")
     per_level = isinstance(stage.iterations, tuple)
-    _require(not per_level or not explicit or len(stage.iterations) == len(stage.shrink_factors), "iterations",
-             "one number for every level, or a list with one entry per level")
+    _require(
+        not per_level or not explicit or len(stage.iterations) == len(stage.shrink_factors),
+        "iterations",
+        "one number for every level, or a list with one entry per level",
+    )
     _require(not per_level or len(stage.iterations) >= 1, "iterations", "at least one level is needed")
     counts = stage.iterations if per_level else (stage.iterations,)
     _require(all(i >= 1 for i in counts), "iterations", "must be >= 1")
@@ -132,11 +138,14 @@ class SelectionConfig:
         if self.min_atlases != "auto":
             _require(self.min_atlases >= 1, "min_atlases", f"must be >= 1 or 'auto', got {self.min_atlases}")
             _require(self.k == "all" or self.min_atlases <= self.k, "min_atlases", f"must be <= k ({self.k})")
-        _require(0 <= self.max_dropped_share < 1, "max_dropped_share",
-                 f"must be in [0, 1), got {self.max_dropped_share}")
+        _require(
+            0 <= self.max_dropped_share < 1, "max_dropped_share", f"must be in [0, 1), got {self.max_dropped_share}"
+        )
         _require(self.roi_margin >= 0, "roi_margin", "must be >= 0 (mm)")
         _require(self.grid_spacing > 0, "grid_spacing", "must be > 0 (mm)")
-        _require(self.prescreen == "all" or self.prescreen >= 1, "prescreen", f"must be >= 1 or 'all', got {self.prescreen}")
+        _require(
+            self.prescreen == "all" or self.prescreen >= 1, "prescreen", f"must be >= 1 or 'all', got {self.prescreen}"
+        )
 
 
 @dataclass(frozen=True)
@@ -341,7 +350,9 @@ class RegistrationConfig:
     nonrigid: NonrigidConfig = field(default_factory=NonrigidConfig)
 
     def __post_init__(self):
-        _require(self.seed >= 1, "seed", "must be >= 1 (an unsigned 32-bit seed; SimpleITK reads 0 as 'seed from the clock')")
+        _require(
+            self.seed >= 1, "seed", "must be >= 1 (an unsigned 32-bit seed; SimpleITK reads 0 as 'seed from the clock')"
+        )
         _require(0 <= self.min_overlap <= 1, "min_overlap", "must be in [0, 1]")
         _require(0 <= self.max_folded_fraction <= 1, "max_folded_fraction", "must be in [0, 1]")
 
@@ -468,7 +479,11 @@ class EvaluationConfig:
     """
 
     metrics: tuple[Literal["dice", "jaccard", "hd95", "assd", "volume_difference"], ...] = (
-        "dice", "jaccard", "hd95", "assd", "volume_difference",
+        "dice",
+        "jaccard",
+        "hd95",
+        "assd",
+        "volume_difference",
     )
 
 
@@ -511,8 +526,11 @@ class QualityConfig:
     def __post_init__(self):
         _require(self.calibration_atlases >= 3, "calibration_atlases", "must be >= 3")
         _require(0.0 < self.review_quantile < 1.0, "review_quantile", "must be in (0, 1)")
-        _require(self.review_below is None or 0.0 <= self.review_below <= 1.0, "review_below",
-                 "must be null or a Dice, in [0, 1]")
+        _require(
+            self.review_below is None or 0.0 <= self.review_below <= 1.0,
+            "review_below",
+            "must be null or a Dice, in [0, 1]",
+        )
 
 
 @dataclass(frozen=True)
@@ -603,8 +621,11 @@ class OutputConfig:
     report: bool = True
 
     def __post_init__(self):
-        _require(self.cache_max_gb is None or self.cache_max_gb > 0, "cache_max_gb",
-                 f"must be > 0 (GiB) or null for no cap, got {self.cache_max_gb}")
+        _require(
+            self.cache_max_gb is None or self.cache_max_gb > 0,
+            "cache_max_gb",
+            f"must be > 0 (GiB) or null for no cap, got {self.cache_max_gb}",
+        )
 
 
 @dataclass(frozen=True)
@@ -703,12 +724,17 @@ def _check_expansion(root) -> None:
                 raise YAMLRefused("a recursive alias (a node that contains itself)", node.start_mark)
             return sizes[id(node)]
         sizes[id(node)] = None
-        children = node.value if isinstance(node, yaml.SequenceNode) else (
-            [n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode) else [])
+        children = (
+            node.value
+            if isinstance(node, yaml.SequenceNode)
+            else ([n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode) else [])
+        )
         total = 1 + sum(size(child) for child in children)
         if total > len(sizes) + ALIAS_BUDGET:
-            raise YAMLRefused(f"aliases expand to more than {ALIAS_BUDGET} extra nodes (an alias bomb?); "
-                              "write the values out", node.start_mark)
+            raise YAMLRefused(
+                f"aliases expand to more than {ALIAS_BUDGET} extra nodes (an alias bomb?); write the values out",
+                node.start_mark,
+            )
         sizes[id(node)] = total
         return total
 
@@ -832,7 +858,9 @@ def _build(cls, data, prefix: str = ""):
     for key in data:
         if key not in names:
             full = f"{prefix}.{key}" if prefix else str(key)
-            raise _FieldError(full if len(full) <= 80 else full[:80] + "...", f"unknown key in {where} (known: {', '.join(names)})")
+            raise _FieldError(
+                full if len(full) <= 80 else full[:80] + "...", f"unknown key in {where} (known: {', '.join(names)})"
+            )
     kwargs = {k: _coerce(hints[k], v, f"{prefix}.{k}" if prefix else k) for k, v in data.items()}
     for k, v in kwargs.items():
         _check_limit(cls, k, v, f"{prefix}.{k}" if prefix else k)
@@ -893,7 +921,9 @@ def preset_path(name: str) -> Path:
     for folder in _PRESET_DIRS:
         if (folder / f"{name}.yaml").is_file():
             return folder / f"{name}.yaml"
-    raise ConfigError(f"preset {name!r} is missing from this installation (looked in {', '.join(map(str, _PRESET_DIRS))})")
+    raise ConfigError(
+        f"preset {name!r} is missing from this installation (looked in {', '.join(map(str, _PRESET_DIRS))})"
+    )
 
 
 def resolve_config_path(name_or_path: str | Path) -> Path:

@@ -82,7 +82,9 @@ def crossval(
     """Leave-one-out over ``manifest``'s atlases; returns (and, given ``out_dir``, writes as
     ``crossval.csv`` and ``crossval.json``) Dice per label per method and ``k``."""
     if len(manifest.atlases) < 2:
-        raise AtlassegError(f"{manifest.path}: cross-validation needs at least 2 atlases, found {len(manifest.atlases)}")
+        raise AtlassegError(
+            f"{manifest.path}: cross-validation needs at least 2 atlases, found {len(manifest.atlases)}"
+        )
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ConfigError(f"unknown fusion method {unknown[0]!r} (known: {', '.join(METHODS)})")
@@ -95,8 +97,14 @@ def crossval(
         began = time.time()
         target = as_target(atlas)
         atlases = manifest.atlases_for(target)
-        case = prepare_case(target, atlases, config, count=settings_count(ks),
-                            intensities=any(needs_intensities(m) for m in methods), cache=cache)
+        case = prepare_case(
+            target,
+            atlases,
+            config,
+            count=settings_count(ks),
+            intensities=any(needs_intensities(m) for m in methods),
+            cache=cache,
+        )
         cache.evict(in_use_since=began)  # this target's registrations are in hand
         record = {
             "ranking": case.ranking.table(config.selection.metric),
@@ -109,16 +117,34 @@ def crossval(
             log.warning("target %s: degraded: %s", target.id, degraded)
             record["degraded"] = degraded
         if not case.candidates:
-            log.warning("target %s: no atlas registered; left out (%s)", target.id,
-                        "; ".join(f"{d['atlas']}: {d['reason']}" for d in case.ranking.dropped))
+            log.warning(
+                "target %s: no atlas registered; left out (%s)",
+                target.id,
+                "; ".join(f"{d['atlas']}: {d['reason']}" for d in case.ranking.dropped),
+            )
             targets[target.id] = {**record, "failed": "no atlas registered"}
             continue
-        record["settings"] = {m: {str(k): score_setting(case, m, k, config, labels=labels) for k in ks} for m in methods}
+        record["settings"] = {
+            m: {str(k): score_setting(case, m, k, config, labels=labels) for k in ks} for m in methods
+        }
         targets[target.id] = record
-        best = max(((s["mean_dice"], m, k) for m, by_k in record["settings"].items() for k, s in by_k.items()
-                    if not math.isnan(s["mean_dice"])), default=(math.nan, "-", "-"))
-        log.info("target %d/%d %s: %d atlases registered; best mean Dice %.3f (%s, k=%s)",
-                 number, len(manifest.atlases), target.id, len(case.candidates), *best)
+        best = max(
+            (
+                (s["mean_dice"], m, k)
+                for m, by_k in record["settings"].items()
+                for k, s in by_k.items()
+                if not math.isnan(s["mean_dice"])
+            ),
+            default=(math.nan, "-", "-"),
+        )
+        log.info(
+            "target %d/%d %s: %d atlases registered; best mean Dice %.3f (%s, k=%s)",
+            number,
+            len(manifest.atlases),
+            target.id,
+            len(case.candidates),
+            *best,
+        )
         del case
     scored = {t: r for t, r in targets.items() if "settings" in r}
     if not scored:
@@ -170,8 +196,16 @@ def summary_table(document: dict, label_names: dict[int, str]) -> tuple[list[str
     rows = []
     for method, by_k in summary.items():
         for k, s in by_k.items():
-            rows.append([method, k, f"{s['atlases']:.1f}", *(_cell(s["dice"].get(v, math.nan)) for v in values),
-                         _cell(s["mean_dice"]), f"{s['seconds']:.2f}"])
+            rows.append(
+                [
+                    method,
+                    k,
+                    f"{s['atlases']:.1f}",
+                    *(_cell(s["dice"].get(v, math.nan)) for v in values),
+                    _cell(s["mean_dice"]),
+                    f"{s['seconds']:.2f}",
+                ]
+            )
     return head, rows
 
 
@@ -187,7 +221,9 @@ def write_outputs(out: Path, document: dict, label_names: dict[int, str]) -> Non
             for target, record in document["targets"].items():
                 if "settings" in record:
                     s = record["settings"][method][k]
-                    table += [[method, k, target, s["atlases"], v, label_names.get(v, ""), d] for v, d in s["dice"].items()]
+                    table += [
+                        [method, k, target, s["atlases"], v, label_names.get(v, ""), d] for v, d in s["dice"].items()
+                    ]
                     table.append([method, k, target, s["atlases"], "mean", "", s["mean_dice"]])
             s = document["summary"][method][k]
             table += [[method, k, "mean", s["atlases"], v, label_names.get(v, ""), d] for v, d in s["dice"].items()]

@@ -60,6 +60,7 @@ class Imported:
 
 # --------------------------------------------------------------------------- file names
 
+
 def _stem(path: Path, suffixes=IMAGE_SUFFIXES) -> str | None:
     """``path``'s name without its image extension; None for a hidden file or another file type.
 
@@ -103,13 +104,21 @@ def _listing(paths: list[Path]) -> str:
 def _pick_channel(case: str, per_channel: dict[int, Path], channel: int) -> Path:
     if channel not in per_channel:
         found = ", ".join(f"_{c:04d}" for c in sorted(per_channel))
-        raise ManifestError(f"{per_channel[min(per_channel)].parent}: case {case!r} has no channel {channel} "
-                            f"image ({case}_{channel:04d}; found {found}); choose another --channel")
+        raise ManifestError(
+            f"{per_channel[min(per_channel)].parent}: case {case!r} has no channel {channel} "
+            f"image ({case}_{channel:04d}; found {found}); choose another --channel"
+        )
     return per_channel[channel]
 
 
-def pair_by_name(images: dict[str, Path], labels: dict[str, Path], *, channel: int = 0,
-                 channels: bool | None = None, require_labels: bool = True) -> tuple[list[Case], tuple[int, ...]]:
+def pair_by_name(
+    images: dict[str, Path],
+    labels: dict[str, Path],
+    *,
+    channel: int = 0,
+    channels: bool | None = None,
+    require_labels: bool = True,
+) -> tuple[list[Case], tuple[int, ...]]:
     """Pair image and label files (name without extension → path) by name; (cases sorted by id, the channel
     numbers found in image names: empty when they carry no channel suffix).
 
@@ -130,8 +139,10 @@ def pair_by_name(images: dict[str, Path], labels: dict[str, Path], *, channel: i
     for stem, path in images.items():
         match = _CHANNEL.search(stem)
         if channels and not match:
-            raise ManifestError(f"{path}: expected a channel suffix (as in case_0000{path.name[len(stem):]}), "
-                                "like the dataset's other images")
+            raise ManifestError(
+                f"{path}: expected a channel suffix (as in case_0000{path.name[len(stem) :]}), "
+                "like the dataset's other images"
+            )
         if match and (channels or (channels is None and stem not in by_case and stem[: match.start()] in by_case)):
             per_channel.setdefault(stem[: match.start()], {})[int(match[1])] = path
         elif stem in by_case or not require_labels:
@@ -140,19 +151,26 @@ def pair_by_name(images: dict[str, Path], labels: dict[str, Path], *, channel: i
             lonely.append(path)
     if set(plain) & set(per_channel):
         case = min(set(plain) & set(per_channel))
-        raise ManifestError(f"{plain[case].parent}: case {case!r} has an image without a channel suffix "
-                            f"({plain[case].name}) and per-channel images; keep one kind")
+        raise ManifestError(
+            f"{plain[case].parent}: case {case!r} has an image without a channel suffix "
+            f"({plain[case].name}) and per-channel images; keep one kind"
+        )
     if plain and channel != 0:
-        raise ManifestError(f"{next(iter(plain.values()))}: one channel per file and no channel suffix; "
-                            f"there is no --channel {channel}")
+        raise ManifestError(
+            f"{next(iter(plain.values()))}: one channel per file and no channel suffix; there is no --channel {channel}"
+        )
     chosen = {**plain, **{case: _pick_channel(case, found, channel) for case, found in per_channel.items()}}
     unmatched = [p for case, p in by_case.items() if case not in chosen]
     if lonely or unmatched:
-        parts = [f"{len(files)} {what} in {files[0].parent}: {_listing(files)}"
-                 for files, what in ((lonely, "image(s) without a label map"), (unmatched, "label map(s) without an image"))
-                 if files]
-        raise ManifestError("; ".join(parts) + " (files pair by name: case.nii.gz or case_0000.nii.gz with "
-                                               "case.nii.gz or case_seg.nii.gz; unlabelled images go in --targets)")
+        parts = [
+            f"{len(files)} {what} in {files[0].parent}: {_listing(files)}"
+            for files, what in ((lonely, "image(s) without a label map"), (unmatched, "label map(s) without an image"))
+            if files
+        ]
+        raise ManifestError(
+            "; ".join(parts) + " (files pair by name: case.nii.gz or case_0000.nii.gz with "
+            "case.nii.gz or case_seg.nii.gz; unlabelled images go in --targets)"
+        )
     cases = [Case(_case_id(case), chosen[case], by_case.get(case)) for case in sorted(chosen)]
     return cases, tuple(sorted({c for found in per_channel.values() for c in found}))
 
@@ -161,21 +179,24 @@ def _truth_folder(images: Path) -> Path | None:
     """``labelsTs`` beside ``imagesTs`` (any ``images*`` folder): the targets' ground truth, when it exists."""
     if not images.name.lower().startswith("images"):
         return None
-    folder = images.parent / ("labels" + images.name[len("images"):])
+    folder = images.parent / ("labels" + images.name[len("images") :])
     return folder if folder.is_dir() else None
 
 
-def folder_targets(folder: Path, *, channel: int, channels: bool | None, truth: Path | None = None,
-                   suffixes=IMAGE_SUFFIXES) -> list[Case]:
+def folder_targets(
+    folder: Path, *, channel: int, channels: bool | None, truth: Path | None = None, suffixes=IMAGE_SUFFIXES
+) -> list[Case]:
     """The images of ``folder`` as targets, with ground truth from ``truth`` (or a ``labels*`` folder beside
     an ``images*`` one) for those it holds."""
     truth = truth if truth is not None else _truth_folder(folder)
     labels = image_files(truth, suffixes=suffixes) if truth is not None else {}
-    return pair_by_name(image_files(folder, suffixes=suffixes), labels, channel=channel, channels=channels,
-                        require_labels=False)[0]
+    return pair_by_name(
+        image_files(folder, suffixes=suffixes), labels, channel=channel, channels=channels, require_labels=False
+    )[0]
 
 
 # --------------------------------------------------------------------------- one channel per image
+
 
 def _one_channel(case: Case, channel: int, *, out_dir: Path) -> tuple[Case, int]:
     """(``case`` with a scalar image, its channel count): channel ``channel`` of a 4D image is written to
@@ -203,6 +224,7 @@ def _describe_channels(channel: int, names: dict[int, str], found: tuple[int, ..
 
 # --------------------------------------------------------------------------- writing
 
+
 def _relative(path: Path, folder: Path) -> str:
     """``path`` relative to ``folder``; absolute when they share no folder but the root (or the drive differs)."""
     try:
@@ -212,9 +234,18 @@ def _relative(path: Path, folder: Path) -> str:
     return str(path) if shared == Path(shared.anchor) else Path(os.path.relpath(path, folder)).as_posix()
 
 
-def write_cases(out: str | Path, label_names: dict[int, str], atlases: list[Case], targets: list[Case], *,
-                channel: int, channel_names: dict[int, str], found: tuple[int, ...], command: str,
-                force: bool = False) -> Imported:
+def write_cases(
+    out: str | Path,
+    label_names: dict[int, str],
+    atlases: list[Case],
+    targets: list[Case],
+    *,
+    channel: int,
+    channel_names: dict[int, str],
+    found: tuple[int, ...],
+    command: str,
+    force: bool = False,
+) -> Imported:
     """Validate and write the manifest (paths relative to its folder), headed by the ``command`` that wrote it:
     the manifest's keys, and every file read as ``atlasseg validate`` reads it (after the ``channel`` of 4D
     images is extracted). An existing ``out`` is replaced only with ``force``."""
@@ -222,36 +253,67 @@ def write_cases(out: str | Path, label_names: dict[int, str], atlases: list[Case
 
     out = Path(out).expanduser().absolute()
     scalar = [_one_channel(case, channel, out_dir=out.parent) for case in (*atlases, *targets)]
-    atlases, targets = [c for c, _ in scalar[:len(atlases)]], [c for c, _ in scalar[len(atlases):]]
+    atlases, targets = [c for c, _ in scalar[: len(atlases)]], [c for c, _ in scalar[len(atlases) :]]
     channels = _describe_channels(channel, channel_names, found, max((n for _, n in scalar), default=1))
 
     def entry(case: Case) -> dict:
         files = {"image": case.image, "labels": case.labels}
         return {"id": case.id, **{k: _relative(v.absolute(), out.parent) for k, v in files.items() if v is not None}}
 
-    doc = {"labels": dict(sorted(label_names.items())), "atlases": [entry(c) for c in atlases],
-           "targets": [entry(c) for c in targets]}
+    doc = {
+        "labels": dict(sorted(label_names.items())),
+        "atlases": [entry(c) for c in atlases],
+        "targets": [entry(c) for c in targets],
+    }
     comment = f"written by: {command} ({channels})"
     return Imported(write_manifest(out, doc, comment=comment, force=force, check=check_inputs), channels)
 
 
-def from_folders(images: str | Path, labels: str | Path, *, out: str | Path = "data_manifest.yaml",
-                 targets: str | Path | None = None, target_labels: str | Path | None = None, channel: int = 0,
-                 label_names: dict[int, str] | None = None, force: bool = False) -> Imported:
+def from_folders(
+    images: str | Path,
+    labels: str | Path,
+    *,
+    out: str | Path = "data_manifest.yaml",
+    targets: str | Path | None = None,
+    target_labels: str | Path | None = None,
+    channel: int = 0,
+    label_names: dict[int, str] | None = None,
+    force: bool = False,
+) -> Imported:
     """Write a manifest whose atlases pair the files of ``images`` and ``labels`` by name, and whose targets
     are the images of ``targets`` (with ground truth from ``target_labels`` where it has them)."""
     images, labels = Path(images), Path(labels)
     atlases, found = pair_by_name(image_files(images), image_files(labels), channel=channel)
-    chosen = [] if targets is None else folder_targets(
-        Path(targets), channel=channel, channels=bool(found),
-        truth=None if target_labels is None else Path(target_labels))
-    options = "".join(f" --{key} {value}" for key, value in (("targets", targets), ("target-labels", target_labels))
-                      if value is not None)
-    return write_cases(out, label_names or {}, atlases, chosen, channel=channel, channel_names={}, found=found,
-                       command=f"atlasseg manifest from-folders {images} {labels}{options}", force=force)
+    chosen = (
+        []
+        if targets is None
+        else folder_targets(
+            Path(targets),
+            channel=channel,
+            channels=bool(found),
+            truth=None if target_labels is None else Path(target_labels),
+        )
+    )
+    options = "".join(
+        f" --{key} {value}"
+        for key, value in (("targets", targets), ("target-labels", target_labels))
+        if value is not None
+    )
+    return write_cases(
+        out,
+        label_names or {},
+        atlases,
+        chosen,
+        channel=channel,
+        channel_names={},
+        found=found,
+        command=f"atlasseg manifest from-folders {images} {labels}{options}",
+        force=force,
+    )
 
 
 # --------------------------------------------------------------------------- Decathlon / nnU-Net
+
 
 def _read_json(path: Path) -> dict:
     if not path.is_file():
@@ -272,18 +334,22 @@ def _label_names(doc: dict, path: Path) -> dict[int, str]:
     regions, lists of values, are left out)."""
     labels = doc.get("labels")
     if not isinstance(labels, dict) or not labels:
-        raise ManifestError(f"{path}: has no 'labels' mapping (e.g. {{\"0\": \"background\", \"1\": \"tumour\"}})")
+        raise ManifestError(f'{path}: has no \'labels\' mapping (e.g. {{"0": "background", "1": "tumour"}})')
     if all(isinstance(k, str) and k.strip().isdigit() for k in labels):  # Decathlon: value → name
         return {int(k): str(v) for k, v in labels.items() if int(k) > 0}
     names: dict[int, str] = {}
     for name, value in labels.items():  # nnU-Net v2: name → value
         if isinstance(value, list):
-            log.warning("%s: label %r is a region (values %s): left out, its values keep their own names", path, name, value)
+            log.warning(
+                "%s: label %r is a region (values %s): left out, its values keep their own names", path, name, value
+            )
             continue
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ManifestError(f"{path}: labels: {name!r}: {value!r} is not a label value (a whole number >= 0)")
         if name == "ignore":
-            log.warning("%s: label %d is nnU-Net's 'ignore' label; atlasseg segments it as any other label", path, value)
+            log.warning(
+                "%s: label %d is nnU-Net's 'ignore' label; atlasseg segments it as any other label", path, value
+            )
         if value > 0:
             names[value] = str(name)
     return names
@@ -292,7 +358,9 @@ def _label_names(doc: dict, path: Path) -> dict[int, str]:
 def _channel_names(doc: dict, path: Path) -> dict[int, str]:
     channels = doc.get("channel_names", doc.get("modality")) or {}
     if not isinstance(channels, dict) or not all(str(k).strip().isdigit() for k in channels):
-        raise ManifestError(f"{path}: 'channel_names'/'modality' must map channel numbers to names, e.g. {{\"0\": \"T2\"}}")
+        raise ManifestError(
+            f"{path}: 'channel_names'/'modality' must map channel numbers to names, e.g. {{\"0\": \"T2\"}}"
+        )
     return {int(k): str(v) for k, v in channels.items()}
 
 
@@ -319,12 +387,12 @@ def _listed_file(folder: Path, value, *, where: str, path: Path, channel: int) -
 def _training_list(doc: dict, folder: Path, path: Path, channel: int) -> tuple[list[Case], bool]:
     training = doc["training"]
     if not isinstance(training, list) or not training:
-        raise ManifestError(f"{path}: 'training' must be a non-empty list of {{\"image\": ..., \"label\": ...}}")
+        raise ManifestError(f'{path}: \'training\' must be a non-empty list of {{"image": ..., "label": ...}}')
     cases, used = [], False
     for i, item in enumerate(training):
         where = f"training[{i}]"
         if not isinstance(item, dict) or "image" not in item or "label" not in item:
-            raise ManifestError(f"{path}: {where}: expected {{\"image\": ..., \"label\": ...}}, got {item!r}")
+            raise ManifestError(f'{path}: {where}: expected {{"image": ..., "label": ...}}, got {item!r}')
         image, case, suffixed = _listed_file(folder, item["image"], where=f"{where}.image", path=path, channel=channel)
         labels, _, _ = _listed_file(folder, item["label"], where=f"{where}.label", path=path, channel=channel)
         used |= suffixed
@@ -332,8 +400,14 @@ def _training_list(doc: dict, folder: Path, path: Path, channel: int) -> tuple[l
     return cases, used
 
 
-def from_msd(dataset_json: str | Path, *, out: str | Path = "data_manifest.yaml", targets: str | Path | None = None,
-             channel: int = 0, force: bool = False) -> Imported:
+def from_msd(
+    dataset_json: str | Path,
+    *,
+    out: str | Path = "data_manifest.yaml",
+    targets: str | Path | None = None,
+    channel: int = 0,
+    force: bool = False,
+) -> Imported:
     """Write a manifest from a Decathlon or nnU-Net raw dataset: its training cases become atlases, its test
     images targets (the ``test`` list, or ``targets``, a folder relative to the dataset's, or ``imagesTs``),
     and its label names carry over.
@@ -352,8 +426,10 @@ def from_msd(dataset_json: str | Path, *, out: str | Path = "data_manifest.yaml"
     label_names = _label_names(doc, path)
     channel_names = _channel_names(doc, path)
     if channel_names and channel not in channel_names:
-        raise ManifestError(f"{path}: has channels {', '.join(f'{c} {n}' for c, n in sorted(channel_names.items()))}; "
-                            f"there is no --channel {channel}")
+        raise ManifestError(
+            f"{path}: has channels {', '.join(f'{c} {n}' for c, n in sorted(channel_names.items()))}; "
+            f"there is no --channel {channel}"
+        )
     found: tuple[int, ...] = ()
     if "training" in doc:
         atlases, used = _training_list(doc, folder, path, channel)
@@ -361,30 +437,54 @@ def from_msd(dataset_json: str | Path, *, out: str | Path = "data_manifest.yaml"
     elif "file_ending" in doc:
         ending = doc["file_ending"]
         if not isinstance(ending, str) or not ending.startswith("."):
-            raise ManifestError(f"{path}: file_ending must be a file extension such as \".nii.gz\", got {ending!r}")
+            raise ManifestError(f'{path}: file_ending must be a file extension such as ".nii.gz", got {ending!r}')
         suffixes = (ending,)
         for sub in ("imagesTr", "labelsTr"):
             if not (folder / sub).is_dir():
-                raise ManifestError(f"{path}: has no 'training' list and {folder / sub} is not a folder "
-                                    "(nnU-Net v2's 'dataset' key is not supported)")
-        atlases, found = pair_by_name(image_files(folder / "imagesTr", suffixes=suffixes),
-                                      image_files(folder / "labelsTr", suffixes=suffixes), channel=channel, channels=True)
+                raise ManifestError(
+                    f"{path}: has no 'training' list and {folder / sub} is not a folder "
+                    "(nnU-Net v2's 'dataset' key is not supported)"
+                )
+        atlases, found = pair_by_name(
+            image_files(folder / "imagesTr", suffixes=suffixes),
+            image_files(folder / "labelsTr", suffixes=suffixes),
+            channel=channel,
+            channels=True,
+        )
         used = True
     else:
-        raise ManifestError(f"{path}: has neither a 'training' list (Decathlon, nnU-Net v1) nor 'file_ending' (nnU-Net v2)")
+        raise ManifestError(
+            f"{path}: has neither a 'training' list (Decathlon, nnU-Net v1) nor 'file_ending' (nnU-Net v2)"
+        )
     if targets is not None:
         chosen = folder_targets(folder / targets, channel=channel, channels=used, suffixes=suffixes)
     elif isinstance(doc.get("test"), list) and doc["test"]:
-        listed = [_listed_file(folder, item.get("image") if isinstance(item, dict) else item, where=f"test[{i}]",
-                               path=path, channel=channel) for i, item in enumerate(doc["test"])]
+        listed = [
+            _listed_file(
+                folder,
+                item.get("image") if isinstance(item, dict) else item,
+                where=f"test[{i}]",
+                path=path,
+                channel=channel,
+            )
+            for i, item in enumerate(doc["test"])
+        ]
         chosen = [Case(_case_id(case), image) for image, case, _ in listed]
     elif (folder / "imagesTs").is_dir():
         chosen = folder_targets(folder / "imagesTs", channel=channel, channels=used, suffixes=suffixes)
     else:
         chosen = []
-    return write_cases(out, label_names, atlases, chosen, channel=channel, channel_names=channel_names, found=found,
-                       command=f"atlasseg manifest from-msd {path}" + (f" --targets {targets}" if targets else ""),
-                       force=force)
+    return write_cases(
+        out,
+        label_names,
+        atlases,
+        chosen,
+        channel=channel,
+        channel_names=channel_names,
+        found=found,
+        command=f"atlasseg manifest from-msd {path}" + (f" --targets {targets}" if targets else ""),
+        force=force,
+    )
 
 
 # --------------------------------------------------------------------------- BIDS
@@ -443,13 +543,24 @@ def _labels_derivative(root: Path, labels: Path | None) -> Path:
     found = [d for d in sorted((root / "derivatives").glob("*")) if d.is_dir() and next(d.rglob("sub-*_dseg.*"), None)]
     if len(found) != 1:
         where = ", ".join(str(f) for f in found) if found else f"none under {root / 'derivatives'}"
-        raise ManifestError(f"{root}: needs one derivative folder with _dseg label maps ({where}); name it with --labels")
+        raise ManifestError(
+            f"{root}: needs one derivative folder with _dseg label maps ({where}); name it with --labels"
+        )
     return found[0]
 
 
-def from_bids(bids_dir: str | Path, *, out: str | Path = "data_manifest.yaml", labels: str | Path | None = None,
-              suffix: str = "T1w", datatype: str = "anat", desc: str | None = None, targets: tuple[str, ...] = (),
-              channel: int = 0, force: bool = False) -> Imported:
+def from_bids(
+    bids_dir: str | Path,
+    *,
+    out: str | Path = "data_manifest.yaml",
+    labels: str | Path | None = None,
+    suffix: str = "T1w",
+    datatype: str = "anat",
+    desc: str | None = None,
+    targets: tuple[str, ...] = (),
+    channel: int = 0,
+    force: bool = False,
+) -> Imported:
     """Write a manifest from a BIDS dataset: every ``sub-*/[ses-*/]<datatype>/*_<suffix>`` image is a case,
     named by its entities (``sub-01_ses-A``: the ids ``output.layout: bids`` writes by). A case whose
     label map (a ``_dseg`` file of the same entities, plus any of space, res, den, label, desc) is in the
@@ -473,22 +584,36 @@ def from_bids(bids_dir: str | Path, *, out: str | Path = "data_manifest.yaml", l
     cases = {layout.case_name(entities): path for entities, path in images.values()}
     for case, found in maps.items():
         if len(found) > 1:
-            raise ManifestError(f"{derivative}: {case} has {len(found)} label maps ({_listing(found)}); pick one with --desc")
+            raise ManifestError(
+                f"{derivative}: {case} has {len(found)} label maps ({_listing(found)}); pick one with --desc"
+            )
         if case not in cases:
             raise ManifestError(f"{found[0]}: a label map without a {suffix} image ({case}) in {root}")
     chosen = set()
     for name in targets:
         matched = {c for c in cases if c == name or c.startswith(name + "_")}
         if not matched:
-            raise ManifestError(f"{root}: --targets {name}: no such case (cases: {', '.join(sorted(cases)[:_SHOWN])} ...)")
+            raise ManifestError(
+                f"{root}: --targets {name}: no such case (cases: {', '.join(sorted(cases)[:_SHOWN])} ...)"
+            )
         chosen |= matched
     atlases = [Case(c, path, maps[c][0]) for c, path in cases.items() if c in maps and c not in chosen]
-    to_segment = [Case(c, path, maps[c][0] if c in maps else None) for c, path in cases.items()
-                  if c not in maps or c in chosen]
+    to_segment = [
+        Case(c, path, maps[c][0] if c in maps else None) for c, path in cases.items() if c not in maps or c in chosen
+    ]
     if not atlases:
         raise ManifestError(f"{derivative}: no {suffix} image of {root} has a _dseg label map there: no atlases")
     names = _dseg_names(derivative, [paths[0] for paths in maps.values()], desc)
     options = "".join(f" --{key} {value}" for key, value in (("labels", labels), ("desc", desc)) if value is not None)
     options += "".join(f" --targets {t}" for t in targets)
-    return write_cases(out, names, atlases, to_segment, channel=channel, channel_names={}, found=(),
-                       command=f"atlasseg manifest from-bids {root}{options}", force=force)
+    return write_cases(
+        out,
+        names,
+        atlases,
+        to_segment,
+        channel=channel,
+        channel_names={},
+        found=(),
+        command=f"atlasseg manifest from-bids {root}{options}",
+        force=force,
+    )

@@ -195,10 +195,7 @@ def _make_subject(*, grid: _Grid, rng: np.random.Generator) -> tuple[sitk.Image,
     """Sample the phantom on `grid` under a random affine and deformation; return (image, labels)."""
     dim = grid.dim
     # Physical coordinates of every voxel, ITK axis order first: shape (dim, *grid.shape), mm.
-    axes = [
-        grid.origin[a] + grid.spacing[a] * np.arange(grid.shape[dim - 1 - a], dtype=np.float64)
-        for a in range(dim)
-    ]
+    axes = [grid.origin[a] + grid.spacing[a] * np.arange(grid.shape[dim - 1 - a], dtype=np.float64) for a in range(dim)]
     points = np.stack(np.meshgrid(*axes[::-1], indexing="ij")[::-1])
 
     matrix, translation = _random_affine(dim=dim, rng=rng)
@@ -313,4 +310,3 @@ def _to_sitk(array: np.ndarray, grid: _Grid) -> sitk.Image:
     image.SetOrigin(grid.origin)
     image.SetDirection(np.eye(grid.dim).ravel().tolist())
     return image
-

@@ -46,9 +46,11 @@ class Parameter:
 def _sections(cls) -> tuple[str, list[str]]:
     """(summary before the Parameters section, the section's lines) of ``cls``'s docstring."""
     lines = inspect.cleandoc(cls.__doc__ or "").splitlines()
-    end = next((i for i, line in enumerate(lines[:-1])
-                if line.strip() == "Parameters" and set(lines[i + 1].strip()) == {"-"}), len(lines))
-    return " ".join(line.strip() for line in lines[:end] if line.strip()), lines[end + 2:]
+    end = next(
+        (i for i, line in enumerate(lines[:-1]) if line.strip() == "Parameters" and set(lines[i + 1].strip()) == {"-"}),
+        len(lines),
+    )
+    return " ".join(line.strip() for line in lines[:end] if line.strip()), lines[end + 2 :]
 
 
 def parameters(cls) -> dict[str, Parameter]:
@@ -135,14 +137,23 @@ def configuration_reference() -> str:
             continue
         hints = typing.get_type_hints(section)
         documented = parameters(section)
-        out += ["", f"## `{prefix}`", "", _markdown(_sections(section)[0]), "",
-                "| key | type | default | unit | meaning |", "| --- | --- | --- | --- | --- |"]
+        out += [
+            "",
+            f"## `{prefix}`",
+            "",
+            _markdown(_sections(section)[0]),
+            "",
+            "| key | type | default | unit | meaning |",
+            "| --- | --- | --- | --- | --- |",
+        ]
         for f in dataclasses.fields(section):
             if _is_section(hints[f.name]):
                 continue
             entry = documented.get(f.name, Parameter("", "", "(undocumented)"))
-            out.append(f"| `{prefix}.{f.name}` | {_markdown(type_name(hints[f.name]))} | `{_default(f)}` | "
-                       f"{entry.unit} | {_markdown(entry.text)} |")
+            out.append(
+                f"| `{prefix}.{f.name}` | {_markdown(type_name(hints[f.name]))} | `{_default(f)}` | "
+                f"{entry.unit} | {_markdown(entry.text)} |"
+            )
         nested = [f.name for f in dataclasses.fields(section) if _is_section(hints[f.name])]
         if nested:
             out += ["", "Subsections: " + ", ".join(f"[`{prefix}.{n}`](#{prefix}{n})" for n in nested) + "."]
@@ -190,8 +201,9 @@ REFERENCES = {"configuration.md": configuration_reference, "cli.md": cli_referen
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m atlasseg.docs", description="Write docs/configuration.md and "
-                                     "docs/cli.md from the code.")
+    parser = argparse.ArgumentParser(
+        prog="python -m atlasseg.docs", description="Write docs/configuration.md and docs/cli.md from the code."
+    )
     parser.add_argument("--check", action="store_true", help="write nothing; exit 1 when a file is out of date")
     parser.add_argument("--out", type=Path, default=DOCS, help="folder (default: the checkout's docs/)")
     args = parser.parse_args(argv)

@@ -84,7 +84,9 @@ METRICS = {
 }
 
 
-def evaluate(prediction: sitk.Image, truth: sitk.Image, *, labels=None, metrics=("dice",)) -> dict[int, dict[str, float]]:
+def evaluate(
+    prediction: sitk.Image, truth: sitk.Image, *, labels=None, metrics=("dice",)
+) -> dict[int, dict[str, float]]:
     """Scores per label value (default: every non-zero value in either image) and metric name."""
     if not same_grid(prediction, truth):
         raise ImageError("evaluation: prediction and ground truth lie on different grids")

@@ -21,8 +21,14 @@ from .errors import AtlassegError, ImageError
 log = logging.getLogger("atlasseg")
 
 _INTEGER_TYPES = {
-    sitk.sitkUInt8, sitk.sitkInt8, sitk.sitkUInt16, sitk.sitkInt16,
-    sitk.sitkUInt32, sitk.sitkInt32, sitk.sitkUInt64, sitk.sitkInt64,
+    sitk.sitkUInt8,
+    sitk.sitkInt8,
+    sitk.sitkUInt16,
+    sitk.sitkInt16,
+    sitk.sitkUInt32,
+    sitk.sitkInt32,
+    sitk.sitkUInt64,
+    sitk.sitkInt64,
 }
 
 
@@ -96,11 +102,15 @@ def _read_error(path: Path, err: RuntimeError) -> ImageError:
     reason = str(err).strip().splitlines()
     detail = next((line for line in reason if "Exception" not in line and line.strip()), "unreadable")
     if "orthonormal direction cosines" in detail:
-        return ImageError(f"{path}: header fields sform and qform give no orthonormal direction (the voxel axes are "
-                          "sheared); resample the image onto an orthogonal grid")
+        return ImageError(
+            f"{path}: header fields sform and qform give no orthonormal direction (the voxel axes are "
+            "sheared); resample the image onto an orthogonal grid"
+        )
     if "Unable to determine ImageIO reader" in detail:
-        return ImageError(f"{path}: cannot read image (no reader recognises it: damaged, not an image, or a wrong extension; "
-                          "use .nii.gz, .nrrd, .mha, .mgz or a DICOM folder)")
+        return ImageError(
+            f"{path}: cannot read image (no reader recognises it: damaged, not an image, or a wrong extension; "
+            "use .nii.gz, .nrrd, .mha, .mgz or a DICOM folder)"
+        )
     return ImageError(f"{path}: cannot read image ({detail.strip()[:200]})")
 
 
@@ -108,11 +118,14 @@ def check_scalar(image, path) -> None:
     """Refuse a vector image, or one that is not 2D/3D (an image, or a header's :class:`Geometry`)."""
     grid = image if isinstance(image, Geometry) else Geometry.of(image)
     if grid.components != 1:
-        raise ImageError(f"{path}: has {grid.components} components per voxel; a scalar image is "
-                         "needed (extract one channel first)")
+        raise ImageError(
+            f"{path}: has {grid.components} components per voxel; a scalar image is needed (extract one channel first)"
+        )
     if grid.dimension not in (2, 3):
-        raise ImageError(f"{path}: is {grid.dimension}D (size {grid.size}); 2D and 3D images are "
-                         "supported (extract one volume first)")
+        raise ImageError(
+            f"{path}: is {grid.dimension}D (size {grid.size}); 2D and 3D images are "
+            "supported (extract one volume first)"
+        )
 
 
 def _is_nifti(path: Path) -> bool:
@@ -165,7 +178,9 @@ def check_intensities(path: str | Path, values: np.ndarray) -> None:
     """Refuse NaN/infinite or constant intensities (nothing to register), naming the file."""
     bad = int(np.size(values) - np.count_nonzero(np.isfinite(values)))
     if bad:
-        raise ImageError(f"{path}: holds {bad} NaN or infinite intensities; replace them (e.g. with 0 outside the body)")
+        raise ImageError(
+            f"{path}: holds {bad} NaN or infinite intensities; replace them (e.g. with 0 outside the body)"
+        )
     lo, hi = (float(values.min()), float(values.max())) if np.size(values) else (0.0, 0.0)
     if lo == hi:
         raise ImageError(f"{path}: every voxel is {lo:g} (a constant image has nothing to register); wrong file?")
@@ -177,7 +192,9 @@ def check_label_values(path: str | Path, values: np.ndarray) -> np.ndarray:
         raise ImageError(f"{path}: label map holds non-integer values; labels must be whole numbers")
     present = np.unique(values)
     if present.size and present[0] < 0:
-        raise ImageError(f"{path}: label map holds negative values ({present[0]:g}); labels must be >= 0 (0 is background)")
+        raise ImageError(
+            f"{path}: label map holds negative values ({present[0]:g}); labels must be >= 0 (0 is background)"
+        )
     return present.astype(np.int64)
 
 
@@ -235,8 +252,18 @@ class Geometry:
     @classmethod
     def of(cls, image) -> "Geometry":
         """Geometry of a ``SimpleITK.Image`` (or of a reader after ``ReadImageInformation``)."""
-        components = image.GetNumberOfComponents() if isinstance(image, sitk.ImageFileReader) else image.GetNumberOfComponentsPerPixel()
-        return cls(tuple(image.GetSize()), tuple(image.GetSpacing()), tuple(image.GetOrigin()), tuple(image.GetDirection()), components)
+        components = (
+            image.GetNumberOfComponents()
+            if isinstance(image, sitk.ImageFileReader)
+            else image.GetNumberOfComponentsPerPixel()
+        )
+        return cls(
+            tuple(image.GetSize()),
+            tuple(image.GetSpacing()),
+            tuple(image.GetOrigin()),
+            tuple(image.GetDirection()),
+            components,
+        )
 
     @property
     def dimension(self) -> int:
@@ -286,9 +313,11 @@ def _check_spacing(spacing, path: Path, field: str) -> None:
     bad = ~(np.isfinite(values) & (values > 0))
     if bad.any():
         axis = int(np.argmax(bad))
-        raise ImageError(f"{path}: header field {field} gives voxel spacing {values[axis]:g} along axis {axis} "
-                         f"(spacing {_fmt(values)}); every spacing must be a positive number of mm: fix the header "
-                         "(e.g. with SimpleITK's SetSpacing) or re-export the image")
+        raise ImageError(
+            f"{path}: header field {field} gives voxel spacing {values[axis]:g} along axis {axis} "
+            f"(spacing {_fmt(values)}); every spacing must be a positive number of mm: fix the header "
+            "(e.g. with SimpleITK's SetSpacing) or re-export the image"
+        )
 
 
 def check_geometry(geometry: "Geometry", path: str | Path) -> None:
@@ -299,11 +328,15 @@ def check_geometry(geometry: "Geometry", path: str | Path) -> None:
     _check_spacing(geometry.spacing, path, spacing_field)
     n = geometry.dimension
     direction = np.asarray(geometry.direction, float).reshape(n, n)
-    if not np.isfinite(direction).all() or \
-            np.abs(direction.T @ direction - np.eye(n)).max() > nibabel_io.ORTHONORMAL_TOLERANCE:
-        raise ImageError(f"{path}: header field {direction_field} holds direction cosines that are not orthonormal "
-                         f"({_fmt(direction.ravel())}: the voxel axes are sheared or not unit length); fix the "
-                         "header or resample the image onto an orthogonal grid")
+    if (
+        not np.isfinite(direction).all()
+        or np.abs(direction.T @ direction - np.eye(n)).max() > nibabel_io.ORTHONORMAL_TOLERANCE
+    ):
+        raise ImageError(
+            f"{path}: header field {direction_field} holds direction cosines that are not orthonormal "
+            f"({_fmt(direction.ravel())}: the voxel axes are sheared or not unit length); fix the "
+            "header or resample the image onto an orthogonal grid"
+        )
 
 
 def _header(path: Path, file: str) -> sitk.ImageFileReader:
@@ -328,9 +361,12 @@ def _series_geometry(path: Path, files: list[str]) -> Geometry:
         return Geometry.of(_read(path))  # slices without distinct positions: as the reader stacks them
     direction = np.asarray(first.direction).reshape(3, 3)
     direction[:, 2] = step / distance
-    return dataclasses.replace(first, size=(*first.size[:2], len(files)),
-                               spacing=(*first.spacing[:2], distance / (len(files) - 1)),
-                               direction=tuple(direction.ravel().tolist()))
+    return dataclasses.replace(
+        first,
+        size=(*first.size[:2], len(files)),
+        spacing=(*first.spacing[:2], distance / (len(files) - 1)),
+        direction=tuple(direction.ravel().tolist()),
+    )
 
 
 # Grid tolerances, as fractions of the smallest voxel spacing (origin, spacing) or absolute (direction
@@ -371,10 +407,19 @@ def check_same_grid(image, labels, *, image_path, labels_path, warn: bool = True
             f"{labels_path}: label map grid ({labels.describe()}) differs from its image {image_path} ({image.describe()})"
         )
     if warn:
-        shift = max(np.abs(np.subtract(image.origin, labels.origin)).max(), np.abs(np.subtract(image.spacing, labels.spacing)).max())
+        shift = max(
+            np.abs(np.subtract(image.origin, labels.origin)).max(),
+            np.abs(np.subtract(image.spacing, labels.spacing)).max(),
+        )
         turn = np.abs(np.subtract(image.direction, labels.direction)).max()
-        log.warning("%s: grid differs from its image %s by floating-point noise (origin/spacing %.2g mm, direction %.2g); "
-                    "snapped onto the image's grid", labels_path, image_path, shift, turn)
+        log.warning(
+            "%s: grid differs from its image %s by floating-point noise (origin/spacing %.2g mm, direction %.2g); "
+            "snapped onto the image's grid",
+            labels_path,
+            image_path,
+            shift,
+            turn,
+        )
 
 
 def snap_grid(image: sitk.Image, like, *, path, like_path=None) -> None:

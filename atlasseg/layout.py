@@ -59,8 +59,10 @@ def case_entities(case_id: str) -> dict[str, str] | None:
 def _bids_folder(out: Path, target_id: str) -> tuple[Path, dict[str, str]]:
     entities = case_entities(target_id)
     if entities is None:
-        raise ManifestError(f"output.layout bids: target id {target_id!r} is not a BIDS name (sub-<label>[_ses-<label>]"
-                            "...); write the manifest with 'atlasseg manifest from-bids'")
+        raise ManifestError(
+            f"output.layout bids: target id {target_id!r} is not a BIDS name (sub-<label>[_ses-<label>]"
+            "...); write the manifest with 'atlasseg manifest from-bids'"
+        )
     folder = out / f"sub-{entities['sub']}"
     if "ses" in entities:
         folder = folder / f"ses-{entities['ses']}"
@@ -84,15 +86,31 @@ def _label_entity(value: int, names: dict[int, str]) -> str:
     return mine if mine and list(entities.values()).count(mine) == 1 and not mine.isdigit() else str(value)
 
 
-_IGNORED = ("run.json", "metrics.csv", "index.html", "viewer/", "**/target.json", "**/qc.png", "**/viewer.js",
-            "**/disagreement.*", "**/transforms/")
+_IGNORED = (
+    "run.json",
+    "metrics.csv",
+    "index.html",
+    "viewer/",
+    "**/target.json",
+    "**/qc.png",
+    "**/viewer.js",
+    "**/disagreement.*",
+    "**/transforms/",
+)
 
 
 def _bids_finish(out: Path, names: dict[int, str]) -> None:
     description = {
-        "Name": "atlasseg segmentations", "BIDSVersion": BIDS_VERSION, "DatasetType": "derivative",
-        "GeneratedBy": [{"Name": "atlasseg", "Version": __version__,
-                         "Description": "multi-atlas segmentation: registration, label propagation and fusion"}],
+        "Name": "atlasseg segmentations",
+        "BIDSVersion": BIDS_VERSION,
+        "DatasetType": "derivative",
+        "GeneratedBy": [
+            {
+                "Name": "atlasseg",
+                "Version": __version__,
+                "Description": "multi-atlas segmentation: registration, label propagation and fusion",
+            }
+        ],
     }
     atomic_write_text(out / "dataset_description.json", json.dumps(description, indent=2) + "\n")
     table = io.StringIO()
@@ -119,10 +137,13 @@ class Layout:
 
 
 LAYOUTS = {
-    "default": Layout(check=lambda ids: None,
-                      segmentation=lambda out, tid, fmt: out / tid / f"segmentation.{fmt}",
-                      probability=lambda out, tid, value, names, fmt: out / tid / f"probability_{value}.{fmt}",
-                      finish=lambda out, names: None),
-    "bids": Layout(check=_check_bids, segmentation=_bids_segmentation, probability=_bids_probability,
-                   finish=_bids_finish),
+    "default": Layout(
+        check=lambda ids: None,
+        segmentation=lambda out, tid, fmt: out / tid / f"segmentation.{fmt}",
+        probability=lambda out, tid, value, names, fmt: out / tid / f"probability_{value}.{fmt}",
+        finish=lambda out, names: None,
+    ),
+    "bids": Layout(
+        check=_check_bids, segmentation=_bids_segmentation, probability=_bids_probability, finish=_bids_finish
+    ),
 }

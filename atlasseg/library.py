@@ -65,11 +65,20 @@ def prescreen(target: Target, atlases: list[Atlas], config: Config, *, cache: Ca
     reference = atlases[0]
     entries = [(reference, a.image, a.labels, a.mask, a.landmarks) for a in atlases]
     found = _in_reference_space(entries, config, cache, desc="atlases → reference", remember=True)
-    (moved,) = _in_reference_space([(reference, target.image, None, target.mask, target.landmarks)], config, cache,
-                                   desc=f"{target.id} → reference", remember=False)
+    (moved,) = _in_reference_space(
+        [(reference, target.image, None, target.mask, target.landmarks)],
+        config,
+        cache,
+        desc=f"{target.id} → reference",
+        remember=False,
+    )
     if moved is None:
-        log.warning("target %s: its affine registration onto the reference %s failed; every atlas is ranked "
-                    "by its own affine stage instead", target.id, reference.id)
+        log.warning(
+            "target %s: its affine registration onto the reference %s failed; every atlas is ranked "
+            "by its own affine stage instead",
+            target.id,
+            reference.id,
+        )
         return None
     scores = {a.id: score(moved, arrays, config.selection.metric) for a, arrays in zip(atlases, found)}
     best = set(rank(scores)[:count])
@@ -93,8 +102,13 @@ def entry_key_for(reference: Atlas, image, labels, mask, landmarks, config: Conf
     (the affine registration's and the score's)."""
     reg, sel = settings(config.registration), config.selection
     del reg["nonrigid"]
-    files = {"reference": reference.image, "reference_mask": reference.mask, "image": image, "labels": labels,
-             "mask": mask}
+    files = {
+        "reference": reference.image,
+        "reference_mask": reference.mask,
+        "image": image,
+        "labels": labels,
+        "mask": mask,
+    }
     if config.registration.affine.initialization == "landmarks":
         files.update(reference_landmarks=reference.landmarks, landmarks=landmarks)
     scoring = {"roi": sel.roi, "roi_margin": sel.roi_margin, "grid_spacing": sel.grid_spacing}
@@ -130,8 +144,9 @@ def _cached(cache: Cache, key: str) -> tuple[dict | None] | None:
     return None if arrays is None else (arrays,)
 
 
-def _to_reference(reference: Atlas, image, labels, mask, landmarks, config: Config, cache: Cache, key: str,
-                  threads: int):
+def _to_reference(
+    reference: Atlas, image, labels, mask, landmarks, config: Config, cache: Cache, key: str, threads: int
+):
     """Register one image onto the reference and resample what its score needs onto the reference's scoring
     grid (runs in a worker); the outcome goes into the cache. The arrays, None when the registration failed,
     False when a file could not be read."""
@@ -142,8 +157,12 @@ def _to_reference(reference: Atlas, image, labels, mask, landmarks, config: Conf
         moving = normalize_intensity(read_image(image), method=reg.normalization)
         masks = None
         if reference.mask is not None or mask is not None:
-            masks = Masks(*(None if m is None else read_labels(m, like=read_geometry(p), like_path=p)
-                            for m, p in ((reference.mask, reference.image), (mask, image))))
+            masks = Masks(
+                *(
+                    None if m is None else read_labels(m, like=read_geometry(p), like_path=p)
+                    for m, p in ((reference.mask, reference.image), (mask, image))
+                )
+            )
         points = None
         if reg.affine.initialization == "landmarks":
             points = (read_landmarks(reference.landmarks, image=fixed), read_landmarks(landmarks, image=moving))
@@ -157,8 +176,9 @@ def _to_reference(reference: Atlas, image, labels, mask, landmarks, config: Conf
         cache.store(STAGE, key, None, {"failure": {"reason": str(err)}})
         return None
     grid = coarse_grid(fixed, spacing=sel.grid_spacing)
-    values = sitk.GetArrayFromImage(sitk.Resample(smoothed(moving, sel.grid_spacing), grid, transform,
-                                                  sitk.sitkLinear, 0.0, sitk.sitkFloat32))
+    values = sitk.GetArrayFromImage(
+        sitk.Resample(smoothed(moving, sel.grid_spacing), grid, transform, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+    )
     if labels is None:  # a target: its field of view, within its mask
         inside = sitk.Image(moving.GetSize(), sitk.sitkUInt8) + 1
         inside.CopyInformation(moving)
@@ -181,5 +201,8 @@ def _cropped(values: np.ndarray, region: np.ndarray) -> dict[str, np.ndarray]:
     if not found[0].size:
         return {"start": np.zeros(region.ndim, dtype=np.int64), "values": values[:0], "region": region[:0]}
     box = tuple(slice(int(i.min()), int(i.max()) + 1) for i in found)
-    return {"start": np.array([b.start for b in box], dtype=np.int64), "values": values[box].astype(np.float32),
-            "region": region[box]}
+    return {
+        "start": np.array([b.start for b in box], dtype=np.int64),
+        "values": values[box].astype(np.float32),
+        "region": region[box],
+    }

@@ -44,8 +44,17 @@ from .imageio import atomic_write_text, dicom_files, names_dicom_series
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
 #: What runs write at the top of their output folder, beside one folder per target id: no id may take these names
 #: (compared without case, as macOS and Windows file systems do).
-RESERVED_IDS = ("run.json", "metrics.csv", "index.html", "viewer", "crossval.csv", "crossval.json", "dseg.tsv",
-                "dataset_description.json", ".bidsignore")
+RESERVED_IDS = (
+    "run.json",
+    "metrics.csv",
+    "index.html",
+    "viewer",
+    "crossval.csv",
+    "crossval.json",
+    "dseg.tsv",
+    "dataset_description.json",
+    ".bidsignore",
+)
 _TOP_KEYS = ("labels", "atlases", "targets")
 _FILE_KEYS = ("image", "labels", "mask", "landmarks")
 _IMAGE_KEYS = ("image", "labels", "mask")  # may be DICOM series
@@ -101,7 +110,9 @@ class Manifest:
         for t in self.targets:
             if t.id == target_id:
                 return t
-        raise ManifestError(f"{self.path}: no target with id {target_id!r} (targets: {', '.join(t.id for t in self.targets)})")
+        raise ManifestError(
+            f"{self.path}: no target with id {target_id!r} (targets: {', '.join(t.id for t in self.targets)})"
+        )
 
     def case(self, case_id: str) -> Target:
         """The target with this id, else the atlas with this id as a target (its labels the ground truth)."""
@@ -161,8 +172,10 @@ def _transforms(path: Path, entry: str, value, target_ids: list[str]) -> tuple[t
     if not isinstance(value, dict):
         file = _file(path, entry, "transform", value, required=True)
         return tuple((t, file) for t in target_ids)
-    return tuple((str(t), _file(path, f"{entry}: transform for {short_repr(t)}", "transform", f, required=True))
-                 for t, f in value.items())
+    return tuple(
+        (str(t), _file(path, f"{entry}: transform for {short_repr(t)}", "transform", f, required=True))
+        for t, f in value.items()
+    )
 
 
 def _entries(path: Path, doc: dict, section: str, *, labels_required: bool, target_ids=()) -> list[dict]:
@@ -183,11 +196,15 @@ def _entries(path: Path, doc: dict, section: str, *, labels_required: bool, targ
         if ident is None:
             raise ManifestError(f"{path}: {entry} has no 'id'")
         if isinstance(ident, (dict, list)) or not _ID.match(ident := str(ident)):
-            raise ManifestError(f"{path}: {entry}: id {short_repr(ident)} may only hold letters, digits, '.', '_' "
-                                "and '-', at most 200 (it names output files)")
+            raise ManifestError(
+                f"{path}: {entry}: id {short_repr(ident)} may only hold letters, digits, '.', '_' "
+                "and '-', at most 200 (it names output files)"
+            )
         if ident.lower() in RESERVED_IDS:
-            raise ManifestError(f"{path}: {entry}: id {ident!r} is the name of a file runs write beside the targets' "
-                                f"folders ({', '.join(RESERVED_IDS)}); rename the entry")
+            raise ManifestError(
+                f"{path}: {entry}: id {ident!r} is the name of a file runs write beside the targets' "
+                f"folders ({', '.join(RESERVED_IDS)}); rename the entry"
+            )
         entry = f"{singular} {ident!r}"
         for key in item:
             if key not in keys:
@@ -195,8 +212,12 @@ def _entries(path: Path, doc: dict, section: str, *, labels_required: bool, targ
         if ident in seen:
             raise ManifestError(f"{path}: duplicate {singular} id {ident!r}")
         seen.add(ident)
-        files = {key: _file(path, entry, key, item.get(key), required=key == "image" or (key == "labels" and labels_required))
-                 for key in _FILE_KEYS}
+        files = {
+            key: _file(
+                path, entry, key, item.get(key), required=key == "image" or (key == "labels" and labels_required)
+            )
+            for key in _FILE_KEYS
+        }
         if "transform" in keys:
             files["transforms"] = _transforms(path, entry, item.get("transform"), list(target_ids))
         out.append({"id": ident, **files})
@@ -227,32 +248,48 @@ def manifest_from_dict(doc, path: str | Path | None = None, *, name: str | None 
     names: dict[int, str] = {}
     for value, name in raw_names.items():
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise ManifestError(f"{path}: labels: {short_repr(value)} is not a positive integer label value "
-                                "(0 is background)")
+            raise ManifestError(
+                f"{path}: labels: {short_repr(value)} is not a positive integer label value (0 is background)"
+            )
         if isinstance(name, (dict, list)) or len(name := str(name)) > _NAME_LENGTH:
-            raise ManifestError(f"{path}: labels: the name of label {value} must be a text of at most {_NAME_LENGTH} "
-                                f"characters, got {short_repr(name)}")
+            raise ManifestError(
+                f"{path}: labels: the name of label {value} must be a text of at most {_NAME_LENGTH} "
+                f"characters, got {short_repr(name)}"
+            )
         names[value] = name
     targets = tuple(Target(**e) for e in _entries(path, doc, "targets", labels_required=False))
-    atlases = tuple(Atlas(**e) for e in _entries(path, doc, "atlases", labels_required=True,
-                                                 target_ids=[t.id for t in targets]))
+    atlases = tuple(
+        Atlas(**e) for e in _entries(path, doc, "atlases", labels_required=True, target_ids=[t.id for t in targets])
+    )
     if not atlases:
         raise ManifestError(f"{path}: no atlases listed")
     known = {t.id for t in targets} | {a.id for a in atlases}
     for atlas in atlases:
         unknown = [t for t, _ in atlas.transforms if t not in known]
         if unknown:
-            raise ManifestError(f"{path}: atlas {atlas.id!r}: transform for {short_repr(unknown[0])}, which is no target or atlas id")
-    written = {(kind, str(item.get("id")), key): item[key]
-               for section, kind in (("atlases", "atlas"), ("targets", "target"))
-               for item in doc.get(section) or () for key in _FILE_KEYS if isinstance(item.get(key), str)}
-    return Manifest(path=path, label_names=dict(sorted(names.items())), atlases=atlases, targets=targets,
-                    written=written)
+            raise ManifestError(
+                f"{path}: atlas {atlas.id!r}: transform for {short_repr(unknown[0])}, which is no target or atlas id"
+            )
+    written = {
+        (kind, str(item.get("id")), key): item[key]
+        for section, kind in (("atlases", "atlas"), ("targets", "target"))
+        for item in doc.get(section) or ()
+        for key in _FILE_KEYS
+        if isinstance(item.get(key), str)
+    }
+    return Manifest(
+        path=path, label_names=dict(sorted(names.items())), atlases=atlases, targets=targets, written=written
+    )
 
 
-
-def write_manifest(path: str | Path, doc: dict, *, comment: str = "", force: bool = False,
-                   check: Callable[[Manifest], None] | None = None) -> Manifest:
+def write_manifest(
+    path: str | Path,
+    doc: dict,
+    *,
+    comment: str = "",
+    force: bool = False,
+    check: Callable[[Manifest], None] | None = None,
+) -> Manifest:
     """Validate ``doc`` as the manifest at ``path`` (its paths relative to that folder), run ``check`` on it
     (e.g. :func:`atlasseg.pipeline.check_inputs`), then write it atomically as YAML headed by ``comment``.
 

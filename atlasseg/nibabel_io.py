@@ -54,7 +54,9 @@ def grid_from_affine(affine, dimension: int = 3) -> tuple[tuple[float, ...], tup
         raise ValueError(f"the affine gives an axis zero length (voxel sizes {spacing.round(6).tolist()})")
     direction = axes / spacing
     if np.abs(direction.T @ direction - np.eye(dimension)).max() > ORTHONORMAL_TOLERANCE:
-        raise ValueError("the affine shears the voxel axes (not orthogonal); resample the image onto an orthogonal grid")
+        raise ValueError(
+            "the affine shears the voxel axes (not orthogonal); resample the image onto an orthogonal grid"
+        )
     return tuple(spacing.tolist()), tuple(lps[:dimension, 3].tolist()), tuple(direction.ravel().tolist())
 
 
@@ -69,8 +71,9 @@ def from_nibabel(image) -> sitk.Image:
         array = array[..., 0]
     spatial = min(array.ndim, 3)
     vector = array.ndim > spatial
-    out = sitk.GetImageFromArray(np.ascontiguousarray(np.moveaxis(array, range(spatial), range(spatial)[::-1])),
-                                 isVector=vector)
+    out = sitk.GetImageFromArray(
+        np.ascontiguousarray(np.moveaxis(array, range(spatial), range(spatial)[::-1])), isVector=vector
+    )
     spacing, origin, direction = grid_from_affine(image.affine, spatial)
     out.SetSpacing(spacing)
     out.SetOrigin(origin)
@@ -188,4 +191,3 @@ def _mgh_type(values: np.ndarray) -> np.dtype:
 def _reason(err: Exception) -> str:
     text = str(err).strip()
     return text.splitlines()[0][:200] if text else type(err).__name__
-

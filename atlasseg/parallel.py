@@ -76,19 +76,26 @@ def session(parallel: ParallelConfig):
     try:
         from distributed import Client, LocalCluster
     except ImportError:
-        raise AtlassegError("parallel.backend: dask needs the distributed package: pip install 'atlasseg[dask]'") from None
+        raise AtlassegError(
+            "parallel.backend: dask needs the distributed package: pip install 'atlasseg[dask]'"
+        ) from None
     with contextlib.ExitStack() as stack:
         if parallel.scheduler:
             try:
                 _reachable(parallel.scheduler)
                 client = stack.enter_context(Client(parallel.scheduler, timeout="30s"))
             except (OSError, TimeoutError, ValueError) as err:
-                raise AtlassegError(f"parallel.scheduler: cannot reach the Dask scheduler at {parallel.scheduler} "
-                                    f"({getattr(err, 'strerror', None) or err})") from None
+                raise AtlassegError(
+                    f"parallel.scheduler: cannot reach the Dask scheduler at {parallel.scheduler} "
+                    f"({getattr(err, 'strerror', None) or err})"
+                ) from None
         else:
             jobs = available_cores() if parallel.n_jobs == -1 else min(parallel.n_jobs, available_cores())
-            cluster = stack.enter_context(LocalCluster(n_workers=jobs, threads_per_worker=1, processes=True,
-                                                       host="127.0.0.1", dashboard_address=None))
+            cluster = stack.enter_context(
+                LocalCluster(
+                    n_workers=jobs, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None
+                )
+            )
             client = stack.enter_context(Client(cluster))
         log.info("Dask cluster %s: %d worker thread(s)", client.scheduler.address, sum(client.nthreads().values()))
         _client = client
@@ -175,8 +182,9 @@ def parallel_map(function, tasks: list[tuple], parallel: ParallelConfig, *, desc
             with session(parallel):
                 from distributed import as_completed
 
-                futures = [_client.submit(_indexed, i, function, task, threads, pure=False)
-                           for i, task in enumerate(tasks)]
+                futures = [
+                    _client.submit(_indexed, i, function, task, threads, pure=False) for i, task in enumerate(tasks)
+                ]
                 for future in as_completed(futures):
                     index, results[index] = future.result()
                     bar.update()

@@ -85,5 +85,7 @@ def propagate_intensities(
     Outside the image: 0. Label maps go through :func:`propagate_labels` instead.
     """
     if interpolator not in _INTENSITY_INTERPOLATORS:
-        raise ImageError(f"unknown intensity interpolator {interpolator!r} (known: {', '.join(_INTENSITY_INTERPOLATORS)})")
+        raise ImageError(
+            f"unknown intensity interpolator {interpolator!r} (known: {', '.join(_INTENSITY_INTERPOLATORS)})"
+        )
     return sitk.Resample(image, reference, transform, _INTENSITY_INTERPOLATORS[interpolator], 0.0, sitk.sitkFloat32)

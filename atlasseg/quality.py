@@ -79,8 +79,9 @@ class CandidateVotes:
     def values(self) -> set[int]:
         return {v for voxels in self._voxels for v in voxels}
 
-    def features(self, segmentation: sitk.Image, probabilities: dict[int, sitk.Image], *, labels,
-                 target: dict[str, float]) -> dict[int, dict[str, float]]:
+    def features(
+        self, segmentation: sitk.Image, probabilities: dict[int, sitk.Image], *, labels, target: dict[str, float]
+    ) -> dict[int, dict[str, float]]:
         """:data:`FEATURES` of each of ``labels`` in ``segmentation`` (the fused result; ``probabilities``: the
         fusion's, per label value; ``target``: the :data:`TARGET_FEATURES`). A label neither the result nor
         any candidate has is left out."""
@@ -103,8 +104,11 @@ class CandidateVotes:
             out[value] = {
                 "agreement": float(np.mean(dice)),
                 "consistency": float((counts * (counts - 1)).sum() / pairs) if pairs else math.nan,
-                "boundary_probability": (float(sitk.GetArrayViewFromImage(probability)[boundary].mean())
-                                         if probability is not None and boundary.any() else 0.0),
+                "boundary_probability": (
+                    float(sitk.GetArrayViewFromImage(probability)[boundary].mean())
+                    if probability is not None and boundary.any()
+                    else 0.0
+                ),
                 "volume_ratio": math.log((inside + 1.0) / (median + 1.0)),
                 **target,
             }
@@ -114,8 +118,10 @@ class CandidateVotes:
 def target_features(records: dict[str, dict], used) -> dict[str, float]:
     """:data:`TARGET_FEATURES` of the ``used`` atlases: their registrations' mean final metric (non-rigid, else
     affine) from ``records``; NaN where none is finite."""
-    metrics = [(records.get(aid, {}).get("nonrigid") or records.get(aid, {}).get("affine") or {}).get("metric_after")
-               for aid in used]
+    metrics = [
+        (records.get(aid, {}).get("nonrigid") or records.get(aid, {}).get("affine") or {}).get("metric_after")
+        for aid in used
+    ]
     kept = [v for v in metrics if v is not None and math.isfinite(v)]
     return {"registration_metric": float(np.mean(kept)) if kept else math.nan}
 
@@ -177,25 +183,41 @@ class Calibration:
     review: dict  # {"rule", "below", ...}: see review_rule
     cached: bool = False
 
-    def assess(self, votes: CandidateVotes, segmentation: sitk.Image, probabilities: dict[int, sitk.Image], *,
-               labels, target: dict[str, float]) -> dict[str, dict]:
+    def assess(
+        self,
+        votes: CandidateVotes,
+        segmentation: sitk.Image,
+        probabilities: dict[int, sitk.Image],
+        *,
+        labels,
+        target: dict[str, float],
+    ) -> dict[str, dict]:
         """Per label (its value as a string, as in run.json): predicted Dice, its error, review, features
         (``probabilities``: the fusion's, per label value; ``target``: the :data:`TARGET_FEATURES`)."""
         found = votes.features(segmentation, probabilities, labels=labels or sorted(votes.values()), target=target)
         out = {}
         for value, features in found.items():
             predicted = self.model.predict(features)
-            out[str(value)] = {"predicted_dice": round(predicted, 4), "error": round(self.model.error, 4),
-                               "review": predicted < self.review["below"],
-                               "features": {k: round(v, 6) for k, v in features.items()}}
+            out[str(value)] = {
+                "predicted_dice": round(predicted, 4),
+                "error": round(self.model.error, 4),
+                "review": predicted < self.review["below"],
+                "features": {k: round(v, 6) for k, v in features.items()},
+            }
         return out
 
     def summary(self) -> dict:
         """What run.json keeps of the calibration."""
         atlases = list(dict.fromkeys(s["atlas"] for s in self.samples))
-        return {"atlases": atlases, "samples": self.samples, "error": round(self.model.error, 4),
-                "penalty": self.model.penalty, "cached": self.cached, "review": self.review,
-                "weights": dict(zip(("intercept", *FEATURES), (round(w, 6) for w in self.model.weights)))}
+        return {
+            "atlases": atlases,
+            "samples": self.samples,
+            "error": round(self.model.error, 4),
+            "penalty": self.model.penalty,
+            "cached": self.cached,
+            "review": self.review,
+            "weights": dict(zip(("intercept", *FEATURES), (round(w, 6) for w in self.model.weights))),
+        }
 
 
 def review_rule(model: Model, config: QualityConfig) -> dict:
@@ -217,12 +239,20 @@ def calibration_atlases(manifest: Manifest, count: int) -> list:
 
 
 def _key(manifest: Manifest, chosen: list, config: Config, labels) -> str:
-    files = {f"{a.id}:{name}": getattr(a, name) for a in manifest.atlases
-             for name in ("image", "labels", "mask", "landmarks")}
+    files = {
+        f"{a.id}:{name}": getattr(a, name)
+        for a in manifest.atlases
+        for name in ("image", "labels", "mask", "landmarks")
+    }
     files.update({f"{a.id}:transform:{c.id}": a.transform_for(c.id) for a in manifest.atlases for c in chosen})
-    segmenting = {name: settings(getattr(config, name)) for name in ("selection", "registration", "propagation", "fusion")}
-    return entry_key("quality", files=files, settings={**segmenting, "calibration": [a.id for a in chosen],
-                                                       "labels": list(labels), "features": FEATURES})
+    segmenting = {
+        name: settings(getattr(config, name)) for name in ("selection", "registration", "propagation", "fusion")
+    }
+    return entry_key(
+        "quality",
+        files=files,
+        settings={**segmenting, "calibration": [a.id for a in chosen], "labels": list(labels), "features": FEATURES},
+    )
 
 
 def calibrate(manifest: Manifest, config: Config, *, cache: Cache, sources: Sources | None = None) -> Calibration:
@@ -237,8 +267,10 @@ def calibrate(manifest: Manifest, config: Config, *, cache: Cache, sources: Sour
     from .pipeline.target import prepare_case
 
     if len(manifest.atlases) < 3:
-        raise ConfigError(f"quality.enabled: the prediction is calibrated on atlases segmented by the others, "
-                          f"which needs at least 3 atlases; {manifest.path} lists {len(manifest.atlases)}")
+        raise ConfigError(
+            f"quality.enabled: the prediction is calibrated on atlases segmented by the others, "
+            f"which needs at least 3 atlases; {manifest.path} lists {len(manifest.atlases)}"
+        )
     labels = sorted(manifest.label_names)
     chosen = calibration_atlases(manifest, config.quality.calibration_atlases)
     key = _key(manifest, chosen, config, labels)
@@ -253,9 +285,15 @@ def calibrate(manifest: Manifest, config: Config, *, cache: Cache, sources: Sour
     for number, atlas in enumerate(chosen, 1):
         target = as_target(atlas)
         others = manifest.atlases_for(target)
-        case = prepare_case(target, others, config, count=None if k == "all" else k,
-                            intensities=needs_intensities(config.fusion.method), cache=cache,
-                            sources=sources or FILES)
+        case = prepare_case(
+            target,
+            others,
+            config,
+            count=None if k == "all" else k,
+            intensities=needs_intensities(config.fusion.method),
+            cache=cache,
+            sources=sources or FILES,
+        )
         if not case.candidates:
             log.warning("quality: calibration atlas %s: no atlas registered; left out", atlas.id)
             continue
@@ -266,15 +304,24 @@ def calibrate(manifest: Manifest, config: Config, *, cache: Cache, sources: Sour
             votes.add(candidate)
         segmentation = fuser.result()
         used = [aid for aid, _, _ in case.candidates]
-        found = votes.features(segmentation, fuser.probabilities(), labels=labels or sorted(votes.values()),
-                               target=target_features(case.ranking.records, used))
+        found = votes.features(
+            segmentation,
+            fuser.probabilities(),
+            labels=labels or sorted(votes.values()),
+            target=target_features(case.ranking.records, used),
+        )
         dice = evaluate(segmentation, case.truth, labels=sorted(found), metrics=("dice",))
-        samples += [{"atlas": atlas.id, "label": value, "features": features, "dice": dice[value]["dice"]}
-                    for value, features in found.items() if math.isfinite(dice[value]["dice"])]
+        samples += [
+            {"atlas": atlas.id, "label": value, "features": features, "dice": dice[value]["dice"]}
+            for value, features in found.items()
+            if math.isfinite(dice[value]["dice"])
+        ]
         log.info("quality: calibration %d/%d (%s) done", number, len(chosen), atlas.id)
     if len(samples) < 3:
-        raise RegistrationError(f"quality: only {len(samples)} calibration sample(s) from {manifest.path}'s atlases; "
-                          "the prediction needs at least 3")
+        raise RegistrationError(
+            f"quality: only {len(samples)} calibration sample(s) from {manifest.path}'s atlases; "
+            "the prediction needs at least 3"
+        )
     cache.store("quality", key, None, {"samples": samples})
     model = fit(samples)
     return Calibration(samples, model, review_rule(model, config.quality))

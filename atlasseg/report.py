@@ -49,8 +49,18 @@ from .manifest import Manifest, load_manifest
 
 # Saturated colours that stand out on a grey image, label value v gets _PALETTE[(v - 1) % 10]: the same
 # label has the same colour in every picture of every run.
-_PALETTE = ("#ff0000", "#00e000", "#1e90ff", "#ffff00", "#00ffff", "#ff00ff", "#ff8c00", "#8a2be2",
-            "#7fff00", "#ff69b4")
+_PALETTE = (
+    "#ff0000",
+    "#00e000",
+    "#1e90ff",
+    "#ffff00",
+    "#00ffff",
+    "#ff00ff",
+    "#ff8c00",
+    "#8a2be2",
+    "#7fff00",
+    "#ff69b4",
+)
 _WINDOW_PERCENTILES = (0.5, 99.5)
 _WIDTH_INCHES = 10.0  # a picture's panels fill about this width ...
 _ROW_INCHES = {2: 5.0, 3: 3.6}  # ... and at most this height per row (2D, 3D)
@@ -87,8 +97,10 @@ def _centre(shape: tuple[int, ...], *label_arrays: np.ndarray) -> tuple[int, ...
     """Centre (numpy index) of the bounding box of the first non-empty label map, else of the image."""
     for labels in label_arrays:
         if labels is not None and labels.any():
-            spans = [np.flatnonzero(labels.any(axis=tuple(a for a in range(labels.ndim) if a != axis)))
-                     for axis in range(labels.ndim)]
+            spans = [
+                np.flatnonzero(labels.any(axis=tuple(a for a in range(labels.ndim) if a != axis)))
+                for axis in range(labels.ndim)
+            ]
             return tuple(int(s[0] + s[-1]) // 2 for s in spans)
     return tuple(n // 2 for n in shape)
 
@@ -112,13 +124,32 @@ def _outline(plane: np.ndarray, value: int, width: float, height: float) -> np.n
 
 # Picture layout, inches: room for the row names (left), the title and view names (top), between panels;
 # a legend row's height, an entry's width besides its text (fontsize 9: about 0.075 inch a character).
-_LEFT, _RIGHT, _TOP, _GAP, _LEGEND_ROW, _LEGEND_ENTRY, _LEGEND_CHAR, _LEGEND_NAME = 0.3, 0.1, 0.6, 0.1, 0.25, 0.7, 0.075, 40
-_EDGE_LETTERS = ((0.02, 0.5, "left", "center"), (0.98, 0.5, "right", "center"),
-                 (0.5, 0.98, "center", "top"), (0.5, 0.02, "center", "bottom"))
+_LEFT, _RIGHT, _TOP, _GAP, _LEGEND_ROW, _LEGEND_ENTRY, _LEGEND_CHAR, _LEGEND_NAME = (
+    0.3,
+    0.1,
+    0.6,
+    0.1,
+    0.25,
+    0.7,
+    0.075,
+    40,
+)
+_EDGE_LETTERS = (
+    (0.02, 0.5, "left", "center"),
+    (0.98, 0.5, "right", "center"),
+    (0.5, 0.98, "center", "top"),
+    (0.5, 0.02, "center", "bottom"),
+)
 
 
-def qc_figure(image: sitk.Image, segmentation: sitk.Image, truth: sitk.Image | None = None, *,
-              label_names: dict[int, str] | None = None, title: str = ""):
+def qc_figure(
+    image: sitk.Image,
+    segmentation: sitk.Image,
+    truth: sitk.Image | None = None,
+    *,
+    label_names: dict[int, str] | None = None,
+    title: str = "",
+):
     """A matplotlib Figure (Agg, no pyplot state): the segmentation's outlines over ``image``, and
     ``truth``'s (a second row in 3D, beside it in 2D), as described in the module docstring. All
     images on one grid. Outlines follow the voxel edges: they show exactly which voxels carry a label.
@@ -171,13 +202,27 @@ def qc_figure(image: sitk.Image, segmentation: sitk.Image, truth: sitk.Image | N
         top = height - _TOP - row * (panel_height + _GAP)
         for col, (plane, view) in enumerate(panels):
             w_mm, h_mm = sizes[col]
-            axes = figure.add_axes((left / width, (top - h_mm * scale) / height, w_mm * scale / width, h_mm * scale / height))
+            axes = figure.add_axes(
+                (left / width, (top - h_mm * scale) / height, w_mm * scale / width, h_mm * scale / height)
+            )
             left += w_mm * scale + _GAP
-            axes.imshow(_plane(values, view, centre), cmap="gray", vmin=low, vmax=high, interpolation="nearest",
-                        extent=(0, w_mm, h_mm, 0))
+            axes.imshow(
+                _plane(values, view, centre),
+                cmap="gray",
+                vmin=low,
+                vmax=high,
+                interpolation="nearest",
+                extent=(0, w_mm, h_mm, 0),
+            )
             for value in np.unique(plane[plane > 0]).tolist():
-                axes.add_collection(LineCollection(_outline(plane, value, w_mm, h_mm), colors=label_colour(value),
-                                                   linewidths=1.5, capstyle="projecting"))
+                axes.add_collection(
+                    LineCollection(
+                        _outline(plane, value, w_mm, h_mm),
+                        colors=label_colour(value),
+                        linewidths=1.5,
+                        capstyle="projecting",
+                    )
+                )
             axes.set_xticks([])
             axes.set_yticks([])
             if row == 0:
@@ -185,8 +230,9 @@ def qc_figure(image: sitk.Image, segmentation: sitk.Image, truth: sitk.Image | N
             if col == 0:
                 axes.set_ylabel(row_names[row], fontsize=9)
             for side, (x, y, ha, va) in zip(view.sides or (), _EDGE_LETTERS):
-                axes.text(x, y, side, transform=axes.transAxes, ha=ha, va=va, color="white", fontsize=8,
-                          path_effects=outline)
+                axes.text(
+                    x, y, side, transform=axes.transAxes, ha=ha, va=va, color="white", fontsize=8, path_effects=outline
+                )
     if legend:
         handles = [Line2D([], [], color=label_colour(v), linewidth=3, label=name) for v, name in zip(present, legend)]
         figure.legend(handles=handles, loc="lower center", ncol=columns, fontsize=9, frameon=False, borderaxespad=0.2)
@@ -208,15 +254,22 @@ def _save_picture(path: str | Path, figure) -> None:
     atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=_DPI), what="QC picture")
 
 
-def write_qc_picture(path: str | Path, image_path: str | Path, segmentation_path: str | Path,
-                     truth_path: str | Path | None = None, *, label_names: dict[int, str] | None = None,
-                     title: str = "") -> None:
+def write_qc_picture(
+    path: str | Path,
+    image_path: str | Path,
+    segmentation_path: str | Path,
+    truth_path: str | Path | None = None,
+    *,
+    label_names: dict[int, str] | None = None,
+    title: str = "",
+) -> None:
     """Write ``path`` (PNG, atomically): :func:`qc_figure` of the files; label maps checked against the image's grid."""
     image, segmentation, truth = _read_target(image_path, segmentation_path, truth_path)
     _save_picture(path, qc_figure(image, segmentation, truth, label_names=label_names, title=title))
 
 
 # --------------------------------------------------------------------------- the interactive view
+
 
 class Disagreement:
     """The candidates' disagreement, voxel by voxel: the share of them that vote against the most
@@ -282,8 +335,14 @@ def _label_volume(labels: sitk.Image) -> sitk.Image:
     return sitk.Cast(labels, sitk.sitkUInt8 if high < 256 else sitk.sitkUInt16)
 
 
-def write_viewer_data(path: str | Path, target_id: str, image: sitk.Image, segmentation: sitk.Image,
-                      truth: sitk.Image | None = None, disagreement: sitk.Image | None = None) -> None:
+def write_viewer_data(
+    path: str | Path,
+    target_id: str,
+    image: sitk.Image,
+    segmentation: sitk.Image,
+    truth: sitk.Image | None = None,
+    disagreement: sitk.Image | None = None,
+) -> None:
     """Write one target's volumes for the page's interactive view (``<target>/viewer.js``, atomically):
     a script that hands them, as base64 NIfTI, to ``atlassegViewer.add``."""
     volumes = {"image": _nifti_base64(_grey(image)), "segmentation": _nifti_base64(_label_volume(segmentation))}
@@ -305,11 +364,15 @@ def copy_viewer(out_dir: str | Path) -> None:
     """Copy the vendored NiiVue build and its licence into ``<out_dir>/viewer/`` (atomically, each)."""
     source = Path(__file__).with_name(_VIEWER_DIR)
     for name in _VIEWER_ASSETS:
-        atomic_write(Path(out_dir) / _VIEWER_DIR / name, lambda tmp, src=source / name: shutil.copyfile(src, tmp),
-                     what="viewer file")
+        atomic_write(
+            Path(out_dir) / _VIEWER_DIR / name,
+            lambda tmp, src=source / name: shutil.copyfile(src, tmp),
+            what="viewer file",
+        )
 
 
 # --------------------------------------------------------------------------- the page
+
 
 def read_run(out_dir: str | Path) -> dict:
     """The ``run.json`` of an output folder."""
@@ -358,8 +421,12 @@ def write_report(out_dir: str | Path, run_record: dict, manifest: Manifest | Non
         disagreement = out / target_id / record.get("disagreement", "")
         disagreement = read_image(disagreement) if record.get("disagreement") and disagreement.is_file() else None
         write_viewer_data(out / target_id / _VIEWER_DATA, target_id, image, labels, truth, disagreement)
-        present = {v for m in (labels, truth) if m is not None for v in np.unique(sitk.GetArrayViewFromImage(m)).tolist()}
-        views[target_id] = _ViewLayers(image.GetDimension(), sorted(present - {0}), disagreement is not None, truth is not None)
+        present = {
+            v for m in (labels, truth) if m is not None for v in np.unique(sitk.GetArrayViewFromImage(m)).tolist()
+        }
+        views[target_id] = _ViewLayers(
+            image.GetDimension(), sorted(present - {0}), disagreement is not None, truth is not None
+        )
     if pictures:
         copy_viewer(out)
     page = out / "index.html"
@@ -425,8 +492,11 @@ def _table(head: list[str] | None, body: list[list], *, row_classes: list[str] |
 
 def _scalars(record: dict, skip=()) -> list[list]:
     """(key, value as text) of the record's plain values: a key-value table, left-aligned."""
-    return [[key, _number(value)] for key, value in record.items()
-            if key not in skip and (value is None or isinstance(value, (str, int, float, bool)))]
+    return [
+        [key, _number(value)]
+        for key, value in record.items()
+        if key not in skip and (value is None or isinstance(value, (str, int, float, bool)))
+    ]
 
 
 def _details(summary: str, value) -> str:
@@ -437,7 +507,9 @@ def _details(summary: str, value) -> str:
 
 def _scores(record: dict) -> tuple[dict[int, dict[str, float]], list[str]]:
     """A target's scores from run.json (label keys as text, NaN as null) as :func:`evaluation.rows` takes them."""
-    scores = {int(label): {m: math.nan if v is None else v for m, v in s.items()} for label, s in record["scores"].items()}
+    scores = {
+        int(label): {m: math.nan if v is None else v for m, v in s.items()} for label, s in record["scores"].items()
+    }
     return scores, list(dict.fromkeys(m for s in scores.values() for m in s))
 
 
@@ -445,15 +517,17 @@ def _summary(run: dict) -> str:
     config = run.get("config", {})
     nonrigid = config.get("registration", {}).get("nonrigid", {})
     settings = [
-        ["selection", f"{config.get('selection', {}).get('metric', '?')}, k = {config.get('selection', {}).get('k', '?')}"],
+        [
+            "selection",
+            f"{config.get('selection', {}).get('metric', '?')}, k = {config.get('selection', {}).get('k', '?')}",
+        ],
         ["affine stages", ", ".join(config.get("registration", {}).get("affine", {}).get("stages", [])) or "none"],
         ["non-rigid", nonrigid.get("method", "?") if nonrigid.get("enabled") else "off"],
         ["fusion", config.get("fusion", {}).get("method", "?")],
     ]
     facts = [*_scalars(run, skip=("config", "targets", "versions")), ["targets", str(len(run.get("targets", {})))]]
     versions = " · ".join(f"{k} {v}" for k, v in run.get("versions", {}).items())
-    return (_table(None, facts + settings) + f"<p>Versions: {_e(versions)}</p>"
-            + _details("Full configuration", config))
+    return _table(None, facts + settings) + f"<p>Versions: {_e(versions)}</p>" + _details("Full configuration", config)
 
 
 _STATUS_ORDER = {"failed": 0, "degraded": 1}  # what needs a look first; the others in run order
@@ -462,6 +536,7 @@ _STATUS_ORDER = {"failed": 0, "degraded": 1}  # what needs a look first; the oth
 def _ordered(targets: dict) -> dict:
     """The targets with the failed ones first, then the degraded ones, then those with a label flagged for review
     (:mod:`atlasseg.quality`), then the rest, each in run order."""
+
     def order(record: dict) -> int:
         return _STATUS_ORDER.get(record.get("status"), 3 if not _flagged(record) else 2)
 
@@ -469,10 +544,17 @@ def _ordered(targets: dict) -> dict:
 
 
 def _overview(targets: dict) -> str:
-    body = [[_Html(f'<a href="#target-{i}">{_e(tid)}</a>'), record.get("status", "ok"), record.get("mean_dice"),
-             f"{len(record.get('selected', []))} of {len(record.get('ranking', []))}",
-             len(record.get("dropped", [])), sum(record.get("seconds", {}).values())]
-            for i, (tid, record) in enumerate(targets.items())]
+    body = [
+        [
+            _Html(f'<a href="#target-{i}">{_e(tid)}</a>'),
+            record.get("status", "ok"),
+            record.get("mean_dice"),
+            f"{len(record.get('selected', []))} of {len(record.get('ranking', []))}",
+            len(record.get("dropped", [])),
+            sum(record.get("seconds", {}).values()),
+        ]
+        for i, (tid, record) in enumerate(targets.items())
+    ]
     classes = ["dropped" if record.get("status") in _STATUS_ORDER else "" for record in targets.values()]
     head = ["target", "status", "mean Dice", "atlases used", "dropped", "seconds"]
     if any("quality" in record for record in targets.values()):
@@ -526,7 +608,9 @@ def _ranking(record: dict) -> str:
             classes.append("dropped")
     metric = next((k for e in record.get("ranking", []) for k in e if k != "atlas"), "score")
     note = f"<p>{len(used)} atlas(es) fused: {_e(', '.join(used)) or 'none'}.</p>"
-    return _table(["rank", "atlas", f"{metric} (higher is better)", "status"], body, row_classes=classes, digits=4) + note
+    return (
+        _table(["rank", "atlas", f"{metric} (higher is better)", "status"], body, row_classes=classes, digits=4) + note
+    )
 
 
 def _registrations(record: dict) -> str:
@@ -537,22 +621,58 @@ def _registrations(record: dict) -> str:
     body = []
     for atlas, stages in records.items():
         for stage, r in stages.items():
-            iterations = sum(level.get("iterations", 0) for part in r.get("stages", [r]) for level in part.get("levels", []))
-            jacobian = (r.get("jacobian_min"), r.get("jacobian_max")) if "jacobian_min" in r else (r.get("jacobian"),) * 2
-            body.append([atlas, stage, r.get("method") or ", ".join(s.get("stage", "") for s in r.get("stages", [])),
-                         r.get("metric", ""), r.get("metric_before"), r.get("metric_after"), iterations,
-                         r.get("seconds"), *jacobian, r.get("folded_voxels"), r.get("overlap"), r.get("status", "")])
+            iterations = sum(
+                level.get("iterations", 0) for part in r.get("stages", [r]) for level in part.get("levels", [])
+            )
+            jacobian = (
+                (r.get("jacobian_min"), r.get("jacobian_max")) if "jacobian_min" in r else (r.get("jacobian"),) * 2
+            )
+            body.append(
+                [
+                    atlas,
+                    stage,
+                    r.get("method") or ", ".join(s.get("stage", "") for s in r.get("stages", [])),
+                    r.get("metric", ""),
+                    r.get("metric_before"),
+                    r.get("metric_after"),
+                    iterations,
+                    r.get("seconds"),
+                    *jacobian,
+                    r.get("folded_voxels"),
+                    r.get("overlap"),
+                    r.get("status", ""),
+                ]
+            )
     if not body:
         return ""
-    table = _table(["atlas", "stage", "method", "metric", "before", "after", "iterations", "seconds",
-                    "Jacobian min", "Jacobian max", "folded voxels", "overlap", "status"], body)
-    summary = (f"Registration records ({len(records)} atlases; metric values, per level too, as atlasseg scores "
-               "them: lower is better, 1 − NCC for ncc, −MI for mattes, mean squared difference for mse)")
+    table = _table(
+        [
+            "atlas",
+            "stage",
+            "method",
+            "metric",
+            "before",
+            "after",
+            "iterations",
+            "seconds",
+            "Jacobian min",
+            "Jacobian max",
+            "folded voxels",
+            "overlap",
+            "status",
+        ],
+        body,
+    )
+    summary = (
+        f"Registration records ({len(records)} atlases; metric values, per level too, as atlasseg scores "
+        "them: lower is better, 1 − NCC for ncc, −MI for mattes, mean squared difference for mse)"
+    )
     return f"<details><summary>{_e(summary)}</summary>{table}{_details('Raw records', records)}</details>"
 
 
-def _target(index: int, tid: str, record: dict, picture: Path | None, view: "_ViewLayers | None",
-            names: dict[int, str]) -> str:
+def _target(
+    index: int, tid: str, record: dict, picture: Path | None, view: "_ViewLayers | None", names: dict[int, str]
+) -> str:
     parts = [f'<section id="target-{index}"><h2>{_e(tid)}</h2>']
     if picture is None:
         parts.append('<p class="fail">No segmentation was written for this target.</p>')
@@ -590,22 +710,29 @@ def _view(index: int, tid: str, folder: Path, view: _ViewLayers, names: dict[int
     shown = {"segmentation": True, "disagreement": view.disagreement, "reference": view.reference}
     sliders = "".join(
         f'<label>{name} <input type="range" class="opacity" data-layer="{name}" min="0" max="100" value="{value}"></label>'
-        for name, value in _LAYERS if shown[name])
+        for name, value in _LAYERS
+        if shown[name]
+    )
     toggles = "".join(
         f'<label><input type="checkbox" class="label" value="{v}" checked><span class="swatch" '
         f'style="background:{label_colour(v)}"></span>{_e(v)}{" " + _e(names[v]) if names.get(v) else ""}</label>'
-        for v in view.values)
+        for v in view.values
+    )
     planes = "".join(f'<option value="{p}">{p}</option>' for p in ("multiplanar", "axial", "coronal", "sagittal"))
     layout = f'<label>planes <select class="layout">{planes}</select></label>'
-    hint = ("Scroll over a plane to move through its slices; click to move the cross; drag with the right button "
-            "to change the grey window. The disagreement is the share of candidates that vote against the most "
-            "voted label (warm colours: more).")
+    hint = (
+        "Scroll over a plane to move through its slices; click to move the cross; drag with the right button "
+        "to change the grey window. The disagreement is the share of candidates that vote against the most "
+        "voted label (warm colours: more)."
+    )
     src = _e(quote((folder / _VIEWER_DATA).as_posix()))
-    return (f'<div class="viewer" id="viewer-{index}" data-target="{_e(tid)}" data-src="{src}">'
-            '<button type="button" class="open">Open the interactive view</button>'
-            f'<div class="panel" hidden><div class="controls">{layout if view.dimension == 3 else ""}{sliders}{toggles}'
-            '<span class="location"></span></div><div class="canvas"><canvas></canvas></div>'
-            f'<p class="hint">{_e(hint)}</p></div></div>')
+    return (
+        f'<div class="viewer" id="viewer-{index}" data-target="{_e(tid)}" data-src="{src}">'
+        '<button type="button" class="open">Open the interactive view</button>'
+        f'<div class="panel" hidden><div class="controls">{layout if view.dimension == 3 else ""}{sliders}{toggles}'
+        '<span class="location"></span></div><div class="canvas"><canvas></canvas></div>'
+        f'<p class="hint">{_e(hint)}</p></div></div>'
+    )
 
 
 _SCRIPT = """
@@ -719,21 +846,39 @@ def _script_json(value) -> str:
     return json.dumps(value).replace("<", "\\u003c")
 
 
-def _page(run: dict, names: dict[int, str], pictures: dict[str, Path], views: dict[str, _ViewLayers] | None = None) -> str:
+def _page(
+    run: dict, names: dict[int, str], pictures: dict[str, Path], views: dict[str, _ViewLayers] | None = None
+) -> str:
     targets = _ordered(run.get("targets", {}))
     status = run.get("status", "unknown")
     css = "" if status == "complete" else ' class="fail"'
     views = views or {}
     values = sorted({v for view in views.values() for v in view.values})
     settings = {"viewer": f"{_VIEWER_DIR}/niivue.umd.js", "colours": {v: label_colour(v) for v in values}}
-    script = ("" if not views else f'<script type="application/json" id="atlasseg-viewer-settings">{_script_json(settings)}'
-              f"</script><script>{_SCRIPT}</script>")
-    return "\n".join([
-        "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
-        f"<title>atlasseg report: {_e(status)}, {len(targets)} target(s)</title><style>{_STYLE}</style></head><body>",
-        f"<h1>atlasseg report</h1><p{css}>Run {_e(status)}: {len(targets)} target(s) in "
-        f"{_number(run.get('seconds_total'))} s.</p>",
-        _summary(run), "<h2>Targets</h2>", _overview(targets) if targets else "<p>No target finished.</p>",
-        "<h2>Metrics</h2>", _metrics(targets, names),
-        *(_target(i, tid, record, pictures.get(tid), views.get(tid), names) for i, (tid, record) in enumerate(targets.items())),
-        script, "</body></html>", ""])
+    script = (
+        ""
+        if not views
+        else f'<script type="application/json" id="atlasseg-viewer-settings">{_script_json(settings)}'
+        f"</script><script>{_SCRIPT}</script>"
+    )
+    return "\n".join(
+        [
+            "<!DOCTYPE html>",
+            '<html lang="en"><head><meta charset="utf-8">',
+            f"<title>atlasseg report: {_e(status)}, {len(targets)} target(s)</title><style>{_STYLE}</style></head><body>",
+            f"<h1>atlasseg report</h1><p{css}>Run {_e(status)}: {len(targets)} target(s) in "
+            f"{_number(run.get('seconds_total'))} s.</p>",
+            _summary(run),
+            "<h2>Targets</h2>",
+            _overview(targets) if targets else "<p>No target finished.</p>",
+            "<h2>Metrics</h2>",
+            _metrics(targets, names),
+            *(
+                _target(i, tid, record, pictures.get(tid), views.get(tid), names)
+                for i, (tid, record) in enumerate(targets.items())
+            ),
+            script,
+            "</body></html>",
+            "",
+        ]
+    )

@@ -101,7 +101,9 @@ def score_atlas(
     """
     spacing = config.grid_spacing
     grid = coarse_grid(target, spacing=spacing)
-    fixed = sitk.GetArrayFromImage(sitk.Resample(smoothed(target, spacing), grid, sitk.Transform(), sitk.sitkLinear, 0.0))
+    fixed = sitk.GetArrayFromImage(
+        sitk.Resample(smoothed(target, spacing), grid, sitk.Transform(), sitk.sitkLinear, 0.0)
+    )
     moving = sitk.GetArrayFromImage(sitk.Resample(smoothed(atlas, spacing), grid, transform, sitk.sitkLinear, 0.0))
     region = np.ones(fixed.shape, dtype=bool)
     if config.roi != "none":

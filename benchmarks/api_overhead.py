@@ -49,8 +49,11 @@ def register_calls() -> dict:
         return atlasseg.register(fixed, moving, "default", labels=moving_labels)
 
     def core():
-        transform, _ = register(normalize_intensity(fixed, method=config.normalization),
-                                normalize_intensity(moving, method=config.normalization), config=config)
+        transform, _ = register(
+            normalize_intensity(fixed, method=config.normalization),
+            normalize_intensity(moving, method=config.normalization),
+            config=config,
+        )
         return propagate_intensities(moving, transform, fixed), propagate_labels(moving_labels, transform, fixed)
 
     return {"api.register": api, "in-memory core": core}
@@ -65,8 +68,10 @@ def segment_calls(folder: Path, cache_dir: str | None) -> dict:
         image, labels = files(case)
         return {"id": case, "image": str(image), "labels": str(labels)}
 
-    manifest = manifest_from_dict({"labels": names, "atlases": [entry(a) for a in ATLASES], "targets": [entry(TARGET)]},
-                                  folder / "data_manifest.yaml")
+    manifest = manifest_from_dict(
+        {"labels": names, "atlases": [entry(a) for a in ATLASES], "targets": [entry(TARGET)]},
+        folder / "data_manifest.yaml",
+    )
     target = sitk.ReadImage(str(files(TARGET)[0]))
     atlases = {case: tuple(sitk.ReadImage(str(f)) for f in files(case)) for case in ATLASES}
 
@@ -75,8 +80,13 @@ def segment_calls(folder: Path, cache_dir: str | None) -> dict:
 
     def file_pipeline():
         check_inputs(manifest, config)
-        return segment_target(manifest.targets[0], list(manifest.atlases), config, out_dir=folder / "out",
-                              label_names=manifest.label_names)
+        return segment_target(
+            manifest.targets[0],
+            list(manifest.atlases),
+            config,
+            out_dir=folder / "out",
+            label_names=manifest.label_names,
+        )
 
     if cache_dir is not None:  # fill the cache
         api(), file_pipeline()

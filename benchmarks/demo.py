@@ -33,7 +33,11 @@ def main() -> int:
             start = time.perf_counter()
             manifest = load_manifest(make_demo_dataset(Path(tmp) / f"data{dim}", dim=dim))
             generate = time.perf_counter() - start
-            for name, preset, overrides in (("atlasseg", "demo", []), ("affine only", "demo", AFFINE_ONLY), ("no registration", "baseline", [])):
+            for name, preset, overrides in (
+                ("atlasseg", "demo", []),
+                ("affine only", "demo", AFFINE_ONLY),
+                ("no registration", "baseline", []),
+            ):
                 config = load_config(preset, overrides=overrides)
                 times = []
                 for repeat in range(args.repeats):
@@ -42,15 +46,26 @@ def main() -> int:
                     times.append(time.perf_counter() - start)
                 summary = summarise(results)
                 seconds = statistics.median(times)
-                stages = {k: statistics.fmean(r.record["seconds"].get(k, 0.0) for r in results) for k in results[0].record["seconds"]}
+                stages = {
+                    k: statistics.fmean(r.record["seconds"].get(k, 0.0) for r in results)
+                    for k in results[0].record["seconds"]
+                }
                 rows.append((f"{dim}D", name, summary["mean_dice"], seconds, generate + seconds))
-                payload[f"{dim}D/{name}"] = {**summary, "seconds_median": seconds, "seconds_runs": times,
-                                              "generate_seconds": generate, "stage_seconds_per_target": stages}
+                payload[f"{dim}D/{name}"] = {
+                    **summary,
+                    "seconds_median": seconds,
+                    "seconds_runs": times,
+                    "generate_seconds": generate,
+                    "stage_seconds_per_target": stages,
+                }
     print(f"{'dim':4} {'method':16} {'mean Dice':>9} {'run s':>7} {'demo s':>7}")
     for dim, name, dice, seconds, total in rows:
         print(f"{dim:4} {name:16} {dice:9.3f} {seconds:7.1f} {total:7.1f}")
     for dim in ("3D", "2D"):
-        print(f"{dim} time per stage per target (s):", {k: round(v, 2) for k, v in payload[f"{dim}/atlasseg"]["stage_seconds_per_target"].items()})
+        print(
+            f"{dim} time per stage per target (s):",
+            {k: round(v, 2) for k, v in payload[f"{dim}/atlasseg"]["stage_seconds_per_target"].items()},
+        )
     print("written", write_json("demo", payload))
     return 0
 

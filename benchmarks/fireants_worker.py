@@ -51,13 +51,30 @@ def main() -> int:
         # then compares a 32-voxel warped image with a shorter fixed axis and raises (fireants 1.5.0): the floor is
         # lowered to the shortest axis of the pair, which leaves it as it is for images of ≥ 32 voxels a side.
         greedy_module.MIN_IMG_SIZE = min(32, *fixed_image.GetSize(), *moving_image.GetSize())
-        affine = AffineRegistration([4, 2, 1], [200, 100, 50], fixed, moving, optimizer="Adam", optimizer_lr=3e-4,
-                                    cc_kernel_size=5, progress_bar=False)
+        affine = AffineRegistration(
+            [4, 2, 1],
+            [200, 100, 50],
+            fixed,
+            moving,
+            optimizer="Adam",
+            optimizer_lr=3e-4,
+            cc_kernel_size=5,
+            progress_bar=False,
+        )
         affine.optimize()
-        greedy = GreedyRegistration(scales=[4, 2, 1], iterations=[200, 100, 25], fixed_images=fixed,
-                                    moving_images=moving, cc_kernel_size=5, deformation_type="compositive",
-                                    smooth_grad_sigma=1, optimizer="adam", optimizer_lr=0.5,
-                                    init_affine=affine.get_affine_matrix().detach(), progress_bar=False)
+        greedy = GreedyRegistration(
+            scales=[4, 2, 1],
+            iterations=[200, 100, 25],
+            fixed_images=fixed,
+            moving_images=moving,
+            cc_kernel_size=5,
+            deformation_type="compositive",
+            smooth_grad_sigma=1,
+            optimizer="adam",
+            optimizer_lr=0.5,
+            init_affine=affine.get_affine_matrix().detach(),
+            progress_bar=False,
+        )
         greedy.optimize()
         with torch.no_grad():
             warped = greedy.evaluate(fixed, labels)[0, 0].cpu().numpy()

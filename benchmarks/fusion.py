@@ -88,10 +88,18 @@ from atlasseg.pipeline.outputs import json_safe
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 DATASETS = {
     "hippocampus": {"folder": "msd_hippocampus", "labels": {1: "anterior", 2: "posterior"}, "atlases": 24},
-    "cardiac": {"folder": "mscmrseg19_bssfp", "labels": {1: "LV myo", 2: "LV blood", 3: "RV blood"}, "atlases": 10,
-                "in_plane": 128, "smooth_mm": 3.0},
-    "abdomen": {"folder": "chaos_mr_t2spir", "labels": {1: "liver", 2: "R kidney", 3: "L kidney", 4: "spleen"},
-                "atlases": 4},
+    "cardiac": {
+        "folder": "mscmrseg19_bssfp",
+        "labels": {1: "LV myo", 2: "LV blood", 3: "RV blood"},
+        "atlases": 10,
+        "in_plane": 128,
+        "smooth_mm": 3.0,
+    },
+    "abdomen": {
+        "folder": "chaos_mr_t2spir",
+        "labels": {1: "liver", 2: "R kidney", 3: "L kidney", 4: "spleen"},
+        "atlases": 4,
+    },
 }
 ANTS = {"beta": 2, "rad": 2, "rho": 0.01, "usecor": False, "r_search": 3, "nonnegative": False}
 
@@ -104,8 +112,10 @@ def downsample(image: sitk.Image, labels: sitk.Image, size: int) -> tuple[sitk.I
     grid.SetOrigin(image.GetOrigin())
     grid.SetDirection(image.GetDirection())
     identity = sitk.Transform(3, sitk.sitkIdentity)
-    return (sitk.Resample(image, grid, identity, sitk.sitkLinear, 0.0, sitk.sitkFloat32),
-            sitk.Resample(labels, grid, identity, sitk.sitkNearestNeighbor, 0, labels.GetPixelID()))
+    return (
+        sitk.Resample(image, grid, identity, sitk.sitkLinear, 0.0, sitk.sitkFloat32),
+        sitk.Resample(labels, grid, identity, sitk.sitkNearestNeighbor, 0, labels.GetPixelID()),
+    )
 
 
 def dataset_entries(folder: Path, spec: dict, count: int) -> list[dict]:
@@ -117,7 +127,9 @@ def dataset_entries(folder: Path, spec: dict, count: int) -> list[dict]:
     for i in ids:
         image, labels = data / "images" / f"{i}.nii.gz", data / "labels" / f"{i}.nii.gz"
         if "in_plane" in spec:
-            small = downsample(sitk.ReadImage(str(image), sitk.sitkFloat32), sitk.ReadImage(str(labels)), spec["in_plane"])
+            small = downsample(
+                sitk.ReadImage(str(image), sitk.sitkFloat32), sitk.ReadImage(str(labels)), spec["in_plane"]
+            )
             image, labels = folder / f"{i}.nii.gz", folder / f"{i}_labels.nii.gz"
             sitk.WriteImage(small[0], str(image))
             sitk.WriteImage(small[1], str(labels))
@@ -173,8 +185,11 @@ def ants_jlf(case, k, labels, params: dict):
 
     chosen = case.candidates if k == "all" else case.candidates[: int(k)]
     reference = case.reference
-    geometry = {"origin": reference.GetOrigin(), "spacing": reference.GetSpacing(),
-                "direction": np.asarray(reference.GetDirection()).reshape(3, 3)}
+    geometry = {
+        "origin": reference.GetOrigin(),
+        "spacing": reference.GetSpacing(),
+        "direction": np.asarray(reference.GetDirection()).reshape(3, 3),
+    }
 
     def to_ants(image):  # SimpleITK arrays are z, y, x; ANTs wants x, y, z
         return ants.from_numpy(np.ascontiguousarray(sitk.GetArrayFromImage(image).astype(np.float32).T), **geometry)
@@ -183,9 +198,13 @@ def ants_jlf(case, k, labels, params: dict):
     stack = np.stack([sitk.GetArrayViewFromImage(lab) != 0 for _, lab, _ in chosen])
     mask = ndimage.binary_dilation(stack.any(axis=0), iterations=ANTS["r_search"])
     result = ants.joint_label_fusion(
-        to_ants(reference), ants.from_numpy(np.ascontiguousarray(mask.T.astype(np.float32)), **geometry),
-        [to_ants(img) for _, _, img in chosen], label_list=[to_ants(lab) for _, lab, _ in chosen], verbose=False,
-        **params)
+        to_ants(reference),
+        ants.from_numpy(np.ascontiguousarray(mask.T.astype(np.float32)), **geometry),
+        [to_ants(img) for _, _, img in chosen],
+        label_list=[to_ants(lab) for _, lab, _ in chosen],
+        verbose=False,
+        **params,
+    )
     posteriors = np.stack([p.numpy().T for p in result["probabilityimages"]])  # back to z, y, x
     values = np.asarray([0] + list(result["segmentation_numbers"]))
     winner = values[np.argmax(np.concatenate([1.0 - posteriors.sum(axis=0, keepdims=True), posteriors]), axis=0)]
@@ -207,10 +226,17 @@ def random_majority(case, k, labels, draws, config):
     for seed in range(draws):
         pick = np.random.default_rng(seed).choice(n, size=chosen_k, replace=False)
         segmentation = fuse(case.reference, [case.candidates[i][1:] for i in sorted(pick)], config=majority)
-        runs.append({v: s["dice"] for v, s in evaluate(segmentation, case.truth, labels=labels, metrics=("dice",)).items()})
+        runs.append(
+            {v: s["dice"] for v, s in evaluate(segmentation, case.truth, labels=labels, metrics=("dice",)).items()}
+        )
     dice = {v: statistics.fmean(r[v] for r in runs) for v in runs[0]}
-    return {"atlases": chosen_k, "dice": dice, "mean_dice": mean_score(dice), "seconds": math.nan,
-            "draws": [mean_score(r) for r in runs]}
+    return {
+        "atlases": chosen_k,
+        "dice": dice,
+        "mean_dice": mean_score(dice),
+        "seconds": math.nan,
+        "draws": [mean_score(r) for r in runs],
+    }
 
 
 def registration_seconds(case, k, config) -> float:
@@ -220,8 +246,11 @@ def registration_seconds(case, k, config) -> float:
     chosen = [aid for aid, _, _ in (case.candidates if k == "all" else case.candidates[: int(k)])]
     nonrigid = [case.ranking.records[aid].get("nonrigid", {}).get("seconds", 0.0) for aid in chosen]
     jobs, _ = thread_budget(config.parallel, max(1, len(chosen)))
-    return (case.seconds["affine_and_scoring"] + sum(nonrigid) / jobs
-            + case.seconds["propagation"] * len(chosen) / max(1, n))
+    return (
+        case.seconds["affine_and_scoring"]
+        + sum(nonrigid) / jobs
+        + case.seconds["propagation"] * len(chosen) / max(1, n)
+    )
 
 
 def run_dataset(name: str, args, tmp: Path, has_ants: bool) -> dict:
@@ -238,24 +267,40 @@ def run_dataset(name: str, args, tmp: Path, has_ants: bool) -> dict:
         smooth = load_config("default", overrides=overrides + [f"fusion.probability_sigma={spec['smooth_mm']:g}"])
         variants.append((f"atlasseg jlf, smoothed {spec['smooth_mm']:g} mm", "jlf", smooth))
     for extra in args.jlf_variants:
-        variants.append((f"atlasseg jlf, {extra}", "jlf", load_config("default", overrides=overrides + extra.split(","))))
+        variants.append(
+            (f"atlasseg jlf, {extra}", "jlf", load_config("default", overrides=overrides + extra.split(",")))
+        )
     spacing = sitk.ReadImage(str(manifest.targets[0].image)).GetSpacing()
     ants_variants = {"ants_jlf": ANTS} if has_ants else {}
-    if has_ants and ants_radii(spacing) != {"rad": [ANTS["rad"]] * 3, "r_search": "x".join([str(ANTS["r_search"])] * 3)}:
+    if has_ants and ants_radii(spacing) != {
+        "rad": [ANTS["rad"]] * 3,
+        "r_search": "x".join([str(ANTS["r_search"])] * 3),
+    }:
         ants_variants["ants_jlf, mm radii"] = {**ANTS, **ants_radii(spacing)}
     names = [v[0] for v in variants] + list(ants_variants) + ["random majority"]
     rows: dict[str, dict[str, list]] = {n: {str(k): [] for k in ks} for n in names}
     per_target = {}
-    print(f"\n{name}: {len(manifest.targets)} targets, {len(manifest.atlases)} atlases; "
-          f"registration: default preset{' with ' + ', '.join(overrides) if overrides else ''}", flush=True)
+    print(
+        f"\n{name}: {len(manifest.targets)} targets, {len(manifest.atlases)} atlases; "
+        f"registration: default preset{' with ' + ', '.join(overrides) if overrides else ''}",
+        flush=True,
+    )
     for target in manifest.targets:
         start = time.perf_counter()
         case = prepare_case(target, list(manifest.atlases), config, count=None, intensities=True)
         registered = time.perf_counter() - start
-        print(f"  {target.id}: {len(case.candidates)} of {len(manifest.atlases)} atlases registered in "
-              f"{registered:.0f} s ({len(case.ranking.dropped)} dropped)", flush=True)
-        per_target[target.id] = {"registered": [a for a, _, _ in case.candidates], "dropped": case.ranking.dropped,
-                                 "ranking": case.ranking.table(config.selection.metric), "seconds": case.seconds, "settings": {}}
+        print(
+            f"  {target.id}: {len(case.candidates)} of {len(manifest.atlases)} atlases registered in "
+            f"{registered:.0f} s ({len(case.ranking.dropped)} dropped)",
+            flush=True,
+        )
+        per_target[target.id] = {
+            "registered": [a for a, _, _ in case.candidates],
+            "dropped": case.ranking.dropped,
+            "ranking": case.ranking.table(config.selection.metric),
+            "seconds": case.seconds,
+            "settings": {},
+        }
         if not case.candidates:
             continue
         for k in ks:
@@ -269,12 +314,17 @@ def run_dataset(name: str, args, tmp: Path, has_ants: bool) -> dict:
                     result = ants_jlf(case, k, labels, params)
                 rows[variant][str(k)].append({**result, "peak_mb": peak.resident, "total": base + result["seconds"]})
             if k != "all":
-                rows["random majority"][str(k)].append({**random_majority(case, k, labels, args.draws, config),
-                                                        "peak_mb": None, "total": math.nan})
+                rows["random majority"][str(k)].append(
+                    {**random_majority(case, k, labels, args.draws, config), "peak_mb": None, "total": math.nan}
+                )
         per_target[target.id]["settings"] = {n: {k: v[-1] for k, v in by_k.items() if v} for n, by_k in rows.items()}
         del case
-    return {"targets": per_target, "summary": print_tables(name, rows, labels, manifest.label_names),
-            "overrides": overrides, "atlases": len(manifest.atlases)}
+    return {
+        "targets": per_target,
+        "summary": print_tables(name, rows, labels, manifest.label_names),
+        "overrides": overrides,
+        "atlases": len(manifest.atlases),
+    }
 
 
 def print_tables(name: str, rows, labels, label_names) -> dict:
@@ -289,36 +339,67 @@ def print_tables(name: str, rows, labels, label_names) -> dict:
 
             dice = {v: _nanmean(r["dice"][v] for r in results) for v in labels}
             peaks = [r["peak_mb"] for r in results if r["peak_mb"] is not None]
-            entry = {"dice": dice, "mean_dice": _nanmean(r["mean_dice"] for r in results), "atlases": mean("atlases"),
-                     "seconds_per_target": mean("total"), "fusion_seconds": mean("seconds"),
-                     "peak_mb": max(peaks) if peaks else None}
+            entry = {
+                "dice": dice,
+                "mean_dice": _nanmean(r["mean_dice"] for r in results),
+                "atlases": mean("atlases"),
+                "seconds_per_target": mean("total"),
+                "fusion_seconds": mean("seconds"),
+                "peak_mb": max(peaks) if peaks else None,
+            }
             if "draws" in results[0]:  # the spread of the random choice: each draw's mean over targets
                 per_draw = np.nanmean([r["draws"] for r in results], axis=0)
-                entry.update(sd_over_draws=float(per_draw.std()), draw_range=[float(per_draw.min()), float(per_draw.max())])
+                entry.update(
+                    sd_over_draws=float(per_draw.std()), draw_range=[float(per_draw.min()), float(per_draw.max())]
+                )
             summary.setdefault(method, {})[k] = entry
-            table.append([method, k, f"{entry['atlases']:.0f}", *(f"{dice[v]:.3f}" for v in labels),
-                          f"{entry['mean_dice']:.3f}", _number(entry["seconds_per_target"], 1),
-                          _number(entry["fusion_seconds"], 2), _number(entry["peak_mb"], 0)])
+            table.append(
+                [
+                    method,
+                    k,
+                    f"{entry['atlases']:.0f}",
+                    *(f"{dice[v]:.3f}" for v in labels),
+                    f"{entry['mean_dice']:.3f}",
+                    _number(entry["seconds_per_target"], 1),
+                    _number(entry["fusion_seconds"], 2),
+                    _number(entry["peak_mb"], 0),
+                ]
+            )
     head = ["method", "k", "atlases", *(label_names[v] for v in labels), "mean", "s/target", "fusion s", "peak MB"]
     print(f"\n{name}: mean Dice over targets ({available_cores()} cores)")
     print(format_rows(head, table, left=2))
     ks = [k for k in next(iter(rows.values()))]
+
     def best(k, prefix):
-        return max(((e["mean_dice"], m) for m, by_k in summary.items() if m.startswith(prefix)
-                    for kk, e in by_k.items() if kk == k), default=None)
+        return max(
+            (
+                (e["mean_dice"], m)
+                for m, by_k in summary.items()
+                if m.startswith(prefix)
+                for kk, e in by_k.items()
+                if kk == k
+            ),
+            default=None,
+        )
 
     lines = []
     for k in ks:
         ours, theirs = best(k, "atlasseg"), best(k, "ants_jlf")
-        line = [k, f"{ours[0]:.3f} ({ours[1][len('atlasseg '):]})"]
+        line = [k, f"{ours[0]:.3f} ({ours[1][len('atlasseg ') :]})"]
         line.append("-" if theirs is None else f"{theirs[0]:.3f} ({theirs[1]})")
         line.append(f"{summary['atlasseg majority'][k]['mean_dice']:.3f}")
         random = summary.get("random majority", {}).get(k)
-        line.append("-" if random is None else f"{random['mean_dice']:.3f} ± {random['sd_over_draws']:.3f} "
-                    f"({random['draw_range'][0]:.3f}–{random['draw_range'][1]:.3f})")
+        line.append(
+            "-"
+            if random is None
+            else f"{random['mean_dice']:.3f} ± {random['sd_over_draws']:.3f} "
+            f"({random['draw_range'][0]:.3f}–{random['draw_range'][1]:.3f})"
+        )
         lines.append(line)
-    print(f"\n{name}: best atlasseg method vs best ANTs JLF; majority vote over the best-ranked k vs k random atlases "
-          "(mean ± sd over draws of the draw's mean over targets, and its range)")
+    print(
+        f"\n{name}: best atlasseg method vs best ANTs JLF; majority vote over the best-ranked k vs k random atlases "
+        "(mean ± sd over draws of the draw's mean over targets, and its range)"
+    )
     print(format_rows(["k", "best atlasseg", "best ANTs JLF", "majority (ranked k)", "majority (random k)"], lines))
     return summary
 
@@ -336,13 +417,21 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--datasets", nargs="+", choices=list(DATASETS), default=list(DATASETS))
     parser.add_argument("--targets", type=int, default=3)
-    parser.add_argument("--atlases", type=int, help="atlases per dataset (default: hippocampus 24, cardiac 10, abdomen 4)")
+    parser.add_argument(
+        "--atlases", type=int, help="atlases per dataset (default: hippocampus 24, cardiac 10, abdomen 4)"
+    )
     parser.add_argument("--ks", nargs="+", default=["3", "5", "10", "20", "all"])
     parser.add_argument("--draws", type=int, default=20, help="random draws per k for the random-atlas majority vote")
     parser.add_argument("--no-ants", action="store_true", help="leave ANTs joint label fusion out")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
-    parser.add_argument("--jlf-variant", dest="jlf_variants", action="append", default=[], metavar="KEY=VALUE[,...]",
-                        help="one more jlf row, fused with these fusion overrides (e.g. fusion.search_radius=5)")
+    parser.add_argument(
+        "--jlf-variant",
+        dest="jlf_variants",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE[,...]",
+        help="one more jlf row, fused with these fusion overrides (e.g. fusion.search_radius=5)",
+    )
     args = parser.parse_args()
     if not SHARED.is_dir():
         print(f"no data at {SHARED}", file=sys.stderr)
@@ -363,8 +452,10 @@ def main() -> int:
             payload[name] = run_dataset(name, args, Path(tmp), has_ants)
     payload["seconds_total"] = time.perf_counter() - start
     payload["max_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"\n{time.perf_counter() - start:.0f} s in all on {available_cores()} cores; "
-          f"process peak resident memory {payload['max_rss_mb']:.0f} MB")
+    print(
+        f"\n{time.perf_counter() - start:.0f} s in all on {available_cores()} cores; "
+        f"process peak resident memory {payload['max_rss_mb']:.0f} MB"
+    )
     print("written", write_json("fusion", json_safe(payload)))
     return 0
 

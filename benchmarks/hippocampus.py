@@ -65,17 +65,25 @@ def main() -> int:
         print(f"{len(manifest.atlases)} atlases, {len(manifest.targets)} targets")
         print(f"{'method':26} {'mean Dice':>9} {'anterior':>9} {'posterior':>9} {'s/target':>9}")
         methods = [(f"atlasseg {m}", "default", [f"fusion.method={m}"]) for m in METHODS]
-        for name, preset, overrides in methods + [("affine only", "default", AFFINE_ONLY), ("no registration", "baseline", [])]:
+        for name, preset, overrides in methods + [
+            ("affine only", "default", AFFINE_ONLY),
+            ("no registration", "baseline", []),
+        ]:
             config = load_config(preset, overrides=overrides + args.overrides)
             start = time.perf_counter()
             results = run(config, manifest, out_dir=Path(tmp) / name.replace(" ", "_"))
             per_target = (time.perf_counter() - start) / len(results)
             label_means = [statistics.fmean(r.dice[v] for r in results) for v in (1, 2)]
             summary = summarise(results)
-            print(f"{name:26} {summary['mean_dice']:9.3f} {label_means[0]:9.3f} {label_means[1]:9.3f} {per_target:9.1f}")
-            payload[name] = {**summary, "label_mean_dice": dict(zip(("anterior", "posterior"), label_means)),
-                             "seconds_per_target": per_target,
-                             "stage_seconds": {r.target_id: r.record["seconds"] for r in results}}
+            print(
+                f"{name:26} {summary['mean_dice']:9.3f} {label_means[0]:9.3f} {label_means[1]:9.3f} {per_target:9.1f}"
+            )
+            payload[name] = {
+                **summary,
+                "label_mean_dice": dict(zip(("anterior", "posterior"), label_means)),
+                "seconds_per_target": per_target,
+                "stage_seconds": {r.target_id: r.record["seconds"] for r in results},
+            }
     print("written", write_json("hippocampus", payload))
     return 0
 

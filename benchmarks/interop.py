@@ -62,34 +62,60 @@ def main() -> int:
             return 1
         composite = sitk.ReadTransform(str(out / "transform.h5"))
         parts = [composite.GetNthTransform(i).GetName() for i in range(composite.GetNumberOfTransforms())]
-        ours = {"nearest": read_labels(out / "warped_labels.nii.gz"),
-                "linear": propagate_labels(moving_labels, composite, fixed, interpolator="linear")}
+        ours = {
+            "nearest": read_labels(out / "warped_labels.nii.gz"),
+            "linear": propagate_labels(moving_labels, composite, fixed, interpolator="linear"),
+        }
         ants_fixed, ants_labels = ants.image_read(str(fixed_path)), ants.image_read(str(labels_path))
 
         def by_ants(transform: str, interpolator: str) -> sitk.Image:
-            warped = ants.apply_transforms(ants_fixed, ants_labels, transformlist=[str(out / transform)],
-                                           interpolator=interpolator)
+            warped = ants.apply_transforms(
+                ants_fixed, ants_labels, transformlist=[str(out / transform)], interpolator=interpolator
+            )
             image = sitk.GetImageFromArray(warped.numpy().T.astype(np.uint8))  # ANTs arrays are in index order
             image.CopyInformation(fixed)
             return image
 
-        comparisons = [("transform.h5", "nearestNeighbor", "nearest"), ("transform.h5", "genericLabel", "linear"),
-                       ("displacement.nii.gz", "nearestNeighbor", "nearest")]
+        comparisons = [
+            ("transform.h5", "nearestNeighbor", "nearest"),
+            ("transform.h5", "genericLabel", "linear"),
+            ("displacement.nii.gz", "nearestNeighbor", "nearest"),
+        ]
         rows = []
         for transform, interpolator, mine in comparisons:
             theirs = by_ants(transform, interpolator)
             dice = dice_per_label(theirs, ours[mine], labels=list(LABELS))
             differ = int(np.count_nonzero(sitk.GetArrayViewFromImage(theirs) != sitk.GetArrayViewFromImage(ours[mine])))
-            rows.append({"file": transform, "ants": interpolator, "atlasseg": mine, "dice": dice, "voxels_differ": differ})
+            rows.append(
+                {"file": transform, "ants": interpolator, "atlasseg": mine, "dice": dice, "voxels_differ": differ}
+            )
     scale = dice_per_label(ours["nearest"], truth, labels=list(LABELS))
-    print(f"{args.moving} -> {args.fixed}: transform.h5 holds {' + '.join(parts)}; "
-          f"atlasseg's warped labels vs the fixed case's own: Dice {', '.join(f'{scale[v]:.3f}' for v in LABELS)}")
-    print(f"{'file':20} {'ANTs':16} {'atlasseg':9} " + " ".join(f"{'Dice ' + str(v):>8}" for v in LABELS) + "  voxels differ")
+    print(
+        f"{args.moving} -> {args.fixed}: transform.h5 holds {' + '.join(parts)}; "
+        f"atlasseg's warped labels vs the fixed case's own: Dice {', '.join(f'{scale[v]:.3f}' for v in LABELS)}"
+    )
+    print(
+        f"{'file':20} {'ANTs':16} {'atlasseg':9} "
+        + " ".join(f"{'Dice ' + str(v):>8}" for v in LABELS)
+        + "  voxels differ"
+    )
     for row in rows:
-        print(f"{row['file']:20} {row['ants']:16} {row['atlasseg']:9} "
-              + " ".join(f"{row['dice'][v]:8.4f}" for v in LABELS) + f"  {row['voxels_differ']:>13}")
-    path = write_json("interop", {"fixed": args.fixed, "moving": args.moving, "overrides": args.overrides,
-                                  "transform_parts": parts, "dice_vs_truth": scale, "comparisons": rows})
+        print(
+            f"{row['file']:20} {row['ants']:16} {row['atlasseg']:9} "
+            + " ".join(f"{row['dice'][v]:8.4f}" for v in LABELS)
+            + f"  {row['voxels_differ']:>13}"
+        )
+    path = write_json(
+        "interop",
+        {
+            "fixed": args.fixed,
+            "moving": args.moving,
+            "overrides": args.overrides,
+            "transform_parts": parts,
+            "dice_vs_truth": scale,
+            "comparisons": rows,
+        },
+    )
     print(f"written {path}")
     return 0 if all(min(row["dice"].values()) >= 0.99 for row in rows) else 1
 

@@ -50,8 +50,14 @@ from atlasseg.pipeline import run
 
 SPLITS = {"hippocampus": (14, 10), "cardiac": (8, 7)}  # (atlases, targets); abdomen: leave-one-out
 PEER_PAIRS = RESULTS / "peer_pairs"
-JLF = {"rad": 2, "r_search": 3, "beta": 2, "rho": 0.1, "usecor": True,  # antsJointLabelFusion.sh: -p 2 -s 3 -b 2 -c 0.1
-       "max_lab_plus_one": True}  # background votes as a label (ANTsPy otherwise gives every masked voxel a foreground label)
+JLF = {
+    "rad": 2,
+    "r_search": 3,
+    "beta": 2,
+    "rho": 0.1,
+    "usecor": True,  # antsJointLabelFusion.sh: -p 2 -s 3 -b 2 -c 0.1
+    "max_lab_plus_one": True,
+}  # background votes as a label (ANTsPy otherwise gives every masked voxel a foreground label)
 
 
 def _sha(image: sitk.Image) -> str:
@@ -87,12 +93,19 @@ class PeerPairs:
 def ants_jlf(fixed: sitk.Image, warped: list[tuple[sitk.Image, sitk.Image]]) -> sitk.Image:
     import ants
 
-    union = sitk.BinaryDilate(sitk.Cast(sum(sitk.Cast(labels > 0, sitk.sitkUInt8) for labels, _ in warped) > 0,
-                                        sitk.sitkUInt8), [2] * fixed.GetDimension())
+    union = sitk.BinaryDilate(
+        sitk.Cast(sum(sitk.Cast(labels > 0, sitk.sitkUInt8) for labels, _ in warped) > 0, sitk.sitkUInt8),
+        [2] * fixed.GetDimension(),
+    )
     f = ants.from_sitk(sitk.Cast(fixed, sitk.sitkFloat32))
     mask = ants.from_sitk(sitk.Cast(union, sitk.sitkFloat32))
-    out = ants.joint_label_fusion(f, mask, atlas_list=[ants.from_sitk(sitk.Cast(i, sitk.sitkFloat32)) for _, i in warped],
-                                  label_list=[ants.from_sitk(sitk.Cast(lab, sitk.sitkFloat32)) for lab, _ in warped], **JLF)
+    out = ants.joint_label_fusion(
+        f,
+        mask,
+        atlas_list=[ants.from_sitk(sitk.Cast(i, sitk.sitkFloat32)) for _, i in warped],
+        label_list=[ants.from_sitk(sitk.Cast(lab, sitk.sitkFloat32)) for lab, _ in warped],
+        **JLF,
+    )
     result = sitk.Cast(sitk.Round(ants.to_sitk(out["segmentation"])), sitk.sitkUInt8)
     result.CopyInformation(fixed)
     return result
@@ -135,13 +148,17 @@ def run_atlasseg(preset: str, name: str, files, tasks, tmp: Path, overrides) -> 
         return {"id": i, "image": str(files[i][0]), "labels": str(files[i][1])}
 
     atlas_ids = sorted({atlas for _, atlases in tasks for atlas in atlases})
-    doc = {"labels": {v: f"label{v}" for v in labels}, "atlases": [entry(i) for i in atlas_ids],
-           "targets": [entry(t) for t, _ in tasks]}
+    doc = {
+        "labels": {v: f"label{v}" for v in labels},
+        "atlases": [entry(i) for i in atlas_ids],
+        "targets": [entry(t) for t, _ in tasks],
+    }
     stem = f"{name}-{Path(preset).stem}"  # a preset may be a config file's path
     manifest_path = tmp / f"{stem}.yaml"
     manifest_path.write_text(yaml.safe_dump(doc, sort_keys=False))
-    config = load_config(preset, overrides=[f"output.cache_dir={tmp / f'cache-{stem}'}", "output.report=false",
-                                            *overrides])
+    config = load_config(
+        preset, overrides=[f"output.cache_dir={tmp / f'cache-{stem}'}", "output.report=false", *overrides]
+    )
     start = time.perf_counter()
     results = run(config, load_manifest(manifest_path), out_dir=tmp / f"out-{stem}")
     seconds = time.perf_counter() - start
@@ -150,13 +167,24 @@ def run_atlasseg(preset: str, name: str, files, tasks, tmp: Path, overrides) -> 
     for r in results:
         peaks += [v for v in r.record.get("peak_memory_mb", {}).values() if v]
         for rec in r.record.get("registrations", {}).values():
-            peaks += [v for stage in rec.values() if isinstance(stage, dict) for k, v in stage.items()
-                      if k == "worker_peak_mb" and v]
+            peaks += [
+                v
+                for stage in rec.values()
+                if isinstance(stage, dict)
+                for k, v in stage.items()
+                if k == "worker_peak_mb" and v
+            ]
             if "nonrigid" in rec:
                 registrations += 1
                 folded += rec["nonrigid"].get("folded_voxels", 0) > 0
-    return {"dice": dice, "seconds_per_target": seconds / len(tasks), "peak_mb": max(peaks, default=None),
-            "folded_pairs": folded, "pairs": registrations, "failed_targets": sum(r.error is not None for r in results)}
+    return {
+        "dice": dice,
+        "seconds_per_target": seconds / len(tasks),
+        "peak_mb": max(peaks, default=None),
+        "folded_pairs": folded,
+        "pairs": registrations,
+        "failed_targets": sum(r.error is not None for r in results),
+    }
 
 
 PEERS = {  # key: (method name, pair registration given the cores, fusion, registration settings keying kept pairs)
@@ -185,11 +213,19 @@ def run_peer(key: str, name: str, tasks, cases, pairs: PeerPairs, cores: int) ->
         start = time.perf_counter()
         fused = fuse(fixed, warped) if warped else None
         total += time.perf_counter() - start
-        dice[target] = dice_per_label(fused, truth, labels=list(labels)) if fused is not None else {v: 0.0 for v in labels}
+        dice[target] = (
+            dice_per_label(fused, truth, labels=list(labels)) if fused is not None else {v: 0.0 for v in labels}
+        )
         seconds.append(total)
         print(f"  {key} {target}: {mean_score(dice[target]):.3f} {total:.0f}s", flush=True)
-    return {"dice": dice, "seconds_per_target": statistics.fmean(seconds), "peak_mb": None,
-            "folded_pairs": None, "pairs": sum(len(a) for _, a in tasks), "reused_pairs": pairs.reused}
+    return {
+        "dice": dice,
+        "seconds_per_target": statistics.fmean(seconds),
+        "peak_mb": None,
+        "folded_pairs": None,
+        "pairs": sum(len(a) for _, a in tasks),
+        "reused_pairs": pairs.reused,
+    }
 
 
 def main() -> int:
@@ -205,8 +241,15 @@ def main() -> int:
     cores = available_cores()
     os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(cores)
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(cores)
-    payload = {"presets": args.presets, "peers": args.peers, "reuse_peers": args.reuse_peers,
-               "overrides": args.overrides, "cores": cores, "jlf": JLF, "datasets": {}}
+    payload = {
+        "presets": args.presets,
+        "peers": args.peers,
+        "reuse_peers": args.reuse_peers,
+        "overrides": args.overrides,
+        "cores": cores,
+        "jlf": JLF,
+        "datasets": {},
+    }
     rows = []
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
@@ -220,8 +263,10 @@ def main() -> int:
             methods = {}
             for preset in args.presets:
                 methods[f"atlasseg {preset}"] = run_atlasseg(preset, name, files, tasks, tmp, args.overrides)
-                print(f"  atlasseg {preset}: {statistics.fmean(mean_score(d) for d in methods[f'atlasseg {preset}']['dice'].values()):.3f}",
-                      flush=True)
+                print(
+                    f"  atlasseg {preset}: {statistics.fmean(mean_score(d) for d in methods[f'atlasseg {preset}']['dice'].values()):.3f}",
+                    flush=True,
+                )
             for key in args.peers:
                 label, _, _, settings = PEERS[key]
                 methods[label] = run_peer(key, name, tasks, cases, PeerPairs(key, settings, args.reuse_peers), cores)
@@ -231,14 +276,18 @@ def main() -> int:
                 out["mean_dice"] = statistics.fmean(mean_score(d) for d in out["dice"].values())
                 rows.append((name, method, out))
             payload["datasets"][name] = {"tasks": tasks, "methods": methods}
-    print(f"\n{'dataset':12} {'method':22} {'mean Dice':>9}  {'per label':28} {'s/target':>8} {'peak MiB':>8} {'folded':>7}")
+    print(
+        f"\n{'dataset':12} {'method':22} {'mean Dice':>9}  {'per label':28} {'s/target':>8} {'peak MiB':>8} {'folded':>7}"
+    )
     for name, method, out in rows:
         labels = " ".join(f"{v:.3f}" for v in out["label_dice"].values())
         peak = f"{out['peak_mb']:.0f}" if out["peak_mb"] else "-"
         folded = f"{out['folded_pairs']}/{out['pairs']}" if out["folded_pairs"] is not None else "-"
         note = f" (reused {out['reused_pairs']}/{out['pairs']} pairs)" if out.get("reused_pairs") else ""
-        print(f"{name:12} {method:22} {out['mean_dice']:9.3f}  {labels:28} {out['seconds_per_target']:8.1f} "
-              f"{peak:>8} {folded:>7}{note}")
+        print(
+            f"{name:12} {method:22} {out['mean_dice']:9.3f}  {labels:28} {out['seconds_per_target']:8.1f} "
+            f"{peak:>8} {folded:>7}{note}"
+        )
     print("written", write_json("pipeline", json.loads(json.dumps(payload, default=str))))
     return 0
 

@@ -59,10 +59,20 @@ from atlasseg.quality import fit, review_rule
 
 DATASETS = {
     "hippocampus": {"folder": "msd_hippocampus", "labels": {1: "anterior", 2: "posterior"}, "cases": 40, "folds": 2},
-    "cardiac": {"folder": "mscmrseg19_bssfp", "labels": {1: "LV myo", 2: "LV blood", 3: "RV blood"}, "cases": 20,
-                "folds": 2, "in_plane": 128},
-    "abdomen": {"folder": "chaos_mr_t2spir", "labels": {1: "liver", 2: "right kidney", 3: "left kidney", 4: "spleen"},
-                "cases": 7, "folds": 7, "in_plane": 128},
+    "cardiac": {
+        "folder": "mscmrseg19_bssfp",
+        "labels": {1: "LV myo", 2: "LV blood", 3: "RV blood"},
+        "cases": 20,
+        "folds": 2,
+        "in_plane": 128,
+    },
+    "abdomen": {
+        "folder": "chaos_mr_t2spir",
+        "labels": {1: "liver", 2: "right kidney", 3: "left kidney", 4: "spleen"},
+        "cases": 7,
+        "folds": 7,
+        "in_plane": 128,
+    },
 }
 WORST = 0.10  # the worst decile of true Dice is what the flag should catch
 FALSE_ALARMS = 0.20
@@ -75,8 +85,9 @@ def run_fold(folder: Path, name: str, entries: list[dict], fold: int, folds: int
     targets = entries[fold::folds]
     atlases = [e for e in entries if e not in targets]
     path = folder / f"fold{fold}.yaml"
-    path.write_text(yaml.safe_dump({"labels": DATASETS[name]["labels"], "atlases": atlases, "targets": targets},
-                                   sort_keys=False))
+    path.write_text(
+        yaml.safe_dump({"labels": DATASETS[name]["labels"], "atlases": atlases, "targets": targets}, sort_keys=False)
+    )
     out = folder / f"out{fold}"
     run(config, load_manifest(path), out_dir=out, force=True)
     document = json.loads((out / "run.json").read_text())
@@ -85,8 +96,17 @@ def run_fold(folder: Path, name: str, entries: list[dict], fold: int, folds: int
         for value, q in record.get("quality", {}).items():
             true = (record.get("scores") or {}).get(value, {}).get("dice")
             if true is not None:
-                rows.append({"target": tid, "label": int(value), "predicted": q["predicted_dice"], "error": q["error"],
-                             "review": q["review"], "dice": true, "features": q["features"]})
+                rows.append(
+                    {
+                        "target": tid,
+                        "label": int(value),
+                        "predicted": q["predicted_dice"],
+                        "error": q["error"],
+                        "review": q["review"],
+                        "dice": true,
+                        "features": q["features"],
+                    }
+                )
     return rows, document["quality"]
 
 
@@ -94,14 +114,19 @@ def scores(rows: list[dict]) -> dict:
     """Correlations, errors and the flag's catch, over ``rows``."""
     predicted = np.array([r["predicted"] for r in rows])
     true = np.array([r["dice"] for r in rows])
-    per_label = [stats.spearmanr([r["predicted"] for r in rows if r["label"] == v],
-                                 [r["dice"] for r in rows if r["label"] == v]).statistic
-                 for v in sorted({r["label"] for r in rows})]
+    per_label = [
+        stats.spearmanr(
+            [r["predicted"] for r in rows if r["label"] == v], [r["dice"] for r in rows if r["label"] == v]
+        ).statistic
+        for v in sorted({r["label"] for r in rows})
+    ]
     return {
-        "n": len(rows), "pearson": float(stats.pearsonr(predicted, true).statistic),
+        "n": len(rows),
+        "pearson": float(stats.pearsonr(predicted, true).statistic),
         **flag_scores(predicted, true, np.array([r["review"] for r in rows])),
         "spearman_per_label": float(np.nanmean(per_label)),
-        "mae": float(np.mean(np.abs(predicted - true))), "mean_error_bar": float(np.mean([r["error"] for r in rows])),
+        "mae": float(np.mean(np.abs(predicted - true))),
+        "mean_error_bar": float(np.mean([r["error"] for r in rows])),
     }
 
 
@@ -118,9 +143,13 @@ def flag_scores(predicted: np.ndarray, true: np.ndarray, flagged: np.ndarray) ->
         if others.any() and flag[others].mean() > FALSE_ALARMS:
             break
         best = max(best, float(flag[worst].mean()))
-    return {"spearman": float(stats.spearmanr(predicted, true).statistic), "worst": int(worst.sum()),
-            "caught": float(flagged[worst].mean()),
-            "false_alarms": float(flagged[others].mean()) if others.any() else math.nan, "caught_at_20": best}
+    return {
+        "spearman": float(stats.spearmanr(predicted, true).statistic),
+        "worst": int(worst.sum()),
+        "caught": float(flagged[worst].mean()),
+        "false_alarms": float(flagged[others].mean()) if others.any() else math.nan,
+        "caught_at_20": best,
+    }
 
 
 def bootstrap(rows: list[dict], *, draws: int = BOOTSTRAP_DRAWS, seed: int = 0) -> dict:
@@ -132,8 +161,11 @@ def bootstrap(rows: list[dict], *, draws: int = BOOTSTRAP_DRAWS, seed: int = 0) 
     found: dict[str, list[float]] = {}
     for _ in range(draws):
         drawn = [r for i in rng.integers(len(targets), size=len(targets)) for r in by_target[i]]
-        result = flag_scores(np.array([r["predicted"] for r in drawn]), np.array([r["dice"] for r in drawn]),
-                             np.array([r["review"] for r in drawn]))
+        result = flag_scores(
+            np.array([r["predicted"] for r in drawn]),
+            np.array([r["dice"] for r in drawn]),
+            np.array([r["review"] for r in drawn]),
+        )
         for name in ("spearman", "caught", "false_alarms", "caught_at_20"):
             found.setdefault(name, []).append(result[name])
     return {name: [float(v) for v in np.nanpercentile(values, [2.5, 97.5])] for name, values in found.items()}
@@ -147,8 +179,12 @@ def main(argv=None) -> int:
     parser.add_argument("--cases", nargs="+", type=int, help="cases per dataset, in the order of --datasets")
     parser.add_argument("--folds", nargs="+", type=int, help="folds per dataset, in the order of --datasets")
     parser.add_argument("--cache-dir", help="registration cache (default: a temporary folder)")
-    parser.add_argument("--rescore", metavar="JSON", help="segment nothing: refit the current quality model on the "
-                        "calibration samples of an earlier run's quality.json, predict its rows again and score them")
+    parser.add_argument(
+        "--rescore",
+        metavar="JSON",
+        help="segment nothing: refit the current quality model on the "
+        "calibration samples of an earlier run's quality.json, predict its rows again and score them",
+    )
     args = parser.parse_args(argv)
     config = load_config(args.config, overrides=["quality.enabled=true", "output.report=false", *args.overrides])
     results, table = {}, []
@@ -156,18 +192,48 @@ def main(argv=None) -> int:
         document = json.loads(Path(args.rescore).read_text())
         for name, data in document["datasets"].items():
             rows = rescore(data["rows"], data["calibrations"], config)
-            results[name] = summarise(name, rows, data["calibrations"], table, cases=data["summary"]["cases"],
-                                      folds=len(data["calibrations"]), seconds=math.nan)
-        path = write_json("quality_rescored", {"config": config.to_dict(), "rescored": args.rescore,
-                                               "datasets": results})
+            results[name] = summarise(
+                name,
+                rows,
+                data["calibrations"],
+                table,
+                cases=data["summary"]["cases"],
+                folds=len(data["calibrations"]),
+                seconds=math.nan,
+            )
+        path = write_json(
+            "quality_rescored", {"config": config.to_dict(), "rescored": args.rescore, "datasets": results}
+        )
     else:
         path = segment_and_score(args, config, results, table)
-    rule = (f"review_below {config.quality.review_below}" if config.quality.review_below is not None
-            else f"review_quantile {config.quality.review_quantile}")
-    print(f"config {args.config} {' '.join(args.overrides)}; {rule}, "
-          f"calibration_atlases {config.quality.calibration_atlases}")
-    print(format_rows(["dataset", "labels", "pearson", "spearman", "spearman/label", "MAE", "error bar", "worst",
-                       "caught", "false alarms", "caught @20% FA", "s"], table))
+    rule = (
+        f"review_below {config.quality.review_below}"
+        if config.quality.review_below is not None
+        else f"review_quantile {config.quality.review_quantile}"
+    )
+    print(
+        f"config {args.config} {' '.join(args.overrides)}; {rule}, "
+        f"calibration_atlases {config.quality.calibration_atlases}"
+    )
+    print(
+        format_rows(
+            [
+                "dataset",
+                "labels",
+                "pearson",
+                "spearman",
+                "spearman/label",
+                "MAE",
+                "error bar",
+                "worst",
+                "caught",
+                "false alarms",
+                "caught @20% FA",
+                "s",
+            ],
+            table,
+        )
+    )
     print(f"\nwritten {path}")
     return 0
 
@@ -189,8 +255,15 @@ def segment_and_score(args, config, results: dict, table: list) -> Path:
                 found, calibration = run_fold(folder, name, entries, fold, folds, config)
                 rows += found
                 calibrations.append(calibration)
-            results[name] = summarise(name, rows, calibrations, table, cases=len(entries), folds=folds,
-                                      seconds=round(time.perf_counter() - start, 1))
+            results[name] = summarise(
+                name,
+                rows,
+                calibrations,
+                table,
+                cases=len(entries),
+                folds=folds,
+                seconds=round(time.perf_counter() - start, 1),
+            )
             path = write_json("quality", {"config": config.to_dict(), "datasets": results})  # so far
     return path
 
@@ -206,8 +279,9 @@ def rescore(rows: list[dict], calibrations: list[dict], config) -> list[dict]:
     for r in rows:
         fold = order.index(r["target"]) % len(calibrations)
         predicted = models[fold].predict(r["features"])
-        out.append({**r, "predicted": predicted, "error": models[fold].error,
-                    "review": predicted < rules[fold]["below"]})
+        out.append(
+            {**r, "predicted": predicted, "error": models[fold].error, "review": predicted < rules[fold]["below"]}
+        )
     return out
 
 
@@ -215,11 +289,22 @@ def summarise(name: str, rows: list[dict], calibrations: list[dict], table: list
     """A dataset's scores (with their bootstrap intervals), rows and calibrations; its line added to ``table``."""
     summary = {**scores(rows), "ci95": bootstrap(rows), **extra}
     ci = summary["ci95"]
-    table.append([name, summary["n"], f"{summary['pearson']:.2f}", _with_ci(summary, ci, "spearman", "{:.2f}"),
-                  f"{summary['spearman_per_label']:.2f}", f"{summary['mae']:.3f}",
-                  f"{summary['mean_error_bar']:.3f}", summary["worst"], _with_ci(summary, ci, "caught", "{:.0%}"),
-                  _with_ci(summary, ci, "false_alarms", "{:.0%}"), _with_ci(summary, ci, "caught_at_20", "{:.0%}"),
-                  summary["seconds"]])
+    table.append(
+        [
+            name,
+            summary["n"],
+            f"{summary['pearson']:.2f}",
+            _with_ci(summary, ci, "spearman", "{:.2f}"),
+            f"{summary['spearman_per_label']:.2f}",
+            f"{summary['mae']:.3f}",
+            f"{summary['mean_error_bar']:.3f}",
+            summary["worst"],
+            _with_ci(summary, ci, "caught", "{:.0%}"),
+            _with_ci(summary, ci, "false_alarms", "{:.0%}"),
+            _with_ci(summary, ci, "caught_at_20", "{:.0%}"),
+            summary["seconds"],
+        ]
+    )
     print(f"{name}: {summary}", file=sys.stderr, flush=True)
     return {"summary": summary, "rows": rows, "calibrations": calibrations}
 

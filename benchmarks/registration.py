@@ -74,8 +74,10 @@ DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 DEFAULT_PRESETS = ("fast", "default", "accurate")
 SEED = 42  # peers' random seed (atlasseg's is registration.seed)
 PEERS = {  # key: (module, method name); FireANTs runs in its own environment (see fireants_python)
-    "ants": ("ants", "ANTs SyNQuick[s]"), "greedy": ("picsl_greedy", "Greedy"),
-    "convexadam": ("convexAdam", "ConvexAdam"), "fireants": ("fireants", "FireANTs"),
+    "ants": ("ants", "ANTs SyNQuick[s]"),
+    "greedy": ("picsl_greedy", "Greedy"),
+    "convexadam": ("convexAdam", "ConvexAdam"),
+    "fireants": ("fireants", "FireANTs"),
 }
 
 
@@ -104,8 +106,17 @@ def _inplane(image: sitk.Image, voxels: int, interpolator: int) -> sitk.Image:
     size, spacing = image.GetSize(), image.GetSpacing()
     new_size = [voxels, voxels, *size[2:]]
     new_spacing = [spacing[i] * size[i] / new_size[i] for i in range(2)] + list(spacing[2:])
-    return sitk.Resample(image, new_size, sitk.Transform(), interpolator, image.GetOrigin(), new_spacing,
-                         image.GetDirection(), 0, image.GetPixelID())
+    return sitk.Resample(
+        image,
+        new_size,
+        sitk.Transform(),
+        interpolator,
+        image.GetOrigin(),
+        new_spacing,
+        image.GetDirection(),
+        0,
+        image.GetPixelID(),
+    )
 
 
 def load_case(dataset: Dataset, case: str) -> tuple[sitk.Image, sitk.Image]:
@@ -146,9 +157,13 @@ def _on_grid(warped: sitk.Image, fixed: sitk.Image, labels: sitk.Image) -> sitk.
 def atlasseg_method(config):
     def run(fixed, moving, labels):
         method = config.registration.normalization
-        transform, _ = register(normalize_intensity(fixed, method=method), normalize_intensity(moving, method=method),
-                                config=config.registration)
+        transform, _ = register(
+            normalize_intensity(fixed, method=method),
+            normalize_intensity(moving, method=method),
+            config=config.registration,
+        )
         return propagate_labels(labels, transform=transform, reference=fixed)
+
     return run
 
 
@@ -164,13 +179,19 @@ def ants_pair(seed: int):
     def run(fixed, moving, labels):
         f = ants.from_sitk(fixed)
         with tempfile.TemporaryDirectory() as tmp, quiet():
-            reg = ants.registration(f, ants.from_sitk(moving), type_of_transform="antsRegistrationSyNQuick[s]",
-                                    outprefix=f"{tmp}/")
-            warped = ants.apply_transforms(f, ants.from_sitk(sitk.Cast(labels, sitk.sitkFloat32)), reg["fwdtransforms"],
-                                           interpolator="genericLabel")
+            reg = ants.registration(
+                f, ants.from_sitk(moving), type_of_transform="antsRegistrationSyNQuick[s]", outprefix=f"{tmp}/"
+            )
+            warped = ants.apply_transforms(
+                f,
+                ants.from_sitk(sitk.Cast(labels, sitk.sitkFloat32)),
+                reg["fwdtransforms"],
+                interpolator="genericLabel",
+            )
         image = ants.to_sitk(reg["warpedmovout"])
         image.CopyInformation(fixed)
         return _on_grid(ants.to_sitk(warped), fixed, labels), image
+
     return run
 
 
@@ -183,14 +204,23 @@ def greedy_pair(threads: int, seed: int):
     def run(fixed, moving, labels):
         g = Greedy3D()
         with quiet():
-            g.execute(f"{common} -i fixed moving -a -dof 12 -m NCC 2x2x2 -n 100x50x10 -ia-image-centers -o affine",
-                      fixed=fixed, moving=moving, affine=None)
+            g.execute(
+                f"{common} -i fixed moving -a -dof 12 -m NCC 2x2x2 -n 100x50x10 -ia-image-centers -o affine",
+                fixed=fixed,
+                moving=moving,
+                affine=None,
+            )
             g.execute(f"{common} -i fixed moving -m NCC 2x2x2 -n 100x50x10 -it affine -o warp", warp=None)
-            g.execute(f"{common} -rf fixed -ri NN -rm labels warped -ri LINEAR -rm moving image -r warp affine",
-                      labels=labels, warped=None, image=None)
+            g.execute(
+                f"{common} -rf fixed -ri NN -rm labels warped -ri LINEAR -rm moving image -r warp affine",
+                labels=labels,
+                warped=None,
+                image=None,
+            )
         image = sitk.Cast(g["image"], sitk.sitkFloat32)
         image.CopyInformation(fixed)
         return _on_grid(g["warped"], fixed, labels), image
+
     return run
 
 
@@ -198,8 +228,9 @@ def affine_moved(config, fixed: sitk.Image, moving: sitk.Image, labels: sitk.Ima
     """atlasseg's affine stage alone (``config``'s, on normalised images); the raw moving image (linear) and its
     labels (nearest neighbour) resampled by it onto the fixed grid."""
     method = config.normalization
-    transform, _ = affine_stage(normalize_intensity(fixed, method=method), normalize_intensity(moving, method=method),
-                                config=config)
+    transform, _ = affine_stage(
+        normalize_intensity(fixed, method=method), normalize_intensity(moving, method=method), config=config
+    )
     image = sitk.Resample(moving, fixed, transform, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
     return image, sitk.Resample(labels, fixed, transform, sitk.sitkNearestNeighbor, 0, labels.GetPixelID())
 
@@ -225,6 +256,7 @@ def convexadam_method(threads: int, seed: int, *, affine_config):
         out = sitk.GetImageFromArray(warped)
         out.CopyInformation(fixed)
         return out
+
     return run
 
 
@@ -241,9 +273,13 @@ class FireantsWorker:
     def __init__(self, threads: int, seed: int):
         import subprocess
 
-        self.process = subprocess.Popen([fireants_python(), str(Path(__file__).with_name("fireants_worker.py")),
-                                         str(threads), str(seed)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                        stderr=subprocess.DEVNULL, text=True)
+        self.process = subprocess.Popen(
+            [fireants_python(), str(Path(__file__).with_name("fireants_worker.py")), str(threads), str(seed)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
         self.versions = self._reply()  # raises when fireants does not import there
         self.folder = tempfile.TemporaryDirectory()
 
@@ -295,8 +331,10 @@ def run_dataset(name: str, dataset: Dataset, methods: dict, args) -> dict:
     chosen = ids[args.offset : args.offset + args.atlases + args.targets]
     atlases, targets = chosen[: args.atlases], chosen[args.atlases :]
     cases = {case: load_case(dataset, case) for case in chosen}
-    print(f"\n{name}: {len(atlases)} atlases {atlases[0]}..{atlases[-1]}, {len(targets)} targets {', '.join(targets)}"
-          f"; grid {cases[targets[0]][0].GetSize()}, spacing {tuple(round(s, 3) for s in cases[targets[0]][0].GetSpacing())}")
+    print(
+        f"\n{name}: {len(atlases)} atlases {atlases[0]}..{atlases[-1]}, {len(targets)} targets {', '.join(targets)}"
+        f"; grid {cases[targets[0]][0].GetSize()}, spacing {tuple(round(s, 3) for s in cases[targets[0]][0].GetSpacing())}"
+    )
     pairs = {m: [] for m in methods}
     votes = {m: {} for m in methods}
     for target in targets:
@@ -310,13 +348,24 @@ def run_dataset(name: str, dataset: Dataset, methods: dict, args) -> dict:
                 try:
                     out, error = function(fixed, moving, labels), None
                 except Exception as err:  # noqa: BLE001 - a failed registration is a result here
-                    out, error = None, f"{type(err).__name__}: {str(err).strip().splitlines()[0][:200] if str(err).strip() else ''}"
+                    out, error = (
+                        None,
+                        f"{type(err).__name__}: {str(err).strip().splitlines()[0][:200] if str(err).strip() else ''}",
+                    )
                 seconds = time.perf_counter() - start
                 dice = score(out, truth, dataset.labels) if out is not None else {v: 0.0 for v in dataset.labels}
                 if out is not None:
                     warped[method].append(out)
-                pairs[method].append({"target": target, "atlas": atlas, "dice": dice, "mean_dice": mean_score(dice),
-                                      "seconds": seconds, "error": error})
+                pairs[method].append(
+                    {
+                        "target": target,
+                        "atlas": atlas,
+                        "dice": dice,
+                        "mean_dice": mean_score(dice),
+                        "seconds": seconds,
+                        "error": error,
+                    }
+                )
                 line.append(f"{method} {mean_score(dice):.3f}/{seconds:.1f}s" + (f" FAILED ({error})" if error else ""))
             print(f"  {target} <- {atlas}: " + ", ".join(line), flush=True)
         for method in methods:
@@ -349,7 +398,9 @@ def main() -> int:
     parser.add_argument("--targets", type=int, default=3)
     parser.add_argument("--atlases", type=int, default=5)
     parser.add_argument("--offset", type=int, default=0)
-    parser.add_argument("--presets", nargs="+", default=None, help="atlasseg presets (default: fast default accurate, those that exist)")
+    parser.add_argument(
+        "--presets", nargs="+", default=None, help="atlasseg presets (default: fast default accurate, those that exist)"
+    )
     parser.add_argument("--peers", nargs="*", choices=list(PEERS), default=list(PEERS))
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     args = parser.parse_args()
@@ -379,8 +430,11 @@ def main() -> int:
     methods = {name: atlasseg_method(config) for name, config in configs.items()}
     versions = {"atlasseg": atlasseg.__version__, "SimpleITK": sitk.Version_VersionString()}
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # torch's OpenMP threads spin, and crawl, on a shared machine
-    factories = {"ants": ants_method, "greedy": greedy_method,
-                 "convexadam": functools.partial(convexadam_method, affine_config=load_config("default").registration)}
+    factories = {
+        "ants": ants_method,
+        "greedy": greedy_method,
+        "convexadam": functools.partial(convexadam_method, affine_config=load_config("default").registration),
+    }
     for key in args.peers:
         module, name = PEERS[key]
         if key == "fireants":
@@ -400,9 +454,17 @@ def main() -> int:
             versions["torch"] = _version("torch")
 
     payload = {
-        "datasets": args.datasets, "targets": args.targets, "atlases": args.atlases, "offset": args.offset,
-        "presets": presets, "overrides": args.overrides, "peers": [m for m in methods if not m.startswith("atlasseg")],
-        "cpu_count": os.cpu_count(), "cores_available": cores, "threads_per_tool": cores, "peer_seed": SEED,
+        "datasets": args.datasets,
+        "targets": args.targets,
+        "atlases": args.atlases,
+        "offset": args.offset,
+        "presets": presets,
+        "overrides": args.overrides,
+        "peers": [m for m in methods if not m.startswith("atlasseg")],
+        "cpu_count": os.cpu_count(),
+        "cores_available": cores,
+        "threads_per_tool": cores,
+        "peer_seed": SEED,
         "versions": versions,
         "configs": {name: config.to_dict() for name, config in configs.items()},
         "cardiac_inplane_voxels": DATASETS["cardiac"].inplane,
@@ -412,13 +474,19 @@ def main() -> int:
         payload[name] = run_dataset(name, DATASETS[name], methods, args)
 
     peers = [name.split()[0] for _, name in PEERS.values() if name in methods]
-    print(f"\n{'dataset':12} {'method':20} {'pair Dice':>9} {'MV Dice':>8} {'s/pair':>7} "
-          + "".join(f"{'×' + peer:>12}" for peer in peers) + f" {'fails':>5}")
+    print(
+        f"\n{'dataset':12} {'method':20} {'pair Dice':>9} {'MV Dice':>8} {'s/pair':>7} "
+        + "".join(f"{'×' + peer:>12}" for peer in peers)
+        + f" {'fails':>5}"
+    )
     for name in args.datasets:
         for method, s in payload[name]["methods"].items():
-            print(f"{name:12} {method:20} {s['mean_pair_dice']:9.3f} {s['majority_dice']:8.3f} "
-                  f"{s['seconds_per_pair_median']:7.2f}" + "".join(f"{s[f'time_ratio_vs_{peer}']:12.2f}" for peer in peers)
-                  + f" {s['failures']:5d}")
+            print(
+                f"{name:12} {method:20} {s['mean_pair_dice']:9.3f} {s['majority_dice']:8.3f} "
+                f"{s['seconds_per_pair_median']:7.2f}"
+                + "".join(f"{s[f'time_ratio_vs_{peer}']:12.2f}" for peer in peers)
+                + f" {s['failures']:5d}"
+            )
     print("written", write_json("registration", _finite(payload)))
     return 0
 
@@ -426,8 +494,12 @@ def main() -> int:
 def _version(module: str) -> str:
     from importlib.metadata import PackageNotFoundError, version
 
-    dists = {"ants": ("antspyx",), "picsl_greedy": ("picsl-greedy", "picsl_greedy"), "convexAdam": ("convexAdam",),
-             "torch": ("torch",)}
+    dists = {
+        "ants": ("antspyx",),
+        "picsl_greedy": ("picsl-greedy", "picsl_greedy"),
+        "convexAdam": ("convexAdam",),
+        "torch": ("torch",),
+    }
     for dist in dists[module]:
         with contextlib.suppress(PackageNotFoundError):
             return version(dist)

@@ -48,8 +48,16 @@ def screenshot(page: Path, png: Path, *, height: int) -> None:
     if browser is None:
         raise SystemExit(f"no Chromium found (tried {', '.join(CHROMIUM)})")
     png.parent.mkdir(parents=True, exist_ok=True)
-    command = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-               f"--screenshot={png}", f"--window-size=1280,{height}", page.resolve().as_uri()]
+    command = [
+        browser,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--hide-scrollbars",
+        f"--screenshot={png}",
+        f"--window-size=1280,{height}",
+        page.resolve().as_uri(),
+    ]
     subprocess.run(command, check=True, capture_output=True, timeout=120)
     if not png.exists():
         raise SystemExit(f"{browser} wrote no screenshot {png}")
@@ -75,8 +83,11 @@ def main() -> int:
                 report_folder(args.out)
             pages[args.name] = args.out / "index.html"
         if args.demo:
-            out, seconds = finished_run(work / f"demo{args.demo}d" / "results",
-                                        make_demo_dataset(work / f"demo{args.demo}d" / "data", dim=args.demo), "demo")
+            out, seconds = finished_run(
+                work / f"demo{args.demo}d" / "results",
+                make_demo_dataset(work / f"demo{args.demo}d" / "data", dim=args.demo),
+                "demo",
+            )
             print(f"demo {args.demo}D: report written in {seconds:.2f} s")
             pages[f"demo{args.demo}d"] = out / "index.html"
         if args.hippocampus:
@@ -91,7 +102,9 @@ def main() -> int:
         for name, page in pages.items():
             if args.open:
                 opened = page.with_name("index_open.html")
-                opened.write_text(page.read_text(encoding="utf-8").replace("<details>", "<details open>"), encoding="utf-8")
+                opened.write_text(
+                    page.read_text(encoding="utf-8").replace("<details>", "<details open>"), encoding="utf-8"
+                )
                 page = opened
             png = RESULTS / f"report_{name}.png"
             screenshot(page, png, height=args.height)

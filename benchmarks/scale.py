@@ -50,20 +50,29 @@ from atlasseg.evaluation import evaluate, mean_score
 from atlasseg.imageio import normalize_intensity
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-DATASETS = {"hippocampus": ("msd_hippocampus", {1: "anterior", 2: "posterior"}),
-            "cardiac": ("mscmrseg19_bssfp", {1: "lv_myocardium", 2: "lv_blood_pool", 3: "rv_blood_pool"})}
+DATASETS = {
+    "hippocampus": ("msd_hippocampus", {1: "anterior", 2: "posterior"}),
+    "cardiac": ("mscmrseg19_bssfp", {1: "lv_myocardium", 2: "lv_blood_pool", 3: "rv_blood_pool"}),
+}
 
 
 def manifest(folder: Path, name: str, dataset: str, targets: list[str], atlases: list[str]) -> Path:
     data, labels = DATASETS[dataset]
 
     def entry(i):
-        return {"id": i, "image": str(DATA / data / "images" / f"{i}.nii.gz"),
-                "labels": str(DATA / data / "labels" / f"{i}.nii.gz")}
+        return {
+            "id": i,
+            "image": str(DATA / data / "images" / f"{i}.nii.gz"),
+            "labels": str(DATA / data / "labels" / f"{i}.nii.gz"),
+        }
 
     path = folder / f"{name}.yaml"
-    path.write_text(yaml.safe_dump({"labels": labels, "targets": [entry(i) for i in targets],
-                                    "atlases": [entry(i) for i in atlases]}, sort_keys=False))
+    path.write_text(
+        yaml.safe_dump(
+            {"labels": labels, "targets": [entry(i) for i in targets], "atlases": [entry(i) for i in atlases]},
+            sort_keys=False,
+        )
+    )
     return path
 
 
@@ -98,16 +107,31 @@ def measure(command: list[str], env: dict) -> tuple[float, float]:
 def batch(manifest_path: Path, out: Path, cache: Path, overrides: list[str]) -> dict:
     """One ``atlasseg run`` over a manifest's targets: timings, memory, Dice, selections."""
     env = {**os.environ, "ATLASSEG_CACHE_DIR": str(cache)}
-    command = [sys.executable, "-m", "atlasseg", "-q", "run", "default", "--manifest", str(manifest_path),
-               "--out", str(out), *(a for o in overrides for a in ("--set", o))]
+    command = [
+        sys.executable,
+        "-m",
+        "atlasseg",
+        "-q",
+        "run",
+        "default",
+        "--manifest",
+        str(manifest_path),
+        "--out",
+        str(out),
+        *(a for o in overrides for a in ("--set", o)),
+    ]
     wall, tree = measure(command, env)
     targets = json.loads((out / "run.json").read_text())["targets"]
     stages = sorted({s for t in targets.values() for s in t["seconds"]})
-    return {"targets": len(targets), "wall_per_target": wall / len(targets), "tree_peak_mb": tree,
-            "per_target": statistics.median(sum(t["seconds"].values()) for t in targets.values()),
-            "stages": {s: statistics.median(t["seconds"].get(s, 0.0) for t in targets.values()) for s in stages},
-            "mean_dice": statistics.mean(t["mean_dice"] for t in targets.values()),
-            "selected": {tid: t["selected"] for tid, t in targets.items()}}
+    return {
+        "targets": len(targets),
+        "wall_per_target": wall / len(targets),
+        "tree_peak_mb": tree,
+        "per_target": statistics.median(sum(t["seconds"].values()) for t in targets.values()),
+        "stages": {s: statistics.median(t["seconds"].get(s, 0.0) for t in targets.values()) for s in stages},
+        "mean_dice": statistics.mean(t["mean_dice"] for t in targets.values()),
+        "selected": {tid: t["selected"] for tid, t in targets.items()},
+    }
 
 
 def ants_batch(dataset: str, targets: list[str], atlases: list[str]) -> dict:
@@ -133,11 +157,15 @@ def ants_batch(dataset: str, targets: list[str], atlases: list[str]) -> dict:
         warped, labels = [], []
         with tempfile.TemporaryDirectory() as tmp:
             for aid in atlases:
-                reg = ants.registration(fixed, image(aid),
-                                        type_of_transform="antsRegistrationSyNQuick[s]", outprefix=f"{tmp}/{aid}")
+                reg = ants.registration(
+                    fixed, image(aid), type_of_transform="antsRegistrationSyNQuick[s]", outprefix=f"{tmp}/{aid}"
+                )
                 warped.append(reg["warpedmovout"])
-                labels.append(ants.apply_transforms(fixed, ants.from_sitk(read("labels", aid)), reg["fwdtransforms"],
-                                                    interpolator="genericLabel"))
+                labels.append(
+                    ants.apply_transforms(
+                        fixed, ants.from_sitk(read("labels", aid)), reg["fwdtransforms"], interpolator="genericLabel"
+                    )
+                )
         union = np.any([lab.numpy() != 0 for lab in labels], axis=0)
         mask = fixed.new_image_like(ndimage.binary_dilation(union, iterations=ANTS["r_search"]).astype(np.float32))
         result = ants.joint_label_fusion(fixed, mask, warped, label_list=labels, verbose=False, **ANTS)
@@ -176,56 +204,117 @@ def main() -> int:
 
     prescreen = load_config("default", overrides=args.overrides).selection.prescreen
     ids = sorted(p.name[: -len(".nii.gz")] for p in (folder / "images").glob("*.nii.gz"))
-    first, second, pool = ids[: args.targets], ids[args.targets: 2 * args.targets], ids[2 * args.targets:]
+    first, second, pool = ids[: args.targets], ids[args.targets : 2 * args.targets], ids[2 * args.targets :]
     rows, table = [], []
-    head = ["atlases", "first s/target", "warm s/target", "wall s/target", "affine+scoring", "prescreen",
-            "non-rigid", "fusion", "tree MiB", "Dice", "exhaustive Dice", "exhaustive s/target", "same selection"]
+    head = [
+        "atlases",
+        "first s/target",
+        "warm s/target",
+        "wall s/target",
+        "affine+scoring",
+        "prescreen",
+        "non-rigid",
+        "fusion",
+        "tree MiB",
+        "Dice",
+        "exhaustive Dice",
+        "exhaustive s/target",
+        "same selection",
+    ]
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         for n in dict.fromkeys(min(n, len(pool)) for n in args.atlases):
             library = pool[:n]
             cache = tmp / f"cache_{n}"
-            runs = {"first": batch(manifest(tmp, f"first_{n}", args.dataset, first, library), tmp / f"first_{n}",
-                                   cache, args.overrides),
-                    "warm": batch(manifest(tmp, f"second_{n}", args.dataset, second, library), tmp / f"warm_{n}",
-                                  cache, args.overrides)}
+            runs = {
+                "first": batch(
+                    manifest(tmp, f"first_{n}", args.dataset, first, library), tmp / f"first_{n}", cache, args.overrides
+                ),
+                "warm": batch(
+                    manifest(tmp, f"second_{n}", args.dataset, second, library),
+                    tmp / f"warm_{n}",
+                    cache,
+                    args.overrides,
+                ),
+            }
             if prescreen != "all" and n > prescreen:
-                runs["exhaustive"] = batch(tmp / f"second_{n}.yaml", tmp / f"exhaustive_{n}", cache,
-                                           [*args.overrides, "selection.prescreen=all"])
+                runs["exhaustive"] = batch(
+                    tmp / f"second_{n}.yaml",
+                    tmp / f"exhaustive_{n}",
+                    cache,
+                    [*args.overrides, "selection.prescreen=all"],
+                )
             warm, exhaustive = runs["warm"], runs.get("exhaustive", runs["warm"])
             rows.append({"atlases": n, **runs})
-            table.append([n, f"{runs['first']['per_target']:.2f}", f"{warm['per_target']:.2f}",
-                          f"{warm['wall_per_target']:.2f}",
-                          *(f"{warm['stages'].get(s, 0.0):.2f}" for s in ("affine_and_scoring", "prescreen", "nonrigid",
-                                                                          "fusion")),
-                          f"{max(r['tree_peak_mb'] for r in runs.values()):.0f}", f"{warm['mean_dice']:.4f}",
-                          f"{exhaustive['mean_dice']:.4f}", f"{exhaustive['per_target']:.2f}",
-                          f"{overlap(warm['selected'], exhaustive['selected']):.2f}"])
+            table.append(
+                [
+                    n,
+                    f"{runs['first']['per_target']:.2f}",
+                    f"{warm['per_target']:.2f}",
+                    f"{warm['wall_per_target']:.2f}",
+                    *(
+                        f"{warm['stages'].get(s, 0.0):.2f}"
+                        for s in ("affine_and_scoring", "prescreen", "nonrigid", "fusion")
+                    ),
+                    f"{max(r['tree_peak_mb'] for r in runs.values()):.0f}",
+                    f"{warm['mean_dice']:.4f}",
+                    f"{exhaustive['mean_dice']:.4f}",
+                    f"{exhaustive['per_target']:.2f}",
+                    f"{overlap(warm['selected'], exhaustive['selected']):.2f}",
+                ]
+            )
             print(format_rows(head, table[-1:]), flush=True)
         ants_row = None
         if args.ants:
             library = pool[: args.ants]
-            ours = batch(manifest(tmp, "ants_ours", args.dataset, first, library), tmp / "ants_ours",
-                         tmp / "cache_ants", args.overrides)
+            ours = batch(
+                manifest(tmp, "ants_ours", args.dataset, first, library),
+                tmp / "ants_ours",
+                tmp / "cache_ants",
+                args.overrides,
+            )
             theirs = ants_batch(args.dataset, first, library)
             ants_row = {"atlasseg": ours, "ants": theirs}
-    print(f"\n{args.dataset}: {args.targets} + {args.targets} targets, default config (selection.prescreen "
-          f"{prescreen}){', ' + ' '.join(args.overrides) if args.overrides else ''}")
+    print(
+        f"\n{args.dataset}: {args.targets} + {args.targets} targets, default config (selection.prescreen "
+        f"{prescreen}){', ' + ' '.join(args.overrides) if args.overrides else ''}"
+    )
     print(format_rows(head, table))
     if len(rows) > 1:
         small = next((r for r in rows if r["atlases"] >= 20), rows[0])
         large = rows[-1]
-        print(f"warm s/target, {large['atlases']} atlases / {small['atlases']}: "
-              f"{large['warm']['per_target'] / small['warm']['per_target']:.2f}x; tree peak memory "
-              f"{large['warm']['tree_peak_mb'] / small['warm']['tree_peak_mb']:.2f}x")
+        print(
+            f"warm s/target, {large['atlases']} atlases / {small['atlases']}: "
+            f"{large['warm']['per_target'] / small['warm']['per_target']:.2f}x; tree peak memory "
+            f"{large['warm']['tree_peak_mb'] / small['warm']['tree_peak_mb']:.2f}x"
+        )
     if ants_row:
         ours, theirs = ants_row["atlasseg"], ants_row["ants"]
-        print(format_rows(["method", "atlases", "s/target", "wall s/target", "Dice"], [
-            ["atlasseg default", args.ants, f"{ours['per_target']:.2f}", f"{ours['wall_per_target']:.2f}",
-             f"{ours['mean_dice']:.4f}"],
-            ["ANTs SyNQuick[s] + JLF", args.ants, f"{theirs['per_target']:.2f}", "", f"{theirs['mean_dice']:.4f}"]]))
-        print(f"atlasseg / ANTs time per target: {ours['per_target'] / theirs['per_target']:.3f} "
-              f"(wall, start-up included: {ours['wall_per_target'] / theirs['per_target']:.3f})")
+        print(
+            format_rows(
+                ["method", "atlases", "s/target", "wall s/target", "Dice"],
+                [
+                    [
+                        "atlasseg default",
+                        args.ants,
+                        f"{ours['per_target']:.2f}",
+                        f"{ours['wall_per_target']:.2f}",
+                        f"{ours['mean_dice']:.4f}",
+                    ],
+                    [
+                        "ANTs SyNQuick[s] + JLF",
+                        args.ants,
+                        f"{theirs['per_target']:.2f}",
+                        "",
+                        f"{theirs['mean_dice']:.4f}",
+                    ],
+                ],
+            )
+        )
+        print(
+            f"atlasseg / ANTs time per target: {ours['per_target'] / theirs['per_target']:.3f} "
+            f"(wall, start-up included: {ours['wall_per_target'] / theirs['per_target']:.3f})"
+        )
     print("written", write_json(f"scale_{args.dataset}", {"args": vars(args), "rows": rows, "ants": ants_row}))
     return 0
 

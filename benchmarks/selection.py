@@ -86,7 +86,9 @@ def after_nonrigid(case) -> list[float]:
 
 
 def majority_dice(case, picks, values) -> float:
-    return atlas_dice(fuse(case.reference, [case.candidates[i][1:] for i in picks], config=MAJORITY), case.truth, values)
+    return atlas_dice(
+        fuse(case.reference, [case.candidates[i][1:] for i in picks], config=MAJORITY), case.truth, values
+    )
 
 
 def run_dataset(name: str, args, tmp: Path) -> dict:
@@ -115,8 +117,9 @@ def run_dataset(name: str, args, tmp: Path) -> dict:
         scores = {}
         for score, selection in SCORES.items():
             clock = time.perf_counter()
-            scores[score] = [score_atlas(fixed, moving[a], case.ranking.affine[a], config=selection, labels=labels[a])
-                             for a in ids]
+            scores[score] = [
+                score_atlas(fixed, moving[a], case.ranking.affine[a], config=selection, labels=labels[a]) for a in ids
+            ]
             seconds[score] += time.perf_counter() - clock
         scores[AFTER] = after_nonrigid(case)
         for score in names:
@@ -127,10 +130,17 @@ def run_dataset(name: str, args, tmp: Path) -> dict:
         for k in ks:
             for n, order in orders.items():
                 mv[n][k].append(majority_dice(case, order[:k], values))
-            random[k].append([majority_dice(case, rng.choice(len(ids), size=min(k, len(ids)), replace=False), values)
-                              for _ in range(args.draws)])
-        print(f"  {target.id}: {len(ids)} atlases, {time.perf_counter() - start:.0f} s; rho old default "
-              f"{rho[names[0]][-1]:+.2f}, default {rho['ncc, near labels 2 mm, 1 mm (default)'][-1]:+.2f}", flush=True)
+            random[k].append(
+                [
+                    majority_dice(case, rng.choice(len(ids), size=min(k, len(ids)), replace=False), values)
+                    for _ in range(args.draws)
+                ]
+            )
+        print(
+            f"  {target.id}: {len(ids)} atlases, {time.perf_counter() - start:.0f} s; rho old default "
+            f"{rho[names[0]][-1]:+.2f}, default {rho['ncc, near labels 2 mm, 1 mm (default)'][-1]:+.2f}",
+            flush=True,
+        )
         del case
     pairs = len(manifest.targets) * len(manifest.atlases)
     return report(name, rho, mv, random, {n: s / pairs for n, s in seconds.items()}, ks, args.draws)
@@ -149,11 +159,22 @@ def report(name, rho, mv, random, seconds, ks, n_draws) -> dict:
         if n in seconds:
             entry["seconds_per_pair"] = seconds[n]
         summary[n] = entry
-        rows.append([n, f"{entry['rho']:+.3f} ± {entry['rho_sd']:.2f}" if n in rho else "-",
-                     *(f"{entry['mv'][str(k)]:.4f}" for k in ks), _ms(seconds.get(n))])
-    rows.append(["random (mean ± sd over draws)", "-", *(f"{draws[k].mean():.4f} ± {draws[k].std():.4f}" for k in ks), "-"])
-    summary["random"] = {"mv": {str(k): float(draws[k].mean()) for k in ks},
-                         "sd_over_draws": {str(k): float(draws[k].std()) for k in ks}, "draws": n_draws}
+        rows.append(
+            [
+                n,
+                f"{entry['rho']:+.3f} ± {entry['rho_sd']:.2f}" if n in rho else "-",
+                *(f"{entry['mv'][str(k)]:.4f}" for k in ks),
+                _ms(seconds.get(n)),
+            ]
+        )
+    rows.append(
+        ["random (mean ± sd over draws)", "-", *(f"{draws[k].mean():.4f} ± {draws[k].std():.4f}" for k in ks), "-"]
+    )
+    summary["random"] = {
+        "mv": {str(k): float(draws[k].mean()) for k in ks},
+        "sd_over_draws": {str(k): float(draws[k].std()) for k in ks},
+        "draws": n_draws,
+    }
     print(f"\n{name}: ranking score vs atlas Dice after non-rigid ({n_targets} targets; {available_cores()} cores)")
     print(format_rows(["score", "rho", *(f"MV {k}" for k in ks), "ms/pair"], rows, left=2))
     return summary
@@ -174,8 +195,11 @@ def main() -> int:
     if not SHARED.is_dir():
         print(f"no data at {SHARED}", file=sys.stderr)
         return 1
-    payload = {"cores": available_cores(), "args": vars(args),
-               "scores": {n: dataclasses.asdict(c) for n, c in SCORES.items()}}
+    payload = {
+        "cores": available_cores(),
+        "args": vars(args),
+        "scores": {n: dataclasses.asdict(c) for n, c in SCORES.items()},
+    }
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         os.environ["ATLASSEG_CACHE_DIR"] = str(Path(tmp) / "cache")  # every registration is timed, none reused

@@ -32,9 +32,11 @@ from atlasseg.dataset import from_folders  # noqa: E402
 from atlasseg.pipeline import run  # noqa: E402
 from atlasseg.report import read_run, write_report  # noqa: E402
 
-DATASETS = {"hippocampus": ("msd_hippocampus", {1: "anterior", 2: "posterior"}),
-            "cardiac": ("mscmrseg19_bssfp", {1: "LV myo", 2: "LV blood", 3: "RV blood"}),
-            "abdomen": ("chaos_mr_t2spir", {1: "liver", 2: "right kidney", 3: "left kidney", 4: "spleen"})}
+DATASETS = {
+    "hippocampus": ("msd_hippocampus", {1: "anterior", 2: "posterior"}),
+    "cardiac": ("mscmrseg19_bssfp", {1: "LV myo", 2: "LV blood", 3: "RV blood"}),
+    "abdomen": ("chaos_mr_t2spir", {1: "liver", 2: "right kidney", 3: "left kidney", 4: "spleen"}),
+}
 
 
 def manifest(folder: Path, name: str, atlases: int):
@@ -46,8 +48,14 @@ def manifest(folder: Path, name: str, atlases: int):
         kind = ("targets", "truth") if i == 0 else ("images", "labels")
         for where, source in zip(kind, ("images", "labels")):
             os.symlink(SHARED / data / source / case, folder / where / case)
-    return from_folders(folder / "images", folder / "labels", out=folder / "m.yaml", targets=folder / "targets",
-                        target_labels=folder / "truth", label_names=names).manifest
+    return from_folders(
+        folder / "images",
+        folder / "labels",
+        out=folder / "m.yaml",
+        targets=folder / "targets",
+        target_labels=folder / "truth",
+        label_names=names,
+    ).manifest
 
 
 def open_view(page: Path, screenshot: Path | None) -> float:
@@ -59,9 +67,11 @@ def open_view(page: Path, screenshot: Path | None) -> float:
         browser.screenshot(".viewer .canvas")
         seconds = time.perf_counter() - start
         if screenshot is not None:
-            browser.evaluate("(() => { for (const [layer, value] of [['segmentation', 45], ['disagreement', 80]]) {"
-                             " const s = document.querySelector(`.viewer input.opacity[data-layer=${layer}]`);"
-                             " s.value = value; s.dispatchEvent(new Event('input')); } })()")
+            browser.evaluate(
+                "(() => { for (const [layer, value] of [['segmentation', 45], ['disagreement', 80]]) {"
+                " const s = document.querySelector(`.viewer input.opacity[data-layer=${layer}]`);"
+                " s.value = value; s.dispatchEvent(new Event('input')); } })()"
+            )
             screenshot.write_bytes(browser.screenshot(".viewer"))
         if browser.errors:
             raise SystemExit(f"console errors: {browser.errors}")
@@ -96,17 +106,27 @@ def main() -> int:
             write_report(out, read_run(out), m)
             report_s = time.perf_counter() - start
             off, on = statistics.median(seconds[False]), statistics.median(seconds[True])
-            rows[name] = {"fusion_output_s_off": off, "fusion_output_s_on": on, "ratio": on / off,
-                          "report_s": report_s, "viewer_js_mb": (out / target / "viewer.js").stat().st_size / 2**20,
-                          "open_view_s": open_view(out / "index.html", args.screenshot if name == args.datasets[-1]
-                                                   else None) if browser else None}
+            rows[name] = {
+                "fusion_output_s_off": off,
+                "fusion_output_s_on": on,
+                "ratio": on / off,
+                "report_s": report_s,
+                "viewer_js_mb": (out / target / "viewer.js").stat().st_size / 2**20,
+                "open_view_s": open_view(out / "index.html", args.screenshot if name == args.datasets[-1] else None)
+                if browser
+                else None,
+            }
     print(f"{args.preset}, {args.atlases} atlases, 1 target, medians of {args.repeats} (shared machine)")
-    print(f"{'dataset':12} {'fusion+output s: off':>21} {'on':>6} {'ratio':>6} {'report s':>9} {'viewer.js MB':>13} "
-          f"{'open view s':>12}")
+    print(
+        f"{'dataset':12} {'fusion+output s: off':>21} {'on':>6} {'ratio':>6} {'report s':>9} {'viewer.js MB':>13} "
+        f"{'open view s':>12}"
+    )
     for name, r in rows.items():
         view = "–" if r["open_view_s"] is None else f"{r['open_view_s']:.2f}"
-        print(f"{name:12} {r['fusion_output_s_off']:21.3f} {r['fusion_output_s_on']:6.3f} {r['ratio']:6.2f} "
-              f"{r['report_s']:9.2f} {r['viewer_js_mb']:13.2f} {view:>12}")
+        print(
+            f"{name:12} {r['fusion_output_s_off']:21.3f} {r['fusion_output_s_on']:6.3f} {r['ratio']:6.2f} "
+            f"{r['report_s']:9.2f} {r['viewer_js_mb']:13.2f} {view:>12}"
+        )
     print(f"results: {write_json('viewer', {'preset': args.preset, 'atlases': args.atlases, 'rows': rows})}")
     return 0
 

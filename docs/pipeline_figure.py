@@ -33,8 +33,16 @@ def show(ax, image: sitk.Image, labels: sitk.Image | None, title: str, *, outlin
     aspect = image.GetSpacing()[1] / image.GetSpacing()[0]  # square millimetres, whatever the voxels
     ax.imshow(sitk.GetArrayFromImage(image), cmap="gray", origin="lower", aspect=aspect)
     if labels is not None:
-        ax.imshow(np.ma.masked_equal(sitk.GetArrayFromImage(labels), 0), cmap=COLOURS, vmin=0, vmax=5, alpha=0.55,
-                  origin="lower", interpolation="nearest", aspect=aspect)
+        ax.imshow(
+            np.ma.masked_equal(sitk.GetArrayFromImage(labels), 0),
+            cmap=COLOURS,
+            vmin=0,
+            vmax=5,
+            alpha=0.55,
+            origin="lower",
+            interpolation="nearest",
+            aspect=aspect,
+        )
     if outline is not None:
         ax.contour(sitk.GetArrayFromImage(outline), levels=np.arange(0.5, 5.5), colors="white", linewidths=0.7)
     ax.set_title(title, fontsize=9)
@@ -50,10 +58,13 @@ def main() -> None:
         target = manifest.targets[0]
         fixed, truth = sitk.ReadImage(str(target.image)), sitk.ReadImage(str(target.labels))
         atlases = [(sitk.ReadImage(str(a.image)), sitk.ReadImage(str(a.labels))) for a in manifest.atlases]
-        carried = [atlasseg.register(fixed, image, "demo", labels=labels, overrides=SETTINGS).warped_labels
-                   for image, labels in atlases]
-        fused, record = atlasseg.segment(fixed, atlases, "demo", overrides=SETTINGS, truth=truth,
-                                         label_names=manifest.label_names)
+        carried = [
+            atlasseg.register(fixed, image, "demo", labels=labels, overrides=SETTINGS).warped_labels
+            for image, labels in atlases
+        ]
+        fused, record = atlasseg.segment(
+            fixed, atlases, "demo", overrides=SETTINGS, truth=truth, label_names=manifest.label_names
+        )
     fig, axes = plt.subplots(2, 4, figsize=(8.4, 4.6), constrained_layout=True)
     for i, (image, labels) in enumerate(atlases):
         show(axes[0, i], image, labels, f"atlas {i + 1}: image + labels")
@@ -61,8 +72,9 @@ def main() -> None:
     for i, labels in enumerate(carried):
         show(axes[1, i], fixed, labels, f"atlas {i + 1} registered,\nlabels carried onto the target")
     show(axes[1, 3], fixed, fused, f"fused (mean Dice {record['mean_dice']:.3f});\nwhite: ground truth", outline=truth)
-    fig.suptitle("register every atlas onto the target → carry its labels across → fuse them by a vote per voxel",
-                 fontsize=10)
+    fig.suptitle(
+        "register every atlas onto the target → carry its labels across → fuse them by a vote per voxel", fontsize=10
+    )
     fig.savefig(args.out, dpi=90)
     print(f"wrote {args.out} ({args.out.stat().st_size / 1024:.0f} kB)")
 

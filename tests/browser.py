@@ -42,11 +42,25 @@ class Browser:
             os.dup2(replies, 4)
 
         self._process = subprocess.Popen(
-            [executable, "--headless", "--remote-debugging-pipe", "--no-sandbox", "--no-first-run",
-             "--use-angle=swiftshader", "--enable-unsafe-swiftshader", "--hide-scrollbars",
-             f"--user-data-dir={self._profile.name}", f"--window-size={width},{height}", "about:blank"],
-            preexec_fn=on_fds_3_and_4, close_fds=False, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL)
+            [
+                executable,
+                "--headless",
+                "--remote-debugging-pipe",
+                "--no-sandbox",
+                "--no-first-run",
+                "--use-angle=swiftshader",
+                "--enable-unsafe-swiftshader",
+                "--hide-scrollbars",
+                f"--user-data-dir={self._profile.name}",
+                f"--window-size={width},{height}",
+                "about:blank",
+            ],
+            preexec_fn=on_fds_3_and_4,
+            close_fds=False,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         os.close(commands_r)
         os.close(replies_w)
         self._write, self._read = commands_w, replies_r
@@ -136,9 +150,11 @@ class Browser:
         self.evaluate("new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r)))")
         params = {"format": "png"}
         if selector is not None:
-            box = self.evaluate(f"(() => {{ const e = document.querySelector({json.dumps(selector)}); e.scrollIntoView();"
-                                " const r = e.getBoundingClientRect();"
-                                " return [r.x + window.scrollX, r.y + window.scrollY, r.width, r.height]; })()")
+            box = self.evaluate(
+                f"(() => {{ const e = document.querySelector({json.dumps(selector)}); e.scrollIntoView();"
+                " const r = e.getBoundingClientRect();"
+                " return [r.x + window.scrollX, r.y + window.scrollY, r.width, r.height]; })()"
+            )
             self.evaluate("new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r)))")
             params["clip"] = {"x": box[0], "y": box[1], "width": box[2], "height": box[3], "scale": 1}
             params["captureBeyondViewport"] = True

@@ -21,7 +21,9 @@ TARGET = "images/case_003.nii.gz"
 
 @pytest.fixture(scope="module")
 def source(tmp_path_factory) -> Path:
-    return make_demo_dataset(tmp_path_factory.mktemp("bad") / "data", dim=2, n_atlases=2, n_targets=1, size=32, seed=3).parent
+    return make_demo_dataset(
+        tmp_path_factory.mktemp("bad") / "data", dim=2, n_atlases=2, n_targets=1, size=32, seed=3
+    ).parent
 
 
 def _edit(path: Path, change) -> None:
@@ -86,7 +88,9 @@ def _set_voxel(value, name=IMAGE):
             array = array.astype(np.float32)
             array[5, 5] = value
             return array
+
         _edit(data / name, put)
+
     return change
 
 
@@ -101,6 +105,7 @@ def _shift_labels(offset):
         labels = sitk.ReadImage(str(data / LABELS))
         labels.SetOrigin(tuple(o + offset for o in labels.GetOrigin()))
         sitk.WriteImage(labels, str(data / LABELS))
+
     return change
 
 
@@ -108,10 +113,16 @@ CASES = [
     ("missing file", lambda d: (d / IMAGE).unlink(), "case_001': image file not found"),
     ("truncated .nii.gz", _truncate, "case_001.nii.gz: truncated or corrupt NIfTI file"),
     ("truncated .nii", _truncated_uncompressed, "raw.nii: truncated or corrupt NIfTI file"),
-    ("random bytes", lambda d: (d / IMAGE).write_bytes(np.random.default_rng(0).bytes(4000)),
-     "case_001.nii.gz: cannot read image (no reader recognises it: damaged, not an image, or a wrong extension"),
-    ("random gzip", lambda d: (d / IMAGE).write_bytes(gzip.compress(np.random.default_rng(0).bytes(4000))),
-     "case_001.nii.gz: cannot read image (no reader recognises it"),
+    (
+        "random bytes",
+        lambda d: (d / IMAGE).write_bytes(np.random.default_rng(0).bytes(4000)),
+        "case_001.nii.gz: cannot read image (no reader recognises it: damaged, not an image, or a wrong extension",
+    ),
+    (
+        "random gzip",
+        lambda d: (d / IMAGE).write_bytes(gzip.compress(np.random.default_rng(0).bytes(4000))),
+        "case_001.nii.gz: cannot read image (no reader recognises it",
+    ),
     ("wrong extension", _wrong_extension, "case_001.png: cannot read image (no reader recognises it"),
     ("truncated mask", _truncated_mask, "mask.nii.gz: truncated or corrupt NIfTI file"),
     ("empty file", lambda d: (d / IMAGE).write_bytes(b""), "case_001.nii.gz: file is empty"),
@@ -122,12 +133,18 @@ CASES = [
     ("NaN in NIfTI", _set_voxel(np.nan), "case_001.nii.gz: holds 1 NaN or infinite intensities"),
     ("Inf in NIfTI", _set_voxel(-np.inf), "case_001.nii.gz: holds 1 NaN or infinite intensities"),
     ("Inf in MetaImage", _nonfinite_mha, "case_001.mha: holds 1 NaN or infinite intensities"),
-    ("constant image", lambda d: _edit(d / TARGET, lambda a: np.full_like(a, 7.0)),
-     "case_003.nii.gz: every voxel is 7 (a constant image has nothing to register)"),
+    (
+        "constant image",
+        lambda d: _edit(d / TARGET, lambda a: np.full_like(a, 7.0)),
+        "case_003.nii.gz: every voxel is 7 (a constant image has nothing to register)",
+    ),
     ("labels on another grid", _shift_labels(0.5), "label map grid (size (32, 32), spacing (4.5, 4.5), origin"),
     ("float labels", lambda d: _edit(d / LABELS, lambda a: a.astype(np.float32) + 0.5), "holds non-integer values"),
-    ("negative labels", lambda d: _edit(d / LABELS, lambda a: np.where(a == 4, -4, a.astype(np.int16))),
-     "case_001.nii.gz: label map holds negative values (-4); labels must be >= 0"),
+    (
+        "negative labels",
+        lambda d: _edit(d / LABELS, lambda a: np.where(a == 4, -4, a.astype(np.int16))),
+        "case_001.nii.gz: label map holds negative values (-4); labels must be >= 0",
+    ),
     ("empty atlas labels", lambda d: _edit(d / LABELS, np.zeros_like), "label map of atlas 'case_001' is empty"),
 ]
 
@@ -155,10 +172,17 @@ def _noise(data):
 
 WARNINGS = [
     ("grid noise snapped", _noise, "labels/case_001.nii.gz: grid differs from its image"),
-    ("declared label absent", lambda d: _point_manifest_at(d, "5: band", "5: band, 9: ghost"),
-     "atlas 'case_001' lacks declared labels 9 (ghost)"),
+    (
+        "declared label absent",
+        lambda d: _point_manifest_at(d, "5: band", "5: band, 9: ghost"),
+        "atlas 'case_001' lacks declared labels 9 (ghost)",
+    ),
     ("undeclared label", lambda d: _point_manifest_at(d, ", 5: band", ""), "holds labels [5] not declared in"),
-    ("empty ground truth", lambda d: _edit(d / "labels/case_003.nii.gz", np.zeros_like), "ground truth of target 'case_003' is empty"),
+    (
+        "empty ground truth",
+        lambda d: _edit(d / "labels/case_003.nii.gz", np.zeros_like),
+        "ground truth of target 'case_003' is empty",
+    ),
     ("k above the atlas count", lambda d: None, "selection.k is 5 but"),
 ]
 
@@ -183,8 +207,16 @@ def test_grid_noise_is_snapped_and_the_run_completes(data, caplog, tmp_path):
     truth = sitk.ReadImage(str(data / "labels/case_003.nii.gz"))
     truth.SetOrigin(tuple(o - 1e-3 for o in truth.GetOrigin()))
     sitk.WriteImage(truth, str(data / "labels/case_003.nii.gz"))
-    argv = ["run", "baseline", "--manifest", str(data / "data_manifest.yaml"), "--out", str(tmp_path / "out"),
-            "--set", "parallel.n_jobs=1"]
+    argv = [
+        "run",
+        "baseline",
+        "--manifest",
+        str(data / "data_manifest.yaml"),
+        "--out",
+        str(tmp_path / "out"),
+        "--set",
+        "parallel.n_jobs=1",
+    ]
     with caplog.at_level(logging.WARNING, logger="atlasseg"):
         assert main(argv) == 0
     assert caplog.text.count("snapped onto the image's grid") == 2
@@ -200,7 +232,9 @@ def test_a_run_that_would_exceed_memory_is_refused_with_the_estimate(data, capsy
     _truncate(data, TARGET)  # the estimate comes from headers, before any voxel is read
     assert main(["validate", "demo", "--manifest", manifest, "--set", "parallel.n_jobs=2"]) == 2
     err = capsys.readouterr().err
-    assert "images of 32 x 32 voxels would need about 0.4 MiB (2 parallel registration(s) and fusion) but 0.1 MiB" in err
+    assert (
+        "images of 32 x 32 voxels would need about 0.4 MiB (2 parallel registration(s) and fusion) but 0.1 MiB" in err
+    )
     assert "crop or downsample the images, lower parallel.n_jobs" in err and err.count("\n") == 1
     monkeypatch.setenv("ATLASSEG_MEMORY_LIMIT", "1G")
     assert main(["validate", "demo", "--manifest", manifest, "--set", "parallel.n_jobs=2"]) == 2
@@ -221,7 +255,10 @@ def test_jlf_without_room_for_its_candidates_is_refused_before_any_work(data, ca
     err = capsys.readouterr().err
     assert f"joint label fusion keeps its candidates in {tmp_path}: about" in err and "set TMPDIR" in err
     assert err.count("\n") == 1
-    assert main(["validate", "demo", "--manifest", str(data / "data_manifest.yaml"), "--set", "fusion.method=majority"]) == 0
+    assert (
+        main(["validate", "demo", "--manifest", str(data / "data_manifest.yaml"), "--set", "fusion.method=majority"])
+        == 0
+    )
     monkeypatch.setattr(JointLabelFusion, "_SLAB_BYTES", 2**28)  # candidates that fit in memory need no disk
     assert main(["validate", "demo", "--manifest", str(data / "data_manifest.yaml"), "--set", "fusion.method=jlf"]) == 0
 
@@ -239,7 +276,11 @@ def test_memory_estimate_of_a_large_scan_exceeds_a_small_machine(monkeypatch):
     jlf = load_config("default", overrides=["parallel.n_jobs=1", "fusion.method=jlf"])
     extra = estimate_memory(scan, jlf, n_tasks=10, n_labels=5)[0] - total
     assert extra == 24 * 512 * 512 * 400 + 2**28
-    assert estimate_memory(scan, jlf, n_tasks=100, n_labels=5)[0] - estimate_memory(scan, config, n_tasks=100, n_labels=5)[0] == extra
+    assert (
+        estimate_memory(scan, jlf, n_tasks=100, n_labels=5)[0]
+        - estimate_memory(scan, config, n_tasks=100, n_labels=5)[0]
+        == extra
+    )
     monkeypatch.delenv("ATLASSEG_MEMORY_LIMIT", raising=False)
     assert 0 < available_memory()
     monkeypatch.setenv("ATLASSEG_MEMORY_LIMIT", "1.5T")
@@ -247,8 +288,20 @@ def test_memory_estimate_of_a_large_scan_exceeds_a_small_machine(monkeypatch):
 
 
 def _run(data, out, *extra):
-    return main(["-q", "run", "baseline", "--manifest", str(data / "data_manifest.yaml"), "--out", str(out),
-                 "--set", "parallel.n_jobs=1", *extra])
+    return main(
+        [
+            "-q",
+            "run",
+            "baseline",
+            "--manifest",
+            str(data / "data_manifest.yaml"),
+            "--out",
+            str(out),
+            "--set",
+            "parallel.n_jobs=1",
+            *extra,
+        ]
+    )
 
 
 def test_output_folder_that_cannot_be_written_is_refused_before_any_work(source, tmp_path, capsys):
@@ -271,9 +324,18 @@ def test_disk_full_mid_write_fails_cleanly_and_keeps_previous_outputs(source, tm
     out = tmp_path / "out"
     assert _run(source, out) == 0
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
-    assert {p.name for p in before} == {"segmentation.nii.gz", "target.json", "metrics.csv", "run.json", "qc.png",
-                                        "index.html", "disagreement.nii.gz", "viewer.js", "niivue.umd.js",
-                                        "LICENSE-niivue.txt"}
+    assert {p.name for p in before} == {
+        "segmentation.nii.gz",
+        "target.json",
+        "metrics.csv",
+        "run.json",
+        "qc.png",
+        "index.html",
+        "disagreement.nii.gz",
+        "viewer.js",
+        "niivue.umd.js",
+        "LICENSE-niivue.txt",
+    }
     capsys.readouterr()
 
     def full(*args, **kwargs):
@@ -332,7 +394,10 @@ def _reoriented(image: sitk.Image, axes, flips) -> sitk.Image:
     turn = np.zeros((dim, dim))
     for new, (old, flip) in enumerate(zip(axes, flips)):
         turn[old, new] = -1.0 if flip else 1.0
-    corner = [image.GetSize()[old] - 1 if flip else 0 for old, flip in zip(range(dim), [flips[list(axes).index(o)] for o in range(dim)])]
+    corner = [
+        image.GetSize()[old] - 1 if flip else 0
+        for old, flip in zip(range(dim), [flips[list(axes).index(o)] for o in range(dim)])
+    ]
     grid = sitk.Image([image.GetSize()[old] for old in axes], image.GetPixelID())
     grid.SetSpacing([image.GetSpacing()[old] for old in axes])
     grid.SetDirection((np.array(image.GetDirection()).reshape(dim, dim) @ turn).ravel().tolist())
@@ -349,7 +414,9 @@ def _oblique(image: sitk.Image, degrees: float, *, labels: bool) -> sitk.Image:
     grid = sitk.Image(size, image.GetPixelID())
     grid.SetSpacing(image.GetSpacing())
     grid.SetDirection((np.array(image.GetDirection()).reshape(2, 2) @ turn).ravel().tolist())
-    grid.SetOrigin((centre - np.array(grid.GetDirection()).reshape(2, 2) @ ((np.array(size) - 1) / 2 * grid.GetSpacing())).tolist())
+    grid.SetOrigin(
+        (centre - np.array(grid.GetDirection()).reshape(2, 2) @ ((np.array(size) - 1) / 2 * grid.GetSpacing())).tolist()
+    )
     interpolator = sitk.sitkNearestNeighbor if labels else sitk.sitkLinear
     return sitk.Resample(image, grid, sitk.Transform(), interpolator, 0, image.GetPixelID())
 
@@ -374,16 +441,33 @@ def test_targets_stored_in_other_orientations_are_segmented_the_same(tmp_path):
     lines.append("- {id: oblique, image: images/oblique.nii.gz, labels: labels/oblique.nii.gz}")
     manifest.write_text(manifest.read_text() + "\n".join(lines) + "\n")
     out = tmp_path / "out"
-    argv = ["-q", "run", "demo", "--manifest", str(manifest), "--out", str(out), "--set", "selection.k=2",
-            "--set", "parallel.n_jobs=1", "--set", "parallel.itk_threads=1"]  # the same numbers on any machine
+    argv = [
+        "-q",
+        "run",
+        "demo",
+        "--manifest",
+        str(manifest),
+        "--out",
+        str(out),
+        "--set",
+        "selection.k=2",
+        "--set",
+        "parallel.n_jobs=1",
+        "--set",
+        "parallel.itk_threads=1",
+    ]  # the same numbers on any machine
     assert main(argv) == 0
     reference = sitk.ReadImage(str(out / "case_004" / "segmentation.nii.gz"))
     expected = sitk.GetArrayFromImage(reference)
     for name in (*variants, "oblique"):
         result = sitk.ReadImage(str(out / name / "segmentation.nii.gz"))
-        np.testing.assert_allclose(result.GetDirection(), sitk.ReadImage(str(data / "images" / f"{name}.nii.gz")).GetDirection())
+        np.testing.assert_allclose(
+            result.GetDirection(), sitk.ReadImage(str(data / "images" / f"{name}.nii.gz")).GetDirection()
+        )
         back = sitk.GetArrayFromImage(sitk.Resample(result, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0))
-        dice = [2 * np.sum((back == v) & (expected == v)) / (np.sum(back == v) + np.sum(expected == v)) for v in range(1, 6)]
+        dice = [
+            2 * np.sum((back == v) & (expected == v)) / (np.sum(back == v) + np.sum(expected == v)) for v in range(1, 6)
+        ]
         if name == "oblique":  # two nearest-neighbour resamplings cost the nodule and the 3-voxel band most
             assert min(dice[:3]) >= 0.9 and np.mean(dice) >= 0.85, (name, dice)  # 0.93 and 0.90 at writing
         else:
@@ -395,7 +479,7 @@ def test_label_values_above_255_and_150_labels_survive_propagation_and_fusion(tm
     labels = np.zeros((64, 64), np.uint16)
     for i, value in enumerate(values):
         row, col = divmod(i, 12)
-        labels[2 + 5 * row: 6 + 5 * row, 2 + 5 * col: 6 + 5 * col] = value
+        labels[2 + 5 * row : 6 + 5 * row, 2 + 5 * col : 6 + 5 * col] = value
     image = sitk.GetImageFromArray((labels % 97).astype(np.float32) + (labels > 0))
     names = {int(v): f"structure_{i}" for i, v in enumerate(values)}
     entries = []
@@ -406,8 +490,17 @@ def test_label_values_above_255_and_150_labels_survive_propagation_and_fusion(tm
     doc = {"labels": names, "atlases": entries[:3], "targets": entries[3:]}
     (tmp_path / "data_manifest.yaml").write_text(yaml.safe_dump(doc))
     out = tmp_path / "out"
-    argv = ["-q", "run", "baseline", "--manifest", str(tmp_path / "data_manifest.yaml"), "--out", str(out),
-            "--set", "parallel.n_jobs=1"]
+    argv = [
+        "-q",
+        "run",
+        "baseline",
+        "--manifest",
+        str(tmp_path / "data_manifest.yaml"),
+        "--out",
+        str(out),
+        "--set",
+        "parallel.n_jobs=1",
+    ]
     assert main(argv) == 0
     segmentation = sitk.ReadImage(str(out / "t1" / "segmentation.nii.gz"))
     assert segmentation.GetPixelID() == sitk.sitkUInt16
@@ -416,9 +509,14 @@ def test_label_values_above_255_and_150_labels_survive_propagation_and_fusion(tm
     assert len(scores) == 150 and all(s["dice"] == 1.0 for s in scores.values())
 
 
-@pytest.mark.parametrize("make, needle", [(_set_voxel(np.nan, TARGET), "case_003.nii.gz: holds 1 NaN"),
-                                          (lambda d: _truncate(d, TARGET), "case_003.nii.gz: truncated or corrupt")],
-                         ids=["NaN", "truncated"])
+@pytest.mark.parametrize(
+    "make, needle",
+    [
+        (_set_voxel(np.nan, TARGET), "case_003.nii.gz: holds 1 NaN"),
+        (lambda d: _truncate(d, TARGET), "case_003.nii.gz: truncated or corrupt"),
+    ],
+    ids=["NaN", "truncated"],
+)
 def test_register_checks_its_two_images_first(data, tmp_path, capsys, make, needle):
     make(data)
     argv = ["register", str(data / TARGET), str(data / IMAGE), "--config", "demo", "--out", str(tmp_path / "pair")]
@@ -433,14 +531,19 @@ def _moved_origin(offset):
         labels = sitk.ReadImage(str(path))
         labels.SetOrigin(tuple(o + offset for o in labels.GetOrigin()))
         sitk.WriteImage(labels, str(path))
+
     return change
 
 
-@pytest.mark.parametrize("make, code, needle", [
-    (lambda p: _truncate(p.parent, p.name), 2, "truth.nii.gz: truncated or corrupt NIfTI file"),
-    (_moved_origin(0.5), 2, "truth.nii.gz: label map grid (size (32, 32), spacing (4.5, 4.5), origin"),
-    (_moved_origin(1e-3), 0, ""),  # floating-point noise: snapped
-], ids=["truncated", "another grid", "grid noise"])
+@pytest.mark.parametrize(
+    "make, code, needle",
+    [
+        (lambda p: _truncate(p.parent, p.name), 2, "truth.nii.gz: truncated or corrupt NIfTI file"),
+        (_moved_origin(0.5), 2, "truth.nii.gz: label map grid (size (32, 32), spacing (4.5, 4.5), origin"),
+        (_moved_origin(1e-3), 0, ""),  # floating-point noise: snapped
+    ],
+    ids=["truncated", "another grid", "grid noise"],
+)
 def test_evaluate_checks_both_label_maps(data, capsys, make, code, needle):
     truth = data / "labels" / "truth.nii.gz"
     shutil.copy(data / LABELS, truth)

@@ -66,8 +66,11 @@ def test_from_bids_refuses_what_it_cannot_pair_naming_it(bids, tmp_path):
     try:
         with pytest.raises(ManifestError, match="sub-01 has 2 label maps.*--desc"):
             from_bids(root, out=tmp_path / "m.yaml")
-        assert [a.id for a in from_bids(root, out=tmp_path / "m.yaml", desc="manual").manifest.atlases] == \
-            ["sub-01", "sub-02_ses-A", "sub-03"]
+        assert [a.id for a in from_bids(root, out=tmp_path / "m.yaml", desc="manual").manifest.atlases] == [
+            "sub-01",
+            "sub-02_ses-A",
+            "sub-03",
+        ]
     finally:
         other.unlink()
 

@@ -52,7 +52,7 @@ def _garble(h5):
     """Bytes inside the HDF5 file changed (its structure left readable: the transform's numbers change)."""
     raw = bytearray(h5.read_bytes())
     middle = len(raw) // 2
-    raw[middle:middle + 64] = bytes(64)
+    raw[middle : middle + 64] = bytes(64)
     h5.write_bytes(bytes(raw))
 
 
@@ -185,7 +185,8 @@ def test_an_entrys_arrays_are_checksummed_with_it(tmp_path, caplog):
     cache.store("library", "k", sitk.Euler2DTransform(), {"record": {}}, arrays=arrays)
     assert cache.load("library", "k") is not None
     assert {n: a.tolist() for n, a in cache.load_arrays("library", "k").items()} == {
-        n: a.tolist() for n, a in arrays.items()}
+        n: a.tolist() for n, a in arrays.items()
+    }
     npz = cache.path("library", "k").with_suffix(".npz")
     raw = bytearray(npz.read_bytes())
     raw[len(raw) // 2] ^= 0xFF
@@ -207,8 +208,10 @@ def test_a_process_reads_each_image_once_and_a_changed_one_again(tmp_path, monke
     again = jobs.load_normalized(paths["a"], "percentile")
     jobs.load_normalized(paths["b"], "percentile")
     assert reads == ["a.nii.gz", "b.nii.gz"] and again.GetOrigin() == (0.0, 0.0)
-    assert np.array_equal(sitk.GetArrayViewFromImage(again),
-                          sitk.GetArrayViewFromImage(normalize_intensity(read_image(paths["a"]), method="percentile")))
+    assert np.array_equal(
+        sitk.GetArrayViewFromImage(again),
+        sitk.GetArrayViewFromImage(normalize_intensity(read_image(paths["a"]), method="percentile")),
+    )
 
     sitk.WriteImage(sitk.GetImageFromArray(rng.random((6, 7)).astype(np.float32)), str(paths["a"]))
     stamp = paths["a"].stat().st_mtime_ns + 10**9

@@ -44,13 +44,16 @@ def test_debug_shows_the_traceback(manifest):
         main(["--debug", "validate", "demo", "--manifest", str(manifest), "--set", "selection.k=0"])
 
 
-@pytest.mark.parametrize("argv", [
-    ["-q", "-v", "--debug", "--log-file", "x.log", "validate", "demo"],
-    ["validate", "demo", "-q", "-v", "--debug", "--log-file", "x.log"],
-    ["-q", "--log-file", "x.log", "validate", "demo", "-v", "--debug"],
-    ["-q", "-v", "--debug", "--log-file", "x.log", "manifest", "from-msd", "d.json"],
-    ["manifest", "from-msd", "d.json", "-q", "-v", "--debug", "--log-file", "x.log"],
-])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["-q", "-v", "--debug", "--log-file", "x.log", "validate", "demo"],
+        ["validate", "demo", "-q", "-v", "--debug", "--log-file", "x.log"],
+        ["-q", "--log-file", "x.log", "validate", "demo", "-v", "--debug"],
+        ["-q", "-v", "--debug", "--log-file", "x.log", "manifest", "from-msd", "d.json"],
+        ["manifest", "from-msd", "d.json", "-q", "-v", "--debug", "--log-file", "x.log"],
+    ],
+)
 def test_global_flags_before_or_after_the_command(argv):
     args = build_parser().parse_args(argv)
     assert (args.quiet, args.verbose, args.debug, args.log_file) == (True, True, True, "x.log")
@@ -85,7 +88,15 @@ def test_evaluate_prints_exact_dice(tmp_path, capsys):
     b[:, 2:8] = 1
     sitk.WriteImage(sitk.GetImageFromArray(a), str(tmp_path / "a.nii.gz"))
     sitk.WriteImage(sitk.GetImageFromArray(b), str(tmp_path / "b.nii.gz"))
-    argv = ["evaluate", str(tmp_path / "a.nii.gz"), str(tmp_path / "b.nii.gz"), "--labels", "1=organ", "--out", str(tmp_path / "ev")]
+    argv = [
+        "evaluate",
+        str(tmp_path / "a.nii.gz"),
+        str(tmp_path / "b.nii.gz"),
+        "--labels",
+        "1=organ",
+        "--out",
+        str(tmp_path / "ev"),
+    ]
     assert main(argv) == 0
     assert "organ  0.4000   0.2500" in capsys.readouterr().out  # Dice 40/100·2, Jaccard 20/80
     row = (tmp_path / "ev" / "metrics.csv").read_text().splitlines()[1].split(",")
@@ -109,7 +120,9 @@ def test_evaluate_names_a_runs_segmentation_by_its_target_or_by_id(tmp_path, cap
 def test_demo_command_and_module_entry_point(tmp_path):
     done = subprocess.run(
         [sys.executable, "-m", "atlasseg", "-q", "demo", "--dim", "2", "--out", str(tmp_path)],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert done.returncode == 0, done.stderr
     assert "demo (2D, 6 atlases, 2 targets) finished" in done.stdout
@@ -121,7 +134,9 @@ def test_ci_runs_the_readme_test_command():
     from pathlib import Path
 
     repo = Path(__file__).resolve().parent.parent
-    readme_commands = [line for line in (repo / "README.md").read_text().splitlines() if line.startswith("python3 -m venv")]
+    readme_commands = [
+        line for line in (repo / "README.md").read_text().splitlines() if line.startswith("python3 -m venv")
+    ]
     assert len(readme_commands) == 2 and readme_commands[0].endswith("atlasseg demo")
     assert readme_commands[1] in (repo / ".ci" / "run").read_text().splitlines()
 
@@ -133,13 +148,23 @@ def test_register_writes_a_transform_other_tools_read(manifest, tmp_path, capsys
     argv = ["register", str(fixed), str(moving), "--labels", str(labels), "--config", "demo", "--out", str(tmp_path)]
     assert main(argv) == 0
     assert "Jacobian" in capsys.readouterr().out
-    names = {"warped.nii.gz", "transform.h5", "displacement.nii.gz", "jacobian.nii.gz", "record.json", "warped_labels.nii.gz"}
+    names = {
+        "warped.nii.gz",
+        "transform.h5",
+        "displacement.nii.gz",
+        "jacobian.nii.gz",
+        "record.json",
+        "warped_labels.nii.gz",
+    }
     assert {p.name for p in tmp_path.iterdir()} == names
     transform = sitk.ReadTransform(str(tmp_path / "transform.h5"))
     target = sitk.ReadImage(str(fixed))
     expected = sitk.Resample(sitk.ReadImage(str(moving)), target, transform, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
-    np.testing.assert_allclose(sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "warped.nii.gz"))),
-                               sitk.GetArrayFromImage(expected), atol=1e-4)
+    np.testing.assert_allclose(
+        sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "warped.nii.gz"))),
+        sitk.GetArrayFromImage(expected),
+        atol=1e-4,
+    )
     warped_labels = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "warped_labels.nii.gz")))
     assert set(np.unique(warped_labels)) <= set(np.unique(sitk.GetArrayFromImage(sitk.ReadImage(str(labels)))))
     assert sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "jacobian.nii.gz"))).min() > 0
@@ -149,10 +174,23 @@ def test_register_writes_a_transform_other_tools_read(manifest, tmp_path, capsys
 
 def test_register_that_diverges_says_why_and_writes_only_the_record(manifest, tmp_path, capsys):
     data = manifest.parent
-    argv = ["register", str(data / "images" / "case_004.nii.gz"), str(data / "images" / "case_001.nii.gz"),
-            "--set", "registration.affine.learning_rate=50", "--set", "registration.affine.metric=mse",
-            "--set", "registration.affine.shrink_factors=[1]", "--set", "registration.affine.smoothing_sigmas=[0]",
-            "--set", "registration.affine.translation_search=0", "--out", str(tmp_path)]
+    argv = [
+        "register",
+        str(data / "images" / "case_004.nii.gz"),
+        str(data / "images" / "case_001.nii.gz"),
+        "--set",
+        "registration.affine.learning_rate=50",
+        "--set",
+        "registration.affine.metric=mse",
+        "--set",
+        "registration.affine.shrink_factors=[1]",
+        "--set",
+        "registration.affine.smoothing_sigmas=[0]",
+        "--set",
+        "registration.affine.translation_search=0",
+        "--out",
+        str(tmp_path),
+    ]
     assert main(argv) == 2
     assert "affine registration diverged" in capsys.readouterr().err
     assert [p.name for p in tmp_path.iterdir()] == ["record.json"]
@@ -166,8 +204,19 @@ def test_select_prints_the_ranking_without_the_nonrigid_stage(manifest, capsys, 
         raise AssertionError("select ran the non-rigid stage")
 
     monkeypatch.setattr(jobs, "nonrigid_stage", no_nonrigid)  # in-process: parallel.n_jobs=1
-    argv = ["-q", "select", "demo", "--manifest", str(manifest), "--target", "case_004",
-            "--set", "selection.k=2", "--set", "parallel.n_jobs=1"]
+    argv = [
+        "-q",
+        "select",
+        "demo",
+        "--manifest",
+        str(manifest),
+        "--target",
+        "case_004",
+        "--set",
+        "selection.k=2",
+        "--set",
+        "parallel.n_jobs=1",
+    ]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     rows = [line.split() for line in printed.splitlines() if line.strip().startswith(("1 ", "2 ", "3 "))]
@@ -189,14 +238,35 @@ def test_select_ranks_an_atlas_against_the_others(manifest, capsys):
 
 
 def test_crossval_prints_dice_per_method_and_k_and_writes_tables(manifest, tmp_path, capsys):
-    argv = ["-q", "crossval", "demo", "--manifest", str(manifest), "--k", "1", "all", "--methods", "majority", "staple",
-            "--set", "registration.nonrigid.enabled=false", "--set", "parallel.n_jobs=1", "--out", str(tmp_path)]
+    argv = [
+        "-q",
+        "crossval",
+        "demo",
+        "--manifest",
+        str(manifest),
+        "--k",
+        "1",
+        "all",
+        "--methods",
+        "majority",
+        "staple",
+        "--set",
+        "registration.nonrigid.enabled=false",
+        "--set",
+        "parallel.n_jobs=1",
+        "--out",
+        str(tmp_path),
+    ]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "leave-one-out over 3 atlases (3 scored)" in printed
     rows = [line.split() for line in printed.splitlines() if line.startswith(("majority", "staple"))]
-    assert [(r[0], r[1], r[2]) for r in rows] == [("majority", "1", "1.0"), ("majority", "all", "2.0"),
-                                                  ("staple", "1", "1.0"), ("staple", "all", "2.0")]
+    assert [(r[0], r[1], r[2]) for r in rows] == [
+        ("majority", "1", "1.0"),
+        ("majority", "all", "2.0"),
+        ("staple", "1", "1.0"),
+        ("staple", "all", "2.0"),
+    ]
     assert all(0.5 < float(r[-2]) <= 1.0 for r in rows)  # mean Dice
     assert rows[0][3:-1] == rows[2][3:-1]  # one atlas: every method gives its labels
     assert {p.name for p in tmp_path.iterdir()} == {"crossval.csv", "crossval.json"}

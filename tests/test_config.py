@@ -93,7 +93,9 @@ def test_yaml_tags_are_not_constructed(tmp_path):
 def test_set_overrides_are_typed_and_validated(tmp_path):
     config = load_config("default", overrides=["selection.k=3", "registration.nonrigid.enabled=false"])
     assert config.selection.k == 3 and config.registration.nonrigid.enabled is False
-    assert load_config(None, overrides=["registration.affine.stages=[translation]"]).registration.affine.stages == ("translation",)
+    assert load_config(None, overrides=["registration.affine.stages=[translation]"]).registration.affine.stages == (
+        "translation",
+    )
     with pytest.raises(ConfigError, match="selection.k"):
         load_config("default", overrides=["selection.k=-2"])
     assert load_config(None, overrides=["selection.threshold=0.5"]).selection.threshold == 0.5

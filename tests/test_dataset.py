@@ -31,10 +31,15 @@ def msd(root: Path, cases=("hip_001", "hip_002"), tests=("hip_003",), **extra) -
         (root / "imagesTr" / f"._{case}.nii.gz").write_bytes(b"\0\5\26\7")
     for case in tests:
         write(root / "imagesTs" / f"{case}.nii.gz")
-    doc = {"name": "Hippocampus", "modality": {"0": "MRI"}, "labels": {"0": "background", "1": "Anterior", "2": "Posterior"},
-           "numTraining": len(cases),
-           "training": [{"image": f"./imagesTr/{c}.nii.gz", "label": f"./labelsTr/{c}.nii.gz"} for c in cases],
-           "test": [f"./imagesTs/{c}.nii.gz" for c in tests], **extra}
+    doc = {
+        "name": "Hippocampus",
+        "modality": {"0": "MRI"},
+        "labels": {"0": "background", "1": "Anterior", "2": "Posterior"},
+        "numTraining": len(cases),
+        "training": [{"image": f"./imagesTr/{c}.nii.gz", "label": f"./labelsTr/{c}.nii.gz"} for c in cases],
+        "test": [f"./imagesTs/{c}.nii.gz" for c in tests],
+        **extra,
+    }
     (root / "dataset.json").write_text(json.dumps(doc))
     return root / "dataset.json"
 
@@ -48,8 +53,12 @@ def nnunet_v2(root: Path) -> Path:
                 write(root / f"images{folder}" / f"{case}_{channel:04d}.nii.gz", image)
     for case in ("c1", "c2", "t2"):  # labelsTs holds one target's ground truth
         write(root / ("labelsTr" if case.startswith("c") else "labelsTs") / f"{case}.nii.gz", LABELS)
-    doc = {"channel_names": {"0": "T1", "1": "T2"}, "labels": {"background": 0, "Anterior": 1, "Posterior": 2},
-           "numTraining": 2, "file_ending": ".nii.gz"}
+    doc = {
+        "channel_names": {"0": "T1", "1": "T2"},
+        "labels": {"background": 0, "Anterior": 1, "Posterior": 2},
+        "numTraining": 2,
+        "file_ending": ".nii.gz",
+    }
     (root / "dataset.json").write_text(json.dumps(doc))
     return root / "dataset.json"
 
@@ -60,7 +69,9 @@ def test_decathlon_training_pairs_become_atlases_and_test_images_targets(tmp_pat
     imported = from_msd(dataset, out=out)
     manifest = load_manifest(out)
     assert manifest == imported.manifest
-    assert [a.id for a in manifest.atlases] == ["hip_001", "hip_002"] and [t.id for t in manifest.targets] == ["hip_003"]
+    assert [a.id for a in manifest.atlases] == ["hip_001", "hip_002"] and [t.id for t in manifest.targets] == [
+        "hip_003"
+    ]
     assert manifest.label_names == {1: "Anterior", 2: "Posterior"}
     assert manifest.atlases[1].labels == (tmp_path / "Task04_Hippocampus" / "labelsTr" / "hip_002.nii.gz").resolve()
     assert manifest.targets[0].labels is None
@@ -86,7 +97,9 @@ def test_nnunet_v2_pairs_by_name_and_picks_a_channel(tmp_path, caplog):
     manifest = imported.manifest
     assert [a.image.name for a in manifest.atlases] == ["c1_0000.nii.gz", "c2_0000.nii.gz"]
     assert [(t.id, t.image.name, t.labels is not None) for t in manifest.targets] == [
-        ("t1", "t1_0000.nii.gz", False), ("t2", "t2_0000.nii.gz", True)]
+        ("t1", "t1_0000.nii.gz", False),
+        ("t2", "t2_0000.nii.gz", True),
+    ]
     assert manifest.label_names == {1: "Anterior", 2: "Posterior"}
     assert imported.channels.startswith("channel 0 (T1) of 2 (0 T1, 1 T2)")
     second = from_msd(dataset, out=tmp_path / "m1.yaml", channel=1).manifest
@@ -120,8 +133,12 @@ def test_a_4d_decathlon_image_gives_its_channel_with_its_geometry(tmp_path):
     image.SetDirection(direction.ravel())
     write(tmp_path / "d" / "imagesTr" / "b_1.nii.gz", image)
     write(tmp_path / "d" / "labelsTr" / "b_1.nii.gz", labels)
-    doc = {"modality": {"0": "FLAIR", "1": "T1w"}, "labels": {"0": "background", "1": "tumour"},
-           "training": [{"image": "./imagesTr/b_1.nii.gz", "label": "./labelsTr/b_1.nii.gz"}], "test": []}
+    doc = {
+        "modality": {"0": "FLAIR", "1": "T1w"},
+        "labels": {"0": "background", "1": "tumour"},
+        "training": [{"image": "./imagesTr/b_1.nii.gz", "label": "./labelsTr/b_1.nii.gz"}],
+        "test": [],
+    }
     (tmp_path / "d" / "dataset.json").write_text(json.dumps(doc))
     imported = from_msd(tmp_path / "d" / "dataset.json", out=tmp_path / "out" / "m.yaml", channel=1)
     atlas = imported.manifest.atlases[0]
@@ -142,8 +159,10 @@ def test_a_4d_decathlon_image_gives_its_channel_with_its_geometry(tmp_path):
     [
         (lambda d: d.pop("labels"), "has no 'labels' mapping"),
         (lambda d: d.pop("training"), "neither a 'training' list"),
-        (lambda d: d["training"].append({"image": "./imagesTr/gone.nii.gz", "label": "./labelsTr/hip_001.nii.gz"}),
-         "training[2].image: file not found"),
+        (
+            lambda d: d["training"].append({"image": "./imagesTr/gone.nii.gz", "label": "./labelsTr/hip_001.nii.gz"}),
+            "training[2].image: file not found",
+        ),
         (lambda d: d["training"].append({"image": "./imagesTr/hip_001.nii.gz"}), "training[2]: expected"),
         (lambda d: d.update(labels={"background": 0, "A": "one"}), "'A': 'one' is not a label value"),
         (lambda d: d.update(test=["./imagesTs/nothere.nii.gz"]), "test[0]: file not found"),
@@ -187,11 +206,15 @@ def test_folders_pair_by_name_across_suffixes(tmp_path):
     (tmp_path / "lab" / "README.txt").write_text("not an image")
     write(tmp_path / "new" / "d_0000.nii.gz")
     write(tmp_path / "new" / "d_0001.nii.gz")
-    imported = from_folders(tmp_path / "img", tmp_path / "lab", targets=tmp_path / "new", out=tmp_path / "m.yaml",
-                            label_names={1: "body"})
+    imported = from_folders(
+        tmp_path / "img", tmp_path / "lab", targets=tmp_path / "new", out=tmp_path / "m.yaml", label_names={1: "body"}
+    )
     manifest = imported.manifest
     assert [(a.id, a.image.name, a.labels.name) for a in manifest.atlases] == [
-        ("a", "a_0000.nii.gz", "a_seg.nii.gz"), ("b", "b_0000.nii.gz", "b_labels.nrrd"), ("c", "c_0000.nii.gz", "c.nii.gz")]
+        ("a", "a_0000.nii.gz", "a_seg.nii.gz"),
+        ("b", "b_0000.nii.gz", "b_labels.nrrd"),
+        ("c", "c_0000.nii.gz", "c.nii.gz"),
+    ]
     assert [(t.id, t.image.name) for t in manifest.targets] == [("d", "d_0000.nii.gz")]
     assert manifest.label_names == {1: "body"} and "channel 0 of 2 (_0000, _0001)" in imported.channels
     assert "image: img/a_0000.nii.gz" in (tmp_path / "m.yaml").read_text()

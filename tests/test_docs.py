@@ -15,7 +15,9 @@ STALE = "{} is out of date with the code: regenerate it with `python -m atlasseg
 
 
 def test_configuration_reference_is_in_sync():
-    assert (DOCS / "configuration.md").read_text() == docs.configuration_reference(), STALE.format("docs/configuration.md")
+    assert (DOCS / "configuration.md").read_text() == docs.configuration_reference(), STALE.format(
+        "docs/configuration.md"
+    )
 
 
 def test_cli_reference_is_in_sync():

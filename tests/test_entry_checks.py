@@ -16,8 +16,9 @@ TARGET_IMAGE, TARGET_LABELS = "images/case_004.nii.gz", "labels/case_004.nii.gz"
 
 @pytest.fixture(scope="module")
 def source(tmp_path_factory) -> Path:
-    return make_demo_dataset(tmp_path_factory.mktemp("entries") / "data", dim=2, n_atlases=3, n_targets=1, size=32,
-                             seed=8).parent
+    return make_demo_dataset(
+        tmp_path_factory.mktemp("entries") / "data", dim=2, n_atlases=3, n_targets=1, size=32, seed=8
+    ).parent
 
 
 def _point(data: Path, old: str, new: str) -> None:
@@ -43,8 +44,9 @@ def test_a_targets_labels_given_as_its_image_is_refused(data, capsys):
     err = _validate(data, capsys)
     assert f"target 'case_004': image {TARGET_LABELS}: looks like a label map" in err
     assert "the same voxels as its own labels file" in err
-    err = _one_line_error(capsys, "-q", "run", "demo", "--manifest", str(data / "data_manifest.yaml"), "--out",
-                          str(data / "out"))
+    err = _one_line_error(
+        capsys, "-q", "run", "demo", "--manifest", str(data / "data_manifest.yaml"), "--out", str(data / "out")
+    )
     assert "looks like a label map" in err and not (data / "out").exists()
 
 
@@ -86,7 +88,23 @@ def test_the_report_shows_the_image_path_as_the_manifest_writes_it(data, capsys)
     shutil.move(data / TARGET_IMAGE, store / "scan.nii.gz")
     os.symlink(store / "scan.nii.gz", data / TARGET_IMAGE)
     out = data / "out"
-    assert main(["-q", "run", "demo", "--manifest", str(data / "data_manifest.yaml"), "--out", str(out),
-                 "--set", "selection.k=3", "--set", "parallel.n_jobs=1"]) == 0
+    assert (
+        main(
+            [
+                "-q",
+                "run",
+                "demo",
+                "--manifest",
+                str(data / "data_manifest.yaml"),
+                "--out",
+                str(out),
+                "--set",
+                "selection.k=3",
+                "--set",
+                "parallel.n_jobs=1",
+            ]
+        )
+        == 0
+    )
     page = (out / "index.html").read_text()
     assert TARGET_IMAGE in page and "scan.nii.gz" not in page

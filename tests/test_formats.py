@@ -91,8 +91,11 @@ def test_a_file_nibabel_wrote_is_read_at_nibabels_world_coordinates(tmp_path, ki
         ras = affine @ (*index, 1.0)
         np.testing.assert_allclose(image.TransformIndexToPhysicalPoint(index), (-ras[0], -ras[1], ras[2]), atol=1e-4)
         assert image[index] == data[index]
-    np.testing.assert_allclose(affine_from_grid(image.GetSpacing(), image.GetOrigin(), image.GetDirection()),
-                               nibabel.load(str(path)).affine, atol=1e-5)
+    np.testing.assert_allclose(
+        affine_from_grid(image.GetSpacing(), image.GetOrigin(), image.GetDirection()),
+        nibabel.load(str(path)).affine,
+        atol=1e-5,
+    )
     assert same_grid(read_geometry(path), image)
 
 
@@ -126,7 +129,9 @@ def test_mgh_is_3d_only_and_a_damaged_one_is_one_line(tmp_path):
     write_image(image, tmp_path / "image.nii.gz")
     write_image(labels, tmp_path / "labels.nii.gz")
     entry = {"id": "a", "image": "image.nii.gz", "labels": "labels.nii.gz"}
-    (tmp_path / "data_manifest.yaml").write_text(yaml.safe_dump({"atlases": [entry], "targets": [{**entry, "id": "t"}]}))
+    (tmp_path / "data_manifest.yaml").write_text(
+        yaml.safe_dump({"atlases": [entry], "targets": [{**entry, "id": "t"}]})
+    )
     with pytest.raises(ImageError, match="output.format mgz holds 3D images only, these are 2D"):  # before any work
         check_inputs(load_manifest(tmp_path / "data_manifest.yaml"), load_config(overrides=["output.format=mgz"]))
     write_image(oblique(np.zeros((8, 8, 8), np.float32)), tmp_path / "x.mgh")
@@ -137,6 +142,7 @@ def test_mgh_is_3d_only_and_a_damaged_one_is_one_line(tmp_path):
 
 
 # --------------------------------------------------------------------------- DICOM series
+
 
 def write_series(image: sitk.Image, folder, uid: str, description: str = "synthetic") -> None:
     """``image`` as a DICOM series: one file per slice with the tags a series reader orders and places them by
@@ -154,8 +160,13 @@ def _write_slices(image: sitk.Image, folder, uid: str, description: str) -> None
     d = image.GetDirection()
     writer = sitk.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()
-    shared = {"0020|000e": uid, "0008|103e": description, "0008|0060": "MR", "0008|0008": "DERIVED\\SECONDARY",
-              "0020|0037": "\\".join(map(repr, (d[0], d[3], d[6], d[1], d[4], d[7])))}  # image orientation
+    shared = {
+        "0020|000e": uid,
+        "0008|103e": description,
+        "0008|0060": "MR",
+        "0008|0008": "DERIVED\\SECONDARY",
+        "0020|0037": "\\".join(map(repr, (d[0], d[3], d[6], d[1], d[4], d[7]))),
+    }  # image orientation
     for k in range(image.GetDepth()):
         piece = image[:, :, k]
         for tag, value in shared.items():
@@ -203,8 +214,10 @@ def test_a_folder_of_several_series_needs_a_choice(tmp_path):
     write_series(image[:, :, :3], tmp_path / "study", second, "localizer")
     with pytest.raises(ImageError) as err:
         read_geometry(tmp_path / "study")
-    assert str(err.value) == (f"{tmp_path / 'study'}: holds 2 DICOM series ({first} 'T1 MPRAGE', 5 files; {second} "
-                              f"'localizer', 3 files); name one as {tmp_path / 'study'}/<series UID>")
+    assert str(err.value) == (
+        f"{tmp_path / 'study'}: holds 2 DICOM series ({first} 'T1 MPRAGE', 5 files; {second} "
+        f"'localizer', 3 files); name one as {tmp_path / 'study'}/<series UID>"
+    )
     assert read_image(tmp_path / "study" / second).GetSize() == (7, 6, 3)
     assert read_geometry(tmp_path / "study" / first).size == (7, 6, 5)
     (tmp_path / "empty").mkdir()
@@ -226,6 +239,7 @@ def test_a_folder_of_several_series_needs_a_choice(tmp_path):
 
 # --------------------------------------------------------------------------- a run
 
+
 def test_a_run_with_atlases_in_mixed_formats_writes_the_named_format(tmp_path):
     image, labels = phantom(size=32, spacing=2.0)
     entries = []
@@ -236,10 +250,20 @@ def test_a_run_with_atlases_in_mixed_formats_writes_the_named_format(tmp_path):
         entries.append({"id": f"a{number}", "image": f"a{number}.{ext}", "labels": f"a{number}_labels.{ext}"})
     write_image(image, tmp_path / "target.nii.gz")
     write_image(labels, tmp_path / "target_labels.nii.gz")
-    (tmp_path / "data_manifest.yaml").write_text(yaml.safe_dump({
-        "atlases": entries, "targets": [{"id": "t", "image": "target.nii.gz", "labels": "target_labels.nii.gz"}]}))
-    config = load_config(overrides=["registration.nonrigid.enabled=false", "parallel.n_jobs=1", "output.format=mgz",
-                                    "output.probability_maps=true", "fusion.method=majority"])
+    (tmp_path / "data_manifest.yaml").write_text(
+        yaml.safe_dump(
+            {"atlases": entries, "targets": [{"id": "t", "image": "target.nii.gz", "labels": "target_labels.nii.gz"}]}
+        )
+    )
+    config = load_config(
+        overrides=[
+            "registration.nonrigid.enabled=false",
+            "parallel.n_jobs=1",
+            "output.format=mgz",
+            "output.probability_maps=true",
+            "fusion.method=majority",
+        ]
+    )
     (result,) = run(config, load_manifest(tmp_path / "data_manifest.yaml"), out_dir=tmp_path / "out")
     assert result.segmentation == tmp_path / "out" / "t" / "segmentation.mgz"
     segmentation = read_labels(result.segmentation)

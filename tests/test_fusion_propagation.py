@@ -150,8 +150,9 @@ def test_jlf_follows_the_atlas_identical_to_the_target(shape):
     np.testing.assert_array_equal(sitk.GetArrayFromImage(majority.result()), wrong)
 
 
-@pytest.mark.parametrize("shape, spacing", [((32, 32), (1.0, 1.0)), ((12, 16, 16), (1.0, 1.0, 1.0)),
-                                            ((12, 16, 16), (1.0, 1.0, 5.0))])
+@pytest.mark.parametrize(
+    "shape, spacing", [((32, 32), (1.0, 1.0)), ((12, 16, 16), (1.0, 1.0, 1.0)), ((12, 16, 16), (1.0, 1.0, 5.0))]
+)
 def test_jlf_search_finds_the_good_atlas_shifted_by_one_voxel(shape, spacing):
     """One atlas is the target shifted by one voxel (labels too); three others have wrong
     labels and noisy intensities. Without search, JLF follows the good atlas's shifted labels;
@@ -166,6 +167,7 @@ def test_jlf_search_finds_the_good_atlas_shifted_by_one_voxel(shape, spacing):
     inner = (slice(1, -1),) * len(shape)  # np.roll wraps one border around
     accuracy = {}
     for radius in (0, 1):
+
         def spaced(array):
             out = sitk.GetImageFromArray(array)
             out.SetSpacing(spacing)
@@ -196,7 +198,9 @@ def test_jlf_patch_normalization_ignores_a_contrast_change():
     rng = np.random.default_rng(6)
     target = ndimage.gaussian_filter(rng.normal(size=(30, 30)), 1.5).astype(np.float32)
     truth = (target > 0).astype(np.uint8)
-    candidates = [(truth, 2.0 * target + 0.3)] + [(1 - truth, target + rng.normal(0, 0.15, target.shape)) for _ in range(2)]
+    candidates = [(truth, 2.0 * target + 0.3)] + [
+        (1 - truth, target + rng.normal(0, 0.15, target.shape)) for _ in range(2)
+    ]
     correct = {}
     for normalization in (True, False):
         config = FusionConfig(method="jlf", patch_normalization=normalization)
@@ -215,8 +219,10 @@ def test_jlf_patch_voting_probabilities_cover_every_voxel_once(voting):
     target = rng.uniform(size=(9, 11, 10)).astype(np.float32)
     fuser = make_fuser(sitk.GetImageFromArray(target), config=FusionConfig(method="jlf", patch_voting=voting))
     for _ in range(4):
-        fuser.add(sitk.GetImageFromArray(rng.integers(0, 3, size=target.shape).astype(np.uint8)),
-                  sitk.GetImageFromArray((target + rng.normal(0, 0.2, target.shape)).astype(np.float32)))
+        fuser.add(
+            sitk.GetImageFromArray(rng.integers(0, 3, size=target.shape).astype(np.uint8)),
+            sitk.GetImageFromArray((target + rng.normal(0, 0.2, target.shape)).astype(np.float32)),
+        )
     maps = fuser.probabilities()
     np.testing.assert_allclose(sum(sitk.GetArrayFromImage(m) for m in maps.values()), 1.0, rtol=1e-5)
     winner = np.asarray(sorted(maps))[np.argmax([sitk.GetArrayFromImage(maps[v]) for v in sorted(maps)], axis=0)]
@@ -235,7 +241,9 @@ def test_probability_sigma_smooths_away_a_one_voxel_hole_but_not_the_square(meth
     image = sitk.GetImageFromArray  # 1 mm voxels
     found = {}
     for sigma in (0.0, 1.5):
-        fuser = make_fuser(image(square.astype(np.float32)), config=FusionConfig(method=method, probability_sigma=sigma))
+        fuser = make_fuser(
+            image(square.astype(np.float32)), config=FusionConfig(method=method, probability_sigma=sigma)
+        )
         for candidate in (holed, holed, square):
             fuser.add(image(candidate))
         found[sigma] = sitk.GetArrayFromImage(fuser.result())
@@ -308,14 +316,20 @@ def test_fusion_memory_does_not_grow_with_the_number_of_candidates():
 
 def _jlf_case(rng, n: int, shape=(18, 22, 20)):
     """A random target and ``n`` noisy candidates on an anisotropic grid."""
+
     def image(array):
         out = sitk.GetImageFromArray(array)
-        out.SetSpacing((1.0, 1.3, 2.5)[:array.ndim])
+        out.SetSpacing((1.0, 1.3, 2.5)[: array.ndim])
         return out
 
     target = rng.uniform(size=shape).astype(np.float32)
-    candidates = [(image(rng.integers(0, 3, size=shape).astype(np.uint8)),
-                   image((target + rng.normal(0, 0.3, size=shape)).astype(np.float32))) for _ in range(n)]
+    candidates = [
+        (
+            image(rng.integers(0, 3, size=shape).astype(np.uint8)),
+            image((target + rng.normal(0, 0.3, size=shape)).astype(np.float32)),
+        )
+        for _ in range(n)
+    ]
     return image(target), candidates
 
 
@@ -333,7 +347,9 @@ def test_jlf_gives_the_same_answer_whatever_its_slab_size(monkeypatch, voting, s
         for candidate in candidates:
             fuser.add(*candidate)
         maps = fuser.probabilities()
-        results.append((sitk.GetArrayFromImage(fuser.result()), [sitk.GetArrayFromImage(maps[v]) for v in sorted(maps)]))
+        results.append(
+            (sitk.GetArrayFromImage(fuser.result()), [sitk.GetArrayFromImage(maps[v]) for v in sorted(maps)])
+        )
     (labels_a, maps_a), (labels_b, maps_b) = results
     np.testing.assert_array_equal(labels_a, labels_b)
     np.testing.assert_allclose(np.stack(maps_a), np.stack(maps_b), rtol=1e-5, atol=1e-6)
@@ -348,7 +364,9 @@ def test_jlf_patch_sums_are_box_sums_at_every_voxel_far_enough_inside(radii):
     original = array.copy()
     sums = _patch_sums(array, radii)
     interior = tuple(slice(r, n - r) for r, n in zip(radii.tolist(), array.shape))
-    expected = ndimage.uniform_filter(array.astype(np.float64), size=tuple(2 * radii + 1))[interior] * np.prod(2 * radii + 1)
+    expected = ndimage.uniform_filter(array.astype(np.float64), size=tuple(2 * radii + 1))[interior] * np.prod(
+        2 * radii + 1
+    )
     assert sums.shape == expected.shape and sums.dtype == np.float32
     np.testing.assert_allclose(sums, expected, rtol=1e-5)
     np.testing.assert_array_equal(array, original)  # the input is left as it was
@@ -632,8 +650,8 @@ def test_keep_largest_component_gives_cut_off_voxels_to_the_next_most_probable_l
     """)
     shape = before.shape
     p = {0: np.full(shape, 0.2), 1: np.full(shape, 0.5), 2: np.zeros(shape), 3: np.zeros(shape)}
-    p[3][1, 4] = 0.3    # the stray 1 beside the 3: 3 is next (0.3 > background's 0.2)
-    p[1][4, 2] = 1.0    # the stray 1 at the bottom: no other label has a vote there
+    p[3][1, 4] = 0.3  # the stray 1 beside the 3: 3 is next (0.3 > background's 0.2)
+    p[1][4, 2] = 1.0  # the stray 1 at the bottom: no other label has a vote there
     p[0][4, 2] = 0.0
     out = keep_largest_component(labels(before), {v: intensities(m) for v, m in p.items()})
     after = before.copy()

@@ -31,15 +31,17 @@ TARGET = "images/case_003.nii.gz"
 @pytest.fixture(scope="module")
 def source(tmp_path_factory) -> Path:
     """A tiny 3D dataset: two atlases and a target with ground truth."""
-    return make_demo_dataset(tmp_path_factory.mktemp("hostile") / "data", dim=3, n_atlases=2, n_targets=1, size=16,
-                             seed=5).parent
+    return make_demo_dataset(
+        tmp_path_factory.mktemp("hostile") / "data", dim=3, n_atlases=2, n_targets=1, size=16, seed=5
+    ).parent
 
 
 def _retarget(data: Path, name: str) -> Path:
     """Point the manifest's target (image and labels) at ``images/<name>`` (its labels left out); returns that path."""
     manifest = data / "data_manifest.yaml"
-    manifest.write_text(manifest.read_text().replace(f"image: {TARGET}, labels: labels/case_003.nii.gz",
-                                                     f"image: images/{name}"))
+    manifest.write_text(
+        manifest.read_text().replace(f"image: {TARGET}, labels: labels/case_003.nii.gz", f"image: images/{name}")
+    )
     return data / "images" / name
 
 
@@ -55,12 +57,14 @@ def _one_line(capsys) -> str:
 
 # --------------------------------------------------------------------------- 2: geometry headers
 
+
 def _nifti_pixdim(value):
     def make(image: sitk.Image, path: Path) -> None:
         sitk.WriteImage(image, str(path))  # uncompressed: pixdim[2] is the float32 at byte 84
         raw = bytearray(path.read_bytes())
         struct.pack_into("<f", raw, 84, value)
         path.write_bytes(bytes(raw))
+
     return make, "t.nii", "pixdim"
 
 
@@ -70,6 +74,7 @@ def _header_text(old: bytes, new: bytes, name: str, field: str):
         raw = path.read_bytes()
         assert old in raw
         path.write_bytes(raw.replace(old, new, 1))
+
     return make, name, field
 
 
@@ -81,6 +86,7 @@ def _mgh_delta(value):
         raw = bytearray(path.read_bytes())
         struct.pack_into(">f", raw, 34, value)
         path.write_bytes(bytes(raw))
+
     return make, "t.mgh", "delta"
 
 
@@ -89,11 +95,13 @@ HEADERS = {
     "NIfTI pixdim NaN": _nifti_pixdim(float("nan")),
     "NIfTI pixdim negative": _nifti_pixdim(-1.0),
     "MHA spacing 0": _header_text(b"ElementSpacing = 1 1 1", b"ElementSpacing = 1 0 1", "t.mha", "ElementSpacing"),
-    "MHA spacing negative": _header_text(b"ElementSpacing = 1 1 1", b"ElementSpacing = 1 -1 1", "t.mha",
-                                         "ElementSpacing"),
+    "MHA spacing negative": _header_text(
+        b"ElementSpacing = 1 1 1", b"ElementSpacing = 1 -1 1", "t.mha", "ElementSpacing"
+    ),
     "MHA spacing NaN": _header_text(b"ElementSpacing = 1 1 1", b"ElementSpacing = 1 nan 1", "t.mha", "ElementSpacing"),
-    "MHA sheared": _header_text(b"TransformMatrix = 1 0 0 0 1 0 0 0 1", b"TransformMatrix = 1 0.4 0 0 1 0 0 0 1",
-                                "t.mha", "TransformMatrix"),
+    "MHA sheared": _header_text(
+        b"TransformMatrix = 1 0 0 0 1 0 0 0 1", b"TransformMatrix = 1 0.4 0 0 1 0 0 0 1", "t.mha", "TransformMatrix"
+    ),
     "NRRD spacing 0": _header_text(b"(0,1,0)", b"(0,0,0)", "t.nrrd", "space directions"),
     "NRRD sheared": _header_text(b"(0,1,0)", b"(0.5,1,0)", "t.nrrd", "space directions"),
     "MGZ delta negative": _mgh_delta(-1.0),
@@ -124,6 +132,7 @@ def test_run_refuses_a_zero_spacing_before_any_work(data, capsys, tmp_path):
 
 # --------------------------------------------------------------------------- 3: too thin for the pyramid
 
+
 def test_a_single_slice_3d_image_is_refused_up_front_with_what_to_do(data, capsys):
     image = sitk.ReadImage(str(data / TARGET))
     sitk.WriteImage(image[:, :, 5:6], str(_retarget(data, "slice.nii.gz")))
@@ -150,6 +159,7 @@ def test_the_pyramid_check_asks_the_shrink_factors_each_image_gets(data, capsys,
 
 
 # --------------------------------------------------------------------------- 4: YAML alias bombs
+
 
 def _bomb(levels: int = 7) -> str:
     """A flow sequence whose aliases nest ``levels`` deep: 9**levels leaves once expanded, from a few lines."""
@@ -178,15 +188,20 @@ def test_alias_bomb_in_the_manifest_label_names_is_refused(data, capsys):
 
 def test_a_few_aliases_are_fine_and_long_values_are_cut_in_messages(data, tmp_path, capsys):
     config = tmp_path / "aliases.yaml"
-    config.write_text("registration:\n  affine: {smoothing_sigmas: &s [1.0, 0.0]}\n  nonrigid: {smoothing_sigmas: *s}\n")
+    config.write_text(
+        "registration:\n  affine: {smoothing_sigmas: &s [1.0, 0.0]}\n  nonrigid: {smoothing_sigmas: *s}\n"
+    )
     assert config_module.load_config(config).registration.nonrigid.smoothing_sigmas == (1.0, 0.0)
     config.write_text(f"selection: {{metric: {list(range(5000))}}}\n")  # no alias, but a long wrong value
     assert main(["validate", str(config), "--manifest", str(data / "data_manifest.yaml")]) == 2
     assert "selection.metric: expected 'ncc' or 'mi' or 'mse' or 'nmse', got [0, 1, 2, 3, ...]" in _one_line(capsys)
 
 
-@pytest.mark.parametrize("text", ["a: &a [*a]", "a: " + "[" * 5000 + "]" * 5000, "a: " + "9" * 5000, "a: 2001-13-45"],
-                         ids=["recursive alias", "deep nesting", "5000 digits", "impossible date"])
+@pytest.mark.parametrize(
+    "text",
+    ["a: &a [*a]", "a: " + "[" * 5000 + "]" * 5000, "a: " + "9" * 5000, "a: 2001-13-45"],
+    ids=["recursive alias", "deep nesting", "5000 digits", "impossible date"],
+)
 def test_yaml_the_loader_cannot_build_is_an_error_not_a_traceback(tmp_path, text):
     path = tmp_path / "c.yaml"
     path.write_text(text)
@@ -195,6 +210,7 @@ def test_yaml_the_loader_cannot_build_is_an_error_not_a_traceback(tmp_path, text
 
 
 # --------------------------------------------------------------------------- 5: integer bounds
+
 
 def _integer_keys():
     """(section class, key) of every integer config key, lists of integers included."""
@@ -220,20 +236,34 @@ def test_every_integer_key_has_an_upper_bound():
     assert not missing
 
 
-@pytest.mark.parametrize("key", ["registration.affine.iterations", "registration.nonrigid.iterations",
-                                 "fusion.staple_iterations", "registration.seed", "selection.k"])
+@pytest.mark.parametrize(
+    "key",
+    [
+        "registration.affine.iterations",
+        "registration.nonrigid.iterations",
+        "fusion.staple_iterations",
+        "registration.seed",
+        "selection.k",
+    ],
+)
 def test_an_integer_of_20_digits_is_refused_in_validate(data, capsys, key):
     assert _validate(data, "--set", f"{key}=123456789012345678901") == 2
     err = _one_line(capsys)
     assert f"{key}: must be <=" in err and "got 123456789012345678901" in err
 
 
-@pytest.mark.parametrize("override, needle", [
-    ("registration.seed=-1", "registration.seed: must be >= 1"),
-    ("registration.nonrigid.field_sigma=.inf", "registration.nonrigid.field_sigma: must be a finite number, got inf"),
-    ("registration.affine.learning_rate=.nan", "learning_rate: must be a finite number"),
-    (f"fusion.alpha={10 ** 400}", "fusion.alpha: must be a finite number"),
-])
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("registration.seed=-1", "registration.seed: must be >= 1"),
+        (
+            "registration.nonrigid.field_sigma=.inf",
+            "registration.nonrigid.field_sigma: must be a finite number, got inf",
+        ),
+        ("registration.affine.learning_rate=.nan", "learning_rate: must be a finite number"),
+        (f"fusion.alpha={10**400}", "fusion.alpha: must be a finite number"),
+    ],
+)
 def test_numbers_the_engine_cannot_take_are_refused_in_validate(data, capsys, override, needle):
     assert _validate(data, "--set", override) == 2
     assert needle in _one_line(capsys)
@@ -246,6 +276,7 @@ def test_a_list_entry_beyond_its_bound_names_the_key(data, capsys):
 
 # --------------------------------------------------------------------------- 6: ids the run's own files use
 
+
 @pytest.mark.parametrize("ident", ["run.json", "metrics.csv", "index.html", "Metrics.CSV", "crossval.json"])
 def test_an_id_taking_a_name_the_run_writes_is_refused(data, capsys, ident):
     manifest = data / "data_manifest.yaml"
@@ -256,13 +287,29 @@ def test_an_id_taking_a_name_the_run_writes_is_refused(data, capsys, ident):
 
 def test_reserved_ids_cover_everything_a_run_writes_beside_the_targets(data, tmp_path):
     out = tmp_path / "out"
-    assert main(["run", "demo", "--manifest", str(data / "data_manifest.yaml"), "--out", str(out),
-                 "--set", "registration.nonrigid.enabled=false", "--set", "parallel.n_jobs=1"]) == 0
+    assert (
+        main(
+            [
+                "run",
+                "demo",
+                "--manifest",
+                str(data / "data_manifest.yaml"),
+                "--out",
+                str(out),
+                "--set",
+                "registration.nonrigid.enabled=false",
+                "--set",
+                "parallel.n_jobs=1",
+            ]
+        )
+        == 0
+    )
     top = {p.name for p in out.iterdir()} - {"case_003"}
     assert top and top <= set(RESERVED_IDS)
 
 
 # --------------------------------------------------------------------------- 7: label counts
+
 
 def test_labels_beyond_memory_are_counted_and_refused_with_the_estimate(tmp_path, capsys, caplog, monkeypatch):
     rng = np.random.default_rng(0)
@@ -274,8 +321,10 @@ def test_labels_beyond_memory_are_counted_and_refused_with_the_estimate(tmp_path
         sitk.WriteImage(image, str(folder / f"{name}.nii.gz"))
     labels = sitk.GetImageFromArray(np.arange(1, side * side + 1, dtype=np.int32).reshape(side, side))
     sitk.WriteImage(labels, str(folder / "a_seg.nii.gz"))
-    (folder / "m.yaml").write_text("labels: {1: one}\natlases: [{id: a, image: a.nii.gz, labels: a_seg.nii.gz}]\n"
-                                   "targets: [{id: t, image: t.nii.gz}]\n")
+    (folder / "m.yaml").write_text(
+        "labels: {1: one}\natlases: [{id: a, image: a.nii.gz, labels: a_seg.nii.gz}]\n"
+        "targets: [{id: t, image: t.nii.gz}]\n"
+    )
     monkeypatch.setenv("ATLASSEG_MEMORY_LIMIT", "2G")
     with caplog.at_level(logging.WARNING, logger="atlasseg"):
         assert main(["validate", "default", "--manifest", str(folder / "m.yaml")]) == 2
@@ -287,6 +336,7 @@ def test_labels_beyond_memory_are_counted_and_refused_with_the_estimate(tmp_path
 
 # --------------------------------------------------------------------------- 8: an atlas that is a target
 
+
 def test_a_target_that_is_an_atlas_image_is_a_warning(data, caplog):
     shutil.copy(data / "images/case_001.nii.gz", data / "images/copy.nii.gz")  # the same file under another name
     _retarget(data, "copy.nii.gz")
@@ -297,9 +347,11 @@ def test_a_target_that_is_an_atlas_image_is_a_warning(data, caplog):
 
 def test_a_leave_one_out_manifest_whose_targets_are_its_atlases_is_no_warning(data, caplog):
     manifest = data / "data_manifest.yaml"  # each target is an atlas of its own id, which never segments it
-    manifest.write_text(manifest.read_text().replace("id: case_003, image: images/case_003.nii.gz",
-                                                     "id: case_001, image: images/case_001.nii.gz").replace(
-        "labels: labels/case_003.nii.gz", "labels: labels/case_001.nii.gz"))
+    manifest.write_text(
+        manifest.read_text()
+        .replace("id: case_003, image: images/case_003.nii.gz", "id: case_001, image: images/case_001.nii.gz")
+        .replace("labels: labels/case_003.nii.gz", "labels: labels/case_001.nii.gz")
+    )
     with caplog.at_level(logging.WARNING, logger="atlasseg"):
         assert _validate(data) == 0
     assert "same image" not in caplog.text
@@ -326,8 +378,11 @@ def test_crossval_refuses_two_atlases_that_are_the_same_image(data, capsys, tmp_
     manifest = data / "data_manifest.yaml"
     image = sitk.ReadImage(str(data / "images/case_001.nii.gz"))
     sitk.WriteImage(image, str(data / "images/dup.nrrd"))
-    manifest.write_text(manifest.read_text().replace("targets:", "- {id: dup, image: images/dup.nrrd, "
-                                                     "labels: labels/case_001.nii.gz}\ntargets:"))
+    manifest.write_text(
+        manifest.read_text().replace(
+            "targets:", "- {id: dup, image: images/dup.nrrd, labels: labels/case_001.nii.gz}\ntargets:"
+        )
+    )
     out = tmp_path / "cv"
     assert main(["crossval", "demo", "--manifest", str(manifest), "--out", str(out)]) == 2
     assert "atlases case_001, dup are the same image" in _one_line(capsys)
@@ -416,17 +471,23 @@ def _write_mha(path: Path, size, spacing, direction) -> None:
     """A MetaImage written by hand, header fields exactly as given (SimpleITK would refuse to set some)."""
     dim = len(size)
     values = np.random.default_rng(0).random(int(np.prod(size)), dtype=np.float32)
-    header = (f"ObjectType = Image\nNDims = {dim}\nBinaryData = True\nBinaryDataByteOrderMSB = False\n"
-              f"TransformMatrix = {' '.join(repr(float(v)) for v in direction.T.ravel())}\n"
-              f"Offset = {' '.join(['0'] * dim)}\nElementSpacing = {' '.join(repr(float(s)) for s in spacing)}\n"
-              f"DimSize = {' '.join(map(str, size))}\nElementType = MET_FLOAT\nElementDataFile = LOCAL\n")
+    header = (
+        f"ObjectType = Image\nNDims = {dim}\nBinaryData = True\nBinaryDataByteOrderMSB = False\n"
+        f"TransformMatrix = {' '.join(repr(float(v)) for v in direction.T.ravel())}\n"
+        f"Offset = {' '.join(['0'] * dim)}\nElementSpacing = {' '.join(repr(float(s)) for s in spacing)}\n"
+        f"DimSize = {' '.join(map(str, size))}\nElementType = MET_FLOAT\nElementDataFile = LOCAL\n"
+    )
     path.write_bytes(header.encode() + values.astype("<f4").tobytes())
 
 
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory) -> dict[int, Path]:
-    return {dim: make_demo_dataset(tmp_path_factory.mktemp(f"prop{dim}") / "data", dim=dim, n_atlases=1, n_targets=1,
-                                   size=16, seed=6).parent for dim in (2, 3)}
+    return {
+        dim: make_demo_dataset(
+            tmp_path_factory.mktemp(f"prop{dim}") / "data", dim=dim, n_atlases=1, n_targets=1, size=16, seed=6
+        ).parent
+        for dim in (2, 3)
+    }
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -435,11 +496,17 @@ def test_random_header_fields_give_one_line_and_exit_2_or_validate(sources, tmp_
     dim, size, spacing, direction = header
     data = Path(shutil.copytree(sources[dim], tmp_path_factory.mktemp("h") / "data"))
     manifest = data / "data_manifest.yaml"
-    manifest.write_text(manifest.read_text().replace("image: images/case_002.nii.gz, labels: labels/case_002.nii.gz",
-                                                     "image: images/t.mha"))
+    manifest.write_text(
+        manifest.read_text().replace(
+            "image: images/case_002.nii.gz, labels: labels/case_002.nii.gz", "image: images/t.mha"
+        )
+    )
     _write_mha(data / "images/t.mha", size, spacing, direction)
-    physical = all(np.isfinite(s) and s > 0 for s in spacing) and np.isfinite(direction).all() \
+    physical = (
+        all(np.isfinite(s) and s > 0 for s in spacing)
+        and np.isfinite(direction).all()
         and np.abs(direction.T @ direction - np.eye(dim)).max() < 1e-4
+    )
     capsys.readouterr()
     code = main(["validate", "default", "--manifest", str(manifest)])
     event(f"exit {code}")

@@ -38,31 +38,48 @@ def test_ants_applies_the_composite_transform_and_the_field_like_atlasseg(tmp_pa
     for name, image in (("fixed", fixed), ("moving", moving), ("moving_labels", moving_labels)):
         write_image(image, tmp_path / f"{name}.nii.gz")
     out = tmp_path / "out"
-    register_files(tmp_path / "fixed.nii.gz", tmp_path / "moving.nii.gz", RegistrationConfig(), out_dir=out,
-                   labels_path=tmp_path / "moving_labels.nii.gz")
+    register_files(
+        tmp_path / "fixed.nii.gz",
+        tmp_path / "moving.nii.gz",
+        RegistrationConfig(),
+        out_dir=out,
+        labels_path=tmp_path / "moving_labels.nii.gz",
+    )
     composite = sitk.ReadTransform(str(out / "transform.h5"))
     assert [composite.GetNthTransform(i).GetName() for i in range(composite.GetNumberOfTransforms())] == [
-        "AffineTransform", "DisplacementFieldTransform"]  # affine + demons field, one flat ITK composite
+        "AffineTransform",
+        "DisplacementFieldTransform",
+    ]  # affine + demons field, one flat ITK composite
 
     ants_fixed, ants_labels = (ants.image_read(str(tmp_path / f"{n}.nii.gz")) for n in ("fixed", "moving_labels"))
 
     def by_ants(transform: str, interpolator: str) -> np.ndarray:
-        return ants.apply_transforms(ants_fixed, ants_labels, transformlist=[str(out / transform)],
-                                     interpolator=interpolator).numpy().T  # ANTs arrays are in index order
+        return (
+            ants.apply_transforms(
+                ants_fixed, ants_labels, transformlist=[str(out / transform)], interpolator=interpolator
+            )
+            .numpy()
+            .T
+        )  # ANTs arrays are in index order
 
     nearest = read_labels(out / "warped_labels.nii.gz")
     linear = propagate_labels(moving_labels, composite, fixed, interpolator="linear")
     assert min(dice_per_label(nearest, labels).values()) > 0.8  # the registration itself worked
-    for theirs, ours in [(by_ants("transform.h5", "nearestNeighbor"), nearest),
-                         (by_ants("transform.h5", "genericLabel"), linear),  # both: per-label linear, arg-max
-                         (by_ants("displacement.nii.gz", "nearestNeighbor"), nearest)]:
+    for theirs, ours in [
+        (by_ants("transform.h5", "nearestNeighbor"), nearest),
+        (by_ants("transform.h5", "genericLabel"), linear),  # both: per-label linear, arg-max
+        (by_ants("displacement.nii.gz", "nearestNeighbor"), nearest),
+    ]:
         ours = sitk.GetArrayFromImage(ours)
         for label in (1, 2, 3, 4):
-            overlap = 2 * np.sum((theirs == label) & (ours == label)) / (np.sum(theirs == label) + np.sum(ours == label))
+            overlap = (
+                2 * np.sum((theirs == label) & (ours == label)) / (np.sum(theirs == label) + np.sum(ours == label))
+            )
             assert overlap >= 0.99
 
 
 # --------------------------------------------------------------------------- pre-registered atlases
+
 
 def _pair(tmp_path):
     """A target and an atlas that is the target seen through a known affine: atlas(x) = target(A x)."""
@@ -91,13 +108,16 @@ AFFINE_ONLY = ["registration.nonrigid.enabled=false", "parallel.n_jobs=1", "fusi
 @pytest.mark.parametrize("form", ["one file", "per target"])
 def test_a_given_transform_takes_the_place_of_the_affine_stage(tmp_path, form):
     given = _pair(tmp_path)
-    manifest = load_manifest(_manifest(tmp_path, "atlas_to_target.tfm" if form == "one file"
-                                       else {"t": "atlas_to_target.tfm"}))
+    manifest = load_manifest(
+        _manifest(tmp_path, "atlas_to_target.tfm" if form == "one file" else {"t": "atlas_to_target.tfm"})
+    )
     (result,) = run(load_config(overrides=AFFINE_ONLY), manifest, out_dir=tmp_path / "out")
-    expected = propagate_labels(read_labels(tmp_path / "atlas_labels.nii.gz"), given,
-                                read_image(tmp_path / "target.nii.gz"))
-    np.testing.assert_array_equal(sitk.GetArrayFromImage(read_labels(result.segmentation)),
-                                  sitk.GetArrayFromImage(expected))  # exactly the given transform's labels
+    expected = propagate_labels(
+        read_labels(tmp_path / "atlas_labels.nii.gz"), given, read_image(tmp_path / "target.nii.gz")
+    )
+    np.testing.assert_array_equal(
+        sitk.GetArrayFromImage(read_labels(result.segmentation)), sitk.GetArrayFromImage(expected)
+    )  # exactly the given transform's labels
     affine = result.record["registrations"]["a"]["affine"]
     assert affine["given"] == "AffineTransform" and "stages" not in affine  # no affine registration ran
     assert affine["transform_file"] == str(tmp_path / "atlas_to_target.tfm")
@@ -110,10 +130,15 @@ def test_an_affine_ants_wrote_is_a_given_transform(tmp_path):
     _pair(tmp_path)
     target, atlas = (ants.image_read(str(tmp_path / f"{name}.nii.gz")) for name in ("target", "atlas"))
     found = ants.registration(fixed=target, moving=atlas, type_of_transform="Affine", random_seed=1)["fwdtransforms"]
-    (result,) = run(load_config(overrides=AFFINE_ONLY), load_manifest(_manifest(tmp_path, found[0])),
-                    out_dir=tmp_path / "out")
-    by_ants = ants.apply_transforms(target, ants.image_read(str(tmp_path / "atlas_labels.nii.gz")), transformlist=found,
-                                    interpolator="nearestNeighbor")
+    (result,) = run(
+        load_config(overrides=AFFINE_ONLY), load_manifest(_manifest(tmp_path, found[0])), out_dir=tmp_path / "out"
+    )
+    by_ants = ants.apply_transforms(
+        target,
+        ants.image_read(str(tmp_path / "atlas_labels.nii.gz")),
+        transformlist=found,
+        interpolator="nearestNeighbor",
+    )
     np.testing.assert_array_equal(sitk.GetArrayFromImage(read_labels(result.segmentation)), by_ants.numpy().T)
     assert result.mean_dice > 0.7  # ANTs found the pair (its multithreaded result varies from run to run)
 
@@ -131,9 +156,14 @@ def test_a_given_transform_that_misses_the_atlas_drops_it_with_the_reason(tmp_pa
     _pair(tmp_path)
     far = sitk.TranslationTransform(3, (500.0, 0.0, 0.0))
     save_transform(far, tmp_path / "far.tfm")
-    (result,) = run(load_config(overrides=AFFINE_ONLY), load_manifest(_manifest(tmp_path, "far.tfm")), out_dir=tmp_path / "o")
-    assert re.search(r"a: affine \(given transform\) registration diverged: .*only 0% of the target's foreground maps "
-                     "inside the atlas", result.error)
+    (result,) = run(
+        load_config(overrides=AFFINE_ONLY), load_manifest(_manifest(tmp_path, "far.tfm")), out_dir=tmp_path / "o"
+    )
+    assert re.search(
+        r"a: affine \(given transform\) registration diverged: .*only 0% of the target's foreground maps "
+        "inside the atlas",
+        result.error,
+    )
 
 
 def test_a_bad_transform_file_is_one_line_naming_it(tmp_path, capsys):
@@ -144,8 +174,10 @@ def test_a_bad_transform_file_is_one_line_naming_it(tmp_path, capsys):
         load_manifest(_manifest(tmp_path, {"x": "atlas_to_target.tfm"}))
     (tmp_path / "damaged.h5").write_bytes(np.random.default_rng(0).bytes(300))
     save_transform(sitk.Euler2DTransform(), tmp_path / "flat.tfm")
-    for name, needle in [("damaged.h5", "damaged.h5: cannot read transform"),
-                         ("flat.tfm", "flat.tfm: a 2D transform, for 3D images")]:
+    for name, needle in [
+        ("damaged.h5", "damaged.h5: cannot read transform"),
+        ("flat.tfm", "flat.tfm: a 2D transform, for 3D images"),
+    ]:
         assert main(["validate", "default", "--manifest", str(_manifest(tmp_path, name))]) == 2
         err = capsys.readouterr().err
         assert err.startswith("atlasseg: error: ") and err.count("\n") == 1 and needle in err

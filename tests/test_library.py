@@ -20,8 +20,13 @@ def bent(image: sitk.Image, labels: sitk.Image, amplitude: float) -> tuple[sitk.
     dim = image.GetDimension()
     extent = np.asarray(image.GetSize()) * np.asarray(image.GetSpacing())
     points = np.meshgrid(*[np.arange(n) for n in image.GetSize()[::-1]], indexing="ij")[::-1]  # x, y, z indices
-    field = np.stack([amplitude * np.sin(2 * np.pi * points[(axis + 1) % dim] * image.GetSpacing()[0] / extent[0])
-                      for axis in range(dim)], axis=-1)
+    field = np.stack(
+        [
+            amplitude * np.sin(2 * np.pi * points[(axis + 1) % dim] * image.GetSpacing()[0] / extent[0])
+            for axis in range(dim)
+        ],
+        axis=-1,
+    )
     displacement = sitk.GetImageFromArray(field.astype(np.float64), isVector=True)
     displacement.CopyInformation(image)
     transform = sitk.DisplacementFieldTransform(displacement)
@@ -51,8 +56,10 @@ def library_of(folder, dim: int, amplitudes: dict[str, float]) -> tuple[Target, 
 def prescreen_config(count: int, **selection):
     config = load_config("default")
     return dataclasses.replace(
-        config, selection=dataclasses.replace(config.selection, k=1, prescreen=count, grid_spacing=2.0, **selection),
-        parallel=dataclasses.replace(config.parallel, n_jobs=1))
+        config,
+        selection=dataclasses.replace(config.selection, k=1, prescreen=count, grid_spacing=2.0, **selection),
+        parallel=dataclasses.replace(config.parallel, n_jobs=1),
+    )
 
 
 @pytest.fixture(autouse=True)
@@ -78,8 +85,9 @@ def test_a_changed_atlas_recomputes_only_its_own_entry(tmp_path, monkeypatch):
     library.prescreen(target, atlases, config, cache=cache)
     registered = []
     original = library._to_reference
-    monkeypatch.setattr(library, "_to_reference", lambda ref, image, *rest: registered.append(image) or
-                        original(ref, image, *rest))
+    monkeypatch.setattr(
+        library, "_to_reference", lambda ref, image, *rest: registered.append(image) or original(ref, image, *rest)
+    )
     monkeypatch.setattr(library, "_MEMO", {})  # a new process: only the cache
     library.prescreen(target, atlases, config, cache=cache)
     assert registered == []  # atlases and target: all from the cache

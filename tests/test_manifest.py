@@ -61,7 +61,10 @@ def test_paths_are_relative_to_the_manifest_not_the_working_directory(data, monk
         (GOOD.replace("{1: body, 2: left}", "{0: bg}"), "not a positive integer"),
         ("atlases: []\n", "no atlases"),
         ("atlases: [1, 2\n", "invalid YAML at line"),
-        ("atlases: !!python/object/apply:os.system ['exit 3']\n", "invalid YAML at line 1, column 10"),  # never constructed
+        (
+            "atlases: !!python/object/apply:os.system ['exit 3']\n",
+            "invalid YAML at line 1, column 10",
+        ),  # never constructed
     ],
 )
 def test_invalid_manifests_name_entry_and_file(data, text, needle):

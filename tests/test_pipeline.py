@@ -69,7 +69,9 @@ def test_3d_end_to_end_with_anisotropic_subjects(tmp_path):
 
 def test_an_image_is_never_its_own_atlas(demo2d, tmp_path):
     """A target listed among the atlases (same id) is left out of its own atlas set."""
-    text = demo2d.path.read_text().replace("targets:", "targets:\n- {id: case_001, image: images/case_001.nii.gz, labels: labels/case_001.nii.gz}")
+    text = demo2d.path.read_text().replace(
+        "targets:", "targets:\n- {id: case_001, image: images/case_001.nii.gz, labels: labels/case_001.nii.gz}"
+    )
     text = text.replace("5: band", "5: band, 9: ghost")  # declared but in no image: scores NaN
     path = demo2d.path.with_name("loo.yaml")
     path.write_text(text)
@@ -123,9 +125,11 @@ def test_a_diverging_atlas_is_dropped_and_min_atlases_enforced(demo2d, tmp_path)
     assert result.status == "degraded" and result.record["degraded"].startswith("1 of its 3 atlases were dropped")
     dropped = result.record["dropped"]
     assert [d["atlas"] for d in dropped] == ["far"]
-    assert dropped[0]["reason"] == ("affine registration diverged: the metric cannot be evaluated (no overlap left); "
-                                    "too little overlap: only 0% of the target's foreground maps inside the atlas "
-                                    "(min_overlap 50%)")
+    assert dropped[0]["reason"] == (
+        "affine registration diverged: the metric cannot be evaluated (no overlap left); "
+        "too little overlap: only 0% of the target's foreground maps inside the atlas "
+        "(min_overlap 50%)"
+    )
     assert dropped[0]["record"]["status"] == "diverged"
     assert sorted(result.record["selected"]) == [a["id"] for a in atlases[1:]]
     strict = load_config("demo", overrides=["registration.affine.initialization=none"])  # min_atlases auto: 3 of 3
@@ -157,7 +161,9 @@ def test_a_failed_nonrigid_registration_is_replaced_by_the_next_ranked_atlas(dem
 
     monkeypatch.setattr(jobs, "nonrigid_stage", fake_nonrigid)
     overrides = ["selection.k=2", "selection.min_atlases=2", "parallel.n_jobs=1", "registration.affine.stages=[]"]
-    (result,) = run(load_config("demo", overrides=overrides), demo2d, out_dir=tmp_path, target_ids=[demo2d.targets[0].id])
+    (result,) = run(
+        load_config("demo", overrides=overrides), demo2d, out_dir=tmp_path, target_ids=[demo2d.targets[0].id]
+    )
     order = [r["atlas"] for r in result.record["ranking"]]
     assert [d["atlas"] for d in result.record["dropped"]] == [order[0]]
     assert result.record["dropped"][0]["record"] == {"metric_after": 1.0}

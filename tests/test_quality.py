@@ -28,7 +28,7 @@ def test_features_have_their_known_values():
     squares = []
     for shift in (0, 1, 2):
         array = np.zeros((8, 10), np.uint8)
-        array[2:6, 2 + shift:6 + shift] = 1
+        array[2:6, 2 + shift : 6 + shift] = 1
         squares.append(array)
     votes = CandidateVotes()
     for array in squares:
@@ -61,7 +61,7 @@ def test_the_volume_ratio_is_the_log_of_the_fused_size_over_the_candidates_media
     votes = CandidateVotes()
     for width in (2, 4, 8):
         array = np.zeros((10, 10), np.uint8)
-        array[1:3, 1:1 + width] = 1
+        array[1:3, 1 : 1 + width] = 1
         votes.add(_image(array))
     fused = np.zeros((10, 10), np.uint8)
     fused[1:3, 1:2] = 1  # 2 voxels; the candidates' median is 8
@@ -93,7 +93,7 @@ def test_held_out_predictions_are_the_fits_without_each_sample():
     samples = _samples(np.random.default_rng(1), 30, 0.02)
     model = fit(samples)
     for i in (0, 17):  # close, not equal: the refit also standardises the features without the sample
-        without = fit(samples[:i] + samples[i + 1:])
+        without = fit(samples[:i] + samples[i + 1 :])
         assert model.held_out[i] == pytest.approx(without.predict(samples[i]["features"]), abs=0.002)
         assert abs(model.held_out[i] - samples[i]["dice"]) > 1e-4  # not the fit's own, which has seen it
     rms = np.sqrt(np.mean(np.square(np.subtract(model.held_out, [s["dice"] for s in samples]))))
@@ -141,8 +141,9 @@ def dataset(tmp_path_factory):
 @pytest.fixture(scope="module")
 def outputs(dataset, tmp_path_factory):
     cache = tmp_path_factory.mktemp("cache")
-    config = load_config("demo", overrides=["quality.enabled=true", "quality.review_below=0.9",
-                                            f"output.cache_dir={cache}"])
+    config = load_config(
+        "demo", overrides=["quality.enabled=true", "quality.review_below=0.9", f"output.cache_dir={cache}"]
+    )
     out = tmp_path_factory.mktemp("run")
     results = run(config, load_manifest(dataset), out_dir=out)
     again = run(config, load_manifest(dataset), out_dir=tmp_path_factory.mktemp("again"))
@@ -162,8 +163,10 @@ def test_predicted_dice_in_run_json_metrics_csv_and_the_report(outputs):
     # The turned target is segmented far worse, and predicted so: lower, and flagged.
     true = {r.target_id: r.mean_dice for r in results if r.scores is not None}
     assert true["turned"] < true[results[0].target_id] - 0.2
-    mean = {name: np.mean([q["predicted_dice"] for q in quality.values()])
-            for name, quality in (("first", first), ("turned", turned))}
+    mean = {
+        name: np.mean([q["predicted_dice"] for q in quality.values()])
+        for name, quality in (("first", first), ("turned", turned))
+    }
     assert mean["turned"] < mean["first"] - 0.1
     assert any(q["review"] for q in turned.values()) and not any(q["review"] for q in first.values())
     with open(out / "metrics.csv") as fh:
@@ -173,7 +176,7 @@ def test_predicted_dice_in_run_json_metrics_csv_and_the_report(outputs):
     row = next(row for row in table if row["target"] == "turned" and row["label"] == "1")
     assert float(row["predicted_dice"]) == turned["1"]["predicted_dice"] and row["review"] in ("true", "false")
     page = _page(document, {}, {})
-    assert page.index("#target-0\">turned") < page.index(f">{results[0].target_id}</a>")  # flagged first
+    assert page.index('#target-0">turned') < page.index(f">{results[0].target_id}</a>")  # flagged first
 
 
 def test_a_second_run_takes_the_calibration_from_the_cache(outputs):
@@ -189,8 +192,12 @@ def test_the_api_predicts_too(dataset, tmp_path):
 
     manifest = load_manifest(dataset)
     atlases = {a.id: (a.image, a.labels) for a in manifest.atlases[:4]}
-    _, record = atlasseg.segment(manifest.targets[0].image, atlases, "demo", overrides=[
-        "quality.enabled=true", "quality.calibration_atlases=3", f"output.cache_dir={tmp_path}"])
+    _, record = atlasseg.segment(
+        manifest.targets[0].image,
+        atlases,
+        "demo",
+        overrides=["quality.enabled=true", "quality.calibration_atlases=3", f"output.cache_dir={tmp_path}"],
+    )
     assert set(record["quality"]) == {"1", "2", "3", "4", "5"}
 
 

@@ -32,7 +32,9 @@ AFFINE_ONLY = RegistrationConfig(nonrigid=NonrigidConfig(enabled=False))
 def max_point_error(found: sitk.Transform, truth: sitk.Transform, dim: int, radius: float = 25.0) -> float:
     rng = np.random.default_rng(0)
     points = rng.uniform(-radius, radius, size=(50, dim))
-    return max(np.linalg.norm(np.subtract(found.TransformPoint(p.tolist()), truth.TransformPoint(p.tolist()))) for p in points)
+    return max(
+        np.linalg.norm(np.subtract(found.TransformPoint(p.tolist()), truth.TransformPoint(p.tolist()))) for p in points
+    )
 
 
 def known_affine(dim: int) -> sitk.AffineTransform:
@@ -137,7 +139,10 @@ def test_transform_maps_fixed_points_to_moving_points():
     fixed, _ = phantom(dim=2, size=48)
     moving = warp(fixed, known_affine(2).GetInverse())
     found, _ = register(fixed, moving, config=RegistrationConfig())
-    affine, bsplines = found.GetNthTransform(0), [found.GetNthTransform(i) for i in range(1, found.GetNumberOfTransforms())]
+    affine, bsplines = (
+        found.GetNthTransform(0),
+        [found.GetNthTransform(i) for i in range(1, found.GetNumberOfTransforms())],
+    )
     point = (3.0, -7.0)
     manual = point
     for bspline in reversed(bsplines):
@@ -181,7 +186,9 @@ def test_bspline_kernel_matches_itk_on_an_oblique_anisotropic_grid():
     bspline = grid.transform(coefficients)
     for index in [(0, 0, 0), (5, 7, 3), (11, 11, 11), (10, 2, 6)]:
         point = image.TransformIndexToPhysicalPoint(index)
-        np.testing.assert_allclose(np.subtract(bspline.TransformPoint(point), point), field[(slice(None),) + index[::-1]])
+        np.testing.assert_allclose(
+            np.subtract(bspline.TransformPoint(point), point), field[(slice(None),) + index[::-1]]
+        )
     finer = _ControlGrid.over(image, [4, 6, 4])
     refined = _tensor(_refine(coefficients, grid, finer, image), finer.weights(image))
     np.testing.assert_allclose(refined, field, atol=1e-9)
@@ -245,8 +252,10 @@ def test_demons_on_thick_slices_neither_folds_nor_overshoots():
         image.SetSpacing((2.0, 2.0, 8.0))
     deformation = smooth_deformation(fixed, amplitude=4.0)
     moving = warp(fixed, deformation)
-    points = [fixed.TransformIndexToPhysicalPoint([int(i) for i in idx[::-1]])
-              for idx in (np.argwhere(np.ones((20, 20, 20))) + 6)[::13]]
+    points = [
+        fixed.TransformIndexToPhysicalPoint([int(i) for i in idx[::-1]])
+        for idx in (np.argwhere(np.ones((20, 20, 20))) + 6)[::13]
+    ]
     found, record = register(fixed, moving, config=RegistrationConfig(affine=NO_AFFINE))
     assert record["nonrigid"]["folded_voxels"] == 0
     before = landmark_error(sitk.Transform(3, sitk.sitkIdentity), deformation, points)
@@ -274,8 +283,11 @@ def textured_pair(dim: int):
 
 def landmark_error(transform: sitk.Transform, deformation: sitk.Transform, points) -> float:
     """Mean distance between each point and where the registration sends it back: |D(T(p)) − p|."""
-    return float(np.mean([np.linalg.norm(np.subtract(deformation.TransformPoint(transform.TransformPoint(p)), p))
-                          for p in points]))
+    return float(
+        np.mean(
+            [np.linalg.norm(np.subtract(deformation.TransformPoint(transform.TransformPoint(p)), p)) for p in points]
+        )
+    )
 
 
 BSPLINE = NonrigidConfig(method="bspline", iterations=50)
@@ -293,8 +305,15 @@ NO_AFFINE = AffineConfig(stages=())  # the pair shares its geometry: the non-rig
         (NonrigidConfig(method="demons"), (2, 3), 0.5),
         (NonrigidConfig(method="demons", demons_variant="symmetric"), (2,), 0.5),
     ],
-    ids=["bspline-ncc", "bspline-ants_ncc", "bspline-mse", "bspline-nmse", "bspline-mattes", "demons",
-         "demons-symmetric"],
+    ids=[
+        "bspline-ncc",
+        "bspline-ants_ncc",
+        "bspline-mse",
+        "bspline-nmse",
+        "bspline-mattes",
+        "demons",
+        "demons-symmetric",
+    ],
 )
 def test_nonrigid_undoes_a_known_deformation(nonrigid, dims, reduction):
     for dim in dims:
@@ -325,7 +344,9 @@ def test_lncc_demons_see_through_an_intensity_bias_that_misleads_ssd(dim, floor)
     for force in ("ssd", "lncc"):
         nonrigid = NonrigidConfig(demons_force=force, update_sigma=3.4)
         found, record = register(fixed, biased, config=RegistrationConfig(affine=NO_AFFINE, nonrigid=nonrigid))
-        dice[force] = mean_score(dice_per_label(propagate_labels(moving_labels, found, fixed), labels, labels=[1, 2, 3, 4]))
+        dice[force] = mean_score(
+            dice_per_label(propagate_labels(moving_labels, found, fixed), labels, labels=[1, 2, 3, 4])
+        )
         assert record["nonrigid"]["folded_voxels"] == 0
     assert dice["lncc"] > floor
     assert dice["lncc"] > dice["ssd"] + 0.03
@@ -340,11 +361,13 @@ def test_landmarks_recover_a_rotation_intensities_alone_miss(tmp_path):
     np.savetxt(tmp_path / "fixed.csv", fixed_points, delimiter=",", header="x,y,z", comments="")
     np.savetxt(tmp_path / "moving.csv", moving_points, delimiter=",")
     landmarks = (read_landmarks(tmp_path / "fixed.csv"), read_landmarks(tmp_path / "moving.csv"))
-    alone, _ = register_affine(fixed, moving, config=AffineConfig(initialization="landmarks", stages=()), seed=1,
-                               landmarks=landmarks)
+    alone, _ = register_affine(
+        fixed, moving, config=AffineConfig(initialization="landmarks", stages=()), seed=1, landmarks=landmarks
+    )
     assert max_point_error(alone, truth, 3, radius=15.0) < 1e-3
-    refined, _ = register_affine(fixed, moving, config=AffineConfig(initialization="landmarks"), seed=1,
-                                 landmarks=landmarks)
+    refined, _ = register_affine(
+        fixed, moving, config=AffineConfig(initialization="landmarks"), seed=1, landmarks=landmarks
+    )
     assert max_point_error(refined, truth, 3, radius=15.0) < 1.0
     intensity_only, _ = register_affine(fixed, moving, config=AffineConfig(), seed=1)
     assert max_point_error(intensity_only, truth, 3, radius=15.0) > 5.0
@@ -353,7 +376,9 @@ def test_landmarks_recover_a_rotation_intensities_alone_miss(tmp_path):
 def test_landmark_files_in_every_format_give_the_same_points(tmp_path):
     image, _ = phantom(dim=3, size=8)
     points = np.array([[1.5, -2.0, 3.25], [-4.0, 5.0, 0.5], [0.0, 0.0, -1.0]])
-    (tmp_path / "a.csv").write_text("name,x,y,z\n" + "".join(f"p{i},{x},{y},{z}\n" for i, (x, y, z) in enumerate(points)))
+    (tmp_path / "a.csv").write_text(
+        "name,x,y,z\n" + "".join(f"p{i},{x},{y},{z}\n" for i, (x, y, z) in enumerate(points))
+    )
     ras = points * [-1, -1, 1]
     (tmp_path / "a.fcsv").write_text(
         "# Markups fiducial file version = 4.11\n# CoordinateSystem = RAS\n# columns = id,x,y,z,ow,ox,oy,oz,vis,sel,lock,label,desc,associatedNodeID\n"
@@ -386,7 +411,10 @@ def test_a_fixed_mask_keeps_an_artefact_out_of_the_metric():
 
 def test_jacobian_of_the_identity_is_exactly_one(dim):
     image, _ = phantom(dim=dim, size=16)
-    for identity in (sitk.Transform(dim, sitk.sitkIdentity), compose(sitk.AffineTransform(dim), sitk.BSplineTransform(dim))):
+    for identity in (
+        sitk.Transform(dim, sitk.sitkIdentity),
+        compose(sitk.AffineTransform(dim), sitk.BSplineTransform(dim)),
+    ):
         assert np.all(sitk.GetArrayFromImage(jacobian_determinant(identity, image)) == 1.0)
 
 
@@ -415,9 +443,13 @@ def test_transforms_save_load_and_compose(tmp_path):
 def test_a_divergent_registration_is_flagged_not_returned():
     fixed, _ = phantom(dim=2, size=48, spacing=1.5)
     moving = warp(fixed, rigid(2, angle_deg=5.0).GetInverse())
-    wild = RegistrationConfig(affine=AffineConfig(learning_rate=50.0, metric="mse", translation_search=0.0),
-                              nonrigid=NonrigidConfig(enabled=False))
-    with pytest.raises(RegistrationDiverged, match="affine registration diverged: the metric cannot be evaluated") as caught:
+    wild = RegistrationConfig(
+        affine=AffineConfig(learning_rate=50.0, metric="mse", translation_search=0.0),
+        nonrigid=NonrigidConfig(enabled=False),
+    )
+    with pytest.raises(
+        RegistrationDiverged, match="affine registration diverged: the metric cannot be evaluated"
+    ) as caught:
         register(fixed, moving, config=wild)
     assert caught.value.record["status"] == "diverged"
 
@@ -426,7 +458,9 @@ def test_images_that_barely_overlap_are_flagged():
     fixed, _ = phantom(dim=2, size=48, spacing=1.5)
     moving = sitk.Image(fixed)
     moving.SetOrigin(np.add(fixed.GetOrigin(), (60.0, 0.0)).tolist())  # overlaps a sliver of the target
-    config = RegistrationConfig(affine=AffineConfig(initialization="none", stages=()), nonrigid=NonrigidConfig(enabled=False))
+    config = RegistrationConfig(
+        affine=AffineConfig(initialization="none", stages=()), nonrigid=NonrigidConfig(enabled=False)
+    )
     with pytest.raises(RegistrationDiverged, match="foreground maps inside the atlas"):
         register(fixed, moving, config=config)
 
@@ -472,8 +506,11 @@ def test_jacobian_is_physical_on_an_oblique_flipped_grid():
     image.SetSpacing((1.0, 1.5, 3.0))
     truth = known_affine(3)
     expected = np.linalg.det(np.asarray(truth.GetMatrix()).reshape(3, 3))
-    for direction in [(1, 0, 0, 0, 1, 0, 0, 0, 1), (-1, 0, 0, 0, -1, 0, 0, 0, 1),
-                      sitk.VersorTransform((0.3, -0.2, 1.0), 0.5).GetMatrix()]:
+    for direction in [
+        (1, 0, 0, 0, 1, 0, 0, 0, 1),
+        (-1, 0, 0, 0, -1, 0, 0, 0, 1),
+        sitk.VersorTransform((0.3, -0.2, 1.0), 0.5).GetMatrix(),
+    ]:
         image.SetDirection(direction)
         np.testing.assert_allclose(sitk.GetArrayFromImage(jacobian_determinant(truth, image)), expected, rtol=1e-5)
 
@@ -489,7 +526,9 @@ def test_intensities_resample_linear_or_bspline_through_a_transform():
     for interpolator in ("linear", "bspline"):
         moved = sitk.GetArrayFromImage(propagate_intensities(image, whole, image, interpolator=interpolator))
         np.testing.assert_allclose(moved[:, :-2], array[:, 2:], atol=1e-5)
-        results[interpolator] = sitk.GetArrayFromImage(propagate_intensities(image, half, image, interpolator=interpolator))
+        results[interpolator] = sitk.GetArrayFromImage(
+            propagate_intensities(image, half, image, interpolator=interpolator)
+        )
     assert np.abs(results["linear"] - results["bspline"]).max() > 1e-3  # really another interpolator
     with pytest.raises(ImageError, match="unknown intensity interpolator 'nearest'"):
         propagate_intensities(image, half, image, interpolator="nearest")
@@ -521,8 +560,14 @@ def test_per_level_affine_metrics_follow_the_convention_of_metric_before_and_aft
 
     fixed, _ = texture(dim=2, size=48, seed=1)
     moving = warp(fixed, rigid(2, angle_deg=4.0, shift=(3.0, -2.0)))
-    config = AffineConfig(metric="ncc", stages=("rigid",), shrink_factors=(2, 1), smoothing_sigmas=(2.0, 0.0),
-                          sampling_strategy="none", sampling_percentage=1.0)
+    config = AffineConfig(
+        metric="ncc",
+        stages=("rigid",),
+        shrink_factors=(2, 1),
+        smoothing_sigmas=(2.0, 0.0),
+        sampling_strategy="none",
+        sampling_percentage=1.0,
+    )
     _, record = register_affine(fixed, moving, config=config, seed=42)
     levels = record["stages"][0]["levels"]
     assert all(0.0 <= level["metric"] <= 1.0 for level in levels)
@@ -550,7 +595,11 @@ def test_derived_pyramid_follows_extent_and_spacing(size, spacing, expected):
 
 
 def test_derived_pyramid_never_bins_a_thick_axis_below_its_minimum():
-    for size, spacing in [((512, 512, 12), (0.5, 0.5, 5.0)), ((400, 400, 20), (0.4, 0.4, 10.0)), ((300, 9, 300), (1.0, 3.0, 1.0))]:
+    for size, spacing in [
+        ((512, 512, 12), (0.5, 0.5, 5.0)),
+        ((400, 400, 20), (0.4, 0.4, 10.0)),
+        ((300, 9, 300), (1.0, 3.0, 1.0)),
+    ]:
         levels = derive_shrink_factors(size, spacing)
         assert levels[-1] == (1, 1, 1) and len(levels) >= 4
         for shrink in levels:
@@ -586,8 +635,10 @@ def _organ_phantom() -> tuple[sitk.Image, sitk.Image]:
 
 def _bump(image: sitk.Image, *, amplitude: float, centre=(-12.0, 6.0, 0.0), width: float = 22.0) -> sitk.Transform:
     """A displacement of ``amplitude`` mm along x (0.6 of it along y) in a Gaussian bump round ``centre``."""
-    points = [np.asarray(image.GetOrigin()[a]) + np.indices(image.GetSize()[::-1])[2 - a] * image.GetSpacing()[a]
-              for a in range(3)]
+    points = [
+        np.asarray(image.GetOrigin()[a]) + np.indices(image.GetSize()[::-1])[2 - a] * image.GetSpacing()[a]
+        for a in range(3)
+    ]
     bump = amplitude * np.exp(-sum((p - c) ** 2 for p, c in zip(points, centre)) / (2 * width**2))
     field = sitk.GetImageFromArray(np.stack([bump, 0.6 * bump, 0 * bump], axis=-1), isVector=True)
     field.CopyInformation(image)
@@ -612,7 +663,6 @@ def test_derived_pyramid_recovers_a_large_deformation_on_thick_slices():
     assert dice["auto"] >= 0.9 > dice["old"]
 
 
-
 def _long_body() -> tuple[np.ndarray, np.ndarray]:
     """A trunk along z (1) with three organs (2, 3, 4) at different heights, 48 × 48 × 40 voxels of 3 × 3 × 6 mm."""
     size, spacing = (48, 48, 40), (3.0, 3.0, 6.0)
@@ -627,7 +677,7 @@ def _long_body() -> tuple[np.ndarray, np.ndarray]:
 
 def _slab(array: np.ndarray, first: int, *, labels: bool = False) -> sitk.Image:
     """Slices ``first`` to ``first + 27``, origin 0 (a header that says nothing of where the anatomy is)."""
-    out = sitk.GetImageFromArray(array[first:first + 28])
+    out = sitk.GetImageFromArray(array[first : first + 28])
     out.SetSpacing((3.0, 3.0, 6.0))
     return out if labels else sitk.SmoothingRecursiveGaussian(out, 2.0)
 
@@ -664,7 +714,6 @@ def test_a_crop_round_its_anatomy_gets_neither_the_search_nor_the_local_normaliz
     assert record["translation_search"]["starts"] == 27 and record["local_normalization"] == 20.0
 
 
-
 def test_affine_samples_a_number_of_points_not_a_share_of_a_large_scan():
     """Each level samples sampling_percentage of its voxels, but never more than max_samples points: a
     256×256×40 scan gets 20 000 at its finest level (not 82 000); a 35×50×35 crop keeps its share."""
@@ -696,10 +745,19 @@ def test_run_levels_owns_the_warm_start():
 
     state, levels = run_levels([4, 2, 1], [2.0, 1.0, 0], start=start, upsample=upsample, solve=solve)
     assert state == [4, 0, 2, -1, 1, -2]
-    assert calls == [("start", 4, 2.0), ("solve", 0, (4,)), ("upsample", 1, (4, 0)), ("solve", 1, (4, 0, 2)),
-                     ("upsample", 2, (4, 0, 2, -1)), ("solve", 2, (4, 0, 2, -1, 1))]
-    assert [(lv["level"], lv["shrink"], lv["sigma"], lv["iterations"]) for lv in levels] == \
-        [(0, 4, 2.0, 1), (1, 2, 1.0, 2), (2, 1, 0.0, 3)]
+    assert calls == [
+        ("start", 4, 2.0),
+        ("solve", 0, (4,)),
+        ("upsample", 1, (4, 0)),
+        ("solve", 1, (4, 0, 2)),
+        ("upsample", 2, (4, 0, 2, -1)),
+        ("solve", 2, (4, 0, 2, -1, 1)),
+    ]
+    assert [(lv["level"], lv["shrink"], lv["sigma"], lv["iterations"]) for lv in levels] == [
+        (0, 4, 2.0, 1),
+        (1, 2, 1.0, 2),
+        (2, 1, 0.0, 3),
+    ]
     assert all(lv["seconds"] >= 0 for lv in levels)
 
 

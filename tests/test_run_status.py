@@ -39,12 +39,26 @@ def nine_of_ten_fail(monkeypatch):
 
 
 def _run(manifest, out, *extra):
-    return main(["-q", "run", "demo", "--manifest", str(manifest), "--out", str(out), "--set", "selection.k=10",
-                 *SERIAL, *extra])
+    return main(
+        [
+            "-q",
+            "run",
+            "demo",
+            "--manifest",
+            str(manifest),
+            "--out",
+            str(out),
+            "--set",
+            "selection.k=10",
+            *SERIAL,
+            *extra,
+        ]
+    )
 
 
-def test_nine_of_ten_atlases_failing_is_a_degraded_target_and_a_distinct_exit_code(ten, tmp_path, nine_of_ten_fail,
-                                                                                   capsys):
+def test_nine_of_ten_atlases_failing_is_a_degraded_target_and_a_distinct_exit_code(
+    ten, tmp_path, nine_of_ten_fail, capsys
+):
     assert _run(ten, tmp_path / "a", "--set", "selection.min_atlases=1", "--target", "case_011") == EXIT_DEGRADED
     err = capsys.readouterr().err
     assert "1 of 1 target(s) degraded (case_011)" in err and "--allow-degraded" in err
@@ -52,8 +66,9 @@ def test_nine_of_ten_atlases_failing_is_a_degraded_target_and_a_distinct_exit_co
     assert record["status"] == "degraded" and record["degraded_targets"] == ["case_011"]
     target = record["targets"]["case_011"]
     assert target["status"] == "degraded" and target["degraded"].startswith("9 of its 10 atlases were dropped")
-    assert _run(ten, tmp_path / "a", "--set", "selection.min_atlases=1", "--target", "case_011",
-                "--allow-degraded") == 0
+    assert (
+        _run(ten, tmp_path / "a", "--set", "selection.min_atlases=1", "--target", "case_011", "--allow-degraded") == 0
+    )
 
 
 def test_with_the_default_floor_most_atlases_failing_fails_the_target(ten, tmp_path, nine_of_ten_fail, capsys):
@@ -64,8 +79,22 @@ def test_with_the_default_floor_most_atlases_failing_fails_the_target(ten, tmp_p
 
 
 def test_crossval_marks_degraded_left_out_atlases_and_exits_3(ten, tmp_path, nine_of_ten_fail, capsys):
-    args = ["-q", "crossval", "demo", "--manifest", str(ten), "--out", str(tmp_path), "--k", "3",
-            "--methods", "majority", "--set", "selection.min_atlases=1", *SERIAL]
+    args = [
+        "-q",
+        "crossval",
+        "demo",
+        "--manifest",
+        str(ten),
+        "--out",
+        str(tmp_path),
+        "--k",
+        "3",
+        "--methods",
+        "majority",
+        "--set",
+        "selection.min_atlases=1",
+        *SERIAL,
+    ]
     assert main(args) == EXIT_DEGRADED
     assert "--allow-degraded" in capsys.readouterr().err
     document = json.loads((tmp_path / "crossval.json").read_text())

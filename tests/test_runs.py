@@ -46,8 +46,11 @@ def _forbid(monkeypatch, *stages):
 
 
 def _arrays(out, manifest, ids=None):
-    return {t.id: sitk.GetArrayFromImage(sitk.ReadImage(str(out / t.id / "segmentation.nii.gz")))
-            for t in manifest.targets if ids is None or t.id in ids}
+    return {
+        t.id: sitk.GetArrayFromImage(sitk.ReadImage(str(out / t.id / "segmentation.nii.gz")))
+        for t in manifest.targets
+        if ids is None or t.id in ids
+    }
 
 
 def test_another_fusion_method_or_smaller_k_reuses_every_registration(data, tmp_path, monkeypatch):
@@ -55,8 +58,9 @@ def test_another_fusion_method_or_smaller_k_reuses_every_registration(data, tmp_
     first = run(_config("fusion.method=majority"), manifest, out_dir=tmp_path / "a")
     assert not any(r.get("cached") for result in first for r in _records(result))
     _forbid(monkeypatch, "affine_stage", "nonrigid_stage")
-    second = run(_config("fusion.method=staple", "selection.k=2", "evaluation.metrics=[dice]"), manifest,
-                 out_dir=tmp_path / "b")
+    second = run(
+        _config("fusion.method=staple", "selection.k=2", "evaluation.metrics=[dice]"), manifest, out_dir=tmp_path / "b"
+    )
     assert all(r["cached"] for result in second for r in _records(result))
     assert [r.record["selected"] for r in second] == [r.record["selected"][:2] for r in first]
 
@@ -83,8 +87,10 @@ def test_force_recomputes_and_a_changed_image_is_not_found_in_the_cache(data, tm
     copy = tmp_path / "target.nii.gz"
     image = sitk.ReadImage(str(target.image))
     sitk.WriteImage(image + 0.01 * image, str(copy))  # other contents: other keys
-    doc = {"atlases": [{"id": a.id, "image": str(a.image), "labels": str(a.labels)} for a in manifest.atlases],
-           "targets": [{"id": target.id, "image": str(copy)}]}
+    doc = {
+        "atlases": [{"id": a.id, "image": str(a.image), "labels": str(a.labels)} for a in manifest.atlases],
+        "targets": [{"id": target.id, "image": str(copy)}],
+    }
     (tmp_path / "m.yaml").write_text(json.dumps(doc))
     (changed,) = run(_config(), load_manifest(tmp_path / "m.yaml"), out_dir=tmp_path / "c")
     assert not any(r.get("cached") for r in _records(changed))
@@ -103,11 +109,26 @@ def test_a_finished_target_is_not_segmented_again(data, tmp_path, monkeypatch):
 
 
 def test_a_killed_run_resumes_and_ends_identical_to_an_uninterrupted_one(data, tmp_path):
-    command = [sys.executable, "-m", "atlasseg", "-q", "run", "demo", "--manifest", str(data), "--set", "selection.k=3",
-               *(arg for item in SERIAL for arg in ("--set", item))]
+    command = [
+        sys.executable,
+        "-m",
+        "atlasseg",
+        "-q",
+        "run",
+        "demo",
+        "--manifest",
+        str(data),
+        "--set",
+        "selection.k=3",
+        *(arg for item in SERIAL for arg in ("--set", item)),
+    ]
     env = {**os.environ, "ATLASSEG_CACHE_DIR": str(tmp_path / "cache")}
-    reference = subprocess.run([*command, "--out", str(tmp_path / "ref")], env={**env, "ATLASSEG_CACHE_DIR": str(
-        tmp_path / "ref-cache")}, capture_output=True, text=True)
+    reference = subprocess.run(
+        [*command, "--out", str(tmp_path / "ref")],
+        env={**env, "ATLASSEG_CACHE_DIR": str(tmp_path / "ref-cache")},
+        capture_output=True,
+        text=True,
+    )
     assert reference.returncode == 0, reference.stderr
 
     out = tmp_path / "out"
@@ -130,8 +151,9 @@ def test_a_killed_run_resumes_and_ends_identical_to_an_uninterrupted_one(data, t
     assert (out / "metrics.csv").read_text() == (tmp_path / "ref" / "metrics.csv").read_text()
     record = json.loads((out / "run.json").read_text())
     assert record["status"] == "complete"
-    cached = sum(r["nonrigid"].get("cached", False) for t in record["targets"].values()
-                 for r in t["registrations"].values())
+    cached = sum(
+        r["nonrigid"].get("cached", False) for t in record["targets"].values() for r in t["registrations"].values()
+    )
     assert cached == len(done_before) >= 1
     assert not list(out.rglob(".tmp*"))
 
@@ -145,11 +167,22 @@ def test_a_dask_cluster_segments_exactly_like_loky(data, tmp_path):
     common = ["selection.k=3", "output.cache=false", "parallel.n_jobs=2", "parallel.itk_threads=1"]
     run(load_config("demo", overrides=common), manifest, out_dir=tmp_path / "loky", target_ids=one)
     loky = _arrays(tmp_path / "loky", manifest, one)
-    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, host="127.0.0.1", dashboard_address=None) as cluster:
+    with distributed.LocalCluster(
+        n_workers=2, threads_per_worker=1, host="127.0.0.1", dashboard_address=None
+    ) as cluster:
         address = cluster.scheduler_address
-        run(load_config("demo", overrides=[*common, "parallel.backend=dask", f"parallel.scheduler={address}"]),
-            manifest, out_dir=tmp_path / "cluster", target_ids=one)
-    run(load_config("demo", overrides=[*common, "parallel.backend=dask"]), manifest, out_dir=tmp_path / "local", target_ids=one)
+        run(
+            load_config("demo", overrides=[*common, "parallel.backend=dask", f"parallel.scheduler={address}"]),
+            manifest,
+            out_dir=tmp_path / "cluster",
+            target_ids=one,
+        )
+    run(
+        load_config("demo", overrides=[*common, "parallel.backend=dask"]),
+        manifest,
+        out_dir=tmp_path / "local",
+        target_ids=one,
+    )
     for name in ("cluster", "local"):
         arrays = _arrays(tmp_path / name, manifest, one)
         assert all(np.array_equal(loky[t], arrays[t]) for t in loky), name
@@ -157,8 +190,21 @@ def test_a_dask_cluster_segments_exactly_like_loky(data, tmp_path):
 
 def test_an_unreachable_dask_scheduler_is_one_clear_error(data, tmp_path, capsys):
     pytest.importorskip("distributed")
-    code = main(["-q", "run", "demo", "--manifest", str(data), "--out", str(tmp_path), "--set", "parallel.backend=dask",
-                 "--set", "parallel.scheduler=tcp://127.0.0.1:9"])
+    code = main(
+        [
+            "-q",
+            "run",
+            "demo",
+            "--manifest",
+            str(data),
+            "--out",
+            str(tmp_path),
+            "--set",
+            "parallel.backend=dask",
+            "--set",
+            "parallel.scheduler=tcp://127.0.0.1:9",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "parallel.scheduler: cannot reach the Dask scheduler at tcp://127.0.0.1:9" in err
 
@@ -169,12 +215,28 @@ def test_a_target_that_cannot_be_segmented_fails_alone(data, tmp_path, capsys):
     image = sitk.ReadImage(str(manifest.targets[0].image))
     image.SetOrigin(np.add(image.GetOrigin(), (500.0, 0.0)).tolist())  # no atlas overlaps it from an identity start
     sitk.WriteImage(image, str(far))
-    doc = {"atlases": [{"id": a.id, "image": str(a.image), "labels": str(a.labels)} for a in manifest.atlases],
-           "targets": [{"id": "far", "image": str(far)},
-                       {"id": "good", "image": str(manifest.targets[1].image), "labels": str(manifest.targets[1].labels)}]}
+    doc = {
+        "atlases": [{"id": a.id, "image": str(a.image), "labels": str(a.labels)} for a in manifest.atlases],
+        "targets": [
+            {"id": "far", "image": str(far)},
+            {"id": "good", "image": str(manifest.targets[1].image), "labels": str(manifest.targets[1].labels)},
+        ],
+    }
     (tmp_path / "m.yaml").write_text(json.dumps(doc))
-    code = main(["-q", "run", "demo", "--manifest", str(tmp_path / "m.yaml"), "--out", str(tmp_path / "out"),
-                 "--set", "registration.affine.initialization=none", *(a for s in SERIAL for a in ("--set", s))])
+    code = main(
+        [
+            "-q",
+            "run",
+            "demo",
+            "--manifest",
+            str(tmp_path / "m.yaml"),
+            "--out",
+            str(tmp_path / "out"),
+            "--set",
+            "registration.affine.initialization=none",
+            *(a for s in SERIAL for a in ("--set", s)),
+        ]
+    )
     assert code == 2
     assert "1 of 2 target(s) failed (far)" in capsys.readouterr().err
     record = json.loads((tmp_path / "out" / "run.json").read_text())
@@ -197,8 +259,24 @@ def test_cache_info_and_clear(data, tmp_path, capsys):
 
 def test_verbose_log_file_holds_each_registrations_levels(data, tmp_path):
     log_file = tmp_path / "run.log"
-    assert main(["-q", "-v", "--log-file", str(log_file), "run", "demo", "--manifest", str(data), "--out",
-                 str(tmp_path / "out"), *(a for s in SERIAL for a in ("--set", s))]) == 0
+    assert (
+        main(
+            [
+                "-q",
+                "-v",
+                "--log-file",
+                str(log_file),
+                "run",
+                "demo",
+                "--manifest",
+                str(data),
+                "--out",
+                str(tmp_path / "out"),
+                *(a for s in SERIAL for a in ("--set", s)),
+            ]
+        )
+        == 0
+    )
     text = log_file.read_text()
     assert "non-rigid: metric" in text and "level 1:" in text and "mean Dice" in text
 

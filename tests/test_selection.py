@@ -16,7 +16,9 @@ from atlasseg.similarity import SIMILARITIES, mutual_information, ncc, negative_
 def test_an_identical_atlas_ranks_first_for_every_metric(dim, metric):
     target, _ = phantom(dim=dim, size=32)
     rng = np.random.default_rng(0)
-    noisy = sitk.GetImageFromArray(sitk.GetArrayFromImage(target) + rng.normal(0, 0.3, target.GetSize()[::-1]).astype(np.float32))
+    noisy = sitk.GetImageFromArray(
+        sitk.GetArrayFromImage(target) + rng.normal(0, 0.3, target.GetSize()[::-1]).astype(np.float32)
+    )
     noisy.CopyInformation(target)
     atlases = {
         "b_rotated": warp(target, rigid(dim, angle_deg=15.0, shift=(6.0, -4.0, 3.0))),
@@ -25,8 +27,10 @@ def test_an_identical_atlas_ranks_first_for_every_metric(dim, metric):
         "d_unrelated": texture(dim=dim, size=32, seed=1)[0],
     }
     config = SelectionConfig(metric=metric, grid_spacing=4.0, roi="none")
-    scores = {name: score_atlas(target, image, sitk.Transform(dim, sitk.sitkIdentity), config=config)
-              for name, image in atlases.items()}
+    scores = {
+        name: score_atlas(target, image, sitk.Transform(dim, sitk.sitkIdentity), config=config)
+        for name, image in atlases.items()
+    }
     assert rank(scores)[0] == "a_same"
     assert all(scores["a_same"] > s for name, s in scores.items() if name != "a_same")
     assert scores["b_rotated"] > scores["d_unrelated"]
@@ -102,8 +106,10 @@ def test_near_labels_scores_where_the_labels_are_not_their_whole_box():
     identity = sitk.Transform(2, sitk.sitkIdentity)
     for roi, best in (("near_labels", "near"), ("labels", "box")):
         config = SelectionConfig(grid_spacing=2.0, roi=roi, roi_margin=2.0)
-        scores = {name: score_atlas(target, image, identity, config=config, labels=labels)
-                  for name, image in (("near", near), ("box", box))}
+        scores = {
+            name: score_atlas(target, image, identity, config=config, labels=labels)
+            for name, image in (("near", near), ("box", box))
+        }
         assert rank(scores)[0] == best, roi
 
 
@@ -127,9 +133,12 @@ def test_a_region_of_interest_ranks_the_locally_matching_atlas_first(region):
     target, near, far, labels, mask = _local_match_case()
     config = SelectionConfig(grid_spacing=2.0, roi="none" if region == "mask" else region, roi_margin=8.0)
     identity = sitk.Transform(2, sitk.sitkIdentity)
-    scores = {name: score_atlas(target, image, identity, config=config, labels=labels,
-                                mask=mask if region == "mask" else None)
-              for name, image in (("near", near), ("far", far))}
+    scores = {
+        name: score_atlas(
+            target, image, identity, config=config, labels=labels, mask=mask if region == "mask" else None
+        )
+        for name, image in (("near", near), ("far", far))
+    }
     assert rank(scores)[0] == ("far" if region == "none" else "near")
 
 
@@ -165,8 +174,10 @@ def test_select_keeps_the_best_k_above_the_threshold_but_never_fewer_than_the_fl
     assert select(SCORES, SelectionConfig(**settings)) == kept
 
 
-@pytest.mark.parametrize("k, n_atlases, floor", [(10, 24, 5), (10, 10, 5), (10, 4, 3), (10, 2, 2), (3, 10, 3),
-                                                   (2, 10, 2), ("all", 24, 12), (20, 30, 10)])
+@pytest.mark.parametrize(
+    "k, n_atlases, floor",
+    [(10, 24, 5), (10, 10, 5), (10, 4, 3), (10, 2, 2), (3, 10, 3), (2, 10, 2), ("all", 24, 12), (20, 30, 10)],
+)
 def test_the_default_floor_is_half_of_the_selected_and_at_least_three(k, n_atlases, floor):
     assert min_atlases(SelectionConfig(k=k), n_atlases) == floor
 

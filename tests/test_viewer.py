@@ -38,8 +38,9 @@ def test_disagreement_is_the_share_of_candidates_against_the_most_voted_label():
 def finished(request, tmp_path_factory):
     """The output folder of a baseline run (no registration: quick) of 3 atlases onto 1 target with ground truth."""
     folder = tmp_path_factory.mktemp(f"viewer{request.param}d")
-    path = make_demo_dataset(folder / "data", dim=request.param, n_atlases=3, n_targets=1,
-                             size=24 if request.param == 3 else 48, seed=3)
+    path = make_demo_dataset(
+        folder / "data", dim=request.param, n_atlases=3, n_targets=1, size=24 if request.param == 3 else 48, seed=3
+    )
     run(load_config("baseline"), load_manifest(path), out_dir=folder / "out")
     return folder / "out"
 
@@ -72,8 +73,9 @@ def test_view_opens_offline_draws_and_hides_a_toggled_label(finished, chromium):
         browser.open(finished / "index.html")
         browser.evaluate("document.querySelector('.viewer .open').click()")
         browser.wait_for("['ready', 'failed'].includes(document.querySelector('.viewer').dataset.state)")
-        assert browser.evaluate("document.querySelector('.viewer').dataset.state") == "ready", \
-            browser.evaluate("document.querySelector('.viewer .hint').textContent")
+        assert browser.evaluate("document.querySelector('.viewer').dataset.state") == "ready", browser.evaluate(
+            "document.querySelector('.viewer .hint').textContent"
+        )
         shown = pixels(browser.screenshot(".viewer .canvas"))
         for box in browser.evaluate("Array.from(document.querySelectorAll('.viewer input.label'), c => c.value)"):
             browser.evaluate(f"document.querySelector('.viewer input.label[value=\"{box}\"]').click()")

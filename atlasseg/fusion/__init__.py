@@ -37,5 +37,18 @@ from .registry import FUSERS, METHODS, fuse, make_fuser, needs_intensities
 from .staple import Staple
 from .votes import INTENSITIES, WeightedVote
 
-__all__ = ["FUSERS", "INTENSITIES", "METHODS", "Fuser", "JointLabelFusion", "Staple", "WeightedVote", "fill_holes",
-           "fuse", "keep_largest_component", "make_fuser", "needs_intensities", "postprocess"]
+__all__ = [
+    "FUSERS",
+    "INTENSITIES",
+    "METHODS",
+    "Fuser",
+    "JointLabelFusion",
+    "Staple",
+    "WeightedVote",
+    "fill_holes",
+    "fuse",
+    "keep_largest_component",
+    "make_fuser",
+    "needs_intensities",
+    "postprocess",
+]

@@ -43,8 +43,14 @@ class Fuser:
         """Bytes of temporary files (in ``TMPDIR``) the method writes for ``n_candidates`` on ``geometry``'s grid."""
         return 0
 
-    def __init__(self, reference: sitk.Image, *, config: FusionConfig, threads: int | None = None,
-                 spill_folder: Path | None = None):
+    def __init__(
+        self,
+        reference: sitk.Image,
+        *,
+        config: FusionConfig,
+        threads: int | None = None,
+        spill_folder: Path | None = None,
+    ):
         """``threads`` and ``spill_folder`` are what the caller lends the fuser (those that use them say so):
         its threads (None: every available core), and the folder for candidates it cannot keep in memory
         (None: a fresh temporary folder in ``TMPDIR``)."""
@@ -108,9 +114,13 @@ class Fuser:
         ``_probabilities``, smoothed by a Gaussian of ``probability_sigma`` mm when set."""
         maps = self._probabilities()
         if self._config.probability_sigma > 0:
-            sigma = self._config.probability_sigma / np.asarray(self._reference.GetSpacing())[::-1]  # voxels, array order
-            maps = {v: self._image(ndimage.gaussian_filter(sitk.GetArrayViewFromImage(m), sigma), sitk.sitkFloat32)
-                    for v, m in maps.items()}
+            sigma = (
+                self._config.probability_sigma / np.asarray(self._reference.GetSpacing())[::-1]
+            )  # voxels, array order
+            maps = {
+                v: self._image(ndimage.gaussian_filter(sitk.GetArrayViewFromImage(m), sigma), sitk.sitkFloat32)
+                for v, m in maps.items()
+            }
         return maps
 
     def _probabilities(self) -> dict[int, sitk.Image]:

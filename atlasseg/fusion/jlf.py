@@ -75,8 +75,9 @@ class JointLabelFusion(Fuser):
 
     @classmethod
     def estimate_bytes(cls, geometry: Geometry, n_candidates: int) -> int:
-        return (math.prod(geometry.size) * cls._BYTES_PER_VOXEL
-                + min(cls._candidate_bytes(geometry, n_candidates), cls._SLAB_BYTES))
+        return math.prod(geometry.size) * cls._BYTES_PER_VOXEL + min(
+            cls._candidate_bytes(geometry, n_candidates), cls._SLAB_BYTES
+        )
 
     @classmethod
     def estimate_disk_bytes(cls, geometry: Geometry, n_candidates: int) -> int:
@@ -84,8 +85,14 @@ class JointLabelFusion(Fuser):
         need = cls._candidate_bytes(geometry, n_candidates)
         return need if need > cls._SLAB_BYTES else 0
 
-    def __init__(self, reference: sitk.Image, *, config: FusionConfig, threads: int | None = None,
-                 spill_folder: Path | None = None):
+    def __init__(
+        self,
+        reference: sitk.Image,
+        *,
+        config: FusionConfig,
+        threads: int | None = None,
+        spill_folder: Path | None = None,
+    ):
         super().__init__(reference, config=config, threads=threads, spill_folder=spill_folder)
         spacing = np.asarray(reference.GetSpacing())[::-1]  # array order
         self._search = voxel_radii(config.search_radius, spacing)
@@ -113,7 +120,9 @@ class JointLabelFusion(Fuser):
         self._intensities.append(np.pad(warped, self._pad, mode="edge"))
         if self._store is not None or sum(a.nbytes for a in self._labels + self._intensities) > self._SLAB_BYTES:
             for kind, arrays in (("labels", self._labels), ("intensities", self._intensities)):
-                arrays[:] = [a if isinstance(a, np.memmap) else self._spill(a, f"{i}-{kind}") for i, a in enumerate(arrays)]
+                arrays[:] = [
+                    a if isinstance(a, np.memmap) else self._spill(a, f"{i}-{kind}") for i, a in enumerate(arrays)
+                ]
 
     def _spill(self, array: np.ndarray, name: str) -> np.memmap:
         """``array`` written to the temporary folder, and mapped back read-only."""
@@ -125,9 +134,11 @@ class JointLabelFusion(Fuser):
             return np.load(path, mmap_mode="r")
         except OSError as err:
             place = self._store.name if self._store is not None else self._spill_folder or tempfile.gettempdir()
-            raise AtlassegError(f"joint label fusion: cannot keep its candidates in {place} ({err.strerror or err}): "
-                                f"set TMPDIR to a folder with room (about {array.size * 5 / 2**20:.0f} MiB "
-                                "per atlas)") from None
+            raise AtlassegError(
+                f"joint label fusion: cannot keep its candidates in {place} ({err.strerror or err}): "
+                f"set TMPDIR to a folder with room (about {array.size * 5 / 2**20:.0f} MiB "
+                "per atlas)"
+            ) from None
 
     def _stack(self):
         if self._labels:
@@ -149,8 +160,14 @@ class JointLabelFusion(Fuser):
         rows = max(1, self._SLAB_BYTES // max(row_bytes, 1) - 2 * halo)
         for start in range(0, self._target.shape[0], rows):
             window = slice(start, start + rows + 2 * halo)  # the slab's rows, padded coordinates
-            self._fuse_slab(target[window], [_read(a[window]) for a in self._labels],
-                            [_read(a[window]) for a in self._intensities], centres[start:start + rows], start, undecided)
+            self._fuse_slab(
+                target[window],
+                [_read(a[window]) for a in self._labels],
+                [_read(a[window]) for a in self._intensities],
+                centres[start : start + rows],
+                start,
+                undecided,
+            )
         if config.patch_voting:
             covered = np.maximum(self._covered[undecided], 1.0)
             for votes in self._votes.values():
@@ -179,11 +196,13 @@ class JointLabelFusion(Fuser):
         for first in range(0, len(voxels), step):
             chunk = slice(first, first + step)
             offsets = [None if b is None else search[b[chunk]] @ strides for b in best]
-            self._solve(target.reshape(-1), labels, intensities, base[chunk], offsets, patch, strides,
-                        voxels[chunk], undecided)
+            self._solve(
+                target.reshape(-1), labels, intensities, base[chunk], offsets, patch, strides, voxels[chunk], undecided
+            )
 
-    def _best_offsets(self, target: np.ndarray, intensities: list, lo: np.ndarray, hi: np.ndarray,
-                      search: np.ndarray, centres) -> list:
+    def _best_offsets(
+        self, target: np.ndarray, intensities: list, lo: np.ndarray, hi: np.ndarray, search: np.ndarray, centres
+    ) -> list:
         """Per candidate and centre voxel (in ``argwhere`` order), the row of ``search`` whose patch
         best matches the target's; None for every candidate without search. The candidates are
         searched in parallel, in as many threads as the fuser was lent (scipy's filters release the GIL)."""

@@ -36,8 +36,9 @@ def fuse(reference: sitk.Image, candidates, *, config: FusionConfig) -> sitk.Ima
     return fuser.result()
 
 
-def make_fuser(reference: sitk.Image, *, config: FusionConfig, threads: int | None = None,
-               spill_folder: Path | None = None) -> Fuser:
+def make_fuser(
+    reference: sitk.Image, *, config: FusionConfig, threads: int | None = None, spill_folder: Path | None = None
+) -> Fuser:
     """A fresh accumulator for ``config.method`` on ``reference``'s grid (normalised target intensities), lent
     ``threads`` and ``spill_folder`` (see :class:`~atlasseg.fusion.base.Fuser`)."""
     try:

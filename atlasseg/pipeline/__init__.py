@@ -25,5 +25,16 @@ from .pair import register_files
 from .run import run
 from .target import Case, Registered, TargetResult, prepare_case, register_target, segment_target
 
-__all__ = ["Case", "Ranking", "Registered", "TargetResult", "check_inputs", "prepare_case", "rank_atlases",
-           "register_files", "register_target", "run", "segment_target"]
+__all__ = [
+    "Case",
+    "Ranking",
+    "Registered",
+    "TargetResult",
+    "check_inputs",
+    "prepare_case",
+    "rank_atlases",
+    "register_files",
+    "register_target",
+    "run",
+    "segment_target",
+]

@@ -38,8 +38,9 @@ from .sources import FILES, Sources
 log = logging.getLogger("atlasseg")
 
 
-def check_inputs(manifest: Manifest, config: Config | None = None, *, leave_one_out: bool = False,
-                 sources: Sources = FILES) -> None:
+def check_inputs(
+    manifest: Manifest, config: Config | None = None, *, leave_one_out: bool = False, sources: Sources = FILES
+) -> None:
     """Every listed file read once, before any work: readable and complete, scalar, 2D/3D, one
     dimensionality across the manifest (the atlases' initial transforms too); intensities finite and
     not constant; label maps whole, non-negative numbers on their image's grid (floating-point noise is
@@ -64,8 +65,10 @@ def check_inputs(manifest: Manifest, config: Config | None = None, *, leave_one_
     grids: list[tuple[Path, Geometry]] = []
     for entry in entries:  # headers only: cheap, and they size the run before any voxel is read
         if needs_landmarks and entry.landmarks is None:
-            raise ImageError(f"{manifest.path}: {entry.id} has no 'landmarks' file, needed by "
-                             "registration.affine.initialization: landmarks")
+            raise ImageError(
+                f"{manifest.path}: {entry.id} has no 'landmarks' file, needed by "
+                "registration.affine.initialization: landmarks"
+            )
         with _naming(manifest, entry, "image", sources):
             geometry = sources.geometry(entry.image)
             check_scalar(geometry, sources.name(entry.image))
@@ -76,10 +79,16 @@ def check_inputs(manifest: Manifest, config: Config | None = None, *, leave_one_
         for key in ("labels", "mask"):
             if getattr(entry, key) is not None:
                 with _naming(manifest, entry, key, sources):
-                    check_same_grid(geometry, sources.geometry(getattr(entry, key)),
-                                    image_path=sources.name(entry.image), labels_path=sources.name(getattr(entry, key)))
+                    check_same_grid(
+                        geometry,
+                        sources.geometry(getattr(entry, key)),
+                        image_path=sources.name(entry.image),
+                        labels_path=sources.name(getattr(entry, key)),
+                    )
     if len(dims) > 1:
-        raise ImageError(f"{manifest.path}: mixes 2D images ({dims[2]}) with 3D images ({dims[3]}); use one dimensionality")
+        raise ImageError(
+            f"{manifest.path}: mixes 2D images ({dims[2]}) with 3D images ({dims[3]}); use one dimensionality"
+        )
     for file in dict.fromkeys(file for atlas in manifest.atlases for _, file in atlas.transforms):
         dimension = load_transform(file).GetDimension()
         if dimension not in dims:
@@ -93,8 +102,13 @@ def check_inputs(manifest: Manifest, config: Config | None = None, *, leave_one_
         k = config.selection.k
         if k != "all" and k > len(manifest.atlases):  # the default k asks for no warning
             level = logging.INFO if k == SelectionConfig.k else logging.WARNING
-            log.log(level, "selection.k is %d but %s lists %d atlases: all of them are used", k, manifest.path,
-                    len(manifest.atlases))
+            log.log(
+                level,
+                "selection.k is %d but %s lists %d atlases: all of them are used",
+                k,
+                manifest.path,
+                len(manifest.atlases),
+            )
         check_memory(largest, config, n_tasks=len(manifest.atlases), n_labels=len(manifest.label_names) + 1)
         check_disk(largest, config, n_tasks=len(manifest.atlases))
     labels = set(manifest.label_names)
@@ -139,23 +153,32 @@ def _equal_images(entries: list[Atlas | Target], sources: Sources) -> list[list[
     return groups
 
 
-def _check_same_images(manifest: Manifest, groups: list[list[Atlas | Target]], *, leave_one_out: bool,
-                       sources: Sources) -> None:
+def _check_same_images(
+    manifest: Manifest, groups: list[list[Atlas | Target]], *, leave_one_out: bool, sources: Sources
+) -> None:
     """Warn about an atlas that is one of the targets' images; with ``leave_one_out``, refuse two atlases that are
     the same image (each would be segmented by the other: its labels handed back)."""
     for group in groups:
         atlases = [e for e in group if isinstance(e, Atlas)]
         if leave_one_out and len(atlases) > 1:
-            raise ImageError(f"{manifest.path}: atlases {_listing([a.id for a in atlases])} are the same image "
-                             f"({sources.name(atlases[0].image)}, {sources.name(atlases[1].image)}): leave-one-out would score each on its own "
-                             "labels; keep one of them")
+            raise ImageError(
+                f"{manifest.path}: atlases {_listing([a.id for a in atlases])} are the same image "
+                f"({sources.name(atlases[0].image)}, {sources.name(atlases[1].image)}): leave-one-out would score each on its own "
+                "labels; keep one of them"
+            )
         for target in (e for e in group if isinstance(e, Target)):
             # An atlas of the target's own id never segments it (Manifest.atlases_for): a leave-one-out layout.
             others = [a.id for a in atlases if a.id != target.id]
             if others:
-                log.warning("%s: target %r is the same image as atlas %s (%s): that atlas hands the target its "
-                            "own labels, which inflates its scores; leave it out of the atlases (or the target out "
-                            "of the targets)", manifest.path, target.id, _listing(others), sources.name(target.image))
+                log.warning(
+                    "%s: target %r is the same image as atlas %s (%s): that atlas hands the target its "
+                    "own labels, which inflates its scores; leave it out of the atlases (or the target out "
+                    "of the targets)",
+                    manifest.path,
+                    target.id,
+                    _listing(others),
+                    sources.name(target.image),
+                )
 
 
 def _listing(values, limit: int = 10) -> str:
@@ -179,13 +202,14 @@ def _naming(manifest: Manifest, entry: Atlas | Target, key: str, sources: Source
         message = str(err)
         own = str(getattr(entry, key))
         if message.startswith(own + ": "):
-            message = message[len(own) + 2:]
+            message = message[len(own) + 2 :]
         for name in ("image", "labels", "mask", "landmarks"):  # other files the message names
             if getattr(entry, name) is not None:
                 message = message.replace(str(getattr(entry, name)), manifest.as_written(entry, name))
         kind = "atlas" if isinstance(entry, Atlas) else "target"
-        raise ImageError(f"{manifest.path}: {kind} {entry.id!r}: {key} {manifest.as_written(entry, key)}: "
-                         f"{message}") from None
+        raise ImageError(
+            f"{manifest.path}: {kind} {entry.id!r}: {key} {manifest.as_written(entry, key)}: {message}"
+        ) from None
 
 
 # An image whose voxels hold at most this many distinct values, all whole numbers, is a label map given as an image.
@@ -212,8 +236,10 @@ def _check_not_a_label_map(entry: Atlas | Target, voxels, label_values: dict[Pat
         why = f"an image has more than {_LABEL_LIKE_VALUES}"
     else:
         return
-    raise ImageError(f"{sources.name(entry.image)}: looks like a label map, not an image: {distinct.size} distinct whole-number "
-                     f"values ({why}); point 'image:' at the intensity image")
+    raise ImageError(
+        f"{sources.name(entry.image)}: looks like a label map, not an image: {distinct.size} distinct whole-number "
+        f"values ({why}); point 'image:' at the intensity image"
+    )
 
 
 def _check_label_map(entry: Atlas | Target, manifest: Manifest, sources: Sources) -> set[int]:
@@ -222,16 +248,27 @@ def _check_label_map(entry: Atlas | Target, manifest: Manifest, sources: Sources
     present = set(check_label_values(path, sources.voxels(entry.labels)).tolist()) - {0}
     is_atlas = isinstance(entry, Atlas)
     if not present and is_atlas:
-        raise ImageError(f"{path}: label map of atlas {entry.id!r} is empty (all background); fix it or leave the atlas out")
+        raise ImageError(
+            f"{path}: label map of atlas {entry.id!r} is empty (all background); fix it or leave the atlas out"
+        )
     if not present:
         log.warning("%s: ground truth of target %r is empty (all background): its scores are undefined", path, entry.id)
     if declared and present - declared:
-        log.warning("%s: %s %r holds labels [%s] not declared in %s: segmented and scored without a name",
-                    path, "atlas" if is_atlas else "target", entry.id, _listing(sorted(present - declared)),
-                    manifest.path)
+        log.warning(
+            "%s: %s %r holds labels [%s] not declared in %s: segmented and scored without a name",
+            path,
+            "atlas" if is_atlas else "target",
+            entry.id,
+            _listing(sorted(present - declared)),
+            manifest.path,
+        )
     if declared and is_atlas and present and declared - present:
-        log.warning("%s: atlas %r lacks declared labels %s: it votes background there", path, entry.id,
-                    _listing(f"{v} ({manifest.label_names[v]})" for v in sorted(declared - present)))
+        log.warning(
+            "%s: atlas %r lacks declared labels %s: it votes background there",
+            path,
+            entry.id,
+            _listing(f"{v} ({manifest.label_names[v]})" for v in sorted(declared - present)),
+        )
     return present
 
 
@@ -247,18 +284,22 @@ def check_pyramid(geometry: Geometry, path: Path, config: Config) -> None:
     for axis, count in enumerate(geometry.size):
         if count < _MIN_VOXELS:
             single = " (a single slice: save it as a 2D image)" if count == 1 and geometry.dimension == 3 else ""
-            raise ImageError(f"{path}: {count} voxel(s) along axis {axis} (size {size}); registration smooths every "
-                             f"axis and needs at least {_MIN_VOXELS} voxels along each{single}: resample the image "
-                             "onto more voxels along that axis")
+            raise ImageError(
+                f"{path}: {count} voxel(s) along axis {axis} (size {size}); registration smooths every "
+                f"axis and needs at least {_MIN_VOXELS} voxels along each{single}: resample the image "
+                "onto more voxels along that axis"
+            )
     nonrigid = config.registration.nonrigid
     if not nonrigid.enabled:
         return
     for level, factors in enumerate(level_shrinks(nonrigid, geometry.size, geometry.spacing)):
         for axis, (count, factor) in enumerate(zip(geometry.size, factors)):
             if count < factor:
-                raise ImageError(f"{path}: {count} voxels along axis {axis} (size {size}), fewer than the shrink "
-                                 f"factor {factor} of registration.nonrigid level {level}: lower "
-                                 "registration.nonrigid.shrink_factors, or resample the image onto more voxels")
+                raise ImageError(
+                    f"{path}: {count} voxels along axis {axis} (size {size}), fewer than the shrink "
+                    f"factor {factor} of registration.nonrigid level {level}: lower "
+                    "registration.nonrigid.shrink_factors, or resample the image onto more voxels"
+                )
 
 
 # Rough peak bytes per voxel of the largest image: one registration job (two float32 images, their
@@ -365,7 +406,9 @@ def check_output_dir(out: Path, config: Config, manifest: Manifest, *, force: bo
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as err:
-        raise AtlassegError(f"{out}: output folder is not writable ({err.strerror or err}); choose another --out") from None
+        raise AtlassegError(
+            f"{out}: output folder is not writable ({err.strerror or err}); choose another --out"
+        ) from None
     record = out / "run.json"
     wanted = comparable(config.to_dict())
     if record.exists():
@@ -377,8 +420,13 @@ def check_output_dir(out: Path, config: Config, manifest: Manifest, *, force: bo
             if removed := remove_temporaries(out):
                 log.info("%s: removed %d temporary file(s) of a stopped run", out, removed)
             return
-        what = "an unreadable run.json" if found is None else "outputs of a different config (" + ", ".join(
-            f"{key}: {old!r} -> {new!r}" for key, old, new in _differences(found, wanted)[:3]) + ")"
+        what = (
+            "an unreadable run.json"
+            if found is None
+            else "outputs of a different config ("
+            + ", ".join(f"{key}: {old!r} -> {new!r}" for key, old, new in _differences(found, wanted)[:3])
+            + ")"
+        )
     elif any(out.iterdir()):
         what = "files but no run.json"
     else:
@@ -392,13 +440,17 @@ def check_output_dir(out: Path, config: Config, manifest: Manifest, *, force: bo
 def _differences(old, new, prefix: str = "") -> list[tuple[str, object, object]]:
     """(key path, old value, new value) of every leaf that differs between two nested mappings."""
     if isinstance(old, dict) and isinstance(new, dict):
-        return [d for key in dict.fromkeys([*old, *new])
-                for d in _differences(old.get(key), new.get(key), f"{prefix}.{key}" if prefix else str(key))]
+        return [
+            d
+            for key in dict.fromkeys([*old, *new])
+            for d in _differences(old.get(key), new.get(key), f"{prefix}.{key}" if prefix else str(key))
+        ]
     return [] if old == new else [(prefix, old, new)]
 
 
-def check_changed_inputs(out: Path, targets: list[Target], manifest: Manifest, config: Config, *,
-                         force: bool = False) -> None:
+def check_changed_inputs(
+    out: Path, targets: list[Target], manifest: Manifest, config: Config, *, force: bool = False
+) -> None:
     """Before any work: refuse (unless ``force``) to write over a target's outputs in ``out`` that were made from
     other inputs (another manifest, or files changed since), naming the targets and the files that differ."""
     changed = []

@@ -56,8 +56,9 @@ def remembered(key: tuple, paths: tuple, make) -> sitk.Image:
 
 def load_normalized(path: Path, method: str) -> sitk.Image:
     """The image at ``path`` as float32, normalised by ``method`` (see :func:`remembered`)."""
-    return remembered(("normalized", str(path), method), (path,),
-                      lambda: normalize_intensity(read_image(path), method=method))
+    return remembered(
+        ("normalized", str(path), method), (path,), lambda: normalize_intensity(read_image(path), method=method)
+    )
 
 
 def atlas_labels(atlas: Atlas, *, snapped: bool = True) -> sitk.Image:
@@ -65,8 +66,11 @@ def atlas_labels(atlas: Atlas, *, snapped: bool = True) -> sitk.Image:
     see :func:`remembered`."""
     if not snapped:
         return remembered(("labels", str(atlas.labels)), (atlas.labels,), lambda: read_labels(atlas.labels))
-    return remembered(("labels", str(atlas.labels), str(atlas.image)), (atlas.labels, atlas.image),
-                      lambda: read_labels(atlas.labels, like=read_geometry(atlas.image), like_path=atlas.image))
+    return remembered(
+        ("labels", str(atlas.labels), str(atlas.image)),
+        (atlas.labels, atlas.image),
+        lambda: read_labels(atlas.labels, like=read_geometry(atlas.image), like_path=atlas.image),
+    )
 
 
 def read_masks(fixed: tuple, moving: tuple) -> Masks | None:
@@ -74,9 +78,14 @@ def read_masks(fixed: tuple, moving: tuple) -> Masks | None:
     each is checked against (and snapped onto) its image's grid. None when neither side has one."""
     if fixed[0] is None and moving[0] is None:
         return None
-    return Masks(*(None if mask is None else read_labels(mask, like=read_geometry(path) if like is None else like,
-                                                          like_path=path)
-                   for mask, path, like in (fixed, moving)))
+    return Masks(
+        *(
+            None
+            if mask is None
+            else read_labels(mask, like=read_geometry(path) if like is None else like, like_path=path)
+            for mask, path, like in (fixed, moving)
+        )
+    )
 
 
 def _masks(target: Target, atlas: Atlas) -> Masks | None:
@@ -105,8 +114,13 @@ def _cache_key(stage: str, target: Target, atlas: Atlas, config: Config) -> str:
     """The cache key of one registration stage of ``atlas`` onto ``target``: the files it reads, its settings.
     The affine stage's entry holds the selection score too, so the settings that shape the score count."""
     reg = config.registration
-    files = {"target": target.image, "target_mask": target.mask, "atlas": atlas.image, "atlas_mask": atlas.mask,
-             "given_transform": atlas.transform_for(target.id)}
+    files = {
+        "target": target.image,
+        "target_mask": target.mask,
+        "atlas": atlas.image,
+        "atlas_mask": atlas.mask,
+        "given_transform": atlas.transform_for(target.id),
+    }
     if reg.affine.initialization == "landmarks":
         files.update(target_landmarks=target.landmarks, atlas_landmarks=atlas.landmarks)
     registration = settings(reg)
@@ -154,8 +168,9 @@ def _affine_job(target: Target, atlas: Atlas, config: Config, cache: Cache, key:
     return atlas.id, transform, record, score
 
 
-def _nonrigid_job(target: Target, atlas: Atlas, initial: sitk.Transform, reg: RegistrationConfig, cache: Cache,
-                  key: str, threads: int):
+def _nonrigid_job(
+    target: Target, atlas: Atlas, initial: sitk.Transform, reg: RegistrationConfig, cache: Cache, key: str, threads: int
+):
     """Non-rigid registration of one selected atlas, starting from its affine (runs in a worker); the outcome
     goes into the cache."""
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
@@ -190,11 +205,21 @@ def _log_record(target_id: str, atlas_id: str, stage: str, record: dict) -> None
     """Per-level details of one registration (``-v``)."""
     if not log.isEnabledFor(logging.DEBUG):
         return
-    levels = "; ".join(f"level {i}: {lv.get('iterations')} it, {lv.get('stop', '')}, {lv.get('seconds')} s"
-                       for i, lv in enumerate(record.get("levels", []), 1))
-    log.debug("target %s, atlas %s, %s%s: metric %s %s -> %s%s", target_id, atlas_id, stage,
-              " (cached)" if record.get("cached") else "", record.get("metric"), record.get("metric_before"),
-              record.get("metric_after"), f" ({levels})" if levels else "")
+    levels = "; ".join(
+        f"level {i}: {lv.get('iterations')} it, {lv.get('stop', '')}, {lv.get('seconds')} s"
+        for i, lv in enumerate(record.get("levels", []), 1)
+    )
+    log.debug(
+        "target %s, atlas %s, %s%s: metric %s %s -> %s%s",
+        target_id,
+        atlas_id,
+        stage,
+        " (cached)" if record.get("cached") else "",
+        record.get("metric"),
+        record.get("metric_before"),
+        record.get("metric_after"),
+        f" ({levels})" if levels else "",
+    )
 
 
 @dataclass
@@ -245,12 +270,25 @@ def rank_atlases(target: Target, atlases: list[Atlas], config: Config, *, cache:
                 ok[a.id] = (transform, record, score)
         scores = {aid: score for aid, (_, _, score) in ok.items()}
         ranked, selected = rank(scores), select(scores, config.selection)
-    return Ranking(scores, ranked, selected, {aid: ok[aid][0] for aid in ranked},
-                   {aid: {"affine": ok[aid][1]} for aid in ranked}, dropped, seconds)
+    return Ranking(
+        scores,
+        ranked,
+        selected,
+        {aid: ok[aid][0] for aid in ranked},
+        {aid: {"affine": ok[aid][1]} for aid in ranked},
+        dropped,
+        seconds,
+    )
 
 
 def register_selected(
-    target: Target, atlases: dict[str, Atlas], ranking: Ranking, config: Config, *, wanted: list[str], floor: int,
+    target: Target,
+    atlases: dict[str, Atlas],
+    ranking: Ranking,
+    config: Config,
+    *,
+    wanted: list[str],
+    floor: int,
     cache: Cache | None = None,
 ) -> tuple[dict[str, sitk.Transform], Ranking]:
     """Non-rigid registration (in parallel, from the affine; cached outcomes reused) of the ``wanted`` ranked atlases.
@@ -272,8 +310,11 @@ def register_selected(
     while batch:
         keys = {aid: _cache_key("nonrigid", target, atlases[aid], config) for aid in batch}
         outcomes = {aid: hit[:2] for aid in batch if (hit := _cached(cache, "nonrigid", keys[aid])) is not None}
-        tasks = [(target, atlases[aid], ranking.affine[aid], config.registration, cache, keys[aid])
-                 for aid in batch if aid not in outcomes]
+        tasks = [
+            (target, atlases[aid], ranking.affine[aid], config.registration, cache, keys[aid])
+            for aid in batch
+            if aid not in outcomes
+        ]
         for aid, *outcome in parallel_map(_nonrigid_job, tasks, config.parallel, desc=f"{target.id}: non-rigid"):
             outcomes[aid] = outcome
         for aid in batch:

@@ -23,6 +23,7 @@ from .jobs import timed
 if TYPE_CHECKING:
     from .target import Segmented, TargetResult
 
+
 def write_segmented(segmented: Segmented, out_dir: Path, config: Config, *, label_names: dict[int, str]) -> Path:
     """Write one segmented target where ``output.layout`` puts it under ``out_dir`` (``segmentation.<format>``, and
     the probability maps, disagreement and transforms it holds); returns the segmentation's path. The seconds
@@ -87,7 +88,9 @@ def write_metrics(path: Path, results: list[TargetResult], label_names: dict[int
     (``quality.enabled``) every segmented target has rows, its metrics empty without ground truth, and three
     more columns: ``predicted_dice``, ``predicted_dice_error`` and ``review`` (the mean row: any label's)."""
     if not any("quality" in r.record for r in results):
-        table = [row for r in results if r.scores is not None for row in rows(r.target_id, r.scores, label_names, metrics)]
+        table = [
+            row for r in results if r.scores is not None for row in rows(r.target_id, r.scores, label_names, metrics)
+        ]
         write_table(path, header(metrics), table)
         return
     table = []
@@ -96,8 +99,9 @@ def write_metrics(path: Path, results: list[TargetResult], label_names: dict[int
         if r.scores is None and not quality:
             continue
         scores = r.scores or {v: {m: math.nan for m in metrics} for v in quality}
-        for row in rows(r.target_id, {**{v: {m: math.nan for m in metrics} for v in quality}, **scores},
-                        label_names, metrics):
+        for row in rows(
+            r.target_id, {**{v: {m: math.nan for m in metrics} for v in quality}, **scores}, label_names, metrics
+        ):
             if row[1] == "mean":
                 flagged = [q["review"] for q in quality.values()]
                 predicted = [q["predicted_dice"] for q in quality.values()]

@@ -62,8 +62,12 @@ def read_pair(
     labels = sources.labels(labels_path, like=moving, like_path=moving_path) if labels_path is not None else None
     masks = None
     if fixed_mask is not None or moving_mask is not None:  # each on (snapped onto) its image's grid
-        masks = Masks(*(None if mask is None else sources.labels(mask, like=image, like_path=path)
-                        for mask, path, image in ((fixed_mask, fixed_path, fixed), (moving_mask, moving_path, moving))))
+        masks = Masks(
+            *(
+                None if mask is None else sources.labels(mask, like=image, like_path=path)
+                for mask, path, image in ((fixed_mask, fixed_path, fixed), (moving_mask, moving_path, moving))
+            )
+        )
     landmarks = None
     if (fixed_landmarks is None) != (moving_landmarks is None):
         raise ImageError("landmarks are needed for both images (--fixed-landmarks and --moving-landmarks)")
@@ -84,7 +88,9 @@ def register_pair(pair: Pair) -> tuple[sitk.Transform, sitk.Image, sitk.Image | 
         transform, record["registration"] = register(
             normalize_intensity(pair.fixed, method=config.normalization),
             normalize_intensity(pair.moving, method=config.normalization),
-            config=config, masks=pair.masks, landmarks=pair.landmarks,
+            config=config,
+            masks=pair.masks,
+            landmarks=pair.landmarks,
         )
     record["seconds"] = round(record["seconds"], 3)
     record["status"] = "ok"
@@ -92,8 +98,9 @@ def register_pair(pair: Pair) -> tuple[sitk.Transform, sitk.Image, sitk.Image | 
     return transform, propagate_intensities(pair.moving, transform, pair.fixed), warped_labels, record
 
 
-def register_files(fixed_path: Path, moving_path: Path, config: RegistrationConfig, *, out_dir: Path,
-                   **inputs: Path | None) -> dict:
+def register_files(
+    fixed_path: Path, moving_path: Path, config: RegistrationConfig, *, out_dir: Path, **inputs: Path | None
+) -> dict:
     """Register one image pair from files (:func:`read_pair`, whose keyword arguments ``inputs`` are: labels,
     masks, landmarks; then :func:`register_pair`); write the results into ``out_dir``.
 
@@ -112,8 +119,15 @@ def register_and_write(pair: Pair, out_dir: Path) -> tuple[sitk.Transform, sitk.
     try:
         transform, warped, warped_labels, record = register_pair(pair)
     except RegistrationDiverged as err:
-        write_json(out_dir / "record.json", {**pair.record, "status": err.record.get("status", "diverged"),
-                                             "reason": str(err), "registration": err.record})
+        write_json(
+            out_dir / "record.json",
+            {
+                **pair.record,
+                "status": err.record.get("status", "diverged"),
+                "reason": str(err),
+                "registration": err.record,
+            },
+        )
         raise
     write_image(warped, out_dir / "warped.nii.gz")
     save_transform(transform, out_dir / "transform.h5")

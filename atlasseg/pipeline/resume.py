@@ -18,9 +18,12 @@ TARGET_RECORD = "target.json"
 
 def _input_files(target: Target, atlases: list[Atlas]) -> dict[str, Path | None]:
     """Every file one target's outputs depend on, by ``target|atlas:<id>:<field>``."""
-    files = {f"{kind}:{entry.id}:{name}": getattr(entry, name)
-             for kind, entries in (("target", [target]), ("atlas", atlases)) for entry in entries
-             for name in ("image", "labels", "mask", "landmarks")}
+    files = {
+        f"{kind}:{entry.id}:{name}": getattr(entry, name)
+        for kind, entries in (("target", [target]), ("atlas", atlases))
+        for entry in entries
+        for name in ("image", "labels", "mask", "landmarks")
+    }
     files.update({f"atlas:{a.id}:transform": a.transform_for(target.id) for a in atlases})
     return files
 

@@ -73,8 +73,12 @@ class Sources:
         """The label map as an integer image, snapped onto ``like``'s grid (:func:`~atlasseg.imageio.read_labels`)."""
         if path not in self.held:
             return read_labels(path, like=like, like_path=like_path)
-        return as_labels(self.held[path].image, self.name(path), like=like,
-                         like_path=None if like_path is None else self.name(like_path))
+        return as_labels(
+            self.held[path].image,
+            self.name(path),
+            like=like,
+            like_path=None if like_path is None else self.name(like_path),
+        )
 
     def target(self, target: Target) -> tuple[sitk.Image, sitk.Image | None]:
         """``target``'s image and, when it has them, its labels on its grid."""

@@ -56,11 +56,19 @@ class TargetResult:
         return None if self.scores is None else mean_score(self.dice)
 
 
-def propagate(atlas: Atlas, transform: sitk.Transform, reference: sitk.Image, config: Config, *, intensities: bool,
-              sources: Sources = FILES):
+def propagate(
+    atlas: Atlas,
+    transform: sitk.Transform,
+    reference: sitk.Image,
+    config: Config,
+    *,
+    intensities: bool,
+    sources: Sources = FILES,
+):
     """One candidate: the atlas's labels and (when ``intensities``) its normalised image on ``reference``'s grid."""
-    labels = propagate_labels(sources.atlas_labels(atlas), transform, reference,
-                              interpolator=config.propagation.interpolator)
+    labels = propagate_labels(
+        sources.atlas_labels(atlas), transform, reference, interpolator=config.propagation.interpolator
+    )
     warped = None
     if intensities:
         normalized = sources.atlas_normalized(atlas, config.registration.normalization)
@@ -94,13 +102,21 @@ class Registered:
         self.seconds.setdefault("propagation", 0.0)
         for aid, transform in self.transforms.items():
             with timed(self.seconds, "propagation"):
-                labels, warped = propagate(self.atlases[aid], transform, self.image, config, intensities=intensities,
-                                           sources=self.sources)
+                labels, warped = propagate(
+                    self.atlases[aid], transform, self.image, config, intensities=intensities, sources=self.sources
+                )
             yield aid, labels, warped
 
 
-def register_target(target: Target, atlases: list[Atlas], config: Config, *, cache: Cache | None = None,
-                    count: int | str = "selected", sources: Sources = FILES) -> Registered:
+def register_target(
+    target: Target,
+    atlases: list[Atlas],
+    config: Config,
+    *,
+    cache: Cache | None = None,
+    count: int | str = "selected",
+    sources: Sources = FILES,
+) -> Registered:
     """Take ``target`` (and its ground truth) from ``sources``, rank every atlas (affine stage) and register
     non-rigidly ``count`` of them: ``"selected"`` (what selection keeps; failed ones replaced by the next-ranked
     while fewer than ``selection.min_atlases`` (see :func:`~atlasseg.selection.min_atlases`) succeeded), a number
@@ -118,8 +134,7 @@ def register_target(target: Target, atlases: list[Atlas], config: Config, *, cac
         floor = len(wanted)
     nonrigid = config.registration.nonrigid.enabled and wanted
     with timed(seconds, "nonrigid") if nonrigid else contextlib.nullcontext():
-        transforms, ranking = register_selected(target, by_id, ranking, config, wanted=wanted, floor=floor,
-                                                cache=cache)
+        transforms, ranking = register_selected(target, by_id, ranking, config, wanted=wanted, floor=floor, cache=cache)
     if nonrigid:
         memory["nonrigid"] = peak_mb()
     for item in ranking.dropped:
@@ -139,15 +154,25 @@ class Case:
     seconds: dict[str, float]
 
 
-def prepare_case(target: Target, atlases: list[Atlas], config: Config, *, count: int | None, intensities: bool,
-                 cache: Cache | None = None, sources: Sources = FILES) -> Case:
+def prepare_case(
+    target: Target,
+    atlases: list[Atlas],
+    config: Config,
+    *,
+    count: int | None,
+    intensities: bool,
+    cache: Cache | None = None,
+    sources: Sources = FILES,
+) -> Case:
     """:func:`register_target` with the best ``count`` (None: all) and every candidate propagated once (with its
     warped intensities when ``intensities``): every fusion of them can then reuse the same registrations."""
-    registered = register_target(target, atlases, config, cache=cache, count="all" if count is None else count,
-                                 sources=sources)
+    registered = register_target(
+        target, atlases, config, cache=cache, count="all" if count is None else count, sources=sources
+    )
     candidates = list(registered.candidates(config, intensities=intensities))
-    return Case(target, registered.reference(config), registered.truth, registered.ranking, candidates,
-                registered.seconds)
+    return Case(
+        target, registered.reference(config), registered.truth, registered.ranking, candidates, registered.seconds
+    )
 
 
 @dataclass
@@ -164,8 +189,16 @@ class Segmented:
     record: dict = field(repr=False)
 
 
-def segment_target(target: Target, atlases: list[Atlas], config: Config, *, out_dir: Path, label_names: dict[int, str],
-                   cache: Cache | None = None, calibration: Calibration | None = None) -> TargetResult:
+def segment_target(
+    target: Target,
+    atlases: list[Atlas],
+    config: Config,
+    *,
+    out_dir: Path,
+    label_names: dict[int, str],
+    cache: Cache | None = None,
+    calibration: Calibration | None = None,
+) -> TargetResult:
     """Segment one target with the given atlases (:func:`register_target`, :func:`segment_registered`); write
     ``<out>/<target>/segmentation.<output.format>`` (and the probability maps, disagreement and transforms the config
     asks for: :func:`~atlasseg.pipeline.outputs.write_segmented`) and return the result, whose record the caller
@@ -176,8 +209,14 @@ def segment_target(target: Target, atlases: list[Atlas], config: Config, *, out_
     return TargetResult(target.id, path, segmented.scores, segmented.record)
 
 
-def segment_registered(registered: Registered, n_atlases: int, config: Config, *, label_names: dict[int, str],
-                       calibration: Calibration | None = None) -> Segmented:
+def segment_registered(
+    registered: Registered,
+    n_atlases: int,
+    config: Config,
+    *,
+    label_names: dict[int, str],
+    calibration: Calibration | None = None,
+) -> Segmented:
     """Propagate and fuse ``registered``'s candidates (of ``n_atlases`` atlases ranked), and score the segmentation
     against the target's ground truth when it has one; nothing is written. The record says where
     :func:`~atlasseg.pipeline.outputs.write_segmented` puts the files (from the target's folder). With
@@ -228,8 +267,9 @@ def segment_registered(registered: Registered, n_atlases: int, config: Config, *
     quality = None
     if calibration is not None:
         with timed(seconds, "quality"):
-            quality = calibration.assess(votes, segmentation, probabilities, labels=sorted(label_names),
-                                         target=target_features(records, used))
+            quality = calibration.assess(
+                votes, segmentation, probabilities, labels=sorted(label_names), target=target_features(records, used)
+            )
 
     layout, here = LAYOUTS[config.output.layout], Path()  # where the files go, from the target's folder
     seg_path = layout.segmentation(here, target.id, config.output.format)
@@ -253,13 +293,22 @@ def segment_registered(registered: Registered, n_atlases: int, config: Config, *
     if calibration is not None:
         record["quality"] = quality
     kept = probabilities if config.output.probability_maps else {}
-    return Segmented(target.id, segmentation, kept, None if spread is None else spread.result(),
-                     {aid: transforms[aid] for aid in used}, scores_out, record)
+    return Segmented(
+        target.id,
+        segmentation,
+        kept,
+        None if spread is None else spread.result(),
+        {aid: transforms[aid] for aid in used},
+        scores_out,
+        record,
+    )
 
 
 def degraded_reason(n_dropped: int, n_atlases: int, config: SelectionConfig) -> str | None:
     """Why a target that lost ``n_dropped`` of its ``n_atlases`` atlases is degraded, or None when it is not."""
     if n_dropped <= config.max_dropped_share * n_atlases:
         return None
-    return (f"{n_dropped} of its {n_atlases} atlases were dropped, more than selection.max_dropped_share "
-            f"({config.max_dropped_share:g}); see their reasons under 'dropped'")
+    return (
+        f"{n_dropped} of its {n_atlases} atlases were dropped, more than selection.max_dropped_share "
+        f"({config.max_dropped_share:g}); see their reasons under 'dropped'"
+    )

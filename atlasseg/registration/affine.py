@@ -87,7 +87,9 @@ def initial_transform(fixed: sitk.Image, moving: sitk.Image, *, initialization: 
     try:
         return sitk.CenteredTransformInitializer(fixed, moving, base, _INITIALIZERS[initialization])
     except RuntimeError as err:
-        raise RegistrationError(f"{initialization} initialisation failed: {str(err).strip().splitlines()[-1]}") from None
+        raise RegistrationError(
+            f"{initialization} initialisation failed: {str(err).strip().splitlines()[-1]}"
+        ) from None
 
 
 def _regular_step(method: sitk.ImageRegistrationMethod, config: AffineConfig) -> None:
@@ -166,8 +168,9 @@ def register_affine(
         "stages": [],
     }
     if scan and config.translation_search > 0 and config.stages and config.initialization != "landmarks":
-        transform, record["translation_search"] = _search_start(*optimised, transform, config=config, seed=seed,
-                                                                masks=masks)
+        transform, record["translation_search"] = _search_start(
+            *optimised, transform, config=config, seed=seed, masks=masks
+        )
     for kind in config.stages:
         transform, stage_record = _optimise(*optimised, transform, kind, config=config, seed=seed, masks=masks)
         record["stages"].append(stage_record)
@@ -178,15 +181,27 @@ def register_affine(
     return transform, record
 
 
-def _optimise(fixed: sitk.Image, moving: sitk.Image, transform: sitk.Transform, kind: str, *, config: AffineConfig,
-              seed: int, masks: Masks | None) -> tuple[sitk.Transform, dict]:
+def _optimise(
+    fixed: sitk.Image,
+    moving: sitk.Image,
+    transform: sitk.Transform,
+    kind: str,
+    *,
+    config: AffineConfig,
+    seed: int,
+    masks: Masks | None,
+) -> tuple[sitk.Transform, dict]:
     """One stage of the chain (``kind``) from ``transform`` on ``config``'s pyramid: the result and its record."""
     dim = fixed.GetDimension()
     transform = _as_kind(transform, kind, dim)
     shares = level_sampling(fixed, config)
     method = new_method(
-        metric=config.metric, sampling_percentage=config.sampling_percentage, seed=seed,
-        sampling_strategy=config.sampling_strategy, masks=masks, level_percentages=shares,
+        metric=config.metric,
+        sampling_percentage=config.sampling_percentage,
+        seed=seed,
+        sampling_strategy=config.sampling_strategy,
+        masks=masks,
+        level_percentages=shares,
     )
     OPTIMIZERS[config.optimizer](method, config)
     if kind == "translation":
@@ -196,8 +211,10 @@ def _optimise(fixed: sitk.Image, moving: sitk.Image, transform: sitk.Transform, 
     _, stage_record = run_pyramid(
         method, fixed, moving, shrink_factors=config.shrink_factors, smoothing_sigmas=config.smoothing_sigmas
     )
-    stage_record["levels"] = [{**level, "sampling": round(share, 5)}
-                              for level, share in zip(_as_loss(stage_record["levels"], config.metric), shares)]
+    stage_record["levels"] = [
+        {**level, "sampling": round(share, 5)}
+        for level, share in zip(_as_loss(stage_record["levels"], config.metric), shares)
+    ]
     return transform, {"stage": kind, "seconds": round(time.perf_counter() - stage_start, 3), **stage_record}
 
 
@@ -221,8 +238,15 @@ _SEARCH_SHRINK = 8  # the search's one level: voxels binned by this much, while 
 _SEARCH_ITERATIONS = 30
 
 
-def _search_start(fixed: sitk.Image, moving: sitk.Image, transform: sitk.Transform, *, config: AffineConfig, seed: int,
-                  masks: Masks | None) -> tuple[sitk.Transform, dict]:
+def _search_start(
+    fixed: sitk.Image,
+    moving: sitk.Image,
+    transform: sitk.Transform,
+    *,
+    config: AffineConfig,
+    seed: int,
+    masks: Masks | None,
+) -> tuple[sitk.Transform, dict]:
     """The best of 3**dim starts: ``transform`` shifted by 0 and ± ``config.translation_search`` of the images'
     common extent along each of the fixed image's axes, each refined by a translation on one coarse level;
     the lowest final metric wins, if at full resolution it also beats ``transform`` (else ``transform`` stays).
@@ -230,13 +254,18 @@ def _search_start(fixed: sitk.Image, moving: sitk.Image, transform: sitk.Transfo
     dim = fixed.GetDimension()
     full = fixed, moving, masks
     start = time.perf_counter()
-    extents = [min(fixed.GetSize()[d] * fixed.GetSpacing()[d], moving.GetSize()[d] * moving.GetSpacing()[d])
-               for d in range(dim)]
+    extents = [
+        min(fixed.GetSize()[d] * fixed.GetSpacing()[d], moving.GetSize()[d] * moving.GetSpacing()[d])
+        for d in range(dim)
+    ]
     axes = np.asarray(fixed.GetDirection()).reshape(dim, dim)  # columns: the fixed image's axes in physical space
     shrink = max(1, min(_SEARCH_SHRINK, min(min(fixed.GetSize()), min(moving.GetSize())) // 4))
     fixed, moving = (sitk.BinShrink(image, [shrink] * dim) for image in full[:2])  # once for every start
-    masks = None if masks is None else Masks(*(None if m is None else sitk.BinShrink(m, [shrink] * dim) > 0
-                                              for m in (masks.fixed, masks.moving)))
+    masks = (
+        None
+        if masks is None
+        else Masks(*(None if m is None else sitk.BinShrink(m, [shrink] * dim) > 0 for m in (masks.fixed, masks.moving)))
+    )
     coarse = dataclasses.replace(config, shrink_factors=(1,), smoothing_sigmas=(0.0,), iterations=_SEARCH_ITERATIONS)
     base = _as_kind(transform, "translation", dim)
     best = None
@@ -251,10 +280,12 @@ def _search_start(fixed: sitk.Image, moving: sitk.Image, transform: sitk.Transfo
         value = image_metric(fixed, moving, candidate, metric=config.metric, masks=masks)  # every coarse voxel
         if math.isfinite(value) and (best is None or value < best[0]):
             best = (value, candidate, shift)
-    record = {"starts": 3 ** dim, "shrink": shrink, "shift": None}
+    record = {"starts": 3**dim, "shrink": shrink, "shift": None}
     if best is not None:
         _, found, shift = best
-        before, after = (image_metric(full[0], full[1], t, metric=config.metric, masks=full[2]) for t in (transform, found))
+        before, after = (
+            image_metric(full[0], full[1], t, metric=config.metric, masks=full[2]) for t in (transform, found)
+        )
         if after < before:  # NaN (no overlap) never wins
             transform = found  # the initialisation's rotation, at the position found
             record.update(shift=[round(float(s), 2) for s in shift], metric_before=before, metric_after=after)

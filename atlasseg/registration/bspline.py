@@ -125,8 +125,19 @@ def _physical_points(image: sitk.Image) -> np.ndarray:
 class _Level:
     """Metric value and gradient with respect to the control points, on one pyramid level."""
 
-    def __init__(self, fixed, moving, initial, grid: _ControlGrid, *, shrink, sigma, config: NonrigidConfig, seed,
-                 masks: Masks | None):
+    def __init__(
+        self,
+        fixed,
+        moving,
+        initial,
+        grid: _ControlGrid,
+        *,
+        shrink,
+        sigma,
+        config: NonrigidConfig,
+        seed,
+        masks: Masks | None,
+    ):
         self.grid_spacing = grid.spacing
         self.weight = config.regularization
         level = pyramid_image(fixed, shrink, sigma)
@@ -260,6 +271,7 @@ def register_bspline(
     dim = fixed.GetDimension()
     shrinks, sigmas, iterations = pyramid(config, fixed)
     meshes = _meshes(fixed, grid_spacing=config.grid_spacing, levels=len(shrinks))
+
     def start(shrink, sigma: float) -> tuple[_ControlGrid, np.ndarray]:
         grid = _ControlGrid.over(fixed, meshes[0])
         return grid, np.zeros((dim,) + grid.size[::-1])
@@ -270,15 +282,24 @@ def register_bspline(
 
     def solve(level: int, shrink, sigma: float, state) -> tuple[tuple[_ControlGrid, np.ndarray], dict]:
         grid, coefficients = state
-        objective = _Level(fixed, moving, initial, grid, shrink=shrink, sigma=sigma, config=config,
-                           seed=seed + level, masks=masks)
+        objective = _Level(
+            fixed, moving, initial, grid, shrink=shrink, sigma=sigma, config=config, seed=seed + level, masks=masks
+        )
         result = optimize.minimize(
-            objective, coefficients.ravel(), args=(coefficients.shape,), jac=True, method="L-BFGS-B",
+            objective,
+            coefficients.ravel(),
+            args=(coefficients.shape,),
+            jac=True,
+            method="L-BFGS-B",
             options={"maxiter": iterations[level], "maxcor": 7, "gtol": 1e-12, "ftol": 1e-7},
         )
         return (grid, result.x.reshape(coefficients.shape)), {
-            "mesh_size": [s - 3 for s in grid.size], "iterations": int(result.nit), "evaluations": int(result.nfev),
-            "metric": float(result.fun), "stop_condition": str(result.message)}
+            "mesh_size": [s - 3 for s in grid.size],
+            "iterations": int(result.nit),
+            "evaluations": int(result.nfev),
+            "metric": float(result.fun),
+            "stop_condition": str(result.message),
+        }
 
     (grid, coefficients), levels = run_levels(shrinks, sigmas, start=start, upsample=upsample, solve=solve)
     bspline = grid.transform(coefficients)

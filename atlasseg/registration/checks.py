@@ -52,11 +52,15 @@ def check_result(stage: str, record: dict, *, min_overlap: float, max_folded_fra
     elif math.isfinite(before) and after > before + max(1e-3, 0.01 * abs(before)):
         diverged.append(f"metric worse than at the start ({before:.4g} -> {after:.4g})")
     if record["overlap"] < min_overlap:
-        rejected.append(f"too little overlap: only {record['overlap']:.0%} of the target's foreground maps inside "
-                        f"the atlas (min_overlap {min_overlap:.0%})")
+        rejected.append(
+            f"too little overlap: only {record['overlap']:.0%} of the target's foreground maps inside "
+            f"the atlas (min_overlap {min_overlap:.0%})"
+        )
     if record["folded_fraction"] > max_folded_fraction:
-        rejected.append(f"too much folding: {record['folded_fraction']:.1%} of the target's foreground is folded "
-                        f"(max_folded_fraction {max_folded_fraction:.1%})")
+        rejected.append(
+            f"too much folding: {record['folded_fraction']:.1%} of the target's foreground is folded "
+            f"(max_folded_fraction {max_folded_fraction:.1%})"
+        )
     if diverged or rejected:
         record["status"] = "diverged" if diverged else "rejected"
         raise RegistrationDiverged(f"{stage} registration {record['status']}: {'; '.join(diverged + rejected)}", record)

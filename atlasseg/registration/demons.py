@@ -23,7 +23,7 @@ class _Linear:
     """
 
     def __init__(self, coords: np.ndarray, shape: tuple[int, ...]):
-        self.strides = [int(np.prod(shape[axis + 1:])) if n > 1 else 0 for axis, n in enumerate(shape)]
+        self.strides = [int(np.prod(shape[axis + 1 :])) if n > 1 else 0 for axis, n in enumerate(shape)]
         self.index, self.fractions = 0, []
         self.outside = np.zeros(coords.shape[1:], bool)
         for axis, n in enumerate(shape):
@@ -59,8 +59,10 @@ def _regrid(field: np.ndarray, source: sitk.Image, target: sitk.Image) -> np.nda
     shift = direction.T @ (np.asarray(target.GetOrigin()) - np.asarray(source.GetOrigin()))  # x first
     scale = np.asarray(target.GetSpacing()) / np.asarray(source.GetSpacing())
     shape = target.GetSize()[::-1]
-    axes = [(np.arange(n) * scale[dim - 1 - a] + shift[dim - 1 - a] / source.GetSpacing()[dim - 1 - a])
-            for a, n in enumerate(shape)]
+    axes = [
+        (np.arange(n) * scale[dim - 1 - a] + shift[dim - 1 - a] / source.GetSpacing()[dim - 1 - a])
+        for a, n in enumerate(shape)
+    ]
     coords = np.stack(np.meshgrid(*axes, indexing="ij")).astype(field.dtype)
     return _Linear(coords, field.shape[1:])(field)
 
@@ -69,8 +71,10 @@ def _derivatives(array: np.ndarray, spacing: np.ndarray) -> list[np.ndarray]:
     """Central differences (one-sided at the borders) of ``array`` along its last ``len(spacing)`` axes,
     in units of ``spacing``; zero along a one-voxel axis."""
     lead = array.ndim - len(spacing)
-    return [np.gradient(array, float(step), axis=lead + axis) if array.shape[lead + axis] > 1 else np.zeros_like(array)
-            for axis, step in enumerate(spacing)]
+    return [
+        np.gradient(array, float(step), axis=lead + axis) if array.shape[lead + axis] > 1 else np.zeros_like(array)
+        for axis, step in enumerate(spacing)
+    ]
 
 
 def _smoother(sigma: np.ndarray):
@@ -124,8 +128,17 @@ class _BoxMeans:
         return force, float(np.mean(ratio * a)) if inside.any() else np.nan
 
 
-def _demons_level(f: np.ndarray, m: np.ndarray, u: np.ndarray, *, spacing: np.ndarray, voxels: np.ndarray,
-                  config: NonrigidConfig, iterations: int, offset: np.ndarray) -> tuple[np.ndarray, dict]:
+def _demons_level(
+    f: np.ndarray,
+    m: np.ndarray,
+    u: np.ndarray,
+    *,
+    spacing: np.ndarray,
+    voxels: np.ndarray,
+    config: NonrigidConfig,
+    iterations: int,
+    offset: np.ndarray,
+) -> tuple[np.ndarray, dict]:
     """``iterations`` demons updates of the field ``u`` registering ``m`` to ``f`` on one pyramid level.
 
     ``u`` is in mm along the grid's axes (components and axes in numpy order); ``spacing`` is the
@@ -231,14 +244,23 @@ def register_demons(
         shift = direction.T @ (np.asarray(f.GetOrigin()) - np.asarray(m.GetOrigin()))  # mm along the axes, x first
         offset = (shift / np.asarray(m.GetSpacing()))[::-1]
         u, info = _demons_level(
-            sitk.GetArrayFromImage(f), sitk.GetArrayFromImage(m), u, spacing=np.asarray(f.GetSpacing())[::-1],
-            voxels=voxels, config=config, iterations=iterations[level], offset=offset,
+            sitk.GetArrayFromImage(f),
+            sitk.GetArrayFromImage(m),
+            u,
+            spacing=np.asarray(f.GetSpacing())[::-1],
+            voxels=voxels,
+            config=config,
+            iterations=iterations[level],
+            offset=offset,
         )
         return (u, f), info
 
     (u, last), levels = run_levels(shrinks, sigmas, start=start, upsample=upsample, solve=solve)
-    same_grid = last.GetSize() == fixed.GetSize() and last.GetOrigin() == fixed.GetOrigin() \
+    same_grid = (
+        last.GetSize() == fixed.GetSize()
+        and last.GetOrigin() == fixed.GetOrigin()
         and last.GetSpacing() == fixed.GetSpacing()
+    )
     local = (u if same_grid else _regrid(u, last, fixed))[::-1]  # x first, grid axes
     physical = np.einsum("ij,j...->...i", direction, local.astype(np.float64))
     field = sitk.GetImageFromArray(physical, isVector=True)

@@ -147,7 +147,9 @@ def run_pyramid(
         if levels:
             levels[-1]["seconds"] = round(now - clock["t"], 3)
         clock["t"] = now
-        levels.append({"level": len(levels), "shrink": int(shrink_factors[len(levels)]), "iterations": 0, "metric": None})
+        levels.append(
+            {"level": len(levels), "shrink": int(shrink_factors[len(levels)]), "iterations": 0, "metric": None}
+        )
 
     def on_iteration():
         levels[-1]["iterations"] = int(method.GetOptimizerIteration()) + 1

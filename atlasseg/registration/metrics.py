@@ -142,8 +142,16 @@ def mapped(moving: sitk.Image, fixed: sitk.Image, transform: sitk.Transform) -> 
     return sitk.GetArrayFromImage(sitk.Resample(moving, fixed, transform, sitk.sitkLinear, np.nan, sitk.sitkFloat64))
 
 
-def image_metric(fixed: sitk.Image, moving: sitk.Image, transform: sitk.Transform, *, metric: str,
-                 ncc_radius: int = 2, masks: Masks | None = None, warped: np.ndarray | None = None) -> float:
+def image_metric(
+    fixed: sitk.Image,
+    moving: sitk.Image,
+    transform: sitk.Transform,
+    *,
+    metric: str,
+    ncc_radius: int = 2,
+    masks: Masks | None = None,
+    warped: np.ndarray | None = None,
+) -> float:
     """``metric`` (lower is better) of ``moving`` through ``transform`` against ``fixed``, on the full
     fixed grid, over the voxels that map inside ``moving`` (and inside both masks); NaN when none does.
 

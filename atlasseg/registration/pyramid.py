@@ -27,7 +27,9 @@ def derive_shrink_factors(size, spacing) -> list[tuple[int, ...]]:
     size = np.asarray(size)
     spacing = np.asarray(spacing, dtype=float)
     limit = np.maximum(1, size // MIN_AXIS_VOXELS)
-    coarsest = max(1, int(np.ceil(np.log2(max(1.0, float((size * spacing).max()) / (COARSEST_VOXELS * spacing.min()))))))
+    coarsest = max(
+        1, int(np.ceil(np.log2(max(1.0, float((size * spacing).max()) / (COARSEST_VOXELS * spacing.min())))))
+    )
     levels: list[tuple[int, ...]] = []
     for level in range(coarsest + 1):
         shrink = np.minimum(np.maximum(1, np.floor(spacing.min() * 2**level / spacing + 1e-6)), limit).astype(int)
@@ -80,9 +82,14 @@ def pyramid(stage, image: sitk.Image) -> tuple[list, list[float], list[int]]:
     return shrinks, [float(s) for s in per_level(stage.smoothing_sigmas, n)], per_level(stage.iterations, n)
 
 
-def run_levels(shrink_factors, smoothing_sigmas, *, start: Callable[[object, float], object],
-               upsample: Callable[[object, int, object, float], object],
-               solve: Callable[[int, object, float, object], tuple[object, dict]]) -> tuple[object, list[dict]]:
+def run_levels(
+    shrink_factors,
+    smoothing_sigmas,
+    *,
+    start: Callable[[object, float], object],
+    upsample: Callable[[object, int, object, float], object],
+    solve: Callable[[int, object, float, object], tuple[object, dict]],
+) -> tuple[object, list[dict]]:
     """Coarse-to-fine driver of the non-rigid stages; returns the finest level's state and the per-level records.
 
     The state is whatever a solver optimises (a field, spline coefficients) on one level's grid. The driver
@@ -98,6 +105,13 @@ def run_levels(shrink_factors, smoothing_sigmas, *, start: Callable[[object, flo
         sigma = float(sigma)
         state = start(shrink, sigma) if level == 0 else upsample(state, level, shrink, sigma)
         state, info = solve(level, shrink, sigma, state)
-        levels.append({"level": level, "shrink": shrink_record(shrink), "sigma": sigma, **info,
-                       "seconds": round(time.perf_counter() - began, 3)})
+        levels.append(
+            {
+                "level": level,
+                "shrink": shrink_record(shrink),
+                "sigma": sigma,
+                **info,
+                "seconds": round(time.perf_counter() - began, 3),
+            }
+        )
     return state, levels

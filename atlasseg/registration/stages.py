@@ -64,19 +64,29 @@ def affine_stage(
     """
     region = foreground(fixed, masks) if region is None else region
     if given is None:
-        transform, record = register_affine(fixed, moving, config=config.affine, seed=config.seed, masks=masks,
-                                            landmarks=landmarks)
+        transform, record = register_affine(
+            fixed, moving, config=config.affine, seed=config.seed, masks=masks, landmarks=landmarks
+        )
         record["jacobian"] = float(np.linalg.det(linear_parts(transform)[0]))
         record["folded_fraction"] = 1.0 if record["jacobian"] <= 0 else 0.0
     else:
         transform = given
         value = image_metric(fixed, moving, given, metric=config.affine.metric, masks=masks)
-        record = {"given": given.GetName(), "metric": config.affine.metric, "metric_before": value, "metric_after": value}
+        record = {
+            "given": given.GetName(),
+            "metric": config.affine.metric,
+            "metric_before": value,
+            "metric_after": value,
+        }
         jacobian = sitk.GetArrayFromImage(jacobian_determinant(given, fixed))[region]
         record["folded_fraction"] = float(np.mean(jacobian <= 0))
     record["overlap"] = overlap_fraction(fixed, moving, transform, region)
-    check_result("affine" if given is None else "affine (given transform)", record, min_overlap=config.min_overlap,
-                 max_folded_fraction=config.max_folded_fraction)
+    check_result(
+        "affine" if given is None else "affine (given transform)",
+        record,
+        min_overlap=config.min_overlap,
+        max_folded_fraction=config.max_folded_fraction,
+    )
     return transform, record
 
 
@@ -91,19 +101,24 @@ def nonrigid_stage(
 ) -> tuple[sitk.Transform, dict]:
     """The non-rigid stage from ``initial``, checked: metric, overlap and folding inside the target's foreground
     (``region``, as for :func:`affine_stage`)."""
-    transform, record = register_nonrigid(fixed, moving, initial=initial, config=config.nonrigid, seed=config.seed,
-                                          masks=masks)
+    transform, record = register_nonrigid(
+        fixed, moving, initial=initial, config=config.nonrigid, seed=config.seed, masks=masks
+    )
     region = foreground(fixed, masks) if region is None else region
     # Demons compares intensities directly: its check scores them so (mse) whatever the B-spline metric is set to.
     metric = config.nonrigid.metric if config.nonrigid.method == "bspline" else "mse"
     warped = mapped(moving, fixed, transform)  # one pass through the deformation serves the metric and the overlap
     record["metric"] = metric
-    record["metric_before"] = image_metric(fixed, moving, initial, metric=metric,
-                                           ncc_radius=config.nonrigid.ncc_radius, masks=masks)
-    record["metric_after"] = image_metric(fixed, moving, transform, metric=metric,
-                                          ncc_radius=config.nonrigid.ncc_radius, masks=masks, warped=warped)
+    record["metric_before"] = image_metric(
+        fixed, moving, initial, metric=metric, ncc_radius=config.nonrigid.ncc_radius, masks=masks
+    )
+    record["metric_after"] = image_metric(
+        fixed, moving, transform, metric=metric, ncc_radius=config.nonrigid.ncc_radius, masks=masks, warped=warped
+    )
     record["overlap"] = float(np.isfinite(warped[region]).mean())
-    jacobian = sitk.GetArrayFromImage(jacobian_determinant(transform, fixed))[region]  # a copy: the image is a temporary
+    jacobian = sitk.GetArrayFromImage(jacobian_determinant(transform, fixed))[
+        region
+    ]  # a copy: the image is a temporary
     record["jacobian_min"] = float(jacobian.min())
     record["jacobian_max"] = float(jacobian.max())
     record["folded_voxels"] = int((jacobian <= 0).sum())
@@ -127,10 +142,12 @@ def register(
     raises :class:`RegistrationDiverged` when a stage's result fails its checks.
     """
     region = foreground(fixed, masks)
-    transform, affine_record = affine_stage(fixed, moving, config=config, masks=masks, landmarks=landmarks,
-                                            region=region)
+    transform, affine_record = affine_stage(
+        fixed, moving, config=config, masks=masks, landmarks=landmarks, region=region
+    )
     record = {"affine": affine_record}
     if config.nonrigid.enabled:
-        transform, record["nonrigid"] = nonrigid_stage(fixed, moving, initial=transform, config=config, masks=masks,
-                                                       region=region)
+        transform, record["nonrigid"] = nonrigid_stage(
+            fixed, moving, initial=transform, config=config, masks=masks, region=region
+        )
     return transform, record
