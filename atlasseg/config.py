@@ -384,9 +384,8 @@ class FusionConfig:
         ``majority`` (every candidate weighs 1), ``global_weighted`` (one weight per
         candidate: inverse mean squared intensity difference to the target),
         ``local_weighted`` (a weight per voxel: that difference averaged in a
-        Gaussian window), ``jlf`` (joint label fusion, Wang et al. 2013; the default,
-        with ``search_radius`` 3: the best of these on MSD hippocampus and MS-CMRSeg
-        cardiac, and as good as local_weighted on the demo) or ``staple`` (STAPLE,
+        Gaussian window), ``jlf`` (joint label fusion, Wang et al. 2013; the default:
+        the best of these on MSD hippocampus, MS-CMRSeg cardiac and CHAOS abdomen) or ``staple`` (STAPLE,
         Warfield et al. 2004: each atlas's confusion matrix estimated by EM where
         the atlases disagree; labels only). A tie goes to the smallest label value.
     metric : str
@@ -399,10 +398,13 @@ class FusionConfig:
         best-matching atlas more. Weighted methods only.
     sigma : float, mm
         Gaussian window of ``local_weighted``.
-    patch_radius : int, voxels
+    patch_radius : int (voxels) or ``auto``
         ``jlf``: radius of the patch whose intensity differences give the weights, in voxels
         of the finest axis; along a coarser axis, about the same extent in mm, in whole
-        voxels (rounded half up, so possibly 0).
+        voxels (rounded half up, so possibly 0). ``auto`` (the default): 2, or 3 where the
+        smallest structure spans at least 20 voxels of the finest axis (its equivalent-sphere
+        diameter, in the best-ranked candidate; :func:`atlasseg.fusion.jlf.auto_radii`);
+        recorded in each target's ``fusion`` record.
     alpha : float
         ``jlf``: ridge added to the error matrix (larger is closer to an equal vote).
     beta : float
@@ -411,7 +413,8 @@ class FusionConfig:
         ``jlf``: each atlas's label and patch come from its best-matching patch (least
         squared intensity difference to the target's patch) within this radius of the
         voxel (Wang et al. 2013's local search; counted like ``patch_radius``); 0 takes
-        the patch at the voxel itself.
+        the patch at the voxel itself. ``auto`` (the default): 3, or 5 for structures that
+        large (as ``patch_radius``).
     patch_normalization : bool
         ``jlf``: compare patches scaled to zero mean and unit variance (as ANTs does), so
         local contrast differences between atlas and target do not count as errors.
@@ -443,10 +446,10 @@ class FusionConfig:
     metric: Literal["mse", "nmse"] = "mse"
     gain: float = 1.0
     sigma: float = 2.0
-    patch_radius: int = 2
+    patch_radius: Union[int, Literal["auto"]] = "auto"
     alpha: float = 0.1
     beta: float = 2.0
-    search_radius: int = 3
+    search_radius: Union[int, Literal["auto"]] = "auto"
     patch_normalization: bool = True
     patch_voting: bool = True
     staple_iterations: int = 50
@@ -456,10 +459,14 @@ class FusionConfig:
     fill_holes: bool = False
 
     def __post_init__(self):
-        _require(self.patch_radius >= 0, "patch_radius", "must be >= 0 (voxels)")
+        _require(
+            self.patch_radius == "auto" or self.patch_radius >= 0, "patch_radius", "must be >= 0 (voxels) or 'auto'"
+        )
         _require(self.alpha > 0, "alpha", "must be > 0")
         _require(self.beta > 0, "beta", "must be > 0")
-        _require(self.search_radius >= 0, "search_radius", "must be >= 0 (voxels)")
+        _require(
+            self.search_radius == "auto" or self.search_radius >= 0, "search_radius", "must be >= 0 (voxels) or 'auto'"
+        )
         _require(self.gain >= 0, "gain", "must be >= 0")
         _require(self.sigma > 0, "sigma", "must be > 0 (mm)")
         _require(self.staple_iterations >= 1, "staple_iterations", "must be >= 1")

@@ -16,7 +16,7 @@ from atlasseg.fusion import (
     make_fuser,
     needs_intensities,
 )
-from atlasseg.fusion.jlf import _box, voxel_radii
+from atlasseg.fusion.jlf import _box, auto_radii, voxel_radii
 from atlasseg.imageio import Geometry
 from atlasseg.propagation import propagate_labels
 
@@ -189,6 +189,49 @@ def test_jlf_radii_count_voxels_of_the_finest_axis_and_the_search_goes_nearest_i
     box = _box(np.array([1, 1, 1]), thick)
     assert len(box) == 27 and box[0].tolist() == [0, 0, 0]
     assert not box[1:9, 0].any() and box[9:, 0].all()  # the 8 in-plane neighbours before any other slice
+
+
+def test_jlf_auto_radii_grow_with_the_smallest_structure_in_voxels_of_the_finest_axis():
+    small, large = {"patch_radius": 2, "search_radius": 3}, {"patch_radius": 3, "search_radius": 5}
+
+    def ball(r, n):
+        return (np.linalg.norm(np.indices((n, n, n)) - n // 2, axis=0) <= r).astype(np.uint8)
+
+    iso = np.array([1.0, 1.0, 1.0])
+    assert auto_radii(ball(7, 40), iso) == small  # 15 voxels across (a hippocampus at 1 mm)
+    assert auto_radii(ball(11, 40), iso) == large  # 23 across
+    assert auto_radii(ball(11, 40), iso * 0.5) == large  # the same voxels, half the mm: still 23 voxels across
+    two = ball(11, 40) + 2 * ball(5, 40).astype(np.uint8).transpose(1, 0, 2)  # a small second label decides
+    two[two == 3] = 2
+    assert auto_radii(two, iso) == small
+    thick = np.array([8.0, 2.5, 2.5])  # a 25-voxel-wide (62 mm) structure over 8 slices of 8 mm
+    heart = np.zeros((12, 40, 40), np.uint8)
+    heart[2:10][:, np.linalg.norm(np.indices((40, 40)) - 20, axis=0) <= 12] = 1
+    assert auto_radii(heart, thick) == large
+    disc = (np.linalg.norm(np.indices((40, 40)) - 20, axis=0) <= 7).astype(np.uint8)  # 2D: the disc's diameter
+    assert auto_radii(disc, np.array([1.0, 1.0])) == small
+    assert (
+        auto_radii(disc, np.array([0.5, 0.5])) == small
+        and auto_radii(np.kron(disc, np.ones((2, 2), np.uint8)), np.array([0.5, 0.5])) == large
+    )
+    assert auto_radii(np.zeros((5, 5), np.uint8), np.array([1.0, 1.0])) == small
+
+
+def test_jlf_records_the_radii_it_chose_and_an_explicit_radius_wins():
+    rng = np.random.default_rng(3)
+    truth = (np.linalg.norm(np.indices((30, 30, 30)) - 15, axis=0) <= 12).astype(np.uint8)  # 25 voxels across
+    intensity = (truth + 0.1 * rng.normal(size=truth.shape)).astype(np.float32)
+    target = sitk.GetImageFromArray(intensity)
+    for config, expected in (
+        (FusionConfig(method="jlf"), {"patch_radius": 3, "search_radius": 5}),
+        (FusionConfig(method="jlf", search_radius=1), {"patch_radius": 3, "search_radius": 1}),
+    ):
+        fuser = make_fuser(target, config=config)
+        assert fuser.chosen == {}
+        for _ in range(2):
+            fuser.add(sitk.GetImageFromArray(truth), target)
+        assert fuser.chosen == expected
+        assert (sitk.GetArrayFromImage(fuser.result()) == truth).all()
 
 
 def test_jlf_patch_normalization_ignores_a_contrast_change():
@@ -412,7 +455,7 @@ def test_jlf_keeps_candidates_in_memory_while_they_fit_and_then_needs_room_on_di
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "gone"))
     target, candidates = _jlf_case(np.random.default_rng(1), 3)
-    config = FusionConfig(method="jlf")
+    config = FusionConfig(method="jlf", patch_radius=2, search_radius=3)  # the padded sizes below
     fuser = make_fuser(target, config=config)
     for candidate in candidates:  # about 60 kB: no file written
         fuser.add(*candidate)

@@ -64,6 +64,11 @@ class Fuser:
         self.n_candidates = 0
 
     @property
+    def chosen(self) -> dict:
+        """Settings this fuser chose from the data (config ``auto`` values resolved), for the target's record."""
+        return {}
+
+    @property
     def needs_intensities(self) -> bool:
         """Whether ``add`` needs the warped atlas intensities."""
         return self.uses_intensities(self._config.method)

@@ -283,7 +283,7 @@ def segment_registered(
         "selected": used,
         "dropped": dropped,
         "registrations": records,
-        "fusion": {**dataclasses.asdict(config.fusion), "candidates": fuser.n_candidates},
+        "fusion": {**dataclasses.asdict(config.fusion), **fuser.chosen, "candidates": fuser.n_candidates},
         "seconds": {k: round(v, 3) for k, v in seconds.items()},
         "peak_memory_mb": memory,
     }
