@@ -21,8 +21,8 @@ crossval`) registers every atlas once with the `default` preset — affine, scor
 of the same candidates (the top k of that ranking; an atlas whose non-rigid stage fails its
 checks is left out).
 
-Beside atlasseg's methods with the default fusion parameters (`jlf`: search radius 3, as ANTs'
-below; patch and search radii count voxels of the finest axis, about the same mm along thicker
+Beside atlasseg's methods with the default fusion parameters (`jlf`: radii `auto`, i.e. patch 2 and
+search 3 as ANTs' below for small structures, 3 and 5 for structures >= 20 voxels across; patch and search radii count voxels of the finest axis, about the same mm along thicker
 ones) and, on cardiac, `jlf` with its probability maps smoothed by fusion.probability_sigma 3 mm
 before the arg-max, on the same candidates:
 - `ants_jlf` (when antspyx is installed): ants.joint_label_fusion(target, mask, warped atlas
