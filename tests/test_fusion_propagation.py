@@ -399,18 +399,21 @@ def test_jlf_gives_the_same_answer_whatever_its_slab_size(monkeypatch, voting, s
 
 
 @pytest.mark.parametrize("radii", [(2, 2, 2), (2, 1, 0), (1, 3)])
-def test_jlf_patch_sums_are_box_sums_at_every_voxel_far_enough_inside(radii):
-    from atlasseg.fusion.jlf import _patch_sums
+def test_jlf_window_sums_are_box_sums_at_every_voxel_far_enough_inside(radii):
+    """Element q of the flat sums is the sum over the box whose first voxel is voxel q, wherever that box fits."""
+    from atlasseg.fusion.jlf import _window_sums
 
     radii = np.asarray(radii)
     array = np.random.default_rng(2).uniform(size=(9, 11, 8)[: len(radii)]).astype(np.float32)
     original = array.copy()
-    sums = _patch_sums(array, radii)
+    flat = _window_sums(array, radii)
+    fits = tuple(n - 2 * r for n, r in zip(array.shape, radii.tolist()))
+    sums = np.lib.stride_tricks.as_strided(flat, shape=fits, strides=array.strides)
     interior = tuple(slice(r, n - r) for r, n in zip(radii.tolist(), array.shape))
     expected = ndimage.uniform_filter(array.astype(np.float64), size=tuple(2 * radii + 1))[interior] * np.prod(
         2 * radii + 1
     )
-    assert sums.shape == expected.shape and sums.dtype == np.float32
+    assert flat.dtype == np.float32 and flat.size == np.ravel_multi_index(tuple(n - 1 for n in fits), array.shape) + 1
     np.testing.assert_allclose(sums, expected, rtol=1e-5)
     np.testing.assert_array_equal(array, original)  # the input is left as it was
 
@@ -448,6 +451,92 @@ def test_jlf_on_the_disagreement_band_gives_the_labels_of_the_full_solve(monkeyp
     assert 0.05 < band[0].mean() < 0.6  # a band, not the whole grid nor nothing
     np.testing.assert_array_equal(restricted[0], full[0])
     np.testing.assert_allclose(restricted[1], full[1], rtol=1e-5, atol=1e-6)
+
+
+def _jlf_by_definition(target: sitk.Image, candidates: list, config: FusionConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Joint label fusion voxel by voxel, as JointLabelFusion's docstring defines it (slow; tiny images):
+    the labels and the probability maps (label values in increasing order)."""
+    from atlasseg.similarity import floored
+
+    spacing = np.asarray(target.GetSpacing())[::-1]
+    search = _box(voxel_radii(config.search_radius, spacing), spacing)
+    patch = _box(voxel_radii(config.patch_radius, spacing), spacing)
+    pad = [(int(r), int(r)) for r in search.max(axis=0) + patch.max(axis=0)]
+    fixed = sitk.GetArrayFromImage(target).astype(np.float64)
+    shape = np.asarray(fixed.shape)
+    moving = [sitk.GetArrayFromImage(i).astype(np.float64) for _, i in candidates]
+    scale = np.mean([np.abs(a - fixed).mean() for a in moving])  # without normalisation, differences are scaled
+    padded = [np.pad(a, pad, mode="edge") for a in [fixed, *moving]]
+    label_maps = [np.pad(sitk.GetArrayFromImage(lab), pad, mode="edge") for lab, _ in candidates]
+    first = np.asarray([p for p, _ in pad])
+
+    def at(array, centre):
+        return array[tuple((centre + patch + first).T)]
+
+    def compared(values):
+        if not config.patch_normalization:
+            return values / scale
+        centred = values - values.mean()
+        return centred / np.sqrt(floored(np.mean(centred * centred)))
+
+    values = sorted(set(np.unique(np.concatenate([m.ravel() for m in label_maps])).tolist()))
+    votes, covered = np.zeros((len(values), *fixed.shape)), np.zeros(fixed.shape)
+    for x in np.ndindex(*fixed.shape):
+        t = compared(at(padded[0], x))
+
+        def cost(a, o):
+            if config.patch_normalization:
+                return -np.mean(compared(at(a, x + o)) * t)
+            return np.sum((at(a, x + o) - at(padded[0], x)) ** 2)
+
+        best = [search[int(np.argmin([cost(a, o) for o in search]))] for a in padded[1:]]
+        d = np.stack([np.abs(compared(at(a, x + o)) - t) for a, o in zip(padded[1:], best)])
+        m = (d @ d.T / len(patch)) ** config.beta + config.alpha * np.eye(len(d))
+        w = np.linalg.solve(m, np.ones(len(d)))
+        w /= w.sum()
+        for p in patch if config.patch_voting else patch[:1]:
+            y = np.asarray(x) + p
+            if np.any(y < 0) or np.any(y >= shape):
+                continue
+            for weight, lab, o in zip(w, label_maps, best):
+                votes[(values.index(int(lab[tuple(np.asarray(x) + o + p + first)])), *y)] += weight
+            covered[tuple(y)] += 1
+    votes /= covered
+    return np.asarray(values)[np.argmax(votes, axis=0)], votes
+
+
+@pytest.mark.parametrize("shape", [(14, 16), (5, 8, 9)])
+@pytest.mark.parametrize("voting, normalization", [(True, True), (False, True), (True, False)])
+def test_jlf_gives_the_labels_of_its_definition_computed_voxel_by_voxel(shape, voting, normalization):
+    """The vectorised search (box sums of shifted flat views), the solve restricted to where candidates
+    disagree and the voting per patch offset give the labels, and the probabilities, of the definition
+    computed voxel by voxel: candidates whose labels agree in places (decided voxels) and differ in others,
+    on an anisotropic grid (the patch and search are flat along the coarse axis in 3D)."""
+    rng = np.random.default_rng(11)
+    target, _ = _jlf_case(rng, 0, shape=shape)
+    smooth = ndimage.gaussian_filter(sitk.GetArrayFromImage(target), 2.0)
+    candidates = []
+    for number in range(4):
+        moved = np.roll(smooth, number % 2 - 1 if number else 0, axis=-1)
+        lab = sitk.GetImageFromArray(np.digitize(moved, np.quantile(smooth, [0.35, 0.7])).astype(np.uint8))
+        noisy = sitk.GetImageFromArray(
+            (sitk.GetArrayFromImage(target) + rng.normal(0, 0.2, size=shape)).astype(np.float32)
+        )
+        for image in (lab, noisy):
+            image.CopyInformation(target)
+        candidates.append((lab, noisy))
+    config = FusionConfig(
+        method="jlf", patch_radius=1, search_radius=1, patch_voting=voting, patch_normalization=normalization
+    )
+    fuser = make_fuser(target, config=config)
+    for candidate in candidates:
+        fuser.add(*candidate)
+    maps = fuser.probabilities()
+    expected_labels, expected_maps = _jlf_by_definition(target, candidates, config)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(fuser.result()), expected_labels)
+    np.testing.assert_allclose(
+        np.stack([sitk.GetArrayFromImage(maps[v]) for v in sorted(maps)]), expected_maps, atol=1e-5
+    )
 
 
 def test_jlf_keeps_candidates_in_memory_while_they_fit_and_then_needs_room_on_disk(monkeypatch, tmp_path):

@@ -232,13 +232,15 @@ class JointLabelFusion(Fuser):
         def box(shift):
             return tuple(slice(a + p - q + o, b + p + q + o) for a, b, p, q, o in zip(lo, hi, pad, r, shift))
 
-        fixed = target[box([0] * target.ndim)]
+        fixed = np.ascontiguousarray(target[box([0] * target.ndim)])  # contiguous: each product runs faster
         inside = np.argwhere(centres[tuple(slice(a, b) for a, b in zip(lo, hi))])  # from lo
         at_box = np.ravel_multi_index(tuple((inside + r).T), fixed.shape)  # the centres in box arrays
-        at_sums = np.ravel_multi_index(tuple(inside.T), tuple(hi - lo))  # and in their patch sums
+        at_sums = np.ravel_multi_index(tuple(inside.T), fixed.shape)  # and where their patches start
         scale = np.float32(1.0 / math.prod(size))
-        at_slab = np.ravel_multi_index(tuple((inside + lo + pad).T), target.shape)  # and in the slab's
         shifts = search @ _strides(target.shape)
+        # the centres in the slab's flat arrays, moved by the most negative shift: each shift is then a view
+        at_slab = np.ravel_multi_index(tuple((inside + lo + pad).T), target.shape) + shifts.min()
+        views = (shifts - shifts.min()).tolist()
         normalized = self._config.patch_normalization
         if normalized:
             fixed_mean, fixed_std = (m.reshape(-1)[at_box] for m in _local_moments(fixed, size))
@@ -246,19 +248,19 @@ class JointLabelFusion(Fuser):
         def search_one(warped: np.ndarray) -> np.ndarray:
             lowest = np.full(len(inside), np.inf, dtype=np.float32)
             index = np.zeros(lowest.size, dtype=np.min_scalar_type(len(search) - 1))
+            better = np.empty(lowest.size, dtype=bool)
             if normalized:
                 mean, std = (m.reshape(-1) for m in _local_moments(warped, size))
-            for k, offset in enumerate(search.tolist()):
+            for k, (offset, view) in enumerate(zip(search.tolist(), views)):
                 moved = warped[box(offset)]
                 if normalized:  # minus the correlation of the two patches
-                    cross = _patch_sums(moved * fixed, self._patch).reshape(-1)[at_sums] * scale
-                    at = at_slab + shifts[k]
-                    cost = (fixed_mean * mean[at] - cross) / (fixed_std * std[at])
+                    cross = _window_sums(moved * fixed, self._patch)[at_sums] * scale
+                    cost = (fixed_mean * mean[view:][at_slab] - cross) / (fixed_std * std[view:][at_slab])
                 else:
-                    cost = _patch_sums((moved - fixed) ** 2, self._patch).reshape(-1)[at_sums]
-                better = cost < lowest
-                lowest[better] = cost[better]
-                index[better] = k
+                    cost = _window_sums((moved - fixed) ** 2, self._patch)[at_sums]
+                np.less(cost, lowest, out=better)
+                np.copyto(lowest, cost, where=better)
+                np.copyto(index, k, where=better)
             return index
 
         threads = min(len(intensities), self._threads)
@@ -292,32 +294,49 @@ class JointLabelFusion(Fuser):
         m[:, np.arange(n), np.arange(n)] += config.alpha
         w = np.linalg.solve(m, np.ones((len(base), n, 1)))[..., 0]
         w /= w.sum(axis=1, keepdims=True)
+        self._vote_patches(labels, centres, w, patch, steps, voxels, undecided)
+
+    def _vote_patches(self, labels, centres, w, patch, steps, voxels, undecided) -> None:
+        """Each candidate's weight ``w`` at the centre ``voxels`` for its labels (read at ``centres``, flat
+        indices into the slab's padded arrays, plus ``steps``) at the undecided voxels of the patch around the
+        centre (with ``patch_voting``; else at the centre alone). What depends on the patch offset alone (where
+        its voxels are, which take votes, the labels shown there) is found for every offset at once; the votes
+        are then added offset by offset, on arrays of centre × candidate that stay in the processor's cache."""
+        if not self._config.patch_voting:
+            patch, steps = patch[:1], steps[:1]
         shape = np.asarray(self._target.shape)
-        for offset, step in zip(patch, steps) if config.patch_voting else [(patch[0], steps[0])]:
-            at = voxels + offset
-            inside = np.all((at >= 0) & (at < shape), axis=1)
-            flat = np.ravel_multi_index(tuple(np.clip(at, 0, shape - 1).T), self._target.shape)
-            keep = inside & undecided.reshape(-1)[flat]
-            flat = flat[keep]  # distinct: one offset maps distinct centres to distinct voxels
-            shown = np.stack([np.take(a.reshape(-1), c[keep] + step) for a, c in zip(labels, centres)], 1)
-            for value in np.unique(shown).tolist():
-                self._accumulator(value).reshape(-1)[flat] += np.where(shown == value, w[keep], 0.0).sum(axis=1)
-            self._covered.reshape(-1)[flat] += 1.0
+        at = voxels + patch[:, None, :]  # patch offset × centre → voxel (array coordinates)
+        inside = np.all((at >= 0) & (at < shape), axis=2)
+        flat = np.ravel_multi_index(tuple(np.moveaxis(np.clip(at, 0, shape - 1), 2, 0)), self._target.shape)
+        keep = inside & undecided.reshape(-1)[flat]
+        # patch offset × centre × candidate: the label each candidate shows there
+        shown = np.stack([np.take(a.reshape(-1), c + steps[:, None]) for a, c in zip(labels, centres)], axis=2)
+        for k in range(len(patch)):
+            rows = np.flatnonzero(keep[k])
+            if not rows.size:
+                continue
+            here = flat[k, rows]  # distinct: one offset maps distinct centres to distinct voxels
+            seen, weights = shown[k, rows], w[rows]
+            for value in np.unique(seen).tolist():
+                self._accumulator(value).reshape(-1)[here] += np.where(seen == value, weights, 0.0).sum(axis=1)
+            self._covered.reshape(-1)[here] += 1.0
 
 
-def _patch_sums(array: np.ndarray, radii: np.ndarray) -> np.ndarray:
-    """Sums of ``array`` over the box of ``radii`` voxels per axis around each voxel at least that far from
-    its border (the result is ``2 * radii`` smaller per axis): float32 sums of shifted views, one axis after
-    the other, no padding and no float64 copy (cheaper than ``ndimage.uniform_filter``)."""
-    for axis, r in enumerate(radii.tolist()):
+def _window_sums(array: np.ndarray, radii: np.ndarray) -> np.ndarray:
+    """Sums of ``array`` (C-contiguous, float32) over boxes of ``2 * radii + 1`` voxels per axis, flat: element
+    q holds the sum over the box whose first voxel has flat index q in ``array``, for every box that fits
+    (later elements mix rows; the array ends at the last box that fits). One axis after the other, each a
+    running sum of shifted views of the whole flat array: long loops rather than one per short row, no
+    padding, no float64 copy (cheaper than ``ndimage.uniform_filter``), the input left as it was."""
+    flat = array.reshape(-1)
+    for r, step in zip(radii.tolist(), (stride // array.itemsize for stride in array.strides)):
         if r:
-            n = array.shape[axis]
-            shifted = [array[(slice(None),) * axis + (slice(k, n - 2 * r + k),)] for k in range(2 * r + 1)]
-            total = shifted[0].astype(np.float32)  # a copy, so that the sums never write into the input
-            for view in shifted[1:]:
-                total += view
-            array = total
-    return array
+            n = flat.size - 2 * r * step
+            total = flat[:n] + flat[step : step + n]
+            for k in range(2, 2 * r + 1):
+                total += flat[k * step : k * step + n]
+            flat = total
+    return flat
 
 
 def _undecided(low: np.ndarray, high: np.ndarray) -> np.ndarray:
