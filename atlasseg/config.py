@@ -191,15 +191,16 @@ class AffineConfig:
         (the default: 20000 halved the affine's time on 256×256×40 abdominal scans, and cost CHAOS
         leave-one-out 0.003 Dice, which is not yet shown to be sampling noise).
     translation_search : float
-        Before the chain, a search for the start: from the initialisation and from it shifted by
-        ± this share of the two images' common extent along each axis (3 starts per axis, every
-        combination), a translation is optimised on one coarse level, and the best metric's start
+        Before the chain, a search for the start: every translation of the initialisation up to ± this
+        share of the two images' common extent along each axis, on a grid of about 8 mm (the thick axis
+        of an anisotropic scan at its own spacing), is scored at once by FFT (normalised correlation over
+        the images' overlap, shifts overlapping less than half the smaller image left out), and the best
         seeds the chain. Fields of view that cover different stretches of the body (an abdominal scan
         reaching the pelvis or not) put the image centres centimetres apart on the anatomy, beyond what
-        the chain recovers from. Applied to scans of a body region only (the target's longest extent
-        160 mm or more; not to crops round the anatomy), and a found start is kept only if it beats the
-        initialisation at full resolution; the record's ``translation_search`` says what it found.
-        0 = no search.
+        the chain recovers from, and a few optimised starts each stop in their own local optimum. Applied
+        to scans of a body region only (the target's longest extent 160 mm or more; not to crops round
+        the anatomy), and a found start is kept only if it beats the initialisation at full resolution;
+        the record's ``translation_search`` says what it found. 0 = no search.
     local_normalization : float, mm
         The metric compares the images each with its local mean (a Gaussian window of this sigma)
         subtracted and divided by its local standard deviation: slow intensity changes across the
@@ -284,9 +285,11 @@ class NonrigidConfig:
         ``demons``: ``ssd`` (Thirion's demons forces on the intensity differences: for intensities
         that match once normalised) or ``lncc`` (the gradient of the local normalised cross-correlation
         in a window of ``ncc_radius`` voxels, as Greedy's and ANTs' ``CC`` metric: robust to slowly
-        varying intensity biases; give it some ``update_sigma``, e.g. 1.7 mm); each ``lncc`` update (after
-        ``update_sigma``) is scaled so that its 95th percentile step is half the smallest voxel, longer
-        steps cut to that, the bound of the ``ssd`` steps.
+        varying intensity biases; give it some ``update_sigma``, e.g. 1.7 mm). Each ``lncc`` update (after
+        ``update_sigma``) is scaled so that its 95th percentile step is a step size, longer steps cut to
+        that: at most half the smallest voxel (the bound of the ``ssd`` steps), halved whenever an update
+        would lower the mean LNCC (it is then undone), so a level stops (``converged``) once no step of
+        1 % of the bound helps.
     field_sigma : float, mm
         ``demons``: Gaussian smoothing of the displacement field after each update (elastic
         regularisation): mm along the image's finest axis, and the same number of voxels along the

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import dataclasses
-import itertools
 import math
 import time
 
 import numpy as np
+import scipy.fft
 import SimpleITK as sitk
 
 from ..config import AffineConfig
@@ -168,9 +167,7 @@ def register_affine(
         "stages": [],
     }
     if scan and config.translation_search > 0 and config.stages and config.initialization != "landmarks":
-        transform, record["translation_search"] = _search_start(
-            *optimised, transform, config=config, seed=seed, masks=masks
-        )
+        transform, record["translation_search"] = _search_start(*optimised, transform, config=config, masks=masks)
     for kind in config.stages:
         transform, stage_record = _optimise(*optimised, transform, kind, config=config, seed=seed, masks=masks)
         record["stages"].append(stage_record)
@@ -234,8 +231,60 @@ def level_sampling(fixed: sitk.Image, config: AffineConfig) -> list[float]:
     return shares
 
 
-_SEARCH_SHRINK = 8  # the search's one level: voxels binned by this much, while every axis keeps 4 voxels or more
-_SEARCH_ITERATIONS = 30
+_SEARCH_GRID_MM = 8.0  # the search's grid: voxels binned to about this size, never below the image's own spacing
+_SEARCH_MIN_OVERLAP = 0.5  # a shift counts only where the images overlap on half the smaller one's domain or more
+
+
+def _bin_factors(image: sitk.Image, grid_mm: float) -> list[int]:
+    """Per axis, how many voxels make a block of about ``grid_mm``: 1 on an axis already that coarse (the thick
+    axis of an anisotropic scan), and never so many that the axis keeps fewer than 4 voxels."""
+    return [max(1, min(int(grid_mm // step), size // 4)) for size, step in zip(image.GetSize(), image.GetSpacing())]
+
+
+def _binned(image: sitk.Image, grid_mm: float) -> sitk.Image:
+    """``image`` averaged over blocks of about ``grid_mm`` (:func:`_bin_factors`), as float32."""
+    return sitk.BinShrink(sitk.Cast(image, sitk.sitkFloat32), _bin_factors(image, grid_mm))
+
+
+def translation_map(
+    fixed: sitk.Image, moving: sitk.Image, fixed_mask: sitk.Image | None, moving_mask: sitk.Image | None, reach
+) -> tuple[np.ndarray, np.ndarray]:
+    """NCC of ``fixed`` with ``moving`` shifted by every whole-voxel shift up to ``reach`` (voxels per axis, numpy
+    axis order) on ``fixed``'s grid, each over the voxels where both images (and their masks) are defined.
+
+    ``moving`` lies on ``fixed``'s grid extended by ``reach`` on every side; the masks are 0/1 arrays-as-images on
+    the same grids (None: the whole domain). All six sums of the masked NCC (Padfield, IEEE TIP 2012) are
+    correlations, one FFT each way.
+
+    Returns
+    -------
+    ncc : ndarray
+        Shape ``2 * reach + 1``; index ``reach + s`` holds shift ``s``: fixed voxel ``x`` against moving ``x + s``.
+    overlap : ndarray
+        Same shape: how many voxels each shift compares.
+    """
+    f = sitk.GetArrayViewFromImage(fixed).astype(np.float64)
+    m = sitk.GetArrayViewFromImage(moving).astype(np.float64)
+    mf = np.ones_like(f) if fixed_mask is None else sitk.GetArrayViewFromImage(fixed_mask).astype(np.float64)
+    mm = np.ones_like(m) if moving_mask is None else sitk.GetArrayViewFromImage(moving_mask).astype(np.float64)
+    shape = [scipy.fft.next_fast_len(n, real=True) for n in m.shape]  # ≥ f + 2 reach: no shift wraps round
+    spectrum = lambda a: scipy.fft.rfftn(a, shape)  # noqa: E731
+    fixed_side = [np.conj(spectrum(a)) for a in (mf, f * mf, f * f * mf)]
+    moving_side = [spectrum(a) for a in (mm, m * mm, m * m * mm)]
+    window = tuple(slice(0, 2 * r + 1) for r in reach)
+
+    def correlated(a, b):
+        return scipy.fft.irfftn(a * b, shape)[window]
+
+    count = np.rint(correlated(fixed_side[0], moving_side[0]))
+    n = np.maximum(count, 1.0)
+    sum_f, sum_m = correlated(fixed_side[1], moving_side[0]), correlated(fixed_side[0], moving_side[1])
+    var_f = correlated(fixed_side[2], moving_side[0]) - sum_f * sum_f / n
+    var_m = correlated(fixed_side[0], moving_side[2]) - sum_m * sum_m / n
+    cross = correlated(fixed_side[1], moving_side[1]) - sum_f * sum_m / n
+    floor = 1e-6 * max(var_f.max(), var_m.max(), 1e-12)  # a flat overlap correlates with nothing
+    ncc = np.where((var_f > floor) & (var_m > floor), cross / np.sqrt(np.maximum(var_f * var_m, floor**2)), -1.0)
+    return ncc, count
 
 
 def _search_start(
@@ -244,51 +293,58 @@ def _search_start(
     transform: sitk.Transform,
     *,
     config: AffineConfig,
-    seed: int,
     masks: Masks | None,
 ) -> tuple[sitk.Transform, dict]:
-    """The best of 3**dim starts: ``transform`` shifted by 0 and ± ``config.translation_search`` of the images'
-    common extent along each of the fixed image's axes, each refined by a translation on one coarse level;
-    the lowest final metric wins, if at full resolution it also beats ``transform`` (else ``transform`` stays).
-    Returns the start and a record of the search."""
+    """``transform`` moved by the best of every translation up to ± ``config.translation_search`` of the images'
+    common extent along each of the fixed image's axes, on a grid of about 8 mm: the NCC of every shift at once
+    (:func:`translation_map`, exhaustive where a handful of optimised starts each stops in its own basin), among
+    shifts whose overlap covers half the smaller image or more. Kept only if at full resolution it also beats
+    ``transform`` on the configured metric (else ``transform`` stays). Returns the start and a record."""
     dim = fixed.GetDimension()
-    full = fixed, moving, masks
     start = time.perf_counter()
+    coarse = _binned(fixed, _SEARCH_GRID_MM)
+    spacing = np.asarray(coarse.GetSpacing())
     extents = [
         min(fixed.GetSize()[d] * fixed.GetSpacing()[d], moving.GetSize()[d] * moving.GetSpacing()[d])
         for d in range(dim)
     ]
+    reach = [int(config.translation_search * extent // step) for extent, step in zip(extents, spacing)]
+    # The moving image (and its domain) on the coarse fixed grid grown by the reach, through ``transform``.
+    grown = sitk.Image([n + 2 * r for n, r in zip(coarse.GetSize(), reach)], sitk.sitkUInt8)
+    grown.SetSpacing(coarse.GetSpacing())
+    grown.SetDirection(coarse.GetDirection())
+    grown.SetOrigin(coarse.TransformContinuousIndexToPhysicalPoint([-float(r) for r in reach]))
+    domain = sitk.Image(moving.GetSize(), sitk.sitkUInt8) + 1
+    domain.CopyInformation(moving)
+    if masks is not None and masks.moving is not None:
+        domain = sitk.And(domain, sitk.Cast(masks.moving > 0, sitk.sitkUInt8))
+    moved = sitk.Resample(_binned(moving, _SEARCH_GRID_MM), grown, transform, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+    moved_domain = sitk.Resample(domain, grown, transform, sitk.sitkNearestNeighbor, 0)
+    fixed_domain = None  # a block counts if the fixed mask covers half of it or more
+    if masks is not None and masks.fixed is not None:
+        covered = sitk.BinShrink(sitk.Cast(masks.fixed > 0, sitk.sitkFloat32), _bin_factors(fixed, _SEARCH_GRID_MM))
+        fixed_domain = sitk.Cast(covered >= 0.5, sitk.sitkUInt8)
+    ncc, count = translation_map(coarse, moved, fixed_domain, moved_domain, reach[::-1])
+    sizes = [np.count_nonzero(sitk.GetArrayViewFromImage(d)) for d in (fixed_domain, moved_domain) if d is not None]
+    smaller = min(sizes + [math.prod(coarse.GetSize())])
+    ncc[count < _SEARCH_MIN_OVERLAP * smaller] = -np.inf
+    best = np.unravel_index(np.argmax(ncc), ncc.shape)
+    steps = (np.asarray(best) - np.asarray(reach[::-1]))[::-1]  # voxels, the fixed image's index order
     axes = np.asarray(fixed.GetDirection()).reshape(dim, dim)  # columns: the fixed image's axes in physical space
-    shrink = max(1, min(_SEARCH_SHRINK, min(min(fixed.GetSize()), min(moving.GetSize())) // 4))
-    fixed, moving = (sitk.BinShrink(image, [shrink] * dim) for image in full[:2])  # once for every start
-    masks = (
-        None
-        if masks is None
-        else Masks(*(None if m is None else sitk.BinShrink(m, [shrink] * dim) > 0 for m in (masks.fixed, masks.moving)))
-    )
-    coarse = dataclasses.replace(config, shrink_factors=(1,), smoothing_sigmas=(0.0,), iterations=_SEARCH_ITERATIONS)
-    base = _as_kind(transform, "translation", dim)
-    best = None
-    for steps in itertools.product((0, -1, 1), repeat=dim):
-        shift = axes @ (np.asarray(steps) * config.translation_search * np.asarray(extents))
-        candidate = _as_kind(base, "translation", dim)
-        candidate.SetTranslation((np.asarray(candidate.GetTranslation()) + shift).tolist())
-        try:
-            candidate, _ = _optimise(fixed, moving, candidate, "translation", config=coarse, seed=seed, masks=masks)
-        except RegistrationError:  # a start leaving no overlap: not a candidate
-            continue
-        value = image_metric(fixed, moving, candidate, metric=config.metric, masks=masks)  # every coarse voxel
-        if math.isfinite(value) and (best is None or value < best[0]):
-            best = (value, candidate, shift)
-    record = {"starts": 3**dim, "shrink": shrink, "shift": None}
-    if best is not None:
-        _, found, shift = best
-        before, after = (
-            image_metric(full[0], full[1], t, metric=config.metric, masks=full[2]) for t in (transform, found)
-        )
-        if after < before:  # NaN (no overlap) never wins
-            transform = found  # the initialisation's rotation, at the position found
-            record.update(shift=[round(float(s), 2) for s in shift], metric_before=before, metric_after=after)
+    shift = axes @ (steps * spacing)
+    matrix, _ = linear_parts(transform)
+    found = _as_kind(transform, "translation", dim)
+    found.SetTranslation((np.asarray(found.GetTranslation()) + matrix @ shift).tolist())
+    record = {
+        "grid_mm": [round(float(s), 2) for s in spacing],
+        "reach_voxels": reach,
+        "shift": None,
+        "ncc": round(float(ncc[best]), 4),
+    }
+    before, after = (image_metric(fixed, moving, t, metric=config.metric, masks=masks) for t in (transform, found))
+    if after < before:  # NaN (no overlap) never wins
+        transform = found  # the initialisation's rotation, at the position found
+        record.update(shift=[round(float(s), 2) for s in shift], metric_before=before, metric_after=after)
     record["seconds"] = round(time.perf_counter() - start, 3)
     return transform, record
 
