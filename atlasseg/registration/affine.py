@@ -268,9 +268,8 @@ def translation_map(
     mf = np.ones_like(f) if fixed_mask is None else sitk.GetArrayViewFromImage(fixed_mask).astype(np.float64)
     mm = np.ones_like(m) if moving_mask is None else sitk.GetArrayViewFromImage(moving_mask).astype(np.float64)
     shape = [scipy.fft.next_fast_len(n, real=True) for n in m.shape]  # ≥ f + 2 reach: no shift wraps round
-    spectrum = lambda a: scipy.fft.rfftn(a, shape)  # noqa: E731
-    fixed_side = [np.conj(spectrum(a)) for a in (mf, f * mf, f * f * mf)]
-    moving_side = [spectrum(a) for a in (mm, m * mm, m * m * mm)]
+    fixed_side = [np.conj(scipy.fft.rfftn(a, shape)) for a in (mf, f * mf, f * f * mf)]
+    moving_side = [scipy.fft.rfftn(a, shape) for a in (mm, m * mm, m * m * mm)]
     window = tuple(slice(0, 2 * r + 1) for r in reach)
 
     def correlated(a, b):
