@@ -36,6 +36,7 @@ from .imageio import normalize_intensity, read_geometry, read_image, read_labels
 from .manifest import Atlas, Target
 from .parallel import parallel_map
 from .registration import Masks, affine_stage, read_landmarks
+from .registration.checks import domain
 from .selection import REGIONS, coarse_grid, indicator, rank, smoothed
 from .similarity import SIMILARITIES
 
@@ -180,9 +181,7 @@ def _to_reference(
         sitk.Resample(smoothed(moving, sel.grid_spacing), grid, transform, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
     )
     if labels is None:  # a target: its field of view, within its mask
-        inside = sitk.Image(moving.GetSize(), sitk.sitkUInt8) + 1
-        inside.CopyInformation(moving)
-        region = indicator(inside, grid, transform) >= 0.5
+        region = indicator(domain(moving), grid, transform) >= 0.5
         if mask is not None:
             region &= indicator(masks.moving, grid, transform) >= 0.5
     elif label_map is None:

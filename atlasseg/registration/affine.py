@@ -11,6 +11,7 @@ import SimpleITK as sitk
 
 from ..config import AffineConfig
 from ..errors import RegistrationError
+from .checks import domain
 from .itk import Masks, new_method, run_pyramid, samples_every_voxel, standardized, transform_is_finite
 from .landmarks import landmark_transform
 from .metrics import image_metric
@@ -313,19 +314,22 @@ def _search_start(
     grown.SetSpacing(coarse.GetSpacing())
     grown.SetDirection(coarse.GetDirection())
     grown.SetOrigin(coarse.TransformContinuousIndexToPhysicalPoint([-float(r) for r in reach]))
-    domain = sitk.Image(moving.GetSize(), sitk.sitkUInt8) + 1
-    domain.CopyInformation(moving)
+    inside = domain(moving)
     if masks is not None and masks.moving is not None:
-        domain = sitk.And(domain, sitk.Cast(masks.moving > 0, sitk.sitkUInt8))
+        inside = sitk.And(inside, sitk.Cast(masks.moving > 0, sitk.sitkUInt8))
     moved = sitk.Resample(_binned(moving, _SEARCH_GRID_MM), grown, transform, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
-    moved_domain = sitk.Resample(domain, grown, transform, sitk.sitkNearestNeighbor, 0)
+    moved_domain = sitk.Resample(inside, grown, transform, sitk.sitkNearestNeighbor, 0)
     fixed_domain = None  # a block counts if the fixed mask covers half of it or more
     if masks is not None and masks.fixed is not None:
         covered = sitk.BinShrink(sitk.Cast(masks.fixed > 0, sitk.sitkFloat32), _bin_factors(fixed, _SEARCH_GRID_MM))
         fixed_domain = sitk.Cast(covered >= 0.5, sitk.sitkUInt8)
     ncc, count = translation_map(coarse, moved, fixed_domain, moved_domain, reach[::-1])
-    sizes = [np.count_nonzero(sitk.GetArrayViewFromImage(d)) for d in (fixed_domain, moved_domain) if d is not None]
-    smaller = min(sizes + [math.prod(coarse.GetSize())])
+    fixed_size = (
+        math.prod(coarse.GetSize())
+        if fixed_domain is None
+        else np.count_nonzero(sitk.GetArrayViewFromImage(fixed_domain))
+    )
+    smaller = min(fixed_size, np.count_nonzero(sitk.GetArrayViewFromImage(moved_domain)))
     ncc[count < _SEARCH_MIN_OVERLAP * smaller] = -np.inf
     best = np.unravel_index(np.argmax(ncc), ncc.shape)
     steps = (np.asarray(best) - np.asarray(reach[::-1]))[::-1]  # voxels, the fixed image's index order

@@ -28,10 +28,16 @@ def foreground(fixed: sitk.Image, masks: Masks | None = None) -> np.ndarray:
     return region if region.any() else np.ones(region.shape, bool)
 
 
+def domain(image: sitk.Image) -> sitk.Image:
+    """1 (uint8) at every voxel of ``image``, on its grid: its field of view, to resample into another grid."""
+    inside = sitk.Image(image.GetSize(), sitk.sitkUInt8) + 1
+    inside.CopyInformation(image)
+    return inside
+
+
 def overlap_fraction(fixed: sitk.Image, moving: sitk.Image, transform: sitk.Transform, region: np.ndarray) -> float:
     """Fraction of the foreground ``region`` of ``fixed`` that ``transform`` maps inside ``moving``'s domain."""
-    inside = sitk.Image(moving.GetSize(), sitk.sitkUInt8) + 1
-    inside.CopyInformation(moving)
+    inside = domain(moving)
     mapped = sitk.GetArrayFromImage(sitk.Resample(inside, fixed, transform, sitk.sitkNearestNeighbor, 0)) > 0
     return float((mapped & region).sum() / region.sum())
 
