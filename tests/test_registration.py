@@ -24,6 +24,7 @@ from atlasseg.registration import (
     save_transform,
 )
 from atlasseg.registration.affine import locally_normalized
+from atlasseg.registration.demons import demons_forces
 from atlasseg.registration.pyramid import MIN_AXIS_VOXELS, derive_shrink_factors, pyramid, run_levels
 
 AFFINE_ONLY = RegistrationConfig(nonrigid=NonrigidConfig(enabled=False))
@@ -371,6 +372,29 @@ def test_lncc_demons_converge_and_more_iterations_change_nothing(dim):
     assert np.array_equal(fields[0], fields[1]) and np.abs(fields[0]).max() > 1.0
 
 
+def test_auto_demons_force_is_lncc_only_at_coarse_levels_of_a_body_region_scan():
+    """``demons_force: auto`` (the default) chooses per level from the field of view: a 200 mm scan gets the local
+    correlation at its coarse levels and SSD at full resolution, a 60 mm crop SSD throughout; a list is taken as
+    given; each level's record says which ran."""
+
+    def image(size, spacing):
+        blank = sitk.Image(size, sitk.sitkFloat32)
+        blank.SetSpacing(spacing)
+        return blank
+
+    body, crop = image((100, 100, 25), (2.0, 2.0, 8.0)), image((60, 60, 60), (1.0, 1.0, 1.0))
+    auto = NonrigidConfig()
+    assert auto.demons_force == "auto"
+    assert demons_forces(auto, body, [(4, 4, 1), (2, 2, 1), (1, 1, 1)]) == ["lncc", "lncc", "ssd"]
+    assert demons_forces(auto, crop, [2, 1]) == ["ssd", "ssd"]
+    assert demons_forces(NonrigidConfig(demons_force=("ssd", "lncc")), body, [2, 1]) == ["ssd", "lncc"]
+    assert demons_forces(NonrigidConfig(demons_force="lncc"), crop, [2, 1]) == ["lncc", "lncc"]
+    fixed, _ = phantom(dim=3, size=24, spacing=8.0)  # 192 mm across: a body region
+    moving = warp(fixed, smooth_deformation(fixed, amplitude=8.0))
+    _, record = register(fixed, moving, config=RegistrationConfig(affine=NO_AFFINE, nonrigid=auto))
+    assert [level["force"] for level in record["nonrigid"]["levels"]] == ["lncc", "ssd"]
+
+
 def test_landmarks_recover_a_rotation_intensities_alone_miss(tmp_path):
     fixed, _ = phantom(dim=3, size=32)
     truth = sitk.Euler3DTransform((0.0, 0.0, 0.0), 0.3, -0.2, np.deg2rad(120.0), (4.0, -2.0, 3.0))
@@ -667,14 +691,15 @@ def _bump(image: sitk.Image, *, amplitude: float, centre=(-12.0, 6.0, 0.0), widt
 def test_derived_pyramid_recovers_a_large_deformation_on_thick_slices():
     """The organ moves by up to 17.5 mm, 18 % of the 96 mm field of view: the derived pyramid (three levels
     in-plane, none across the 4 mm slices) brings it back; the old fixed [2, 1] pyramid cannot reach that far
-    (measured: organ Dice 0.24 before, 0.91 derived, 0.71 with [2, 1])."""
+    (measured: organ Dice 0.24 before, 0.91 derived, 0.71 with [2, 1]). Without update smoothing: at the default
+    1.7 mm each update is smaller and 50 updates a level reach 0.86 derived, 0.65 with [2, 1] (100: 0.92, 0.81)."""
     fixed, labels = _organ_phantom()
     deformation = _bump(fixed, amplitude=15.0)
     moving, moving_labels = warp(fixed, deformation), warp(labels, deformation, labels=True)
     dice = {}
     for name, shrink in [("auto", "auto"), ("old", (2, 1))]:
-        config = RegistrationConfig(affine=NO_AFFINE, nonrigid=NonrigidConfig(shrink_factors=shrink))
-        found, record = register(fixed, moving, config=config)
+        nonrigid = NonrigidConfig(shrink_factors=shrink, update_sigma=0.0)
+        found, record = register(fixed, moving, config=RegistrationConfig(affine=NO_AFFINE, nonrigid=nonrigid))
         dice[name] = dice_per_label(propagate_labels(moving_labels, found, fixed), labels, labels=[2])[2]
         assert record["nonrigid"]["folded_voxels"] == 0
     assert [level["shrink"] for level in record["nonrigid"]["levels"]] == [2, 1]

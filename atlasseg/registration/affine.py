@@ -11,7 +11,7 @@ import SimpleITK as sitk
 
 from ..config import AffineConfig
 from ..errors import RegistrationError
-from .checks import domain
+from .checks import body_scan, domain
 from .itk import Masks, new_method, run_pyramid, samples_every_voxel, standardized, transform_is_finite
 from .landmarks import landmark_transform
 from .metrics import image_metric
@@ -350,18 +350,6 @@ def _search_start(
         record.update(shift=[round(float(s), 2) for s in shift], metric_before=before, metric_after=after)
     record["seconds"] = round(time.perf_counter() - start, 3)
     return transform, record
-
-
-BODY_SCAN_MM = 160.0
-
-
-def body_scan(image: sitk.Image) -> bool:
-    """Whether ``image`` is a scan of a body region (its longest extent at least 160 mm) rather than a crop round
-    its anatomy: only there do the translation search and the local normalisation apply. An operator places a
-    scan's field of view over a region, so two scans' centres can sit centimetres apart on the anatomy, and coil
-    shading varies across it over decimetres; a crop a few centimetres wide (a hippocampus box) is centred by
-    whoever cropped it and has no shading to remove (measured: the search alone cost hippocampus 0.001 Dice)."""
-    return max(n * s for n, s in zip(image.GetSize(), image.GetSpacing())) >= BODY_SCAN_MM
 
 
 def locally_normalized(image: sitk.Image, sigma: float) -> sitk.Image:
