@@ -768,6 +768,18 @@ def test_translation_map_peaks_at_the_shift_between_two_fields_of_view():
     assert np.unravel_index(np.argmax(masked), masked.shape) == peak and masked_count[peak] < count[peak]
 
 
+def test_translation_search_keeps_a_start_that_no_shift_brings_within_reach():
+    """The start maps the atlas a metre away: no shift in reach overlaps it, so the search proposes none (it used
+    to name the map's corner) and the start stays."""
+    from atlasseg.registration.affine import _search_start
+
+    image, _ = _long_body()
+    far = sitk.TranslationTransform(3, (1000.0, 0.0, 0.0))
+    found, record = _search_start(_slab(image, 0), _slab(image, 2), far, config=AffineConfig(), masks=None)
+    assert record["shift"] is None and record["ncc"] is None
+    assert found.GetParameters() == far.GetParameters()
+
+
 def test_local_normalization_ignores_a_linear_intensity_change():
     image, _ = texture(dim=3, size=24)
     base = sitk.GetArrayFromImage(locally_normalized(image, 10.0))

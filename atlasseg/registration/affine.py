@@ -330,7 +330,11 @@ def _search_start(
         else np.count_nonzero(sitk.GetArrayViewFromImage(fixed_domain))
     )
     smaller = min(fixed_size, np.count_nonzero(sitk.GetArrayViewFromImage(moved_domain)))
-    ncc[count < _SEARCH_MIN_OVERLAP * smaller] = -np.inf
+    ncc[(count < _SEARCH_MIN_OVERLAP * smaller) | (count == 0)] = -np.inf
+    record = {"grid_mm": [round(float(s), 2) for s in spacing], "reach_voxels": reach, "shift": None, "ncc": None}
+    if not np.isfinite(ncc.max()):  # no shift brings the images together: the initialisation stays
+        record["seconds"] = round(time.perf_counter() - start, 3)
+        return transform, record
     best = np.unravel_index(np.argmax(ncc), ncc.shape)
     steps = (np.asarray(best) - np.asarray(reach[::-1]))[::-1]  # voxels, the fixed image's index order
     axes = np.asarray(fixed.GetDirection()).reshape(dim, dim)  # columns: the fixed image's axes in physical space
@@ -338,12 +342,7 @@ def _search_start(
     matrix, _ = linear_parts(transform)
     found = _as_kind(transform, "translation", dim)
     found.SetTranslation((np.asarray(found.GetTranslation()) + matrix @ shift).tolist())
-    record = {
-        "grid_mm": [round(float(s), 2) for s in spacing],
-        "reach_voxels": reach,
-        "shift": None,
-        "ncc": round(float(ncc[best]), 4),
-    }
+    record["ncc"] = round(float(ncc[best]), 4)
     before, after = (image_metric(fixed, moving, t, metric=config.metric, masks=masks) for t in (transform, found))
     if after < before:  # NaN (no overlap) never wins
         transform = found  # the initialisation's rotation, at the position found
