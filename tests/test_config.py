@@ -59,9 +59,15 @@ def test_unknown_key_names_key_path_and_file(tmp_path, text, key):
         ("registration: {affine: {iterations: 0}}", "registration.affine.iterations"),
         ("registration: {nonrigid: {iterations: 0}}", "registration.nonrigid.iterations"),
         ("registration: {nonrigid: {iterations: [30, 0]}}", "registration.nonrigid.iterations"),
-        ("registration: {nonrigid: {iterations: [30, 10, 5]}}", "registration.nonrigid.iterations"),
+        (
+            "registration: {nonrigid: {shrink_factors: [2, 1], iterations: [30, 10, 5]}}",
+            "registration.nonrigid.iterations",
+        ),
         ("registration: {affine: {iterations: [30, 10]}}", "registration.affine.iterations"),
-        ("registration: {nonrigid: {demons_force: [lncc, ssd, ssd]}}", "registration.nonrigid.demons_force"),
+        (
+            "registration: {nonrigid: {shrink_factors: [2, 1], demons_force: [lncc, ssd, ssd]}}",
+            "registration.nonrigid.demons_force",
+        ),
         ("registration: {nonrigid: {demons_force: []}}", "registration.nonrigid.demons_force"),
         ("registration: {nonrigid: {demons_force: [lncc, auto]}}", "registration.nonrigid.demons_force"),
         ("fusion: {staple_iterations: 0}", "fusion.staple_iterations"),
