@@ -5,7 +5,9 @@
 Run under the Python of an environment with torch and fireants (not atlasseg). Writes one JSON line of versions
 to stdout, then for each JSON request line on stdin ({"fixed", "moving", "labels", "out"}: NIfTI paths) registers
 moving to fixed — FireANTs' quick start: AffineRegistration (scales 4, 2, 1; 200, 100, 50 iterations; Adam,
-learning rate 3e-4, as 3e-3 diverges on small crops; CC kernel 5) then GreedyRegistration (compositive;
+learning rate 3e-4, as 3e-3 diverges on small crops; CC kernel 5; from the images' centres aligned, as
+atlasseg's ``geometry`` start: from the identity its small steps never crossed the centimetres between two
+cardiac scans' positions, pair Dice 0.003–0.34) then GreedyRegistration (compositive;
 200, 100, 25 iterations; Adam 0.5; CC kernel 5; gradient smoothing σ 1) initialised by the affine — warps the
 labels with nearest neighbour onto the fixed grid, writes them to "out" and answers {"ok": true} or
 {"error": "..."}. FireANTs' own prints go to stderr.
@@ -59,6 +61,7 @@ def main() -> int:
             optimizer="Adam",
             optimizer_lr=3e-4,
             cc_kernel_size=5,
+            init_rigid="cof",  # the images' centres aligned first, as atlasseg's geometry initialisation
             progress_bar=False,
         )
         affine.optimize()

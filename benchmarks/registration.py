@@ -247,17 +247,42 @@ def convexadam_method(threads: int, seed: int, *, affine_config):
 
     def run(fixed, moving, labels):
         image, moved = affine_moved(affine_config, fixed, moving, labels)
-        f = sitk.GetArrayFromImage(sitk.Cast(fixed, sitk.sitkFloat32))
+        grid = _convexadam_grid(fixed)
+        if grid is not fixed:  # thick slices: both on an isotropic grid over the fixed field of view, and back
+            image, moved = (
+                sitk.Resample(a, grid, sitk.Transform(), k)
+                for a, k in ((image, sitk.sitkLinear), (moved, sitk.sitkNearestNeighbor))
+            )
+        f = sitk.GetArrayFromImage(sitk.Resample(sitk.Cast(fixed, sitk.sitkFloat32), grid))
         # Displacement in voxels, channel i along array axis i (z, y, x here): the package's apply_convex samples
         # the moving array at index + displacement. float32 is what the library itself falls back to on a CPU.
         disp = convex_adam_pt(f, sitk.GetArrayFromImage(image), dtype=torch.float32, device=torch.device("cpu"))
         coordinates = np.indices(f.shape, dtype=np.float64) + np.moveaxis(disp, -1, 0)
         warped = map_coordinates(sitk.GetArrayFromImage(moved), coordinates, order=0, mode="constant", cval=0)
         out = sitk.GetImageFromArray(warped)
-        out.CopyInformation(fixed)
-        return out
+        out.CopyInformation(grid)
+        return out if grid is fixed else sitk.Resample(out, fixed, sitk.Transform(), sitk.sitkNearestNeighbor)
 
     return run
+
+
+CONVEXADAM_MIN_VOXELS = 24  # its MIND features at grid spacing 6 then span at least 4 voxels (3 is its kernel)
+
+
+def _convexadam_grid(fixed: sitk.Image) -> sitk.Image:
+    """``fixed`` itself, or where an axis is shorter than CONVEXADAM_MIN_VOXELS (cardiac stacks of 13 slices: the
+    library fails), an isotropic grid at its finest spacing over the same field of view: ConvexAdam assumes
+    roughly isotropic voxels and has no notion of spacing."""
+    size, spacing = np.asarray(fixed.GetSize()), np.asarray(fixed.GetSpacing())
+    if size.min() >= CONVEXADAM_MIN_VOXELS:
+        return fixed
+    step = spacing.min()
+    grid = sitk.Image([int(round(n)) for n in size * spacing / step], sitk.sitkFloat32)
+    grid.SetSpacing([float(step)] * fixed.GetDimension())
+    grid.SetDirection(fixed.GetDirection())
+    corner = fixed.TransformContinuousIndexToPhysicalPoint([-0.5] * fixed.GetDimension())  # the field of view's
+    grid.SetOrigin(np.asarray(corner) + np.asarray(fixed.GetDirection()).reshape(3, 3) @ np.full(3, step / 2))
+    return grid
 
 
 def fireants_python() -> str:
