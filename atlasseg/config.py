@@ -40,6 +40,20 @@ def _require(condition: bool, name: str, message: str) -> None:
         raise _FieldError(name, message)
 
 
+def _check_per_level(stage, name: str, what: str) -> None:
+    """A per-level setting of ``stage`` (one value, or a tuple coarse to fine): a tuple has an entry per level of
+    explicit ``shrink_factors`` (any length with ``auto``: see ``registration.pyramid.per_level``), and one at least."""
+    values = getattr(stage, name)
+    if not isinstance(values, tuple):
+        return
+    _require(
+        stage.shrink_factors == "auto" or len(values) == len(stage.shrink_factors),
+        name,
+        f"one {what} for every level, or a list with one entry per level",
+    )
+    _require(len(values) >= 1, name, "at least one level is needed")
+
+
 def _check_pyramid(stage) -> None:
     """Checks shared by the registration stages: levels, iterations, metric sampling.
 
@@ -56,14 +70,8 @@ def _check_pyramid(stage) -> None:
     _require(not explicit or len(stage.shrink_factors) >= 1, "shrink_factors", "at least one level is needed")
     _require(not explicit or all(s >= 1 for s in stage.shrink_factors), "shrink_factors", "must be >= 1")
     _require(all(s >= 0 for s in stage.smoothing_sigmas), "smoothing_sigmas", "must be >= 0 (mm)")
-    per_level = isinstance(stage.iterations, tuple)
-    _require(
-        not per_level or not explicit or len(stage.iterations) == len(stage.shrink_factors),
-        "iterations",
-        "one number for every level, or a list with one entry per level",
-    )
-    _require(not per_level or len(stage.iterations) >= 1, "iterations", "at least one level is needed")
-    counts = stage.iterations if per_level else (stage.iterations,)
+    _check_per_level(stage, "iterations", "number")
+    counts = stage.iterations if isinstance(stage.iterations, tuple) else (stage.iterations,)
     _require(all(i >= 1 for i in counts), "iterations", "must be >= 1")
     _require(0 < stage.sampling_percentage <= 1, "sampling_percentage", "must be in (0, 1]")
 
@@ -328,13 +336,7 @@ class NonrigidConfig:
         _require(self.ncc_radius >= 1, "ncc_radius", "must be >= 1 (voxels)")
         _require(self.field_sigma >= 0, "field_sigma", "must be >= 0 (mm)")
         _require(self.update_sigma >= 0, "update_sigma", "must be >= 0 (mm)")
-        if isinstance(self.demons_force, tuple):
-            _require(len(self.demons_force) >= 1, "demons_force", "at least one level is needed")
-            _require(
-                self.shrink_factors == "auto" or len(self.demons_force) == len(self.shrink_factors),
-                "demons_force",
-                "one force for every level, or a list with one entry per level",
-            )
+        _check_per_level(self, "demons_force", "force")
         _check_pyramid(self)
 
 

@@ -247,13 +247,14 @@ def convexadam_method(threads: int, seed: int, *, affine_config):
 
     def run(fixed, moving, labels):
         image, moved = affine_moved(affine_config, fixed, moving, labels)
+        target = sitk.Cast(fixed, sitk.sitkFloat32)
         grid = _convexadam_grid(fixed)
-        if grid is not fixed:  # thick slices: both on an isotropic grid over the fixed field of view, and back
-            image, moved = (
+        if grid is not fixed:  # thick slices: all three on an isotropic grid over the fixed field of view, and back
+            target, image, moved = (
                 sitk.Resample(a, grid, sitk.Transform(), k)
-                for a, k in ((image, sitk.sitkLinear), (moved, sitk.sitkNearestNeighbor))
+                for a, k in ((target, sitk.sitkLinear), (image, sitk.sitkLinear), (moved, sitk.sitkNearestNeighbor))
             )
-        f = sitk.GetArrayFromImage(sitk.Resample(sitk.Cast(fixed, sitk.sitkFloat32), grid))
+        f = sitk.GetArrayFromImage(target)
         # Displacement in voxels, channel i along array axis i (z, y, x here): the package's apply_convex samples
         # the moving array at index + displacement. float32 is what the library itself falls back to on a CPU.
         disp = convex_adam_pt(f, sitk.GetArrayFromImage(image), dtype=torch.float32, device=torch.device("cpu"))
@@ -276,12 +277,12 @@ def _convexadam_grid(fixed: sitk.Image) -> sitk.Image:
     size, spacing = np.asarray(fixed.GetSize()), np.asarray(fixed.GetSpacing())
     if size.min() >= CONVEXADAM_MIN_VOXELS:
         return fixed
-    step = spacing.min()
+    dim, step = fixed.GetDimension(), spacing.min()
     grid = sitk.Image([int(round(n)) for n in size * spacing / step], sitk.sitkFloat32)
-    grid.SetSpacing([float(step)] * fixed.GetDimension())
+    grid.SetSpacing([float(step)] * dim)
     grid.SetDirection(fixed.GetDirection())
-    corner = fixed.TransformContinuousIndexToPhysicalPoint([-0.5] * fixed.GetDimension())  # the field of view's
-    grid.SetOrigin(np.asarray(corner) + np.asarray(fixed.GetDirection()).reshape(3, 3) @ np.full(3, step / 2))
+    corner = fixed.TransformContinuousIndexToPhysicalPoint([-0.5] * dim)  # the field of view's
+    grid.SetOrigin(np.asarray(corner) + np.asarray(fixed.GetDirection()).reshape(dim, dim) @ np.full(dim, step / 2))
     return grid
 
 

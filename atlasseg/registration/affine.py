@@ -330,7 +330,7 @@ def _search_start(
         else np.count_nonzero(sitk.GetArrayViewFromImage(fixed_domain))
     )
     smaller = min(fixed_size, np.count_nonzero(sitk.GetArrayViewFromImage(moved_domain)))
-    ncc[(count < _SEARCH_MIN_OVERLAP * smaller) | (count == 0)] = -np.inf
+    ncc[count < max(_SEARCH_MIN_OVERLAP * smaller, 1)] = -np.inf  # and never a shift that compares nothing
     record = {"grid_mm": [round(float(s), 2) for s in spacing], "reach_voxels": reach, "shift": None, "ncc": None}
     if not np.isfinite(ncc.max()):  # no shift brings the images together: the initialisation stays
         record["seconds"] = round(time.perf_counter() - start, 3)
