@@ -15,6 +15,7 @@ from .checks import body_scan, domain
 from .itk import Masks, new_method, run_pyramid, samples_every_voxel, standardized, transform_is_finite
 from .landmarks import landmark_transform
 from .metrics import image_metric
+from .pyramid import derive_affine_shrink_factors, per_level, pyramid_image, shrink_record
 
 _INITIALIZERS = {
     "geometry": sitk.CenteredTransformInitializerFilter.GEOMETRY,
@@ -189,26 +190,51 @@ def _optimise(
     seed: int,
     masks: Masks | None,
 ) -> tuple[sitk.Transform, dict]:
-    """One stage of the chain (``kind``) from ``transform`` on ``config``'s pyramid: the result and its record."""
+    """One stage of the chain (``kind``) from ``transform`` on ``config``'s pyramid: the result and its record.
+
+    ITK runs the pyramid in one ``Execute`` where every level bins all axes alike (see
+    :func:`~atlasseg.registration.itk.run_pyramid`); SimpleITK takes no per-axis factors, so a pyramid that
+    respects anisotropy (a derived one on thick slices) runs one ``Execute`` a level, on the fixed image smoothed
+    and binned per axis and the moving image smoothed, the transform carried from level to level."""
     dim = fixed.GetDimension()
     transform = _as_kind(transform, kind, dim)
-    shares = level_sampling(fixed, config)
-    method = new_method(
-        metric=config.metric,
-        sampling_percentage=config.sampling_percentage,
-        seed=seed,
-        sampling_strategy=config.sampling_strategy,
-        masks=masks,
-        level_percentages=shares,
-    )
-    OPTIMIZERS[config.optimizer](method, config)
-    if kind == "translation":
-        _frozen_rotation(method, transform, dim)
-    method.SetInitialTransform(transform, inPlace=True)
+    shrinks = affine_shrinks(config, fixed)
+    sigmas = per_level(list(config.smoothing_sigmas), len(shrinks))
+    shares = level_sampling(fixed, config, shrinks)
+
+    def method_for(percentages: list[float]) -> sitk.ImageRegistrationMethod:
+        method = new_method(
+            metric=config.metric,
+            sampling_percentage=config.sampling_percentage,
+            seed=seed,
+            sampling_strategy=config.sampling_strategy,
+            masks=masks,
+            level_percentages=percentages,
+        )
+        OPTIMIZERS[config.optimizer](method, config)
+        if kind == "translation":
+            _frozen_rotation(method, transform, dim)
+        method.SetInitialTransform(transform, inPlace=True)
+        return method
+
     stage_start = time.perf_counter()
-    _, stage_record = run_pyramid(
-        method, fixed, moving, shrink_factors=config.shrink_factors, smoothing_sigmas=config.smoothing_sigmas
-    )
+    if all(len(set(shrink)) == 1 for shrink in shrinks):
+        _, stage_record = run_pyramid(
+            method_for(shares), fixed, moving, shrink_factors=[s[0] for s in shrinks], smoothing_sigmas=sigmas
+        )
+    else:
+        levels = []
+        for level, (shrink, sigma, share) in enumerate(zip(shrinks, sigmas, shares)):
+            smoothed = sitk.SmoothingRecursiveGaussian(moving, sigma) if sigma > 0 else moving
+            _, level_record = run_pyramid(
+                method_for([share]),
+                pyramid_image(fixed, shrink, sigma),
+                smoothed,
+                shrink_factors=[1],
+                smoothing_sigmas=[0.0],
+            )
+            levels.append({**level_record["levels"][0], "level": level, "shrink": shrink_record(shrink)})
+        stage_record = {"levels": levels, "stop_condition": level_record["stop_condition"]}
     stage_record["levels"] = [
         {**level, "sampling": round(share, 5)}
         for level, share in zip(_as_loss(stage_record["levels"], config.metric), shares)
@@ -216,17 +242,26 @@ def _optimise(
     return transform, {"stage": kind, "seconds": round(time.perf_counter() - stage_start, 3), **stage_record}
 
 
-def level_sampling(fixed: sitk.Image, config: AffineConfig) -> list[float]:
-    """Per pyramid level, the share of the fixed image's voxels sampled: ``sampling_percentage``, but never more
-    than ``max_samples`` points. A linear transform has at most 12 parameters, whose estimate needs a number of
-    samples, not a share of the image: a share sized for a small crop gave a 256×256×40 scan 80 000 samples a
-    level, most of the affine stage's time. Every voxel (1.0) where the metric needs them
-    (:func:`~atlasseg.registration.itk.samples_every_voxel`)."""
+def affine_shrinks(config: AffineConfig, fixed: sitk.Image) -> list[tuple[int, ...]]:
+    """The affine pyramid's shrink factors per level, one per axis (x first), on ``fixed``: derived for
+    ``shrink_factors: auto`` (:func:`~atlasseg.registration.pyramid.derive_affine_shrink_factors`), else the
+    configured ones on every axis."""
+    if config.shrink_factors == "auto":
+        return derive_affine_shrink_factors(fixed.GetSize(), fixed.GetSpacing())
+    return [(int(shrink),) * fixed.GetDimension() for shrink in config.shrink_factors]
+
+
+def level_sampling(fixed: sitk.Image, config: AffineConfig, shrinks: list[tuple[int, ...]]) -> list[float]:
+    """Per pyramid level (``shrinks``: its factors per axis), the share of the fixed image's voxels sampled:
+    ``sampling_percentage``, but never more than ``max_samples`` points. A linear transform has at most 12
+    parameters, whose estimate needs a number of samples, not a share of the image: a share sized for a small
+    crop gave a 256×256×40 scan 80 000 samples a level, most of the affine stage's time. Every voxel (1.0) where
+    the metric needs them (:func:`~atlasseg.registration.itk.samples_every_voxel`)."""
     if samples_every_voxel(config.metric, config.sampling_strategy):
-        return [1.0] * len(config.shrink_factors)
+        return [1.0] * len(shrinks)
     shares = []
-    for shrink in config.shrink_factors:
-        voxels = math.prod(max(1, n // shrink) for n in fixed.GetSize())
+    for shrink in shrinks:
+        voxels = math.prod(max(1, n // f) for n, f in zip(fixed.GetSize(), shrink))
         cap = config.max_samples / voxels if config.max_samples else 1.0
         shares.append(min(config.sampling_percentage, cap))
     return shares
