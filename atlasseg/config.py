@@ -181,10 +181,11 @@ class AffineConfig:
         (gradient descent with a golden-section line search) or ``lbfgsb``.
     shrink_factors : list of int or auto
         Pyramid, coarse to fine: voxels binned per level along every axis, or ``auto`` (the default): the
-        non-rigid stage's derived levels without full resolution, at least two
-        (``registration.pyramid.derive_affine_shrink_factors``): each axis binned towards 2, 4, 8 ... × the
-        finest voxel, thick slices kept. On 35×50×35 mm crops that is the ``[4, 2]`` it replaced; on
-        8 mm cardiac slices ``[4, 2]`` had left 3 of 13 slices at the coarse level.
+        non-rigid stage's derived levels (each axis binned towards 2, 4, 8 ... × the finest voxel, thick
+        slices kept) from its coarsest down to the coarsest level with 64 voxels across the longest extent,
+        never full resolution, at least two (``registration.pyramid.derive_affine_shrink_factors``). On
+        35×50×35 mm crops that is the ``[4, 2]`` it replaced; on 8 mm cardiac slices ``[4, 2]`` had left 3 of
+        13 slices at the coarse level; on 1.25 mm abdominal scans it stops at 5 mm in-plane.
     smoothing_sigmas : list of float, mm
         Gaussian smoothing per level, coarse to fine; with ``auto`` factors a list of another length than
         the levels derived is fitted to them as the non-rigid stage's is.

@@ -25,7 +25,13 @@ from atlasseg.registration import (
 )
 from atlasseg.registration.affine import locally_normalized
 from atlasseg.registration.demons import demons_forces
-from atlasseg.registration.pyramid import MIN_AXIS_VOXELS, derive_shrink_factors, pyramid, run_levels
+from atlasseg.registration.pyramid import (
+    MIN_AXIS_VOXELS,
+    derive_affine_shrink_factors,
+    derive_shrink_factors,
+    pyramid,
+    run_levels,
+)
 
 AFFINE_ONLY = RegistrationConfig(nonrigid=NonrigidConfig(enabled=False))
 
@@ -651,6 +657,40 @@ def test_derived_pyramid_never_bins_a_thick_axis_below_its_minimum():
             # a thick axis is binned only once the level's voxels outgrow its own
             binned_mm = np.asarray(shrink) * np.asarray(spacing)
             assert np.all((np.asarray(shrink) == 1) | (binned_mm <= max(shrink) * min(spacing) + 1e-9)), (size, shrink)
+
+
+@pytest.mark.parametrize(
+    "size, spacing, expected",
+    [
+        ((35, 50, 35), (1.0, 1.0, 1.0), [(4, 4, 4), (2, 2, 2)]),  # a hippocampus crop: the [4, 2] it replaced
+        ((128, 128, 13), (2.5, 2.5, 8.0), [(4, 4, 1), (2, 2, 1)]),  # a cardiac stack: all 13 slices kept
+        ((256, 256, 34), (1.25, 1.25, 7.7), [(8, 8, 1), (4, 4, 1)]),  # abdomen: 64 voxels across at the finest
+        ((512, 512, 200), (0.7, 0.7, 1.0), [(16, 16, 11), (8, 8, 5)]),  # a CT of the trunk
+    ],
+    ids=["hippocampus", "cardiac", "abdomen", "ct"],
+)
+def test_derived_affine_pyramid_stops_at_64_voxels_across_and_keeps_thick_slices(size, spacing, expected):
+    """Never full resolution (the non-rigid stage refines), at least two levels, the finest the coarsest with
+    64 voxels across the longest extent or more."""
+    assert derive_affine_shrink_factors(size, spacing) == expected
+
+
+def test_an_anisotropic_affine_pyramid_runs_level_by_level_and_recovers_a_known_affine():
+    """On 4.5 mm slices of 1.5 mm pixels the derived affine pyramid bins the slices at no level, which one ITK
+    ``Execute`` (one factor for every axis) cannot do: level by level the known affine is still recovered, and
+    each level is recorded with its factors per axis."""
+    image, _ = phantom(dim=3, size=48, spacing=1.5)
+    grid = sitk.Image([48, 48, 16], sitk.sitkFloat32)
+    grid.SetSpacing([1.5, 1.5, 4.5])
+    grid.SetOrigin(image.GetOrigin())
+    fixed = sitk.Resample(image, grid, sitk.Transform(), sitk.sitkLinear, 0.0)
+    truth = known_affine(3)
+    moving = sitk.Resample(image, grid, truth.GetInverse(), sitk.sitkLinear, 0.0)
+    config = AffineConfig(sampling_strategy="none")  # every voxel: sampling noise moves the result by ~1 mm here
+    found, record = register_affine(fixed, moving, config=config, seed=1)
+    assert [level["shrink"] for level in record["stages"][0]["levels"]] == [[4, 4, 1], [2, 2, 1]]
+    assert max_point_error(found, truth, 3, radius=20.0) < 1.0  # under a pixel ([4, 2], slices binned: 1.4 mm)
+    assert record["metric_after"] < record["metric_before"]
 
 
 def test_an_explicit_pyramid_wins_and_lists_fit_the_derived_levels():

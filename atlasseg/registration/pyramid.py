@@ -9,9 +9,8 @@ import numpy as np
 import SimpleITK as sitk
 
 COARSEST_VOXELS = 32  # a derived pyramid's coarsest voxels are about 1/32 of the image's longest extent
-
-
 MIN_AXIS_VOXELS = 8  # ... and a derived level never bins an axis below this many voxels
+AFFINE_FINEST_VOXELS = 64  # a derived affine pyramid stops at the coarsest level with this many voxels across
 
 
 def derive_shrink_factors(size, spacing, *, finest_level: int = 0) -> list[tuple[int, ...]]:
@@ -23,7 +22,7 @@ def derive_shrink_factors(size, spacing, *, finest_level: int = 0) -> list[tuple
     never leaving fewer than ``MIN_AXIS_VOXELS`` voxels along it. The coarsest level is the first whose target
     voxel size reaches the longest extent / ``COARSEST_VOXELS``, and at least one level coarser than
     ``finest_level`` (as the fixed ``[2, 1]`` did: a small image still gets a coarse start), unless nothing bins
-    any more. The finest level is ``finest_level`` (the affine stage stops at 1: see
+    any more. The finest level is ``finest_level`` (the affine stage stops coarser than 0: see
     :func:`derive_affine_shrink_factors`).
     """
     size = np.asarray(size)
@@ -43,12 +42,15 @@ def derive_shrink_factors(size, spacing, *, finest_level: int = 0) -> list[tuple
 
 def derive_affine_shrink_factors(size, spacing) -> list[tuple[int, ...]]:
     """The affine stage's derived pyramid (``registration.affine.shrink_factors: auto``): the non-rigid one's
-    levels (:func:`derive_shrink_factors`, anisotropy respected) without full resolution, whose detail a
-    12-parameter transform does not need and the non-rigid stage refines, and so at least two levels: the
-    fixed ``[4, 2]`` it replaces on a 35×50×35 mm crop, ``(4, 4, 1), (2, 2, 1)`` on 2.5 × 2.5 × 8 mm cardiac
-    stacks (where ``[4, 2]`` left 3 of their 13 slices), down to ``(2, 2, 1)`` from ``(8, 8, 1)`` or
-    ``(16, 16, 2)`` on 1.25 × 1.25 × 7.7 mm abdominal scans."""
-    return derive_shrink_factors(size, spacing, finest_level=1)
+    levels (:func:`derive_shrink_factors`, anisotropy respected) from the same coarsest level down to the
+    coarsest that still has ``AFFINE_FINEST_VOXELS`` voxels across the longest extent, never full resolution:
+    12 parameters are set by the anatomy's layout, the non-rigid stage refines the detail, and the affine's
+    cost grows with every voxel it samples. At least two levels. That is the fixed ``[4, 2]`` it replaces on a
+    35×50×35 mm crop, ``(4, 4, 1), (2, 2, 1)`` on 2.5 × 2.5 × 8 mm cardiac stacks (``[4, 2]`` left 3 of their
+    13 slices), ``(8, 8, 1), (4, 4, 1)`` on 1.25 × 1.25 × 7.7 mm abdominal scans."""
+    extent = float((np.asarray(size) * np.asarray(spacing, dtype=float)).max())
+    finest = max(1, int(np.floor(np.log2(max(1.0, extent / (AFFINE_FINEST_VOXELS * min(spacing)))))))
+    return derive_shrink_factors(size, spacing, finest_level=finest)
 
 
 def shrink_record(shrink) -> int | list[int]:
