@@ -36,7 +36,7 @@ from .imageio import normalize_intensity, read_geometry, read_image, read_labels
 from .manifest import Atlas, Target
 from .parallel import parallel_map
 from .registration import Masks, affine_stage, read_landmarks
-from .registration.checks import domain
+from .registration.geometry import domain
 from .selection import REGIONS, coarse_grid, indicator, rank, smoothed
 from .similarity import SIMILARITIES
 

@@ -8,7 +8,7 @@ from scipy import ndimage
 
 from ..config import NonrigidConfig
 from ..similarity import box_mean, floored, local_moments
-from .checks import body_scan
+from .geometry import body_scan
 from .itk import Masks
 from .pyramid import per_level, pyramid, pyramid_image, run_levels
 
@@ -215,7 +215,7 @@ def _demons_level(
 
 def demons_forces(config: NonrigidConfig, fixed: sitk.Image, shrinks: list) -> list[str]:
     """The demons force of each level (coarse to fine) of the pyramid with ``shrinks`` on ``fixed``: as configured,
-    or for ``auto`` ``lncc`` on the coarse levels of a scan of a body region (:func:`~.checks.body_scan`) and
+    or for ``auto`` ``lncc`` on the coarse levels of a scan of a body region (:func:`~.geometry.body_scan`) and
     ``ssd`` elsewhere. Measured (benchmarks/pipeline.py, update_sigma 1.7), on the fixed ``[2, 1]`` pyramid:
     ``lncc`` at the coarse level gave CHAOS abdomens 0.862 mean Dice against 0.844 with ``ssd`` throughout (0.864
     with ``lncc`` throughout), cardiac stacks 0.842 against 0.843 (0.829 throughout); hippocampus crops lose 0.003
