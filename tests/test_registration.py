@@ -841,14 +841,17 @@ def test_a_crop_round_its_anatomy_gets_neither_the_search_nor_the_local_normaliz
 def test_affine_samples_a_number_of_points_not_a_share_of_a_large_scan():
     """Each level samples sampling_percentage of its voxels, but never more than max_samples points: a
     256×256×40 scan gets 20 000 at its finest level (not 82 000); a 35×50×35 crop keeps its share."""
-    from atlasseg.registration.affine import affine_shrinks, level_sampling
+    from atlasseg.registration.affine import level_sampling
+    from atlasseg.registration.pyramid import level_shrinks
 
     config = AffineConfig(shrink_factors=(4, 2), sampling_percentage=0.25, max_samples=20000)
     scan, crop = sitk.Image([256, 256, 40], sitk.sitkFloat32), sitk.Image([35, 50, 35], sitk.sitkFloat32)
-    shares = level_sampling(scan, config, affine_shrinks(config, scan))
+    shares = level_sampling(scan, config, level_shrinks(config, scan.GetSize(), scan.GetSpacing()))
     assert [round(share * 256 * 256 * 40 / s**3) for share, s in zip(shares, (4, 2))] == [10240, 20000]
-    assert level_sampling(crop, config, affine_shrinks(config, crop)) == [0.25, 0.25]
-    assert level_sampling(scan, replace(config, max_samples=0), affine_shrinks(config, scan)) == [0.25, 0.25]
+    assert level_sampling(crop, config, level_shrinks(config, crop.GetSize(), crop.GetSpacing())) == [0.25, 0.25]
+    assert level_sampling(
+        scan, replace(config, max_samples=0), level_shrinks(config, scan.GetSize(), scan.GetSpacing())
+    ) == [0.25, 0.25]
 
 
 def test_run_levels_owns_the_warm_start():

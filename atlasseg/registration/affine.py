@@ -15,7 +15,7 @@ from .geometry import body_scan, domain
 from .itk import Masks, new_method, run_pyramid, samples_every_voxel, standardized, transform_is_finite
 from .landmarks import landmark_transform
 from .metrics import image_metric
-from .pyramid import derive_affine_shrink_factors, per_level, pyramid_image, shrink_record
+from .pyramid import derive_affine_shrink_factors, level_shrinks, per_level, pyramid_image, shrink_record
 
 _INITIALIZERS = {
     "geometry": sitk.CenteredTransformInitializerFilter.GEOMETRY,
@@ -198,7 +198,7 @@ def _optimise(
     and binned per axis and the moving image smoothed, the transform carried from level to level."""
     dim = fixed.GetDimension()
     transform = _as_kind(transform, kind, dim)
-    shrinks = affine_shrinks(config, fixed)
+    shrinks = level_shrinks(config, fixed.GetSize(), fixed.GetSpacing(), derive=derive_affine_shrink_factors)
     sigmas = per_level(list(config.smoothing_sigmas), len(shrinks))
     shares = level_sampling(fixed, config, shrinks)
 
@@ -225,11 +225,10 @@ def _optimise(
     else:
         levels = []
         for level, (shrink, sigma, share) in enumerate(zip(shrinks, sigmas, shares)):
-            smoothed = sitk.SmoothingRecursiveGaussian(moving, sigma) if sigma > 0 else moving
             _, level_record = run_pyramid(
                 method_for([share]),
                 pyramid_image(fixed, shrink, sigma),
-                smoothed,
+                pyramid_image(moving, 1, sigma),  # smoothed only: the metric samples the fixed grid
                 shrink_factors=[1],
                 smoothing_sigmas=[0.0],
             )
@@ -240,15 +239,6 @@ def _optimise(
         for level, share in zip(_as_loss(stage_record["levels"], config.metric), shares)
     ]
     return transform, {"stage": kind, "seconds": round(time.perf_counter() - stage_start, 3), **stage_record}
-
-
-def affine_shrinks(config: AffineConfig, fixed: sitk.Image) -> list[tuple[int, ...]]:
-    """The affine pyramid's shrink factors per level, one per axis (x first), on ``fixed``: derived for
-    ``shrink_factors: auto`` (:func:`~atlasseg.registration.pyramid.derive_affine_shrink_factors`), else the
-    configured ones on every axis."""
-    if config.shrink_factors == "auto":
-        return derive_affine_shrink_factors(fixed.GetSize(), fixed.GetSpacing())
-    return [(int(shrink),) * fixed.GetDimension() for shrink in config.shrink_factors]
 
 
 def level_sampling(fixed: sitk.Image, config: AffineConfig, shrinks: list[tuple[int, ...]]) -> list[float]:

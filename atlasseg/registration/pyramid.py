@@ -77,12 +77,13 @@ def per_level(values, levels: int) -> list:
     return ([values[0]] * (levels - len(values)) + values)[-levels:]
 
 
-def level_shrinks(stage, size, spacing) -> list[tuple[int, ...]]:
-    """The shrink factors, one per axis (x first), of each level of ``stage``'s pyramid (a non-rigid stage's
-    config) for an image of ``size`` voxels and ``spacing`` mm: derived for ``shrink_factors: auto``
-    (:func:`derive_shrink_factors`), else the configured ones on every axis."""
+def level_shrinks(stage, size, spacing, *, derive=derive_shrink_factors) -> list[tuple[int, ...]]:
+    """The shrink factors, one per axis (x first), of each level of ``stage``'s pyramid (a registration stage's
+    config) for an image of ``size`` voxels and ``spacing`` mm: derived by ``derive`` for ``shrink_factors: auto``
+    (the non-rigid stage's :func:`derive_shrink_factors`, or the affine's :func:`derive_affine_shrink_factors`),
+    else the configured ones on every axis."""
     if stage.shrink_factors == "auto":
-        return derive_shrink_factors(size, spacing)
+        return derive(size, spacing)
     return [(int(shrink),) * len(size) for shrink in stage.shrink_factors]
 
 
