@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 from conftest import phantom, rigid, texture, warp
+from scipy import ndimage
 
 from atlasseg.config import AffineConfig, NonrigidConfig, RegistrationConfig
 from atlasseg.errors import ImageError, RegistrationError
@@ -702,18 +703,24 @@ def test_an_explicit_pyramid_wins_and_lists_fit_the_derived_levels():
 
 
 def _organ_phantom() -> tuple[sitk.Image, sitk.Image]:
-    """An ellipsoid body (1) with an off-centre organ (2) on a 96 × 96 × 12 grid of 1 × 1 × 4 mm voxels."""
+    """An ellipsoid body (1) with an off-centre organ (2) on a 96 × 96 × 12 grid of 1 × 1 × 4 mm voxels, both
+    with a faint texture (smooth noise, 2 mm, 0.05 of the organ's intensity in spread) as organs in MRI have."""
     size, spacing = (96, 96, 12), (1.0, 1.0, 4.0)
     z, y, x = np.meshgrid(*[(np.arange(n) - (n - 1) / 2) * s for n, s in zip(size[::-1], spacing[::-1])], indexing="ij")
     labels = np.zeros(size[::-1], np.uint8)
     labels[(x / 42) ** 2 + (y / 36) ** 2 + (z / 30) ** 2 <= 1] = 1
     labels[((x + 12) / 14) ** 2 + ((y - 6) / 11) ** 2 + (z / 18) ** 2 <= 1] = 2
+    texture = ndimage.gaussian_filter(np.random.default_rng(0).normal(size=labels.shape), 2.0 / np.array(spacing[::-1]))
+    texture *= 0.05 / texture.std()
     image = sitk.GetImageFromArray(np.array([0.0, 0.3, 1.0], np.float32)[labels])
     image.SetSpacing(spacing)
     image.SetOrigin([-(n - 1) * s / 2 for n, s in zip(size, spacing)])
     label_image = sitk.GetImageFromArray(labels)
     label_image.CopyInformation(image)
-    return sitk.SmoothingRecursiveGaussian(image, 1.0), label_image
+    smooth = sitk.GetArrayFromImage(sitk.SmoothingRecursiveGaussian(image, 1.0))
+    out = sitk.GetImageFromArray((smooth + np.where(labels > 0, texture, 0.0)).astype(np.float32))
+    out.CopyInformation(image)
+    return out, label_image
 
 
 def _bump(image: sitk.Image, *, amplitude: float, centre=(-12.0, 6.0, 0.0), width: float = 22.0) -> sitk.Transform:
@@ -729,16 +736,17 @@ def _bump(image: sitk.Image, *, amplitude: float, centre=(-12.0, 6.0, 0.0), widt
 
 
 def test_derived_pyramid_recovers_a_large_deformation_on_thick_slices():
-    """The organ moves by up to 17.5 mm, 18 % of the 96 mm field of view: the derived pyramid (three levels
-    in-plane, none across the 4 mm slices) brings it back; the old fixed [2, 1] pyramid cannot reach that far
-    (measured: organ Dice 0.24 before, 0.91 derived, 0.71 with [2, 1]). Without update smoothing: at the default
-    1.7 mm each update is smaller and 50 updates a level reach 0.86 derived, 0.65 with [2, 1] (100: 0.92, 0.81)."""
+    """The organ moves by up to 17.5 mm, 18 % of the 96 mm field of view: the default config's derived pyramid
+    (three levels in-plane, none across the 4 mm slices) brings it back; the old fixed [2, 1] pyramid cannot reach
+    that far (measured: organ Dice 0.24 before, 0.95 derived, 0.77 with [2, 1]). The organ's texture matters: on
+    flat intensities the forces act at its edges alone, which the default update smoothing (1.7 mm) spreads
+    thin, and 50 updates a level reach only 0.86 derived (0.65 with [2, 1]; 0.91 without update smoothing)."""
     fixed, labels = _organ_phantom()
     deformation = _bump(fixed, amplitude=15.0)
     moving, moving_labels = warp(fixed, deformation), warp(labels, deformation, labels=True)
     dice = {}
     for name, shrink in [("auto", "auto"), ("old", (2, 1))]:
-        nonrigid = NonrigidConfig(shrink_factors=shrink, update_sigma=0.0)
+        nonrigid = NonrigidConfig(shrink_factors=shrink)  # the default but for the pyramid
         found, record = register(fixed, moving, config=RegistrationConfig(affine=NO_AFFINE, nonrigid=nonrigid))
         dice[name] = dice_per_label(propagate_labels(moving_labels, found, fixed), labels, labels=[2])[2]
         assert record["nonrigid"]["folded_voxels"] == 0
