@@ -1012,6 +1012,32 @@ def test_jlf_spills_into_the_folder_it_is_lent_and_uses_the_threads_it_is_lent(m
     assert not list(tmp_path.iterdir())
 
 
+def test_jlf_solves_chunks_ahead_in_threads_and_votes_as_with_one(monkeypatch):
+    """With threads the weights of later chunks are solved while one votes; the votes (added in chunk order)
+    are bit-identical to one thread's."""
+    from atlasseg.fusion import jlf
+
+    target, candidates = _jlf_case(np.random.default_rng(3), 5)
+    monkeypatch.setattr(JointLabelFusion, "_CHUNK", 1 << 12)  # a few hundred voxels a chunk: many chunks
+    original, ahead = jlf._ahead, []
+
+    def counting(pool, function, items, depth):
+        ahead.append(len(items))
+        return original(pool, function, items, depth)
+
+    monkeypatch.setattr(jlf, "_ahead", counting)
+    maps = []
+    for threads in (1, 3):
+        fuser = make_fuser(target, config=FusionConfig(method="jlf"), threads=threads)
+        for candidate in candidates:
+            fuser.add(*candidate)
+        maps.append({v: sitk.GetArrayFromImage(m) for v, m in fuser.probabilities().items()})
+    assert len(ahead) == 1 and ahead[0] > 10  # the threaded run only, in many chunks
+    assert maps[0].keys() == maps[1].keys()
+    for value in maps[0]:
+        np.testing.assert_array_equal(maps[0][value], maps[1][value])
+
+
 def test_fusion_threads_stay_inside_the_jobs_times_threads_budget():
     from atlasseg.config import ParallelConfig
     from atlasseg.parallel import available_cores, local_threads, thread_budget

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import tempfile
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -43,7 +45,8 @@ class JointLabelFusion(Fuser):
     A voxel where every atlas shows the same label in the whole search window gets that
     label (every weighting gives it): only the others are voted on, from weights solved at
     them (and, with ``patch_voting``, at the voxels within the patch radius of them), in
-    chunks of at most ``_CHUNK`` candidate × voxel × patch (or candidate × candidate × voxel) values.
+    chunks of at most ``_CHUNK`` candidate × voxel × patch (or candidate × candidate × voxel) values;
+    with threads, the next chunks' weights are solved (as many as threads) while one chunk votes.
 
     Memory does not grow with the number of candidates: the candidates, padded by the search
     and patch radii, are kept in memory while together they take at most ``_SLAB_BYTES``;
@@ -211,12 +214,22 @@ class JointLabelFusion(Fuser):
         # Voxels per chunk: each takes n × patch float32 differences and n × n float64 weights (some copies).
         n = len(labels)
         step = max(1, self._CHUNK // (n * max(len(patch), 8 * n)))
-        for first in range(0, len(voxels), step):
+        steps = patch @ strides
+
+        def weights(first: int):
             chunk = slice(first, first + step)
             offsets = [None if b is None else search[b[chunk]] @ strides for b in best]
-            self._solve(
-                target.reshape(-1), labels, intensities, base[chunk], offsets, patch, strides, voxels[chunk], undecided
-            )
+            centres = [base[chunk] if offset is None else base[chunk] + offset for offset in offsets]
+            return chunk, centres, self._weights(target.reshape(-1), intensities, base[chunk], centres, steps)
+
+        # The weights of the next chunks are solved in threads (numpy's products and solves release the GIL)
+        # while this one votes: votes are added chunk by chunk in order, so the result is the same in any thread.
+        firsts = range(0, len(voxels), step)
+        threads = min(self._threads, len(firsts))
+        with ThreadPoolExecutor(threads) if threads > 1 else contextlib.nullcontext() as pool:
+            solved = map(weights, firsts) if pool is None else _ahead(pool, weights, firsts, threads)
+            for chunk, centres, w in solved:
+                self._vote_patches(labels, centres, w, patch, steps, voxels[chunk], undecided)
 
     def _best_offsets(
         self, target: np.ndarray, intensities: list, lo: np.ndarray, hi: np.ndarray, search: np.ndarray, centres
@@ -269,17 +282,15 @@ class JointLabelFusion(Fuser):
         with ThreadPoolExecutor(threads) as pool:
             return list(pool.map(search_one, intensities))
 
-    def _solve(self, target, labels, intensities, base, offsets, patch, strides, voxels, undecided) -> None:
-        """Weights at the centre voxels ``voxels`` (flat indices ``base`` into the slab's padded
-        arrays) and their votes; ``offsets``: per candidate, the flat offset of its best patch
-        (None: the voxel itself)."""
+    def _weights(self, target, intensities, base, centres, steps) -> np.ndarray:
+        """The candidates' weights (voxel × candidate, summing to 1) at the centre voxels whose flat indices into
+        the slab's padded arrays are ``base``; ``centres``: per candidate, the flat index of its best patch."""
         config = self._config
-        n, steps = len(labels), patch @ strides
+        n = len(intensities)
         fixed = np.take(target, base[:, None] + steps)
         if config.patch_normalization:
             fixed = _standardised(fixed)
         differences = np.empty((len(base), n, len(steps)), dtype=np.float32)
-        centres = [base if offset is None else base + offset for offset in offsets]
         for i, (warped, centre) in enumerate(zip(intensities, centres)):
             moved = np.take(warped.reshape(-1), centre[:, None] + steps)
             if config.patch_normalization:
@@ -294,7 +305,7 @@ class JointLabelFusion(Fuser):
         m[:, np.arange(n), np.arange(n)] += config.alpha
         w = np.linalg.solve(m, np.ones((len(base), n, 1)))[..., 0]
         w /= w.sum(axis=1, keepdims=True)
-        self._vote_patches(labels, centres, w, patch, steps, voxels, undecided)
+        return w
 
     def _vote_patches(self, labels, centres, w, patch, steps, voxels, undecided) -> None:
         """Each candidate's weight ``w`` at the centre ``voxels`` for its labels (read at ``centres``, flat
@@ -405,3 +416,15 @@ def _box(radii: np.ndarray, spacing: np.ndarray) -> np.ndarray:
     axes = np.meshgrid(*[np.arange(-r, r + 1) for r in radii.tolist()], indexing="ij")
     offsets = np.stack([a.reshape(-1) for a in axes], axis=1)
     return offsets[np.argsort(((offsets * spacing) ** 2).sum(axis=1), kind="stable")]
+
+
+def _ahead(pool: ThreadPoolExecutor, function, items, depth: int):
+    """``map(function, items)`` run in ``pool``, at most ``depth`` items ahead of the one yielded (memory stays
+    bounded), in order."""
+    pending = deque()
+    for item in items:
+        pending.append(pool.submit(function, item))
+        if len(pending) > depth:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
