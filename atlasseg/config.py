@@ -528,8 +528,8 @@ class QualityConfig:
     ----------
     enabled : bool
         Predict each label's Dice from what the run has (the candidates' agreement with the
-        fused result and with each other, the fusion's probabilities at its boundary, the fused
-        label's size against the candidates', the registrations' final metric), with a
+        fused result and with each other, the fusion's probabilities at its boundary, how far the
+        registered atlases' intensities differ from the target's within 3 mm of the label), with a
         regression calibrated on atlases segmented by the other atlases with the same config;
         written to ``metrics.csv`` and ``run.json``. The calibration
         costs about as much as segmenting ``calibration_atlases`` more targets, once per

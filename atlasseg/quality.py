@@ -2,8 +2,8 @@
 
 What a run knows about a segmentation it cannot score: how well the candidates (the
 registered atlases' labels) agree with the fused result and with each other, how sure the
-fusion is at the result's boundary, how well the registrations matched the images. Per
-label these give :data:`FEATURES`. Their link to the true Dice is learned per atlas set and
+fusion is at the result's boundary, how well the registered atlases' intensities match the
+target's near the label. Per label these give :data:`FEATURES`. Their link to the true Dice is learned per atlas set and
 config: a few atlases (``quality.calibration_atlases``, evenly over the atlases sorted by
 id) are each segmented by the other atlases exactly as a target is (affine stage and
 selection, the best ``selection.k`` registered non-rigidly, fused), which gives each of their
@@ -18,7 +18,8 @@ the stages that make a segmentation, so a later run on the same atlases and conf
 calibrates for free; their registrations go through the registration cache.
 
 Memory: besides the fusion's, each candidate's labelled voxels as flat indices (4 or 8 bytes
-per labelled voxel and candidate).
+per labelled voxel and candidate), and one running sum of squared intensity differences (4 bytes
+per voxel).
 """
 
 from __future__ import annotations
@@ -43,30 +44,37 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("atlasseg")
 
-LABEL_FEATURES = ("agreement", "consistency", "boundary_probability", "volume_ratio")
+FEATURES = ("agreement", "consistency", "boundary_probability", "local_mse")
 """Per label: the candidates' mean Dice with the fused label; their mean Dice with each other (pooled over
-pairs); the label's mean fusion probability on the fused label's boundary voxels; log((fused label's voxels
-+ 1) / (the candidates' median voxels + 1)), which is 0 where the fusion keeps the candidates' typical size
-and far from 0 where it shrinks or grows the label (comparable across labels and targets of any size). (The
-spread, minimum and maximum of the candidates' Dice, the share of voxels not every candidate gives the label
-per label voxel or per boundary voxel, the fusion's entropy there, the volume and the selection scores were
-tried as well: with 16 to 30 calibration samples they did not improve the predictions, benchmarks/quality.py.)"""
-TARGET_FEATURES = ("registration_metric",)
-"""Per target (:func:`target_features`): the mean final metric of the candidates' registrations (non-rigid,
-else affine; lower is better)."""
-FEATURES = LABEL_FEATURES + TARGET_FEATURES
+pairs); the label's mean fusion probability on the fused label's boundary voxels; the mean squared difference
+between the target's and the registered atlases' intensities (both normalised, as fusion compares them) over
+the fused label and the voxels within ``NEAR_MM`` of it, averaged over the candidates: what misregistration
+leaves near this label, where the other three see only how the candidates vote. (The spread, minimum and
+maximum of the candidates' Dice, the share of voxels not every candidate gives the label per label voxel or per
+boundary voxel, the fusion's entropy there, the volume, the fused label's size against the candidates', the
+registrations' mean final metric over the whole image, the selection scores, the label's contrast, the target's
+gradient on its boundary and the local correlation were tried as well: none improved the predictions on all
+three datasets of benchmarks/quality.py; the size ratio and the final metric, in the model until 2026-12-06,
+made the abdomen's worse.)"""
+NEAR_MM = 3.0  # local_mse: the ring around the label (mm) where boundary misregistration shows
 
 _PENALTIES = (1.0, 10.0, 100.0, 1000.0)  # ridge penalties tried (standardised features); leave-one-out picks one
 BASELINE = "agreement"  # the regression predicts Dice minus this: with little to learn from, Dice ≈ the agreement
 
 
 class CandidateVotes:
-    """Each candidate's voxels per label value (flat indices), to compare with the fused result."""
+    """Each candidate's voxels per label value (flat indices), to compare with the fused result; with the target
+    image (``reference``, normalised as the atlases' intensities are) and each candidate's intensities, the running
+    sum of their squared differences."""
 
-    def __init__(self):
+    def __init__(self, reference: sitk.Image | None = None):
         self._voxels: list[dict[int, np.ndarray]] = []
+        self._reference = None if reference is None else sitk.GetArrayFromImage(reference).astype(np.float32)
+        self._spacing = None if reference is None else np.asarray(reference.GetSpacing())[::-1]  # array order
+        self._squares: np.ndarray | None = None
+        self._compared = 0
 
-    def add(self, candidate: sitk.Image) -> None:
+    def add(self, candidate: sitk.Image, intensities: sitk.Image | None = None) -> None:
         array = sitk.GetArrayViewFromImage(candidate).ravel()
         index = np.flatnonzero(array)
         index = index.astype(np.min_scalar_type(max(array.size - 1, 0)))
@@ -75,16 +83,20 @@ class CandidateVotes:
         found, starts = np.unique(values[order], return_index=True)
         ends = [*starts[1:], order.size]
         self._voxels.append({int(v): index[order[s:e]] for v, s, e in zip(found, starts, ends)})
+        if intensities is not None and self._reference is not None:
+            squares = np.square(sitk.GetArrayViewFromImage(intensities) - self._reference, dtype=np.float32)
+            self._squares = squares if self._squares is None else np.add(self._squares, squares, out=self._squares)
+            self._compared += 1
 
     def values(self) -> set[int]:
         return {v for voxels in self._voxels for v in voxels}
 
     def features(
-        self, segmentation: sitk.Image, probabilities: dict[int, sitk.Image], *, labels, target: dict[str, float]
+        self, segmentation: sitk.Image, probabilities: dict[int, sitk.Image], *, labels
     ) -> dict[int, dict[str, float]]:
         """:data:`FEATURES` of each of ``labels`` in ``segmentation`` (the fused result; ``probabilities``: the
-        fusion's, per label value; ``target``: the :data:`TARGET_FEATURES`). A label neither the result nor
-        any candidate has is left out."""
+        fusion's, per label value). A label neither the result nor any candidate has is left out; ``local_mse``
+        is NaN without intensities."""
         n = len(self._voxels)
         fused = sitk.GetArrayViewFromImage(segmentation)
         out = {}
@@ -99,7 +111,6 @@ class CandidateVotes:
             counts = np.unique(np.concatenate(voxels), return_counts=True)[1]
             pairs = (n - 1) * counts.sum()  # Σ_i |C_i| (n − 1): what Σ_{i≠j} |C_i ∩ C_j| is at full agreement
             boundary = mask & ~ndimage.binary_erosion(mask)
-            median = float(np.median([v.size for v in voxels]))
             probability = probabilities.get(value)
             out[value] = {
                 "agreement": float(np.mean(dice)),
@@ -109,21 +120,29 @@ class CandidateVotes:
                     if probability is not None and boundary.any()
                     else 0.0
                 ),
-                "volume_ratio": math.log((inside + 1.0) / (median + 1.0)),
-                **target,
+                "local_mse": self._local_mse(mask if inside else _union(voxels, mask.shape)),
             }
         return out
 
+    def _local_mse(self, mask: np.ndarray) -> float:
+        """The candidates' mean squared intensity difference over ``mask`` (the fused label, or where the fusion
+        dropped it the candidates' voxels of it) and the voxels within ``NEAR_MM`` of it (computed in the mask's
+        bounding box grown by that much); NaN without intensities."""
+        if self._squares is None:
+            return math.nan
+        reach = np.ceil(NEAR_MM / self._spacing).astype(int)
+        found = np.argwhere(mask)
+        box = tuple(slice(max(lo - r, 0), hi + r + 1) for lo, hi, r in zip(found.min(axis=0), found.max(axis=0), reach))
+        near = ndimage.distance_transform_edt(~mask[box], sampling=self._spacing) <= NEAR_MM
+        return float(self._squares[box][near].mean(dtype=np.float64) / self._compared)
 
-def target_features(records: dict[str, dict], used) -> dict[str, float]:
-    """:data:`TARGET_FEATURES` of the ``used`` atlases: their registrations' mean final metric (non-rigid, else
-    affine) from ``records``; NaN where none is finite."""
-    metrics = [
-        (records.get(aid, {}).get("nonrigid") or records.get(aid, {}).get("affine") or {}).get("metric_after")
-        for aid in used
-    ]
-    kept = [v for v in metrics if v is not None and math.isfinite(v)]
-    return {"registration_metric": float(np.mean(kept)) if kept else math.nan}
+
+def _union(voxels: list[np.ndarray], shape) -> np.ndarray:
+    """The voxels (flat indices) of any candidate as a mask of ``shape``."""
+    mask = np.zeros(shape, bool)
+    for v in voxels:
+        mask.reshape(-1)[v] = True
+    return mask
 
 
 @dataclass(frozen=True)
@@ -190,11 +209,10 @@ class Calibration:
         probabilities: dict[int, sitk.Image],
         *,
         labels,
-        target: dict[str, float],
     ) -> dict[str, dict]:
         """Per label (its value as a string, as in run.json): predicted Dice, its error, review, features
-        (``probabilities``: the fusion's, per label value; ``target``: the :data:`TARGET_FEATURES`)."""
-        found = votes.features(segmentation, probabilities, labels=labels or sorted(votes.values()), target=target)
+        (``probabilities``: the fusion's, per label value)."""
+        found = votes.features(segmentation, probabilities, labels=labels or sorted(votes.values()))
         out = {}
         for value, features in found.items():
             predicted = self.model.predict(features)
@@ -262,7 +280,7 @@ def calibrate(manifest: Manifest, config: Config, *, cache: Cache, sources: Sour
     ``selection.k`` of them registered non-rigidly, then fused) and scored against its labels. ``sources``: where
     the atlases' images come from (default: their files; see :mod:`atlasseg.pipeline.sources`).
     """
-    from .fusion.registry import make_fuser, needs_intensities
+    from .fusion.registry import make_fuser
     from .pipeline.sources import FILES
     from .pipeline.target import prepare_case
 
@@ -290,7 +308,7 @@ def calibrate(manifest: Manifest, config: Config, *, cache: Cache, sources: Sour
             others,
             config,
             count=None if k == "all" else k,
-            intensities=needs_intensities(config.fusion.method),
+            intensities=True,  # for the fusion where it needs them, and for local_mse
             cache=cache,
             sources=sources or FILES,
         )
@@ -298,18 +316,12 @@ def calibrate(manifest: Manifest, config: Config, *, cache: Cache, sources: Sour
             log.warning("quality: calibration atlas %s: no atlas registered; left out", atlas.id)
             continue
         fuser = make_fuser(case.reference, config=config.fusion)
-        votes = CandidateVotes()
+        votes = CandidateVotes(case.reference)
         for _, candidate, intensities in case.candidates:
             fuser.add(candidate, intensities if fuser.needs_intensities else None)
-            votes.add(candidate)
+            votes.add(candidate, intensities)
         segmentation = fuser.result()
-        used = [aid for aid, _, _ in case.candidates]
-        found = votes.features(
-            segmentation,
-            fuser.probabilities(),
-            labels=labels or sorted(votes.values()),
-            target=target_features(case.ranking.records, used),
-        )
+        found = votes.features(segmentation, fuser.probabilities(), labels=labels or sorted(votes.values()))
         dice = evaluate(segmentation, case.truth, labels=sorted(found), metrics=("dice",))
         samples += [
             {"atlas": atlas.id, "label": value, "features": features, "dice": dice[value]["dice"]}

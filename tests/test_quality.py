@@ -35,16 +35,34 @@ def test_features_have_their_known_values():
         votes.add(_image(array))
     fused = _image(squares[1])
     probability = _image(np.where(squares[1] == 1, 0.75, 0.0).astype(np.float32))
-    target = {"registration_metric": 0.25}
-    found = votes.features(fused, {1: probability}, labels=[1, 2], target=target)
+    found = votes.features(fused, {1: probability}, labels=[1, 2])
     assert list(found) == [1]  # label 2: in neither the result nor any candidate
     f = found[1]
     dice = [2 * 12 / 32, 1.0, 2 * 12 / 32]  # a one-column shift keeps 12 of 16 voxels
     assert f["agreement"] == pytest.approx(np.mean(dice))
     assert f["consistency"] == pytest.approx((3 * 2 * 8 + 2 * 1 * 8) / (2 * 48))  # the pairs' Dice 12/16, 12/16, 8/16
     assert f["boundary_probability"] == pytest.approx(0.75)
-    assert f["volume_ratio"] == 0.0  # the fused square is as large as every candidate
-    assert f["registration_metric"] == 0.25 and set(f) == set(FEATURES)
+    assert math.isnan(f["local_mse"]) and set(f) == set(FEATURES)  # no intensities given
+
+
+def test_local_mse_is_the_candidates_mean_squared_difference_near_the_label():
+    """Voxels 2 mm wide (x) and 0.5 mm high (y). Within 3 mm of the fused label (by brute force over its voxels),
+    one candidate differs from the target by 0.2, the other by 0.4; both by 10 farther away. A label the fusion
+    dropped is measured round the candidates' voxels of it."""
+    fused = np.zeros((24, 12), np.uint8)
+    fused[9:13, 5:7] = 1
+    y, x = np.indices(fused.shape) * np.array([0.5, 2.0])[:, None, None]
+    near = np.zeros(fused.shape, bool)
+    for r, c in np.argwhere(fused == 1):
+        near |= np.hypot(y - 0.5 * r, x - 2.0 * c) <= 3.0
+    assert 2 < near.sum() < near.size // 2  # a ring of a few voxels, not the box
+    target = np.zeros(fused.shape, np.float32)
+    votes = CandidateVotes(_image(target))
+    for difference in (0.2, 0.4):
+        votes.add(_image(fused * 2), _image(np.where(near, difference, 10.0).astype(np.float32)))  # they say 2
+    found = votes.features(_image(fused), {}, labels=[1, 2])
+    assert found[1]["local_mse"] == pytest.approx((0.2**2 + 0.4**2) / 2)
+    assert found[2]["local_mse"] == pytest.approx((0.2**2 + 0.4**2) / 2)  # dropped: round the candidates' 2s
 
 
 def test_a_label_every_candidate_misses_gets_zero_agreement():
@@ -52,21 +70,8 @@ def test_a_label_every_candidate_misses_gets_zero_agreement():
     votes.add(_image(np.zeros((6, 6), np.uint8)))
     fused = np.zeros((6, 6), np.uint8)
     fused[1:3, 1:3] = 4
-    f = votes.features(_image(fused), {}, labels=[4], target={})[4]
+    f = votes.features(_image(fused), {}, labels=[4])[4]
     assert f["agreement"] == 0.0 and math.isnan(f["consistency"]) and f["boundary_probability"] == 0.0
-    assert f["volume_ratio"] == pytest.approx(math.log(5.0))  # 4 fused voxels (+ 1) against none (+ 1)
-
-
-def test_the_volume_ratio_is_the_log_of_the_fused_size_over_the_candidates_median():
-    votes = CandidateVotes()
-    for width in (2, 4, 8):
-        array = np.zeros((10, 10), np.uint8)
-        array[1:3, 1 : 1 + width] = 1
-        votes.add(_image(array))
-    fused = np.zeros((10, 10), np.uint8)
-    fused[1:3, 1:2] = 1  # 2 voxels; the candidates' median is 8
-    found = votes.features(_image(fused), {}, labels=[1], target={})[1]
-    assert found["volume_ratio"] == pytest.approx(math.log(3 / 9))
 
 
 def _samples(rng, n, noise):

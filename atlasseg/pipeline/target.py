@@ -21,7 +21,7 @@ from ..layout import LAYOUTS
 from ..manifest import Atlas, Target
 from ..parallel import local_threads, progress
 from ..propagation import propagate_intensities, propagate_labels
-from ..quality import Calibration, CandidateVotes, target_features
+from ..quality import Calibration, CandidateVotes
 from ..report import Disagreement
 from ..selection import min_atlases
 from .jobs import Ranking, peak_mb, rank_atlases, register_selected, timed
@@ -238,19 +238,22 @@ def segment_registered(
     records = {aid: ranking.records[aid] for aid in ranking.ranked if aid in tried}
 
     # Propagate and fuse, one candidate at a time.
-    fuser = make_fuser(registered.reference(config), config=config.fusion, threads=local_threads(config.parallel))
+    reference = registered.reference(config)
+    fuser = make_fuser(reference, config=config.fusion, threads=local_threads(config.parallel))
     spread = Disagreement() if config.output.report else None  # the QC report's heat map
-    votes = CandidateVotes() if calibration is not None else None
+    votes = CandidateVotes(reference) if calibration is not None else None
     seconds["propagation"] = seconds["fusion"] = 0.0
     # One step per candidate, and a last one for the fusion's own work (joint label fusion's weights, STAPLE's EM).
     with progress(total=len(used) + 1, desc=f"{target.id}: propagation and fusion", unit="step") as bar:
-        for _, candidate, intensities in registered.candidates(config, intensities=fuser.needs_intensities):
+        # the quality features compare intensities too, whichever the fusion
+        wanted = fuser.needs_intensities or votes is not None
+        for _, candidate, intensities in registered.candidates(config, intensities=wanted):
             with timed(seconds, "fusion"):
-                fuser.add(candidate, intensities)
+                fuser.add(candidate, intensities if fuser.needs_intensities else None)
                 if spread is not None:
                     spread.add(candidate)
                 if votes is not None:
-                    votes.add(candidate)
+                    votes.add(candidate, intensities)
             bar.update()
         with timed(seconds, "fusion"):
             segmentation = fuser.result()
@@ -267,9 +270,7 @@ def segment_registered(
     quality = None
     if calibration is not None:
         with timed(seconds, "quality"):
-            quality = calibration.assess(
-                votes, segmentation, probabilities, labels=sorted(label_names), target=target_features(records, used)
-            )
+            quality = calibration.assess(votes, segmentation, probabilities, labels=sorted(label_names))
 
     layout, here = LAYOUTS[config.output.layout], Path()  # where the files go, from the target's folder
     seg_path = layout.segmentation(here, target.id, config.output.format)
