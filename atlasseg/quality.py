@@ -3,8 +3,8 @@
 What a run knows about a segmentation it cannot score: how well the candidates (the
 registered atlases' labels) agree with the fused result and with each other, how sure the
 fusion is at the result's boundary, how well the registered atlases' intensities match the
-target's near the label. Per label these give :data:`FEATURES`. Their link to the true Dice is learned per atlas set and
-config: a few atlases (``quality.calibration_atlases``, evenly over the atlases sorted by
+target's near the label. Per label these give :data:`FEATURES`. Their link to the true Dice is
+learned per atlas set and config: a few atlases (``quality.calibration_atlases``, evenly over the atlases sorted by
 id) are each segmented by the other atlases exactly as a target is (affine stage and
 selection, the best ``selection.k`` registered non-rigidly, fused), which gives each of their
 labels the same features and a true Dice; a ridge regression fitted on these samples
@@ -276,13 +276,13 @@ def _key(manifest: Manifest, chosen: list, config: Config, labels) -> str:
 def calibrate(manifest: Manifest, config: Config, *, cache: Cache, sources: Sources | None = None) -> Calibration:
     """The calibration of ``manifest``'s atlases under ``config``: from the cache, else computed and cached.
 
-    Each chosen atlas is segmented by the others (:func:`atlasseg.pipeline.prepare_case`, the best
-    ``selection.k`` of them registered non-rigidly, then fused) and scored against its labels. ``sources``: where
+    Each chosen atlas is segmented by the others (:func:`atlasseg.pipeline.register_target`, the best
+    ``selection.k`` of them registered non-rigidly, then propagated and fused one at a time) and scored against its labels. ``sources``: where
     the atlases' images come from (default: their files; see :mod:`atlasseg.pipeline.sources`).
     """
     from .fusion.registry import make_fuser
     from .pipeline.sources import FILES
-    from .pipeline.target import prepare_case
+    from .pipeline.target import register_target
 
     if len(manifest.atlases) < 3:
         raise ConfigError(
@@ -303,26 +303,27 @@ def calibrate(manifest: Manifest, config: Config, *, cache: Cache, sources: Sour
     for number, atlas in enumerate(chosen, 1):
         target = as_target(atlas)
         others = manifest.atlases_for(target)
-        case = prepare_case(
+        registered = register_target(
             target,
             others,
             config,
-            count=None if k == "all" else k,
-            intensities=True,  # for the fusion where it needs them, and for local_mse
+            count="all" if k == "all" else k,
             cache=cache,
             sources=sources or FILES,
         )
-        if not case.candidates:
+        if not registered.transforms:
             log.warning("quality: calibration atlas %s: no atlas registered; left out", atlas.id)
             continue
-        fuser = make_fuser(case.reference, config=config.fusion)
-        votes = CandidateVotes(case.reference)
-        for _, candidate, intensities in case.candidates:
+        reference = registered.reference(config)
+        fuser = make_fuser(reference, config=config.fusion)
+        votes = CandidateVotes(reference)
+        # one candidate at a time, with its intensities (for the fusion where it needs them, and for local_mse)
+        for _, candidate, intensities in registered.candidates(config, intensities=True):
             fuser.add(candidate, intensities if fuser.needs_intensities else None)
             votes.add(candidate, intensities)
         segmentation = fuser.result()
         found = votes.features(segmentation, fuser.probabilities(), labels=labels or sorted(votes.values()))
-        dice = evaluate(segmentation, case.truth, labels=sorted(found), metrics=("dice",))
+        dice = evaluate(segmentation, registered.truth, labels=sorted(found), metrics=("dice",))
         samples += [
             {"atlas": atlas.id, "label": value, "features": features, "dice": dice[value]["dice"]}
             for value, features in found.items()
