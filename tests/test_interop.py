@@ -124,12 +124,16 @@ def test_a_given_transform_takes_the_place_of_the_affine_stage(tmp_path, form):
     assert result.mean_dice > 0.9
 
 
-def test_an_affine_ants_wrote_is_a_given_transform(tmp_path):
+def test_an_affine_ants_wrote_is_a_given_transform(tmp_path, monkeypatch):
     """ANTs' fixed→moving .mat (target fixed, atlas moving) is used as written: atlasseg's labels are ANTs' own."""
     ants = pytest.importorskip("ants")
+    # antspyx 0.6 ignores registration(random_seed=...) and seeds its sampling from ants.config alone: unseeded,
+    # and multithreaded, its affine missed this pair in about half the runs
+    monkeypatch.setattr(ants.config, "_random_seed", 1)
+    monkeypatch.setenv("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", "1")
     _pair(tmp_path)
     target, atlas = (ants.image_read(str(tmp_path / f"{name}.nii.gz")) for name in ("target", "atlas"))
-    found = ants.registration(fixed=target, moving=atlas, type_of_transform="Affine", random_seed=1)["fwdtransforms"]
+    found = ants.registration(fixed=target, moving=atlas, type_of_transform="Affine")["fwdtransforms"]
     (result,) = run(
         load_config(overrides=AFFINE_ONLY), load_manifest(_manifest(tmp_path, found[0])), out_dir=tmp_path / "out"
     )
@@ -140,7 +144,7 @@ def test_an_affine_ants_wrote_is_a_given_transform(tmp_path):
         interpolator="nearestNeighbor",
     )
     np.testing.assert_array_equal(sitk.GetArrayFromImage(read_labels(result.segmentation)), by_ants.numpy().T)
-    assert result.mean_dice > 0.7  # ANTs found the pair (its multithreaded result varies from run to run)
+    assert result.mean_dice > 0.7  # ANTs found the pair
 
 
 def test_the_nonrigid_stage_starts_from_the_given_transform(tmp_path):
