@@ -216,20 +216,24 @@ class JointLabelFusion(Fuser):
         step = max(1, self._CHUNK // (n * max(len(patch), 8 * n)))
         steps = patch @ strides
 
-        def weights(first: int):
+        def votes(first: int):
             chunk = slice(first, first + step)
             offsets = [None if b is None else search[b[chunk]] @ strides for b in best]
             centres = [base[chunk] if offset is None else base[chunk] + offset for offset in offsets]
-            return chunk, centres, self._weights(target.reshape(-1), intensities, base[chunk], centres, steps)
+            w = self._weights(target.reshape(-1), intensities, base[chunk], centres, steps)
+            return self._chunk_votes(labels, centres, w, patch, steps, voxels[chunk], undecided)
 
-        # The weights of the next chunks are solved in threads (numpy's products and solves release the GIL)
-        # while this one votes: votes are added chunk by chunk in order, so the result is the same in any thread.
+        # Each chunk's weights are solved and its votes summed in threads (numpy's products, solves and sums
+        # release the GIL), as many chunks ahead as threads; the chunks' sums are added here in chunk order, so
+        # the result is the same in any number of threads.
         firsts = range(0, len(voxels), step)
         threads = min(self._threads, len(firsts))
         with ThreadPoolExecutor(threads) if threads > 1 else contextlib.nullcontext() as pool:
-            solved = map(weights, firsts) if pool is None else _ahead(pool, weights, firsts, threads)
-            for chunk, centres, w in solved:
-                self._vote_patches(labels, centres, w, patch, steps, voxels[chunk], undecided)
+            for first, sums, covered in map(votes, firsts) if pool is None else _ahead(pool, votes, firsts, threads):
+                span = slice(first, first + covered.size)
+                for value, sum_ in sums.items():
+                    self._accumulator(value).reshape(-1)[span] += sum_
+                self._covered.reshape(-1)[span] += covered
 
     def _best_offsets(
         self, target: np.ndarray, intensities: list, lo: np.ndarray, hi: np.ndarray, search: np.ndarray, centres
@@ -307,12 +311,14 @@ class JointLabelFusion(Fuser):
         w /= w.sum(axis=1, keepdims=True)
         return w
 
-    def _vote_patches(self, labels, centres, w, patch, steps, voxels, undecided) -> None:
-        """Each candidate's weight ``w`` at the centre ``voxels`` for its labels (read at ``centres``, flat
-        indices into the slab's padded arrays, plus ``steps``) at the undecided voxels of the patch around the
-        centre (with ``patch_voting``; else at the centre alone). What depends on the patch offset alone (where
-        its voxels are, which take votes, the labels shown there) is found for every offset at once; the votes
-        are then added offset by offset, on arrays of centre × candidate that stay in the processor's cache."""
+    def _chunk_votes(self, labels, centres, w, patch, steps, voxels, undecided) -> tuple[int, dict, np.ndarray]:
+        """The votes of one chunk: each candidate's weight ``w`` at the centre ``voxels`` for its labels (read at
+        ``centres``, flat indices into the slab's padded arrays, plus ``steps``) at the undecided voxels of the
+        patch around the centre (with ``patch_voting``; else at the centre alone). Returns the first voxel (flat
+        index) the chunk votes at, and from there on, per label value, the sum of its votes at each voxel and
+        the number of patches that vote there. What depends on the patch offset alone (where its voxels are,
+        which take votes, the labels shown there) is found for every offset at once; the votes are then added
+        offset by offset, on arrays of centre × candidate that stay in the processor's cache."""
         if not self._config.patch_voting:
             patch, steps = patch[:1], steps[:1]
         shape = np.asarray(self._target.shape)
@@ -320,8 +326,15 @@ class JointLabelFusion(Fuser):
         inside = np.all((at >= 0) & (at < shape), axis=2)
         flat = np.ravel_multi_index(tuple(np.moveaxis(np.clip(at, 0, shape - 1), 2, 0)), self._target.shape)
         keep = inside & undecided.reshape(-1)[flat]
+        if not keep.any():
+            return 0, {}, np.zeros(0, dtype=np.float32)
+        first = int(flat[keep].min())
+        size = int(flat[keep].max()) + 1 - first
+        flat -= first
         # patch offset × centre × candidate: the label each candidate shows there
         shown = np.stack([np.take(a.reshape(-1), c + steps[:, None]) for a, c in zip(labels, centres)], axis=2)
+        sums: dict[int, np.ndarray] = {}
+        covered = np.zeros(size, dtype=np.float32)
         for k in range(len(patch)):
             rows = np.flatnonzero(keep[k])
             if not rows.size:
@@ -329,8 +342,11 @@ class JointLabelFusion(Fuser):
             here = flat[k, rows]  # distinct: one offset maps distinct centres to distinct voxels
             seen, weights = shown[k, rows], w[rows]
             for value in np.unique(seen).tolist():
-                self._accumulator(value).reshape(-1)[here] += np.where(seen == value, weights, 0.0).sum(axis=1)
-            self._covered.reshape(-1)[here] += 1.0
+                if value not in sums:
+                    sums[value] = np.zeros(size, dtype=np.float32)
+                sums[value][here] += np.where(seen == value, weights, 0.0).sum(axis=1)
+            covered[here] += 1.0
+        return first, sums, covered
 
 
 def _window_sums(array: np.ndarray, radii: np.ndarray) -> np.ndarray:
