@@ -335,16 +335,17 @@ class JointLabelFusion(Fuser):
         shown = np.stack([np.take(a.reshape(-1), c + steps[:, None]) for a, c in zip(labels, centres)], axis=2)
         sums: dict[int, np.ndarray] = {}
         covered = np.zeros(size, dtype=np.float32)
+        ones = np.ones(len(labels))  # a product with it sums each centre's row (faster than .sum(axis=1))
         for k in range(len(patch)):
             rows = np.flatnonzero(keep[k])
             if not rows.size:
                 continue
             here = flat[k, rows]  # distinct: one offset maps distinct centres to distinct voxels
             seen, weights = shown[k, rows], w[rows]
-            for value in np.unique(seen).tolist():
+            for value in _present(seen):
                 if value not in sums:
                     sums[value] = np.zeros(size, dtype=np.float32)
-                sums[value][here] += np.where(seen == value, weights, 0.0).sum(axis=1)
+                sums[value][here] += np.where(seen == value, weights, 0.0) @ ones
             covered[here] += 1.0
         return first, sums, covered
 
@@ -364,6 +365,14 @@ def _window_sums(array: np.ndarray, radii: np.ndarray) -> np.ndarray:
                 total += flat[k * step : k * step + n]
             flat = total
     return flat
+
+
+def _present(labels: np.ndarray) -> list[int]:
+    """The distinct values of an integer array (counted, which is faster than sorting, for 1- and 2-byte
+    unsigned labels)."""
+    if labels.dtype.kind == "u" and labels.dtype.itemsize <= 2:
+        return np.flatnonzero(np.bincount(labels.reshape(-1))).tolist()
+    return np.unique(labels).tolist()
 
 
 def _undecided(low: np.ndarray, high: np.ndarray) -> np.ndarray:
