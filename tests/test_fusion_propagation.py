@@ -1046,3 +1046,36 @@ def test_fusion_threads_stay_inside_the_jobs_times_threads_budget():
     assert local_threads(ParallelConfig(n_jobs=-1)) == available_cores()
     jobs, threads = thread_budget(ParallelConfig(n_jobs=2), available_cores())
     assert local_threads(ParallelConfig(n_jobs=2)) == jobs * threads <= available_cores()
+
+
+@pytest.mark.parametrize("normalization", [True, False])
+def test_jlf_searches_offsets_in_blocks_as_one_by_one(monkeypatch, normalization):
+    """The search stacks a block of offsets' box sums at a time (as many as ``_SEARCH_BYTES`` holds): blocks of
+    one offset, of a few (the last one shorter) and of all of them give bit-identical probabilities."""
+    from atlasseg.fusion import jlf
+
+    target, candidates = _jlf_case(np.random.default_rng(5), 4)
+    config = FusionConfig(method="jlf", patch_radius=1, search_radius=2, patch_normalization=normalization)
+    # the whole target (undecided) and the patch's margins: radius 1 is 0, 1 and 1 voxels of 2.5, 1.3 and 1 mm
+    box = 18 * (22 + 2) * (20 + 2)
+    original, blocks = jlf._window_sums, []
+
+    def recording(array, radii):
+        blocks.append(array.shape[0])  # the search's stack of box products
+        return original(array, radii)
+
+    monkeypatch.setattr(jlf, "_window_sums", recording)
+    maps = []
+    for block in (1, 7, 10**6):
+        monkeypatch.setattr(JointLabelFusion, "_SEARCH_BYTES", 4 * box * block)
+        blocks.clear()
+        fuser = make_fuser(target, config=config, threads=1)
+        for candidate in candidates:
+            fuser.add(*candidate)
+        maps.append({v: sitk.GetArrayFromImage(m) for v, m in fuser.probabilities().items()})
+        offsets = 3 * 5 * 5  # search radius 2: 1, 2 and 2 voxels
+        assert max(blocks) == min(block, offsets) and sum(blocks) == 4 * offsets  # per candidate, in blocks
+    for other in maps[1:]:
+        assert other.keys() == maps[0].keys()
+        for value in maps[0]:
+            np.testing.assert_array_equal(other[value], maps[0][value])
