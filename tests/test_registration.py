@@ -930,3 +930,23 @@ def test_lncc_forces_vanish_in_flat_windows():
     force, mean = _BoxMeans(f, 2).force(m, np.zeros(f.shape, bool))
     assert np.all(np.isfinite(force)) and 0 < mean <= 1
     assert np.abs(force[:7]).max() < 1e-3 * np.abs(force[13:]).max()
+
+
+@pytest.mark.parametrize(
+    "shape, sigma",
+    [((3, 18, 25, 18), 1.7), ((3, 30, 70, 9), 1.25), ((2, 40, 33), 0.8), ((3, 1, 20, 20), 2.3)],
+)
+def test_demons_field_smoothing_is_ndimage_gaussian_filter(shape, sigma):
+    """The demons' field smoothing (a matrix product along short axes, ndimage's loop along long ones: the
+    second case has one of each) gives ndimage.gaussian_filter's values, bit for bit, on random fields."""
+    from atlasseg.registration.demons import _MATRIX_AXIS, _smoother
+
+    if 70 in shape:
+        assert min(shape[1:]) <= _MATRIX_AXIS < 70  # both ways along one field
+    rng = np.random.default_rng(3)
+    field = (rng.normal(size=shape) * rng.uniform(0.01, 30.0, size=shape)).astype(np.float32)
+    sigmas = np.full(len(shape) - 1, sigma)
+    expected = ndimage.gaussian_filter(field, [0.0, *sigmas], mode="nearest", truncate=3.0)
+    smoothed = _smoother(sigmas)(field)
+    assert smoothed.dtype == np.float32 and smoothed.flags.c_contiguous
+    np.testing.assert_array_equal(smoothed, expected)
