@@ -92,19 +92,21 @@ def score_atlas(
     config: SelectionConfig = SelectionConfig(),
     labels: sitk.Image | None = None,
     mask: sitk.Image | None = None,
+    smoothed_already: bool = False,
 ) -> float:
     """Similarity of ``atlas`` mapped through ``transform`` to ``target``, on the scoring grid in target space.
 
     ``labels`` (the atlas's label map) is needed unless ``roi`` is ``none``; ``mask`` (a binary image
     in target space, e.g. the target's manifest mask) restricts the score to where it is
-    at least one half after linear resampling onto the grid.
+    at least one half after linear resampling onto the grid. Both images are first :func:`smoothed` for the grid,
+    unless ``smoothed_already`` (the pipeline keeps them smoothed: each is used for many pairs).
     """
     spacing = config.grid_spacing
+    if not smoothed_already:
+        target, atlas = smoothed(target, spacing), smoothed(atlas, spacing)
     grid = coarse_grid(target, spacing=spacing)
-    fixed = sitk.GetArrayFromImage(
-        sitk.Resample(smoothed(target, spacing), grid, sitk.Transform(), sitk.sitkLinear, 0.0)
-    )
-    moving = sitk.GetArrayFromImage(sitk.Resample(smoothed(atlas, spacing), grid, transform, sitk.sitkLinear, 0.0))
+    fixed = sitk.GetArrayFromImage(sitk.Resample(target, grid, sitk.Transform(), sitk.sitkLinear, 0.0))
+    moving = sitk.GetArrayFromImage(sitk.Resample(atlas, grid, transform, sitk.sitkLinear, 0.0))
     region = np.ones(fixed.shape, dtype=bool)
     if config.roi != "none":
         if labels is None:

@@ -13,6 +13,8 @@ from atlasseg.errors import ImageError
 from atlasseg.manifest import load_manifest
 from atlasseg.parallel import thread_budget
 from atlasseg.pipeline import check_inputs, run
+from atlasseg.registration.checks import foreground
+from atlasseg.selection import smoothed as smooth
 
 
 @pytest.fixture(scope="module")
@@ -153,7 +155,7 @@ def test_a_failed_nonrigid_registration_is_replaced_by_the_next_ranked_atlas(dem
 
     calls = []
 
-    def fake_nonrigid(fixed, moving, *, initial, config, masks=None):  # in-process: parallel.n_jobs=1
+    def fake_nonrigid(fixed, moving, *, initial, config, masks=None, region=None):  # in-process: parallel.n_jobs=1
         calls.append(moving)
         if len(calls) == 1:
             raise RegistrationDiverged("non-rigid registration diverged: test", {"metric_after": 1.0})
@@ -176,7 +178,7 @@ def test_register_selected_returns_a_new_ranking_and_leaves_the_given_one_alone(
     """The non-rigid records and the failures go into the returned ranking; the ranking passed in is unchanged."""
     from atlasseg.pipeline import jobs
 
-    def fake_nonrigid(fixed, moving, *, initial, config, masks=None):  # the first atlas tried fails
+    def fake_nonrigid(fixed, moving, *, initial, config, masks=None, region=None):  # the first atlas tried fails
         if not calls:
             calls.append(moving)
             raise jobs.RegistrationDiverged("non-rigid registration diverged: test", {"metric_after": 1.0})
@@ -193,3 +195,29 @@ def test_register_selected_returns_a_new_ranking_and_leaves_the_given_one_alone(
     assert [d["atlas"] for d in after.dropped] == [ranking.selected[0]]
     assert list(transforms) == [ranking.selected[1], ranking.ranked[2]]
     assert all("nonrigid" in after.records[aid] for aid in transforms) and after.ranked == ranking.ranked
+
+
+def test_a_process_finds_a_targets_foreground_and_smooths_each_image_once(demo2d, monkeypatch):
+    """The registration checks' target foreground and selection's smoothed images are made once per process: one
+    foreground per target for all its atlases and both stages, one smoothed image per target and per atlas; the
+    scores are those of smoothing per pair."""
+    from collections import OrderedDict
+
+    from atlasseg.pipeline import jobs
+    from atlasseg.selection import score_atlas
+
+    monkeypatch.setattr(jobs, "_MEMO", OrderedDict())
+    found, smoothed = [], []
+    monkeypatch.setattr(jobs, "foreground", lambda fixed, masks: found.append(1) or foreground(fixed, masks))
+    monkeypatch.setattr(jobs, "smoothed", lambda image, spacing: smoothed.append(1) or smooth(image, spacing))
+    config = load_config("demo", overrides=["selection.k=2", "parallel.n_jobs=1"])
+    atlases = {a.id: a for a in demo2d.atlases}
+    for target in demo2d.targets[:2]:
+        ranking = jobs.rank_atlases(target, list(atlases.values()), config)
+        jobs.register_selected(target, atlases, ranking, config, wanted=ranking.selected, floor=1)
+    assert len(found) == 2 and len(smoothed) == 2 + len(atlases)
+    fixed = jobs.load_normalized(target.image, config.registration.normalization)
+    for aid, transform in ranking.affine.items():
+        labels = jobs.atlas_labels(atlases[aid], snapped=False)
+        moving = jobs.load_normalized(atlases[aid].image, config.registration.normalization)
+        assert ranking.scores[aid] == score_atlas(fixed, moving, transform, config=config.selection, labels=labels)

@@ -10,6 +10,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import numpy as np
 import SimpleITK as sitk
 
 from ..cache import Cache, entry_key, file_digest, open_cache, settings
@@ -20,7 +21,8 @@ from ..library import prescreen
 from ..manifest import Atlas, Target
 from ..parallel import parallel_map
 from ..registration import Masks, RegistrationDiverged, affine_stage, load_transform, nonrigid_stage, read_landmarks
-from ..selection import rank, score_atlas, select
+from ..registration.checks import foreground
+from ..selection import rank, score_atlas, select, smoothed
 
 log = logging.getLogger("atlasseg")
 
@@ -59,6 +61,26 @@ def load_normalized(path: Path, method: str) -> sitk.Image:
     return remembered(
         ("normalized", str(path), method), (path,), lambda: normalize_intensity(read_image(path), method=method)
     )
+
+
+def load_smoothed(path: Path, method: str, spacing: float) -> sitk.Image:
+    """:func:`load_normalized`, smoothed for selection's scoring grid of ``spacing`` mm (see :func:`remembered`):
+    a target's is made once for all its atlases, an atlas's once for all targets."""
+    return remembered(
+        ("smoothed", str(path), method, spacing), (path,), lambda: smoothed(load_normalized(path, method), spacing)
+    )
+
+
+def target_foreground(target: Target, method: str, fixed: sitk.Image, masks: Masks | None) -> np.ndarray:
+    """The foreground of ``target`` (its image ``fixed``, normalised by ``method``) that the registrations are checked
+    on (:func:`~atlasseg.registration.checks.foreground`), found once for all its atlases (see :func:`remembered`)."""
+    paths = (target.image,) if target.mask is None else (target.image, target.mask)
+    region = remembered(
+        ("foreground", str(target.image), str(target.mask), method),
+        paths,
+        lambda: sitk.GetImageFromArray(foreground(fixed, masks).astype(np.uint8)),
+    )
+    return sitk.GetArrayViewFromImage(region) > 0
 
 
 def atlas_labels(atlas: Atlas, *, snapped: bool = True) -> sitk.Image:
@@ -152,7 +174,10 @@ def _affine_job(target: Target, atlas: Atlas, config: Config, cache: Cache, key:
     except _READ_ERRORS as err:  # not cached: the file may be readable next time
         return atlas.id, None, {"reason": str(err)}, None
     try:
-        transform, record = affine_stage(fixed, moving, config=reg, masks=masks, landmarks=landmarks, given=initial)
+        region = target_foreground(target, reg.normalization, fixed, masks)
+        transform, record = affine_stage(
+            fixed, moving, config=reg, masks=masks, landmarks=landmarks, given=initial, region=region
+        )
     except RegistrationError as err:
         cache.store("affine", key, None, {"failure": _failure(err)})
         return atlas.id, None, _failure(err), None
@@ -161,7 +186,16 @@ def _affine_job(target: Target, atlas: Atlas, config: Config, cache: Cache, key:
     with timed(record, "selection_seconds"):
         labels = atlas_labels(atlas, snapped=False) if config.selection.roi != "none" else None
         mask = read_labels(target.mask) if target.mask is not None else None
-        score = score_atlas(fixed, moving, transform, config=config.selection, labels=labels, mask=mask)
+        spacing = config.selection.grid_spacing
+        score = score_atlas(
+            load_smoothed(target.image, reg.normalization, spacing),
+            load_smoothed(atlas.image, reg.normalization, spacing),
+            transform,
+            config=config.selection,
+            labels=labels,
+            mask=mask,
+            smoothed_already=True,
+        )
     record["selection_seconds"] = round(record["selection_seconds"], 3)
     record["worker_peak_mb"] = peak_mb()
     cache.store("affine", key, transform, {"record": record, "score": score})
@@ -181,7 +215,8 @@ def _nonrigid_job(
     except _READ_ERRORS as err:
         return atlas.id, None, {"reason": str(err)}
     try:
-        transform, record = nonrigid_stage(fixed, moving, initial=initial, config=reg, masks=masks)
+        region = target_foreground(target, reg.normalization, fixed, masks)
+        transform, record = nonrigid_stage(fixed, moving, initial=initial, config=reg, masks=masks, region=region)
     except RegistrationError as err:
         cache.store("nonrigid", key, None, {"failure": _failure(err)})
         return atlas.id, None, _failure(err)
