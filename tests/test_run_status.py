@@ -28,7 +28,7 @@ def nine_of_ten_fail(monkeypatch):
     """Every non-rigid registration but the first of each target diverges; the others keep their affine."""
     seen = {}
 
-    def nonrigid(fixed, moving, *, initial, config, masks=None):
+    def nonrigid(fixed, moving, *, initial, config, masks=None, region=None):
         key = fixed.GetOrigin(), fixed.GetSize(), float(sitk.GetArrayViewFromImage(fixed).sum())
         seen[key] = seen.get(key, 0) + 1
         if seen[key] > 1:
