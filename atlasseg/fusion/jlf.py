@@ -46,7 +46,8 @@ class JointLabelFusion(Fuser):
     label (every weighting gives it): only the others are voted on, from weights solved at
     them (and, with ``patch_voting``, at the voxels within the patch radius of them), in
     chunks of at most ``_CHUNK`` candidate × voxel × patch (or candidate × candidate × voxel) values;
-    with threads, the next chunks' weights are solved (as many as threads) while one chunk votes.
+    with threads, chunks are solved and their votes summed side by side (as many as threads), the sums added
+    in chunk order. The search tries its offsets in blocks, nearest first (see ``_SEARCH_BYTES``).
 
     Memory does not grow with the number of candidates: the candidates, padded by the search
     and patch radii, are kept in memory while together they take at most ``_SLAB_BYTES``;
