@@ -69,7 +69,7 @@ class CandidateVotes:
 
     def __init__(self, reference: sitk.Image | None = None):
         self._voxels: list[dict[int, np.ndarray]] = []
-        self._reference = None if reference is None else sitk.GetArrayFromImage(reference).astype(np.float32)
+        self._reference = None if reference is None else sitk.GetArrayViewFromImage(reference).astype(np.float32)
         self._spacing = None if reference is None else np.asarray(reference.GetSpacing())[::-1]  # array order
         self._squares: np.ndarray | None = None
         self._compared = 0

@@ -58,7 +58,7 @@ class Fuser:
         self._config = config
         self._threads = available_cores() if threads is None else max(1, int(threads))
         self._spill_folder = spill_folder
-        self._target = sitk.GetArrayFromImage(reference).astype(np.float32)
+        self._target = sitk.GetArrayViewFromImage(reference).astype(np.float32)
         self._votes: dict[int, np.ndarray] = {}
         self._pixel_id = None
         self.n_candidates = 0

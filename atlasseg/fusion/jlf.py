@@ -116,7 +116,7 @@ class JointLabelFusion(Fuser):
         labels = sitk.GetArrayFromImage(candidate)
         if self._radii is None:
             self._choose_radii(labels)
-        warped = sitk.GetArrayFromImage(intensities).astype(np.float32)
+        warped = sitk.GetArrayViewFromImage(intensities).astype(np.float32)
         self._difference += float(np.abs(warped - self._target).mean(dtype=np.float64))
         low = high = labels.astype(np.int64)
         if self._search.any():
